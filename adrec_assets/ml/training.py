@@ -1,0 +1,223 @@
+"""Training loops: the user space from co-clicks, and the content -> user-space projector.
+
+Both are deterministic for a given seed: sampling uses a seeded numpy generator, weights
+and dropout a seeded torch generator inside ``torch.random.fork_rng`` (the caller's
+global RNG state is left untouched).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adrec_assets.ml.losses import centroid_mse, info_nce
+from adrec_assets.ml.models import Projector, ProjectorSpec
+from adrec_assets.ml.sampling import AdClickerPairSampler, CoClickPairSampler, clicker_centroids
+from adrec_assets.ml.types import ClickGraph
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, float], None]  # (epoch, mean loss)
+
+
+class TrainingDataError(ValueError):
+    """The click graph cannot support training (e.g. no co-click pair at all)."""
+
+
+@dataclass
+class TrainingHistory:
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def markdown(self, max_rows: int = 12) -> str:
+        """Compact loss-curve table: first, last and evenly spaced epochs."""
+        n = len(self.epoch_losses)
+        if n == 0:
+            return "_no training steps_"
+        picks = sorted(set(np.linspace(0, n - 1, num=min(n, max_rows)).round().astype(int)))
+        rows = "\n".join(f"| {i + 1} | {self.epoch_losses[i]:.4f} |" for i in picks)
+        return f"| epoch | mean loss |\n|---:|---:|\n{rows}"
+
+
+@dataclass(frozen=True)
+class UserTrainingParams:
+    dim: int = 128
+    temperature: float = 0.07
+    epochs: int = 50
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class UserTrainingResult:
+    vectors: np.ndarray  # (n_users, dim) float32, unit rows, aligned with graph.user_ids
+    isolated: np.ndarray  # (n_users,) bool: no co-click neighbour, vector = global mean
+    history: TrainingHistory
+
+
+def _check_common(batch_size: int, epochs: int, temperature: float, lr: float) -> None:
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (in-batch negatives), got {batch_size}")
+    if epochs < 0 or temperature <= 0 or lr <= 0:
+        raise ValueError(f"need epochs >= 0, temperature > 0, lr > 0; got {epochs}, {temperature}, {lr}")
+
+
+def normalized_mean(vectors: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit-length mean direction and the raw mean's norm (1 = all identical, ~0 = spread)."""
+    mean = vectors.astype(np.float64).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm < 1e-12:
+        raise TrainingDataError("user vectors average to zero; the global mean direction is undefined")
+    return (mean / norm).astype(np.float32), norm
+
+
+def train_user_embeddings(
+    graph: ClickGraph, params: UserTrainingParams, progress: ProgressFn | None = None
+) -> UserTrainingResult:
+    """InfoNCE over co-click pairs with in-batch negatives -> one unit vector per user.
+
+    An epoch visits every click that has a co-clicker once as an anchor, so the number of
+    optimizer steps grows with the clicks, not with the user count alone. Users with no
+    co-click neighbour never get a gradient; rather than leave them at random noise they
+    receive the normalized mean of the trained users (the same cold-start prior a new
+    user gets) and are flagged in ``isolated``.
+    """
+    _check_common(params.batch_size, params.epochs, params.temperature, params.lr)
+    rng = np.random.default_rng(params.seed)
+    sampler = CoClickPairSampler(graph, rng)
+    if sampler.n_anchors == 0:
+        raise TrainingDataError(
+            f"click graph has {graph.n_users} users and {graph.n_clicks} clicks but no ad with two "
+            "or more clickers, so there is no co-click pair to learn a user space from; add clicks"
+        )
+    history = TrainingHistory()
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        table = torch.nn.Parameter(torch.randn(graph.n_users, params.dim) / params.dim**0.5)
+        opt = torch.optim.AdamW([table], lr=params.lr, weight_decay=params.weight_decay, fused=True)
+        for epoch in range(params.epochs):
+            total, count = 0.0, 0
+            for anchors, positives in sampler.epoch(params.batch_size):
+                a = torch.from_numpy(anchors)
+                p = torch.from_numpy(positives)
+                loss = info_nce(table[a], table[p], params.temperature, a, p, shared_namespace=True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().item() * len(a)
+                count += len(a)
+                history.steps += 1
+            history.epoch_losses.append(total / max(count, 1))
+            if progress:
+                progress(epoch + 1, history.epoch_losses[-1])
+        vectors = torch.nn.functional.normalize(table.detach(), dim=-1).numpy().astype(np.float32)
+    isolated = sampler.isolated_users
+    if isolated.any():
+        vectors[isolated] = normalized_mean(vectors[~isolated])[0]
+    history.seconds = time.perf_counter() - started
+    return UserTrainingResult(vectors=vectors, isolated=isolated, history=history)
+
+
+@dataclass(frozen=True)
+class ProjectorParams:
+    hidden_dim: int = 512
+    dropout: float = 0.1
+    temperature: float = 0.07
+    centroid_weight: float = 0.1
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+@dataclass
+class ProjectorTrainingResult:
+    model: Projector
+    history: TrainingHistory
+    n_trained_ads: int
+
+
+def train_projector(
+    graph: ClickGraph,
+    ad_content: np.ndarray,
+    user_vectors: np.ndarray,
+    params: ProjectorParams,
+    progress: ProgressFn | None = None,
+) -> ProjectorTrainingResult:
+    """Fit content -> user space on clicked ads.
+
+    ``ad_content`` rows align with ``graph.ad_ids`` and ``user_vectors`` rows with
+    ``graph.user_ids``. Loss per batch of (ad, clicker) pairs = InfoNCE(projected ad, its
+    clicker; other clickers in the batch are negatives) + ``centroid_weight`` x squared
+    distance between the projected ad and the mean vector of all its clickers.
+    """
+    _check_common(params.batch_size, params.epochs, params.temperature, params.lr)
+    if len(ad_content) != graph.n_ads or len(user_vectors) != graph.n_users:
+        raise ValueError(
+            f"train_projector: ad_content has {len(ad_content)} rows for {graph.n_ads} graph ads and "
+            f"user_vectors {len(user_vectors)} rows for {graph.n_users} graph users"
+        )
+    if graph.n_clicks < 2:
+        raise TrainingDataError(f"need at least 2 clicks to train the projector, got {graph.n_clicks}")
+    rng = np.random.default_rng(params.seed)
+    sampler = AdClickerPairSampler(graph, rng)
+    content = torch.from_numpy(np.ascontiguousarray(ad_content, dtype=np.float32))
+    users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
+    centroids = torch.from_numpy(clicker_centroids(graph, user_vectors))
+    spec = ProjectorSpec(
+        in_dim=content.shape[1], hidden_dim=params.hidden_dim, out_dim=users.shape[1], dropout=params.dropout
+    )
+    history = TrainingHistory()
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        model = Projector(spec)
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
+        )
+        model.train()
+        for epoch in range(params.epochs):
+            total, count = 0.0, 0
+            for ads, clickers in sampler.epoch(params.batch_size):
+                a = torch.from_numpy(ads)
+                u = torch.from_numpy(clickers)
+                # Popular ads repeat within a batch: run the MLP once per distinct ad.
+                distinct, inverse = torch.unique(a, return_inverse=True)
+                projected = model(content[distinct])[inverse]
+                loss = info_nce(projected, users[u], params.temperature, a, u)
+                loss = loss + params.centroid_weight * centroid_mse(projected, centroids[a])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach().item() * len(a)
+                count += len(a)
+                history.steps += 1
+            history.epoch_losses.append(total / max(count, 1))
+            if progress:
+                progress(epoch + 1, history.epoch_losses[-1])
+    model.eval()
+    history.seconds = time.perf_counter() - started
+    return ProjectorTrainingResult(
+        model=model, history=history, n_trained_ads=int((graph.ad_degrees() > 0).sum())
+    )
+
+
+@torch.inference_mode()
+def project(model: Projector, content: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Map content vectors into user space (eval mode: no dropout), (n, out_dim) unit rows."""
+    model.eval()
+    out = np.empty((len(content), model.spec.out_dim), dtype=np.float32)
+    for begin in range(0, len(content), batch_size):
+        chunk = torch.from_numpy(np.ascontiguousarray(content[begin : begin + batch_size], dtype=np.float32))
+        out[begin : begin + len(chunk)] = model(chunk).numpy()
+    return out
