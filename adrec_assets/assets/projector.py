@@ -1,0 +1,74 @@
+"""projector: the MLP that maps ad content into the user space."""
+
+import dagster as dg
+from pydantic import Field
+
+from adrec_assets.assets.common import PARTITIONED, epoch_logger, training_metadata
+from adrec_assets.ml.models import TrainedProjector
+from adrec_assets.ml.training import ProjectorParams, train_projector
+from adrec_assets.ml.types import ArtifactError, ClickGraph, Embeddings, align_rows
+
+_D = ProjectorParams()
+
+
+class ProjectorConfig(dg.Config):
+    """InfoNCE(ad, its clickers) + centroid_weight x MSE(ad, centroid of its clickers)."""
+
+    hidden_dim: int = Field(default=_D.hidden_dim, description="Hidden width of the MLP.")
+    dropout: float = Field(default=_D.dropout, description="Dropout after the hidden layer.")
+    temperature: float = Field(default=_D.temperature, description="InfoNCE temperature.")
+    centroid_weight: float = Field(default=_D.centroid_weight, description="Weight of the centroid MSE loss.")
+    epochs: int = Field(default=_D.epochs, description="Passes over the (ad, clicker) pairs.")
+    batch_size: int = Field(default=_D.batch_size, description="Pairs per step (in-batch negatives).")
+    lr: float = Field(default=_D.lr, description="AdamW learning rate.")
+    weight_decay: float = Field(default=_D.weight_decay, description="AdamW weight decay.")
+    seed: int = Field(default=_D.seed, description="Seeds init, dropout and sampling.")
+
+    def to_params(self) -> ProjectorParams:
+        return ProjectorParams(**self.model_dump())
+
+
+@dg.asset(io_manager_key="torch_io_manager", kinds={"pytorch"}, **PARTITIONED)
+def projector(
+    context: dg.AssetExecutionContext,
+    config: ProjectorConfig,
+    ad_embeddings_raw: Embeddings,
+    click_graph: ClickGraph,
+    user_embeddings: Embeddings,
+) -> dg.Output[TrainedProjector]:
+    """768 -> 512 -> 128 MLP (LayerNorm, GELU, Dropout, L2-normalized output), trained on
+    clicked ads; saved as a state dict plus the spec and provenance to rebuild it."""
+    key = context.partition_key
+    if len(user_embeddings) != click_graph.n_users or (user_embeddings.ids != click_graph.user_ids).any():
+        raise ArtifactError(
+            f"projector[{key}]: user_embeddings does not match click_graph (different users); "
+            "re-materialize user_embeddings for this partition first"
+        )
+    content_rows = align_rows(
+        ad_embeddings_raw.ids,
+        click_graph.ad_ids,
+        f"projector[{key}]: clicked ads missing from ad_embeddings_raw (re-materialize raw_ads and "
+        "ad_embeddings_raw, or fix clicks that name unknown ads)",
+    )
+    params = config.to_params()
+    result = train_projector(
+        click_graph,
+        ad_embeddings_raw.vectors[content_rows],
+        user_embeddings.vectors,
+        params,
+        epoch_logger(context, "projector", params.epochs),
+    )
+    trained = TrainedProjector(
+        model=result.model, encoder_id=ad_embeddings_raw.encoder_id, user_space=user_embeddings.space
+    )
+    return dg.Output(
+        trained,
+        metadata={
+            "encoder_id": trained.encoder_id,
+            "user_space": trained.user_space,
+            "architecture": str(result.model.spec.to_dict()),
+            "n_trained_ads": result.n_trained_ads,
+            "n_parameters": sum(p.numel() for p in result.model.parameters()),
+            **training_metadata(result.history),
+        },
+    )

@@ -1,0 +1,55 @@
+"""user_embeddings: a 128-d user space learnt only from who clicked what."""
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+from adrec_assets.assets.common import PARTITIONED, epoch_logger, training_metadata
+from adrec_assets.ml.training import UserTrainingParams, train_user_embeddings
+from adrec_assets.ml.types import ClickGraph, Embeddings, check_unit_rows, vectors_fingerprint
+
+_D = UserTrainingParams()
+
+
+class UserEmbeddingConfig(dg.Config):
+    """InfoNCE over co-click pairs; one epoch visits every co-clicked (user, ad) pair once."""
+
+    dim: int = Field(default=_D.dim, description="User-space dimension.")
+    temperature: float = Field(default=_D.temperature, description="InfoNCE temperature.")
+    epochs: int = Field(default=_D.epochs, description="Passes over the co-clicked pairs.")
+    batch_size: int = Field(default=_D.batch_size, description="Pairs per step (in-batch negatives).")
+    lr: float = Field(default=_D.lr, description="AdamW learning rate.")
+    weight_decay: float = Field(default=_D.weight_decay, description="AdamW weight decay.")
+    seed: int = Field(default=_D.seed, description="Seeds init and pair sampling.")
+
+    def to_params(self) -> UserTrainingParams:
+        return UserTrainingParams(**self.model_dump())
+
+
+@dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy", "pytorch"}, **PARTITIONED)
+def user_embeddings(
+    context: dg.AssetExecutionContext, config: UserEmbeddingConfig, click_graph: ClickGraph
+) -> dg.Output[Embeddings]:
+    """(n_users, dim) unit vectors keyed by user pseudonym. Users without any co-click
+    neighbour get the global-mean vector (the cold-start prior) and are flagged ``isolated``."""
+    params = config.to_params()
+    result = train_user_embeddings(click_graph, params, epoch_logger(context, "user_embeddings", params.epochs))
+    check_unit_rows(result.vectors, f"user_embeddings[{context.partition_key}]", dim=params.dim)
+    space = f"users:{vectors_fingerprint(result.vectors)}"
+    embeddings = Embeddings(
+        ids=click_graph.user_ids,
+        vectors=result.vectors,
+        space=space,
+        extra={"isolated": result.isolated},
+    )
+    return dg.Output(
+        embeddings,
+        metadata={
+            "n_users": len(embeddings),
+            "dim": params.dim,
+            "user_space": space,
+            "n_isolated_users": int(result.isolated.sum()),
+            "share_isolated_users": round(float(np.mean(result.isolated)), 4),
+            **training_metadata(result.history),
+        },
+    )

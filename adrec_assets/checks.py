@@ -1,0 +1,105 @@
+"""Blocking data-quality checks: a failing check stops downstream assets in the same run.
+
+The assets already refuse to write non-finite or non-unit vectors (see
+``check_unit_rows``); these checks make the same properties visible in the UI and guard
+artifacts written by anything else (an older version, a manual copy).
+"""
+
+from __future__ import annotations
+
+import re
+
+import dagster as dg
+import numpy as np
+
+from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
+from adrec_assets.assets.ad_projected import ad_projected
+from adrec_assets.assets.click_graph import click_graph
+from adrec_assets.assets.global_mean import global_mean
+from adrec_assets.assets.user_embeddings import user_embeddings
+from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
+from adrec_assets.ml.pseudonyms import PSEUDONYM_HEX_CHARS
+from adrec_assets.ml.types import ClickGraph, Embeddings, GlobalMean
+from adrec_assets.partitions import click_source_partitions
+
+_PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$")
+
+
+def unit_rows_result(vectors: np.ndarray, dim: int | None, ids: np.ndarray | None = None) -> dg.AssetCheckResult:
+    norms = np.linalg.norm(vectors, axis=1) if vectors.ndim == 2 and len(vectors) else np.zeros(0)
+    n_nonfinite = int((~np.isfinite(vectors)).any(axis=-1).sum()) if vectors.size else 0
+    max_norm_error = float(np.nanmax(np.abs(norms - 1.0))) if len(norms) else 0.0
+    n_duplicate_ids = int(len(ids) - len(np.unique(ids))) if ids is not None else 0
+    dim_ok = dim is None or (vectors.ndim == 2 and vectors.shape[1] == dim)
+    passed = n_nonfinite == 0 and max_norm_error <= 1e-4 and dim_ok and n_duplicate_ids == 0 and len(norms) > 0
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "n_rows": len(norms),
+            "shape": str(tuple(vectors.shape)),
+            "expected_dim": dim if dim is not None else "any",
+            "n_rows_with_nan_or_inf": n_nonfinite,
+            "max_norm_error": max_norm_error,
+            "n_duplicate_ids": n_duplicate_ids,
+        },
+    )
+
+
+@dg.asset_check(asset=ad_embeddings_raw, blocking=True, partitions_def=click_source_partitions)
+def ad_embeddings_are_unit_768(ad_embeddings_raw: Embeddings) -> dg.AssetCheckResult:
+    """Every ad has a finite, unit-length 768-d vector and a unique id."""
+    return unit_rows_result(ad_embeddings_raw.vectors, AD_EMBEDDING_DIM, ad_embeddings_raw.ids)
+
+
+@dg.asset_check(asset=user_embeddings, blocking=True, partitions_def=click_source_partitions)
+def user_embeddings_are_unit(user_embeddings: Embeddings) -> dg.AssetCheckResult:
+    """Every user has a finite, unit-length vector and a unique pseudonym."""
+    return unit_rows_result(user_embeddings.vectors, None, user_embeddings.ids)
+
+
+@dg.asset_check(asset=ad_projected, blocking=True, partitions_def=click_source_partitions)
+def ad_projected_are_unit(ad_projected: Embeddings) -> dg.AssetCheckResult:
+    """Every projected ad is a finite unit vector with a unique id."""
+    return unit_rows_result(ad_projected.vectors, None, ad_projected.ids)
+
+
+@dg.asset_check(
+    asset=ad_projected,
+    additional_ins={"ad_embeddings_raw": dg.AssetIn("ad_embeddings_raw")},
+    blocking=True,
+    partitions_def=click_source_partitions,
+)
+def ad_projected_covers_catalogue(ad_projected: Embeddings, ad_embeddings_raw: Embeddings) -> dg.AssetCheckResult:
+    """Brand-new ads are recommendable: every encoded ad, clicked or not, has a projection
+    from the same encoder, in the same order."""
+    same_ids = len(ad_projected) == len(ad_embeddings_raw) and bool(
+        (ad_projected.ids == ad_embeddings_raw.ids).all()
+    )
+    missing = len(set(map(str, ad_embeddings_raw.ids)) - set(map(str, ad_projected.ids)))
+    same_encoder = ad_projected.encoder_id == ad_embeddings_raw.encoder_id
+    return dg.AssetCheckResult(
+        passed=same_ids and same_encoder,
+        metadata={
+            "n_encoded_ads": len(ad_embeddings_raw),
+            "n_projected_ads": len(ad_projected),
+            "n_missing_ads": missing,
+            "same_encoder": same_encoder,
+        },
+    )
+
+
+@dg.asset_check(asset=global_mean, blocking=True, partitions_def=click_source_partitions)
+def global_mean_is_unit(global_mean: GlobalMean) -> dg.AssetCheckResult:
+    """The cold-start prior is a finite unit vector."""
+    return unit_rows_result(global_mean.vector[None, :], None)
+
+
+@dg.asset_check(asset=click_graph, blocking=True, partitions_def=click_source_partitions)
+def click_graph_holds_only_pseudonyms(click_graph: ClickGraph) -> dg.AssetCheckResult:
+    """Privacy: every stored user id is a keyed pseudonym, never a raw identifier."""
+    not_pseudonym = [u for u in click_graph.user_ids if not _PSEUDONYM.match(str(u))]
+    return dg.AssetCheckResult(
+        passed=not not_pseudonym and click_graph.n_users > 0,
+        metadata={"n_users": click_graph.n_users, "n_ids_not_pseudonyms": len(not_pseudonym)},
+    )

@@ -1,0 +1,102 @@
+"""Operator commands around the pipeline.
+
+    python -m adrec_assets.cli register [SOURCE ...]   # add click-source partitions (default: built-ins)
+    python -m adrec_assets.cli summary SOURCE          # counts, shapes, timings, artifact paths
+    python -m adrec_assets.cli pseudonym USER_ID ...   # a user's row id, for key holders
+
+``register`` and ``summary`` use the Dagster instance in ``$DAGSTER_HOME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from adrec_assets.ml.pseudonyms import pseudonymize, resolve_key
+from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
+
+ASSET_ORDER = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected")
+
+
+def register(sources: list[str]) -> None:
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    name = click_source_partitions.name
+    existing = set(instance.get_dynamic_partitions(name))
+    new = [s for s in (sources or BUILTIN_SOURCES) if s not in existing]
+    if new:
+        instance.add_dynamic_partitions(name, new)
+    print(f"click sources registered in {instance.root_directory}: {sorted(existing | set(new))}")
+
+
+def _describe(path) -> str:
+    from adrec_assets.io_managers import NumpyArtifactIOManager, TorchArtifactIOManager
+
+    if path.suffix == ".pt":
+        trained = TorchArtifactIOManager().load_from_path(None, path)  # type: ignore[arg-type]
+        n_params = sum(p.numel() for p in trained.model.parameters())
+        return f"projector {trained.model.spec.to_dict()} params={n_params}"
+    artifact = NumpyArtifactIOManager().load_from_path(None, path)  # type: ignore[arg-type]
+    if hasattr(artifact, "vectors"):
+        norms = np.linalg.norm(artifact.vectors, axis=1)
+        return f"vectors {artifact.vectors.shape} norms {norms.min():.5f}..{norms.max():.5f}"
+    if hasattr(artifact, "vector"):
+        return f"vector ({len(artifact.vector)},) norm {np.linalg.norm(artifact.vector):.5f}"
+    if hasattr(artifact, "indptr"):
+        return f"{artifact.n_users} users x {artifact.n_ads} ads, {artifact.n_clicks} user-ad pairs"
+    return f"{len(artifact)} ads"
+
+
+def summary(source: str) -> int:
+    import dagster as dg
+
+    from adrec_assets.io_managers import resolve_base_dir
+
+    instance = dg.DagsterInstance.get()
+    base = resolve_base_dir(None)
+    print(f"source {source!r}; artifacts under {base}")
+    missing = 0
+    for asset in ASSET_ORDER:
+        candidates = [base / asset / f"{source}{ext}" for ext in (".npz", ".pt")]
+        path = next((p for p in candidates if p.exists()), None)
+        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+        seconds = ""
+        if event and event.asset_materialization and event.asset_materialization.partition == source:
+            meta = event.asset_materialization.metadata
+            for key in ("encode_seconds", "train_seconds", "build_seconds", "project_seconds"):
+                if key in meta:
+                    seconds = f" [{key} {meta[key].value}]"
+        if path is None:
+            missing += 1
+            print(f"  {asset:18s} MISSING")
+            continue
+        print(f"  {asset:18s} {_describe(path)}{seconds}\n  {'':18s} {path}")
+    return 1 if missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adrec_assets.cli", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_reg = sub.add_parser("register", help="add click-source partitions to the Dagster instance")
+    p_reg.add_argument("sources", nargs="*")
+    p_sum = sub.add_parser("summary", help="print what a materialization produced")
+    p_sum.add_argument("source")
+    p_ps = sub.add_parser("pseudonym", help="print user pseudonyms under $ADREC_ID_KEY")
+    p_ps.add_argument("user_ids", nargs="+")
+    args = parser.parse_args(argv)
+    if args.command == "register":
+        register(args.sources)
+        return 0
+    if args.command == "summary":
+        return summary(args.source)
+    key = resolve_key()
+    for user_id in args.user_ids:
+        print(f"{user_id}\t{pseudonymize(user_id, key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

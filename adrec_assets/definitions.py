@@ -1,0 +1,61 @@
+"""The Dagster code location: assets, checks, resources, IO managers and the main job."""
+
+import os
+
+import dagster as dg
+
+from adrec_assets import checks
+from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
+from adrec_assets.assets.ad_projected import ad_projected
+from adrec_assets.assets.click_graph import click_graph
+from adrec_assets.assets.global_mean import global_mean
+from adrec_assets.assets.projector import projector
+from adrec_assets.assets.raw_ads import raw_ads
+from adrec_assets.assets.user_embeddings import user_embeddings
+from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
+from adrec_assets.partitions import click_source_partitions
+from adrec_assets.resources import ClickSourceResource, EncoderResource
+
+ALL_ASSETS = [raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected]
+
+#: Materializes the whole lineage of one click source (pick the partition at launch).
+adrec_pipeline_job = dg.define_asset_job(
+    "adrec_pipeline",
+    selection=dg.AssetSelection.assets(*ALL_ASSETS),
+    partitions_def=click_source_partitions,
+    description="Encode ads, learn the user space from clicks, train the projector, project every ad.",
+)
+
+
+EXECUTOR_ENV_VAR = "ADREC_EXECUTOR"
+
+
+def select_executor() -> dg.ExecutorDefinition:
+    """In-process by default: on one small machine the steps are CPU-bound and share the
+    cores anyway, while a process per step re-imports torch for each (seconds apiece).
+    ``ADREC_EXECUTOR=multiprocess`` restores Dagster's multi-or-in-process executor
+    (pick either per run in the launchpad's ``execution`` config)."""
+    choice = os.environ.get(EXECUTOR_ENV_VAR, "in_process")
+    if choice == "in_process":
+        return dg.in_process_executor
+    if choice == "multiprocess":
+        return dg.multi_or_in_process_executor
+    raise ValueError(f"{EXECUTOR_ENV_VAR}={choice!r}: use 'in_process' or 'multiprocess'")
+
+
+def default_resources() -> dict[str, object]:
+    return {
+        "numpy_io_manager": NumpyIOManager(),
+        "torch_io_manager": TorchIOManager(),
+        "click_sources": ClickSourceResource(),
+        "encoder": EncoderResource(),
+    }
+
+
+defs = dg.Definitions(
+    assets=ALL_ASSETS,
+    asset_checks=dg.load_asset_checks_from_modules([checks]),
+    jobs=[adrec_pipeline_job],
+    resources=default_resources(),
+    executor=select_executor(),
+)
