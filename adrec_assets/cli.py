@@ -3,6 +3,7 @@
     python -m adrec_assets.cli register [SOURCE ...]   # add click-source partitions (default: built-ins)
     python -m adrec_assets.cli summary SOURCE          # counts, shapes, timings, artifact paths
     python -m adrec_assets.cli pseudonym USER_ID ...   # a user's row id, for key holders
+    python -m adrec_assets.cli recommend SOURCE USER_ID [-k 10]  # top ads (new users: global mean)
 
 ``register`` and ``summary`` use the Dagster instance in ``$DAGSTER_HOME``.
 """
@@ -77,6 +78,30 @@ def summary(source: str) -> int:
     return 1 if missing else 0
 
 
+def recommend(source: str, raw_user_id: str, k: int) -> int:
+    from adrec_assets.io_managers import resolve_base_dir
+    from adrec_assets.ml.scoring import top_k_ads, user_vector
+
+    base = resolve_base_dir(None)
+    load = _load_artifact
+    users = load(base / "user_embeddings" / f"{source}.npz")
+    prior = load(base / "global_mean" / f"{source}.npz")
+    ads = load(base / "ad_projected" / f"{source}.npz")
+    vector, known = user_vector(users, prior, pseudonymize(raw_user_id, resolve_key()))
+    print(f"user {raw_user_id}: {'trained vector' if known else 'unknown -> global_mean prior'}")
+    for ad_id, score in top_k_ads(vector, ads, users.space, k):
+        print(f"  {score:+.4f}  {ad_id}")
+    return 0
+
+
+def _load_artifact(path):
+    from adrec_assets.io_managers import NumpyArtifactIOManager
+
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: materialize the pipeline for this source first (make run)")
+    return NumpyArtifactIOManager().load_from_path(None, path)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adrec_assets.cli", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     p_sum.add_argument("source")
     p_ps = sub.add_parser("pseudonym", help="print user pseudonyms under $ADREC_ID_KEY")
     p_ps.add_argument("user_ids", nargs="+")
+    p_rec = sub.add_parser("recommend", help="top ads for a user by cos(user, projected ad)")
+    p_rec.add_argument("source")
+    p_rec.add_argument("user_id")
+    p_rec.add_argument("-k", type=int, default=10)
     args = parser.parse_args(argv)
     if args.command == "register":
         register(args.sources)
         return 0
     if args.command == "summary":
         return summary(args.source)
+    if args.command == "recommend":
+        return recommend(args.source, args.user_id, args.k)
     key = resolve_key()
     for user_id in args.user_ids:
         print(f"{user_id}\t{pseudonymize(user_id, key)}")

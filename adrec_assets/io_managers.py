@@ -55,6 +55,12 @@ class NumpyArtifactIOManager(_ArtifactUPathIOManager):
                 f"(one of {sorted(ARTIFACT_TYPES)}), got {type(obj).__name__}"
             )
         arrays = {"__type__": np.asarray(obj.type_tag), **obj.to_arrays()}
+        pickled = [k for k, v in arrays.items() if v.dtype.hasobject]
+        if pickled:
+            raise TypeError(
+                f"{context.asset_key.to_user_string()}: arrays {pickled} hold Python objects, which "
+                "would need pickle; store them as numeric or fixed-width string arrays"
+            )
 
         def write(handle: BinaryIO) -> None:
             np.savez(handle, **arrays)

@@ -46,7 +46,8 @@ def pseudonymize(raw_id: str, key: bytes) -> str:
 
 def pseudonymize_many(raw_ids: Iterable[str], key: bytes) -> np.ndarray:
     """Pseudonymize each distinct id once (click logs repeat users many times)."""
-    raw = np.asarray(list(raw_ids) if not isinstance(raw_ids, np.ndarray) else raw_ids, dtype=str)
+    # Object dtype keeps ids exactly as given (numpy's fixed-width str drops trailing NULs).
+    raw = np.asarray([str(r) for r in raw_ids], dtype=object)
     uniq, inverse = np.unique(raw, return_inverse=True)
     mapped = np.asarray([pseudonymize(u, key) for u in uniq], dtype=f"<U{PSEUDONYM_HEX_CHARS}")
     return mapped[inverse] if len(raw) else np.zeros(0, dtype=f"<U{PSEUDONYM_HEX_CHARS}")

@@ -14,6 +14,19 @@ import numpy as np
 from adrec_assets.ml.types import ClickGraph
 
 
+def shuffled_batches(items: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Every item exactly once, shuffled, in batches of ``batch_size``; a trailing batch of
+    one (no in-batch negative) is folded into the batch before it instead of dropped."""
+    order = rng.permutation(items)
+    starts = list(range(0, len(order), batch_size))
+    if len(starts) > 1 and len(order) - starts[-1] == 1:
+        starts.pop()
+    for i, begin in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(order)
+        if end - begin >= 2:
+            yield order[begin:end]
+
+
 class CoClickPairSampler:
     """One epoch = every click whose ad has another clicker, as an anchor, once.
 
@@ -52,11 +65,7 @@ class CoClickPairSampler:
         return np.where(candidate == users, self.ad_users[start + degree - 1], candidate)
 
     def epoch(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = self.rng.permutation(self.anchor_clicks)
-        for begin in range(0, len(order), batch_size):
-            clicks = order[begin : begin + batch_size]
-            if len(clicks) < 2:  # a batch of one has no negatives
-                continue
+        for clicks in shuffled_batches(self.anchor_clicks, batch_size, self.rng):
             yield self.click_users[clicks], self.positives_for(clicks)
 
 
@@ -69,11 +78,7 @@ class AdClickerPairSampler:
         self.click_ads = graph.indices.astype(np.int64)
 
     def epoch(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = self.rng.permutation(len(self.click_ads))
-        for begin in range(0, len(order), batch_size):
-            clicks = order[begin : begin + batch_size]
-            if len(clicks) < 2:
-                continue
+        for clicks in shuffled_batches(np.arange(len(self.click_ads)), batch_size, self.rng):
             yield self.click_ads[clicks], self.click_users[clicks]
 
 

@@ -1,15 +1,16 @@
 """Training loops: the user space from co-clicks, and the content -> user-space projector.
 
 Both are deterministic for a given seed: sampling uses a seeded numpy generator, weights
-and dropout a seeded torch generator inside ``torch.random.fork_rng`` (the caller's
-global RNG state is left untouched).
+and dropout the torch RNG seeded inside ``torch.random.fork_rng`` with deterministic
+kernels (the caller's global RNG state and settings are restored afterwards).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,23 @@ from adrec_assets.ml.types import ClickGraph
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, float], None]  # (epoch, mean loss)
+
+
+@contextmanager
+def seeded_and_deterministic(seed: int) -> Iterator[None]:
+    """Seed torch and force deterministic kernels for the block, then restore both.
+
+    Without deterministic kernels the scatter-add in the embedding backward pass sums in
+    thread order, and two identical runs differ in the 7th decimal.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
 
 
 class TrainingDataError(ValueError):
@@ -100,8 +118,7 @@ def train_user_embeddings(
         )
     history = TrainingHistory()
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
+    with seeded_and_deterministic(params.seed):
         table = torch.nn.Parameter(torch.randn(graph.n_users, params.dim) / params.dim**0.5)
         opt = torch.optim.AdamW([table], lr=params.lr, weight_decay=params.weight_decay, fused=True)
         for epoch in range(params.epochs):
@@ -179,8 +196,7 @@ def train_projector(
     )
     history = TrainingHistory()
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(params.seed)
+    with seeded_and_deterministic(params.seed):
         model = Projector(spec)
         opt = torch.optim.AdamW(
             model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True

@@ -87,8 +87,18 @@ class ClickGraph:
             raise ArtifactError("ClickGraph.indptr must have n_users + 1 entries")
         if len(self.indices) != len(self.weights) or int(self.indptr[-1]) != len(self.indices):
             raise ArtifactError("ClickGraph.indices/weights do not match indptr")
+        if len(self.indptr) and (self.indptr[0] != 0 or (np.diff(self.indptr) < 0).any()):
+            raise ArtifactError("ClickGraph.indptr must start at 0 and never decrease")
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(self.ad_ids)):
             raise ArtifactError("ClickGraph.indices point outside ad_ids")
+        # Within a user's row, ad columns strictly increase: no (user, ad) pair twice.
+        step = np.diff(self.indices.astype(np.int64))
+        row_start = np.zeros(len(self.indices), dtype=bool)
+        row_start[self.indptr[:-1][np.diff(self.indptr) > 0]] = True
+        if (step[~row_start[1:]] <= 0).any():
+            raise ArtifactError(
+                "ClickGraph rows must list each ad once, in increasing order; build it with from_pairs"
+            )
 
     @property
     def n_users(self) -> int:

@@ -1,0 +1,30 @@
+"""Shared test setup: never reach a model hub; the offline encoder ships its weights."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from collections.abc import Iterator  # noqa: E402
+
+import dagster as dg  # noqa: E402
+import pytest  # noqa: E402
+
+from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_pipeline(tmp_path_factory) -> Iterator[tuple]:
+    """One default materialization of the synthetic partition, shared by the whole session
+    (it trains both models, so it is the expensive part of the suite)."""
+    base = tmp_path_factory.mktemp("artifacts")
+    with dg.instance_for_test() as instance:
+        result = materialize_pipeline(instance, base)
+        yield base, result, instance
+
+
+@pytest.fixture(scope="session")
+def pipeline_artifacts(default_pipeline) -> tuple:
+    base, result, _ = default_pipeline
+    assert result.success
+    return base, load_artifact

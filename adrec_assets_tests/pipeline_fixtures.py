@@ -1,0 +1,96 @@
+"""Helpers to materialize the whole pipeline into a temp dir with a test instance."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+
+from adrec_assets.definitions import ALL_ASSETS, defs
+from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
+from adrec_assets.partitions import click_source_partitions
+from adrec_assets.resources import ClickSourceResource, EncoderResource
+
+TEST_ID_KEY = "test-key-0123456789abcdef"
+ALL_CHECKS = list(defs.asset_checks or [])
+
+
+ASSET_FILES = {
+    "raw_ads": "npz",
+    "click_graph": "npz",
+    "ad_embeddings_raw": "npz",
+    "user_embeddings": "npz",
+    "global_mean": "npz",
+    "projector": "pt",
+    "ad_projected": "npz",
+}
+
+
+def load_artifact(base: Path, asset: str, partition: str = "synthetic"):
+    """Read an artifact straight from disk with the same code the IO managers use."""
+    from upath import UPath
+
+    from adrec_assets.io_managers import NumpyArtifactIOManager, TorchArtifactIOManager
+
+    path = base / asset / f"{partition}.{ASSET_FILES[asset]}"
+    manager = TorchArtifactIOManager() if path.suffix == ".pt" else NumpyArtifactIOManager()
+    return manager.load_from_path(None, UPath(path))  # type: ignore[arg-type]
+
+
+def resources_for(base_dir: Path, **source_config) -> dict[str, object]:
+    return {
+        "numpy_io_manager": NumpyIOManager(base_dir=str(base_dir)),
+        "torch_io_manager": TorchIOManager(base_dir=str(base_dir)),
+        "click_sources": ClickSourceResource(**source_config),
+        "encoder": EncoderResource(),
+    }
+
+
+@contextmanager
+def id_key(value: str = TEST_ID_KEY) -> Iterator[None]:
+    previous = os.environ.get("ADREC_ID_KEY")
+    os.environ["ADREC_ID_KEY"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("ADREC_ID_KEY", None)
+        else:
+            os.environ["ADREC_ID_KEY"] = previous
+
+
+def materialize_pipeline(
+    instance: dg.DagsterInstance,
+    base_dir: Path,
+    partition: str = "synthetic",
+    selection: list | None = None,
+    run_config: dict | None = None,
+    raise_on_error: bool = True,
+    **source_config,
+) -> dg.ExecuteInJobResult:
+    if partition not in instance.get_dynamic_partitions(click_source_partitions.name):
+        instance.add_dynamic_partitions(click_source_partitions.name, [partition])
+    with id_key():
+        return dg.materialize(
+            [*ALL_ASSETS, *ALL_CHECKS],
+            selection=selection,
+            partition_key=partition,
+            resources=resources_for(base_dir, **source_config),
+            instance=instance,
+            run_config=run_config or {},
+            raise_on_error=raise_on_error,
+        )
+
+
+def failure_message(result: dg.ExecuteInJobResult) -> str:
+    """The full text of the first step failure, causes included (Dagster wraps user errors)."""
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.event_specific_data.error
+    parts = []
+    while error is not None:
+        parts.append(error.message)
+        error = error.cause
+    return "\n".join(parts)

@@ -1,0 +1,175 @@
+"""End to end: all seven assets materialize for the synthetic source with the defaults."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+
+from adrec_assets.io_managers import NumpyArtifactIOManager
+from adrec_assets.ml.pseudonyms import pseudonymize
+from adrec_assets.sources.catalog import load_builtin_catalog
+from adrec_assets_tests.pipeline_fixtures import (
+    ASSET_FILES,
+    TEST_ID_KEY,
+    failure_message,
+    load_artifact,
+    materialize_pipeline,
+)
+
+load = load_artifact
+
+
+@pytest.fixture(scope="module")
+def pipeline(default_pipeline):
+    return default_pipeline
+
+
+def test_all_assets_and_checks_succeed(pipeline):
+    base, result, _ = pipeline
+    assert result.success
+    materialized = {
+        e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()
+    }
+    assert materialized == set(ASSET_FILES)
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == 6 and all(e.passed for e in evaluations)
+    for asset, ext in ASSET_FILES.items():
+        assert (base / asset / f"synthetic.{ext}").is_file(), asset
+
+
+def test_artifact_shapes_norms_and_alignment(pipeline):
+    base, _, _ = pipeline
+    ads = load(base, "raw_ads")
+    graph = load(base, "click_graph")
+    raw = load(base, "ad_embeddings_raw")
+    users = load(base, "user_embeddings")
+    prior = load(base, "global_mean")
+    projected = load(base, "ad_projected")
+    assert raw.vectors.shape == (len(ads), 768) and raw.vectors.dtype == np.float32
+    assert users.vectors.shape == (graph.n_users, 128)
+    assert prior.vector.shape == (128,)
+    assert projected.vectors.shape == (len(ads), 128)
+    for vectors in (raw.vectors, users.vectors, projected.vectors, prior.vector[None]):
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    # Every ad gets a projection, including the ones nobody clicked.
+    assert (projected.ids == ads.ad_ids).all() and (raw.ids == ads.ad_ids).all()
+    assert graph.n_ads < len(ads)
+    assert (users.ids == graph.user_ids).all()
+    assert raw.encoder_id == projected.encoder_id != ""
+    assert projected.space == users.space
+
+
+def test_projector_checkpoint_loads_weights_only_and_reproduces_ad_projected(pipeline):
+    base, _, _ = pipeline
+    checkpoint = torch.load(base / "projector" / "synthetic.pt", weights_only=True)
+    from adrec_assets.ml.models import TrainedProjector
+    from adrec_assets.ml.training import project
+
+    trained = TrainedProjector.from_checkpoint(checkpoint)
+    raw = load(base, "ad_embeddings_raw")
+    np.testing.assert_allclose(project(trained.model, raw.vectors), load(base, "ad_projected").vectors, atol=1e-6)
+
+
+def test_ui_metadata_is_recorded(pipeline):
+    _, result, _ = pipeline
+    meta = {
+        e.materialization.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    assert meta["ad_embeddings_raw"]["encoder_id"].value.startswith("offline:")
+    assert meta["ad_embeddings_raw"]["n_ads"].value == 220
+    assert meta["ad_embeddings_raw"]["n_ads_with_image"].value == 60
+    for trained in ("user_embeddings", "projector"):
+        assert "| epoch | mean loss |" in meta[trained]["loss_curve"].value
+        assert meta[trained]["optimizer_steps"].value > 0
+        assert meta[trained]["train_seconds"].value > 0
+    assert 0.0 <= meta["user_embeddings"]["share_isolated_users"].value < 0.2
+    assert meta["click_graph"]["n_users"].value == 1000
+
+
+def test_privacy_no_raw_user_ids_and_no_ad_text_outside_raw_ads(pipeline):
+    base, _, _ = pipeline
+    catalog = load_builtin_catalog().catalog
+    raw_user_prefix = "user-000"  # every synthetic raw id starts like this
+    texts = [t[:40] for t in catalog.texts]
+    for asset, ext in ASSET_FILES.items():
+        blob = (base / asset / f"synthetic.{ext}").read_bytes()
+        for encoding in ("utf-8", "utf-32-le"):  # numpy stores str arrays as UTF-32
+            assert raw_user_prefix.encode(encoding) not in blob, asset
+            if asset != "raw_ads":
+                assert not any(t.encode(encoding) in blob for t in texts), asset
+    # Sanity check of the scan itself: raw_ads does hold the ad text.
+    assert texts[0].encode("utf-32-le") in (base / "raw_ads" / "synthetic.npz").read_bytes()
+    graph = load(base, "click_graph")
+    # The operator who holds the key finds a user's row by recomputing the pseudonym.
+    assert pseudonymize("user-0000001", TEST_ID_KEY.encode()) in set(graph.user_ids)
+
+
+def test_same_inputs_and_config_give_identical_artifacts(pipeline, tmp_path):
+    base, _, _ = pipeline
+    with dg.instance_for_test() as instance:
+        assert materialize_pipeline(instance, tmp_path).success
+    for asset in ("click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected"):
+        if asset == "projector":
+            a = torch.load(base / asset / "synthetic.pt", weights_only=True)["state_dict"]
+            b = torch.load(tmp_path / asset / "synthetic.pt", weights_only=True)["state_dict"]
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            first, second = load(base, asset), load(tmp_path, asset)
+            for key, array in first.to_arrays().items():
+                np.testing.assert_array_equal(array, second.to_arrays()[key], err_msg=f"{asset}.{key}")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_failed_training_keeps_previous_artifact_byte_for_byte(pipeline, tmp_path):
+    """A diverging run (absurd learning rate -> NaN) fails and writes nothing."""
+    base, _, instance = pipeline
+    target = base / "user_embeddings" / "synthetic.npz"
+    before = _digest(target)
+    result = materialize_pipeline(
+        instance,
+        base,
+        selection=["user_embeddings"],
+        run_config={"ops": {"user_embeddings": {"config": {"lr": 1e30, "epochs": 3}}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    message = failure_message(result)
+    assert "user_embeddings[synthetic]" in message
+    assert "NaN" in message or "not unit length" in message
+    assert _digest(target) == before
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_ad_projected_refuses_vectors_from_another_encoder(pipeline, tmp_path):
+    """Re-encoding ads with a different encoder must not silently feed an old projector."""
+    import shutil
+
+    from adrec_assets.ml.types import Embeddings
+
+    base, _, instance = pipeline
+    work = tmp_path / "artifacts"
+    shutil.copytree(base, work)
+    raw = load(work, "ad_embeddings_raw")
+    swapped = Embeddings(raw.ids, raw.vectors, "content:other", encoder_id="other-encoder:v9")
+    from upath import UPath
+
+    NumpyArtifactIOManager().dump_to_path(
+        dg.build_output_context(asset_key=dg.AssetKey("ad_embeddings_raw")),
+        swapped,
+        UPath(work / "ad_embeddings_raw" / "synthetic.npz"),
+    )
+    before = _digest(work / "ad_projected" / "synthetic.npz")
+    result = materialize_pipeline(instance, work, selection=["ad_projected"], raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert "other-encoder:v9" in message and "re-materialize projector" in message
+    assert _digest(work / "ad_projected" / "synthetic.npz") == before

@@ -1,0 +1,275 @@
+"""Tests for adrec_assets.ml.types artifacts/validators and adrec_assets.ml.pseudonyms."""
+
+import hashlib
+import hmac
+import warnings
+
+import numpy as np
+import pytest
+
+from adrec_assets.ml import pseudonyms
+from adrec_assets.ml.pseudonyms import InsecureKeyWarning, pseudonymize, pseudonymize_many, resolve_key
+from adrec_assets.ml.types import (
+    AdCatalog,
+    ArtifactError,
+    ClickGraph,
+    Embeddings,
+    GlobalMean,
+    align_rows,
+    check_unit_rows,
+)
+
+
+def _dense(graph: ClickGraph) -> np.ndarray:
+    m = np.zeros((graph.n_users, graph.n_ads), dtype=np.float64)
+    for u in range(graph.n_users):
+        for j in range(graph.indptr[u], graph.indptr[u + 1]):
+            m[u, graph.indices[j]] += graph.weights[j]
+    return m
+
+
+# ---------------------------------------------------------------- ClickGraph
+
+
+def test_from_pairs_sums_repeats_and_sorts_ids():
+    """Repeated (user, ad) clicks sum into one weighted entry; ids come out sorted."""
+    g = ClickGraph.from_pairs(
+        np.array(["zed", "amy", "zed", "bob", "zed", "amy"]),
+        np.array(["ad9", "ad1", "ad9", "ad1", "ad2", "ad9"]),
+        np.array([1.0, 2.0, 3.0, 1.0, 0.5, 1.0]),
+    )
+    assert g.user_ids.tolist() == ["amy", "bob", "zed"]
+    assert g.ad_ids.tolist() == ["ad1", "ad2", "ad9"]
+    expected = np.array(
+        [
+            [2.0, 0.0, 1.0],  # amy
+            [1.0, 0.0, 0.0],  # bob
+            [0.0, 0.5, 4.0],  # zed: ad9 1 + 3
+        ]
+    )
+    np.testing.assert_array_equal(_dense(g), expected)
+    assert g.n_clicks == 5  # stored (user, ad) entries, not raw rows
+    assert g.indptr.tolist() == [0, 2, 3, 5]
+    # within a user, ad columns ascend
+    for u in range(g.n_users):
+        cols = g.indices[g.indptr[u] : g.indptr[u + 1]]
+        assert np.all(np.diff(cols) > 0)
+
+
+def test_from_pairs_default_weight_counts_clicks():
+    """Without weights each raw click counts 1, so repeats become counts."""
+    g = ClickGraph.from_pairs(np.array(["u", "u", "u", "v"]), np.array(["a", "a", "b", "a"]))
+    np.testing.assert_array_equal(_dense(g), [[2.0, 1.0], [1.0, 0.0]])
+    assert g.weights.dtype == np.float32
+
+
+def test_csc_is_transpose():
+    """csc() lists for each ad exactly the users whose CSR rows contain it."""
+    rng = np.random.default_rng(0)
+    users = rng.choice([f"u{i}" for i in range(9)], size=60)
+    ads = rng.choice([f"a{i}" for i in range(7)], size=60)
+    g = ClickGraph.from_pairs(users, ads)
+    ad_indptr, ad_users = g.csc()
+    dense = _dense(g) > 0
+    assert len(ad_indptr) == g.n_ads + 1 and ad_indptr[-1] == g.n_clicks
+    for a in range(g.n_ads):
+        got = sorted(ad_users[ad_indptr[a] : ad_indptr[a + 1]].tolist())
+        assert got == np.flatnonzero(dense[:, a]).tolist()
+    np.testing.assert_array_equal(g.ad_degrees(), dense.sum(axis=0))
+
+
+def test_click_graph_array_round_trip():
+    """to_arrays/from_arrays reproduce every field exactly."""
+    g = ClickGraph.from_pairs(np.array(["b", "a", "b"]), np.array(["x", "y", "y"]), np.array([1, 2, 3.5]))
+    g2 = ClickGraph.from_arrays(g.to_arrays())
+    for name in ("user_ids", "ad_ids", "indptr", "indices", "weights"):
+        np.testing.assert_array_equal(getattr(g2, name), getattr(g, name))
+    assert g2.indices.dtype == np.int32 and g2.indptr.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "indptr,indices,weights,match",
+    [
+        ([0, 1], [0], [1.0], "n_users \\+ 1"),  # 2 users need 3 indptr entries
+        ([0, 1, 2], [0, 1], [1.0], "do not match"),  # weights shorter than indices
+        ([0, 1, 3], [0, 1], [1.0, 1.0], "do not match"),  # indptr[-1] != nnz
+        ([0, 1, 2], [0, 2], [1.0, 1.0], "outside"),  # ad index 2 of 2 ads
+        ([0, 1, 2], [0, -1], [1.0, 1.0], "outside"),
+    ],
+)
+def test_click_graph_constructor_rejects_inconsistent_arrays(indptr, indices, weights, match):
+    """Inconsistent CSR arrays raise ArtifactError."""
+    with pytest.raises(ArtifactError, match=match):
+        ClickGraph(
+            np.array(["u0", "u1"]),
+            np.array(["a0", "a1"]),
+            np.array(indptr, dtype=np.int64),
+            np.array(indices, dtype=np.int32),
+            np.array(weights, dtype=np.float32),
+        )
+
+
+# ---------------------------------------------------------------- other artifacts
+
+
+def test_ad_catalog_rejects_duplicates_and_ragged_columns():
+    """AdCatalog refuses duplicate ids and columns of different lengths."""
+    with pytest.raises(ArtifactError, match="duplicate"):
+        AdCatalog(np.array(["a", "b", "a"]), np.array(["t1", "t2", "t3"]), np.array(["", "", ""]))
+    with pytest.raises(ArtifactError, match="differ in length"):
+        AdCatalog(np.array(["a", "b"]), np.array(["t1"]), np.array(["", ""]))
+    cat = AdCatalog(np.array(["a", "b"]), np.array(["t1", "t2"]), np.array(["/x.png", ""]))
+    back = AdCatalog.from_arrays(cat.to_arrays())
+    assert back.ad_ids.tolist() == ["a", "b"] and back.image_paths.tolist() == ["/x.png", ""]
+
+
+def test_embeddings_round_trip_keeps_extra_and_provenance(tmp_path):
+    """Embeddings survive to_arrays -> npz (no pickle) -> from_arrays with extras intact."""
+    e = Embeddings(
+        ids=np.array(["x", "y"]),
+        vectors=np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
+        space="users:run-1",
+        encoder_id="enc:v1",
+        extra={"isolated": np.array([True, False]), "counts": np.array([3, 4])},
+    )
+    np.savez(tmp_path / "e.npz", **e.to_arrays())
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as npz:
+        back = Embeddings.from_arrays({k: npz[k] for k in npz.files})
+    assert back.ids.tolist() == ["x", "y"]
+    np.testing.assert_array_equal(back.vectors, e.vectors)
+    assert back.space == "users:run-1" and back.encoder_id == "enc:v1"
+    assert set(back.extra) == {"isolated", "counts"}
+    np.testing.assert_array_equal(back.extra["isolated"], [True, False])
+    np.testing.assert_array_equal(back.extra["counts"], [3, 4])
+    assert back.dim == 2 and len(back) == 2
+
+
+def test_embeddings_rejects_misaligned_vectors():
+    """Vectors must be (n, d) with one row per id."""
+    with pytest.raises(ArtifactError):
+        Embeddings(ids=np.array(["a"]), vectors=np.zeros((2, 3), dtype=np.float32), space="s")
+    with pytest.raises(ArtifactError):
+        Embeddings(ids=np.array(["a"]), vectors=np.zeros(3, dtype=np.float32), space="s")
+
+
+def test_global_mean_round_trip():
+    """GlobalMean survives to_arrays/from_arrays."""
+    gm = GlobalMean(np.array([0.6, 0.8], dtype=np.float32), 12, 0.25)
+    back = GlobalMean.from_arrays(gm.to_arrays())
+    np.testing.assert_array_equal(back.vector, gm.vector)
+    assert back.n_users == 12 and back.mean_norm == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- validators
+
+
+def _unit(n=4, d=3, seed=0):
+    v = np.random.default_rng(seed).normal(size=(n, d))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_check_unit_rows_accepts_unit_rows():
+    """Proper unit rows of the right width pass silently."""
+    check_unit_rows(_unit(), "ok", dim=3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_unit_rows_rejects_non_finite_naming_row(bad):
+    """NaN/inf rows raise, naming the first bad row."""
+    v = _unit()
+    v[2, 1] = bad
+    with pytest.raises(ArtifactError, match=r"first row 2"):
+        check_unit_rows(v, "user vectors")
+
+
+def test_check_unit_rows_rejects_wrong_dim_and_non_unit():
+    """A wrong width and a non-unit row raise; the message names what and which row."""
+    with pytest.raises(ArtifactError, match="expected 5 columns"):
+        check_unit_rows(_unit(), "vecs", dim=5)
+    with pytest.raises(ArtifactError, match="2-d"):
+        check_unit_rows(np.ones(3, dtype=np.float32), "vecs")
+    v = _unit()
+    v[3] *= 1.01
+    with pytest.raises(ArtifactError, match=r"projected ads: 1 rows .*row 3 has norm 1\.01"):
+        check_unit_rows(v, "projected ads")
+    z = _unit()
+    z[0] = 0.0
+    with pytest.raises(ArtifactError, match=r"row 0 has norm 0\.000000"):
+        check_unit_rows(z, "vecs")
+
+
+def test_align_rows_maps_and_names_missing():
+    """align_rows returns source rows for targets; missing ids are named in the error."""
+    src = np.array(["a", "b", "c"])
+    np.testing.assert_array_equal(align_rows(src, np.array(["c", "a", "c"]), "w"), [2, 0, 2])
+    with pytest.raises(ArtifactError, match=r"catalog: 2 ids have no row \(e\.g\. zz, yy\)"):
+        align_rows(src, np.array(["a", "zz", "yy"]), "catalog")
+
+
+# ---------------------------------------------------------------- pseudonyms
+
+
+def test_pseudonymize_is_truncated_hmac_sha256():
+    """pseudonymize == hmac(key, id, sha256).hexdigest()[:32]."""
+    key = b"secret-key"
+    for raw in ["user-1", "ünïcødé", ""]:
+        expected = hmac.new(key, raw.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+        assert pseudonymize(raw, key) == expected
+        assert len(pseudonymize(raw, key)) == 32
+
+
+def test_different_keys_give_different_pseudonyms():
+    """The same id under two keys maps to unrelated pseudonyms; distinct ids differ too."""
+    assert pseudonymize("user-1", b"k1") != pseudonymize("user-1", b"k2")
+    assert pseudonymize("user-1", b"k1") != pseudonymize("user-2", b"k1")
+
+
+def test_resolve_key_warns_without_env(monkeypatch):
+    """No explicit key and no $ADREC_ID_KEY: InsecureKeyWarning and the dev key."""
+    monkeypatch.delenv("ADREC_ID_KEY", raising=False)
+    with pytest.warns(InsecureKeyWarning, match="ADREC_ID_KEY"):
+        key = resolve_key()
+    assert key == pseudonyms.DEV_KEY.encode()
+
+
+def test_resolve_key_from_env_or_argument_does_not_warn(monkeypatch):
+    """A key in the environment (or passed explicitly) is used, without any warning."""
+    monkeypatch.setenv("ADREC_ID_KEY", "from-env")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_key() == b"from-env"
+        assert resolve_key("explicit") == b"explicit"
+
+
+def test_pseudonymize_many_consistent():
+    """Repeated ids map to the same pseudonym, equal to pseudonymize() one by one."""
+    key = b"k"
+    raw = ["b", "a", "b", "c", "a", "b"]
+    out = pseudonymize_many(raw, key)
+    assert out.tolist() == [pseudonymize(r, key) for r in raw]
+    assert out[0] == out[2] == out[5] and out[1] == out[4] and len(set(out.tolist())) == 3
+    np.testing.assert_array_equal(pseudonymize_many(np.array(raw), key), out)
+    assert pseudonymize_many([], key).shape == (0,)
+
+
+def test_click_graph_rejects_malformed_csr():
+    """Hand-built or tampered graphs: a bad indptr or a repeated (user, ad) pair is refused
+    (a repeated pair would let the co-click sampler pair a user with itself)."""
+    from adrec_assets.ml.types import ArtifactError, ClickGraph
+
+    ids2 = np.array(["v", "u"])
+    with pytest.raises(ArtifactError, match="indptr"):
+        ClickGraph(ids2, np.array(["a"]), np.array([1, 1, 2]), np.array([0], np.int32), np.ones(1, np.float32))
+    with pytest.raises(ArtifactError, match="each ad once"):
+        ClickGraph(ids2, np.array(["a"]), np.array([0, 1, 3]), np.array([0, 0, 0], np.int32), np.ones(3, np.float32))
+    # Same ad in two different users' rows is of course fine.
+    ClickGraph(ids2, np.array(["a"]), np.array([0, 1, 2]), np.array([0, 0], np.int32), np.ones(2, np.float32))
+
+
+def test_pseudonymize_many_keeps_ids_exactly():
+    from adrec_assets.ml.pseudonyms import pseudonymize, pseudonymize_many
+
+    key = b"k"
+    out = pseudonymize_many(["a\x00", "a", "a\x00"], key)
+    assert list(out) == [pseudonymize("a\x00", key), pseudonymize("a", key), pseudonymize("a\x00", key)]
+    assert out[0] != out[1]
