@@ -98,25 +98,22 @@ def resolve_base_dir(base_dir: str | None) -> UPath:
     return UPath(base_dir or os.environ.get(ARTIFACTS_DIR_ENV_VAR) or DEFAULT_ARTIFACTS_DIR)
 
 
-class NumpyIOManager(dg.ConfigurableIOManagerFactory):
-    """Vectors, ids and click graphs as ``.npz`` files."""
-
+class _ArtifactIOManagerFactory(dg.ConfigurableIOManagerFactory):
     base_dir: str | None = Field(
         default=None,
         description=f"Root folder or URL; default ${ARTIFACTS_DIR_ENV_VAR} or '{DEFAULT_ARTIFACTS_DIR}'.",
     )
+
+
+class NumpyIOManager(_ArtifactIOManagerFactory):
+    """Vectors, ids and click graphs as ``.npz`` files."""
 
     def create_io_manager(self, context: dg.InitResourceContext) -> NumpyArtifactIOManager:
         return NumpyArtifactIOManager(base_path=resolve_base_dir(self.base_dir))
 
 
-class TorchIOManager(dg.ConfigurableIOManagerFactory):
+class TorchIOManager(_ArtifactIOManagerFactory):
     """Model checkpoints as ``.pt`` files."""
-
-    base_dir: str | None = Field(
-        default=None,
-        description=f"Root folder or URL; default ${ARTIFACTS_DIR_ENV_VAR} or '{DEFAULT_ARTIFACTS_DIR}'.",
-    )
 
     def create_io_manager(self, context: dg.InitResourceContext) -> TorchArtifactIOManager:
         return TorchArtifactIOManager(base_path=resolve_base_dir(self.base_dir))

@@ -13,6 +13,17 @@ import pytest  # noqa: E402
 from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add overhead (and thrash on a busy 2-core box)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def default_pipeline(tmp_path_factory) -> Iterator[tuple]:
     """One default materialization of the synthetic partition, shared by the whole session

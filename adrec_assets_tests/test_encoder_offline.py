@@ -17,13 +17,7 @@ FINANCE = "Start investing with just 5 pounds. Low-cost index funds help beginne
 SHORT = "Running shoes."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_torch_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -88,6 +88,33 @@ def _check_common(batch_size: int, epochs: int, temperature: float, lr: float) -
         raise ValueError(f"need epochs >= 0, temperature > 0, lr > 0; got {epochs}, {temperature}, {lr}")
 
 
+def fit_epochs(
+    epochs: int,
+    batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
+    batch_loss: Callable[[np.ndarray, np.ndarray], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    progress: ProgressFn | None,
+) -> TrainingHistory:
+    """The loop both trainers share: one optimizer step per batch, mean loss per epoch."""
+    history = TrainingHistory()
+    started = time.perf_counter()
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        for left, right in batches():
+            loss = batch_loss(left, right)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().item() * len(left)
+            count += len(left)
+            history.steps += 1
+        history.epoch_losses.append(total / max(count, 1))
+        if progress:
+            progress(epoch + 1, history.epoch_losses[-1])
+    history.seconds = time.perf_counter() - started
+    return history
+
+
 def normalized_mean(vectors: np.ndarray) -> tuple[np.ndarray, float]:
     """Unit-length mean direction and the raw mean's norm (1 = all identical, ~0 = spread)."""
     mean = vectors.astype(np.float64).mean(axis=0)
@@ -116,31 +143,19 @@ def train_user_embeddings(
             f"click graph has {graph.n_users} users and {graph.n_clicks} clicks but no ad with two "
             "or more clickers, so there is no co-click pair to learn a user space from; add clicks"
         )
-    history = TrainingHistory()
-    started = time.perf_counter()
     with seeded_and_deterministic(params.seed):
         table = torch.nn.Parameter(torch.randn(graph.n_users, params.dim) / params.dim**0.5)
         opt = torch.optim.AdamW([table], lr=params.lr, weight_decay=params.weight_decay, fused=True)
-        for epoch in range(params.epochs):
-            total, count = 0.0, 0
-            for anchors, positives in sampler.epoch(params.batch_size):
-                a = torch.from_numpy(anchors)
-                p = torch.from_numpy(positives)
-                loss = info_nce(table[a], table[p], params.temperature, a, p, shared_namespace=True)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach().item() * len(a)
-                count += len(a)
-                history.steps += 1
-            history.epoch_losses.append(total / max(count, 1))
-            if progress:
-                progress(epoch + 1, history.epoch_losses[-1])
+
+        def batch_loss(anchors: np.ndarray, positives: np.ndarray) -> torch.Tensor:
+            a, p = torch.from_numpy(anchors), torch.from_numpy(positives)
+            return info_nce(table[a], table[p], params.temperature, a, p, shared_namespace=True)
+
+        history = fit_epochs(params.epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress)
         vectors = torch.nn.functional.normalize(table.detach(), dim=-1).numpy().astype(np.float32)
     isolated = sampler.isolated_users
     if isolated.any():
         vectors[isolated] = normalized_mean(vectors[~isolated])[0]
-    history.seconds = time.perf_counter() - started
     return UserTrainingResult(vectors=vectors, isolated=isolated, history=history)
 
 
@@ -194,35 +209,23 @@ def train_projector(
     spec = ProjectorSpec(
         in_dim=content.shape[1], hidden_dim=params.hidden_dim, out_dim=users.shape[1], dropout=params.dropout
     )
-    history = TrainingHistory()
-    started = time.perf_counter()
     with seeded_and_deterministic(params.seed):
         model = Projector(spec)
         opt = torch.optim.AdamW(
             model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
         )
         model.train()
-        for epoch in range(params.epochs):
-            total, count = 0.0, 0
-            for ads, clickers in sampler.epoch(params.batch_size):
-                a = torch.from_numpy(ads)
-                u = torch.from_numpy(clickers)
-                # Popular ads repeat within a batch: run the MLP once per distinct ad.
-                distinct, inverse = torch.unique(a, return_inverse=True)
-                projected = model(content[distinct])[inverse]
-                loss = info_nce(projected, users[u], params.temperature, a, u)
-                loss = loss + params.centroid_weight * centroid_mse(projected, centroids[a])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach().item() * len(a)
-                count += len(a)
-                history.steps += 1
-            history.epoch_losses.append(total / max(count, 1))
-            if progress:
-                progress(epoch + 1, history.epoch_losses[-1])
+
+        def batch_loss(ads: np.ndarray, clickers: np.ndarray) -> torch.Tensor:
+            a, u = torch.from_numpy(ads), torch.from_numpy(clickers)
+            # Popular ads repeat within a batch: run the MLP once per distinct ad.
+            distinct, inverse = torch.unique(a, return_inverse=True)
+            projected = model(content[distinct])[inverse]
+            loss = info_nce(projected, users[u], params.temperature, a, u)
+            return loss + params.centroid_weight * centroid_mse(projected, centroids[a])
+
+        history = fit_epochs(params.epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress)
     model.eval()
-    history.seconds = time.perf_counter() - started
     return ProjectorTrainingResult(
         model=model, history=history, n_trained_ads=int((graph.ad_degrees() > 0).sum())
     )
