@@ -1,6 +1,6 @@
 """Operator commands around the pipeline.
 
-    python -m adrec_assets.cli register [SOURCE ...]   # add click-source partitions (default: built-ins)
+    python -m adrec_assets.cli register [SOURCE ...]   # add partitions (default: built-ins + source folders)
     python -m adrec_assets.cli summary SOURCE          # counts, shapes, timings, artifact paths
     python -m adrec_assets.cli pseudonym USER_ID ...   # a user's row id, for key holders
     python -m adrec_assets.cli recommend SOURCE USER_ID [-k 10]  # top ads (new users: global mean)
@@ -24,10 +24,15 @@ ASSET_ORDER = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings",
 def register(sources: list[str]) -> None:
     import dagster as dg
 
+    from adrec_assets.resources import ClickSourceResource
+    from adrec_assets.sources.files import list_sources
+
     instance = dg.DagsterInstance.get()
     name = click_source_partitions.name
     existing = set(instance.get_dynamic_partitions(name))
-    new = [s for s in (sources or BUILTIN_SOURCES) if s not in existing]
+    if not sources:
+        sources = [*BUILTIN_SOURCES, *list_sources(ClickSourceResource().sources_root())]
+    new = [s for s in dict.fromkeys(sources) if s not in existing]
     if new:
         instance.add_dynamic_partitions(name, new)
     print(f"click sources registered in {instance.root_directory}: {sorted(existing | set(new))}")

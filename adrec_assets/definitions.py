@@ -12,6 +12,7 @@ from adrec_assets.assets.global_mean import global_mean
 from adrec_assets.assets.projector import projector
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
+from adrec_assets.automation import build_click_source_sensor, build_nightly_refresh_schedule
 from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
 from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ClickSourceResource, EncoderResource
@@ -56,6 +57,8 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[adrec_pipeline_job],
+    sensors=[build_click_source_sensor(adrec_pipeline_job)],
+    schedules=[build_nightly_refresh_schedule(adrec_pipeline_job)],
     resources=default_resources(),
     executor=select_executor(),
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -10,21 +12,39 @@ from pydantic import Field
 from adrec_assets.ml.encoders import AdEncoder, build_encoder
 from adrec_assets.ml.types import AdCatalog
 from adrec_assets.sources import RawClicks
-from adrec_assets.sources.catalog import load_builtin_catalog
+from adrec_assets.sources.catalog import data_dir, load_builtin_catalog
+from adrec_assets.sources.files import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_MAX_UNKNOWN_AD_SHARE,
+    ClickReadReport,
+    SourceError,
+    read_ads,
+    read_clicks,
+)
 from adrec_assets.sources.synthetic import SyntheticClickGenerator, SyntheticParams
 
 
-class UnknownSourceError(ValueError):
-    pass
+SOURCES_DIR_ENV_VAR = "ADREC_SOURCES_DIR"
+SYNTHETIC = "synthetic"
 
 
 class ClickSourceResource(dg.ConfigurableResource):
     """Resolves a click-source partition key to its ads and raw clicks.
 
-    ``synthetic`` is built in: the sample catalogue in ``data/catalog`` plus clicks from
-    the seeded archetype generator configured here.
+    ``synthetic`` is built in (the sample catalogue plus the seeded archetype generator
+    configured here); every other key is a folder ``<root>/<key>/`` in the file format of
+    :mod:`adrec_assets.sources.files`.
     """
 
+    root: str | None = Field(
+        default=None,
+        description=f"Folder holding one sub-folder per file source; default ${SOURCES_DIR_ENV_VAR} or data/sources.",
+    )
+    max_unknown_ad_share: float = Field(
+        default=DEFAULT_MAX_UNKNOWN_AD_SHARE,
+        description="Clicks naming unknown ads are dropped and counted; above this share the read fails.",
+    )
+    chunk_rows: int = Field(default=DEFAULT_CHUNK_ROWS, description="Rows per chunk when reading click files.")
     synthetic_n_users: int = Field(default=SyntheticParams.n_users, description="Synthetic users.")
     synthetic_mean_clicks: float = Field(
         default=SyntheticParams.mean_clicks, description="Mean clicks of a non-tail synthetic user."
@@ -43,20 +63,30 @@ class ClickSourceResource(dg.ConfigurableResource):
             seed=self.synthetic_seed,
         )
 
-    def _require_known(self, source: str) -> None:
-        if source != "synthetic":
-            raise UnknownSourceError(
-                f"click source {source!r} is not known: the built-in source is 'synthetic'"
+    def sources_root(self) -> Path:
+        return Path(self.root or os.environ.get(SOURCES_DIR_ENV_VAR) or data_dir() / "sources")
+
+    def source_dir(self, source: str) -> Path:
+        folder = self.sources_root() / source
+        if not folder.is_dir():
+            raise SourceError(
+                f"click source {source!r}: no folder {folder}; create it with ads.csv and clicks/, "
+                f"or use the built-in source {SYNTHETIC!r}"
             )
+        return folder
 
     def load_ads(self, source: str) -> AdCatalog:
-        self._require_known(source)
-        return load_builtin_catalog().catalog
+        if source == SYNTHETIC:
+            return load_builtin_catalog().catalog
+        return read_ads(self.source_dir(source), source)
 
-    def load_clicks(self, source: str) -> RawClicks:
-        self._require_known(source)
-        clicks, _truth = SyntheticClickGenerator(load_builtin_catalog(), self.synthetic_params()).generate()
-        return clicks
+    def load_clicks(self, source: str) -> tuple[RawClicks, ClickReadReport]:
+        if source == SYNTHETIC:
+            clicks, _truth = SyntheticClickGenerator(load_builtin_catalog(), self.synthetic_params()).generate()
+            return clicks, ClickReadReport(n_files=0, n_rows=len(clicks))
+        folder = self.source_dir(source)
+        catalog = read_ads(folder, source)
+        return read_clicks(folder, catalog.ad_ids, source, self.max_unknown_ad_share, self.chunk_rows)
 
 
 @lru_cache(maxsize=4)

@@ -84,18 +84,24 @@ def test_dagster_definitions_validate_passes(tmp_path):
     assert "Validation successful" in result.stderr + result.stdout
 
 
-def test_cli_registers_builtin_source_in_the_instance(tmp_path):
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+def test_cli_registers_builtin_and_folder_sources_in_the_instance(tmp_path):
+    sources = tmp_path / "sources"
+    (sources / "shop").mkdir(parents=True)
+    (sources / "shop" / "ads.csv").write_text("ad_id,text\na1,Red shoes\n")
+    (sources / "empty_folder").mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ADREC_SOURCES_DIR": str(sources)}
     run = subprocess.run(
         [sys.executable, "-m", "adrec_assets.cli", "register"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    with dg.DagsterInstance.from_ref(dg._core.instance.InstanceRef.from_dir(str(tmp_path))) as instance:  # noqa: SLF001
-        assert instance.get_dynamic_partitions("click_source") == ["synthetic"]
+    with dg.DagsterInstance.from_ref(dg._core.instance.InstanceRef.from_dir(str(home))) as instance:  # noqa: SLF001
+        assert instance.get_dynamic_partitions("click_source") == ["synthetic", "shop"]
     # Registering again is a no-op, not an error.
     again = subprocess.run(
         [sys.executable, "-m", "adrec_assets.cli", "register", "synthetic"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert again.returncode == 0 and "['synthetic']" in again.stdout
+    assert again.returncode == 0 and "['shop', 'synthetic']" in again.stdout

@@ -12,16 +12,20 @@ from adrec_assets.resources import ClickSourceResource
 @dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy"}, **PARTITIONED)
 def click_graph(context: dg.AssetExecutionContext, click_sources: ClickSourceResource) -> dg.Output[ClickGraph]:
     """Bipartite click graph. Raw user ids are replaced by HMAC-SHA256 pseudonyms (key from
-    ``$ADREC_ID_KEY``) before anything is stored; repeated clicks add up as weights."""
+    ``$ADREC_ID_KEY``) before anything is stored; repeated clicks add up as weights; clicks
+    naming ads missing from the source's ads file are dropped and counted."""
     with stopwatch() as timing:
-        clicks = click_sources.load_clicks(context.partition_key)
-        pseudonyms = pseudonymize_many(clicks.user_ids, resolve_key())
-        graph = ClickGraph.from_pairs(pseudonyms, clicks.ad_ids, clicks.weights)
+        clicks, report = click_sources.load_clicks(context.partition_key)
+        pseudonyms = pseudonymize_many(clicks.user_vocab, resolve_key())
+        graph = ClickGraph.from_codes(pseudonyms, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
     clicks_per_user = np.diff(graph.indptr)
     ad_degree = graph.ad_degrees()
     return dg.Output(
         graph,
         metadata={
+            "n_click_rows_read": report.n_rows,
+            "n_click_files": report.n_files,
+            "n_clicks_dropped_unknown_ad": report.n_unknown_ad_rows,
             "n_click_rows": len(clicks),
             "n_users": graph.n_users,
             "n_clicked_ads": graph.n_ads,

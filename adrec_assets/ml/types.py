@@ -149,23 +149,53 @@ class ClickGraph:
         ad_ids: np.ndarray,
         weights: np.ndarray | None = None,
     ) -> "ClickGraph":
-        """Build from click rows; repeated (user, ad) clicks add up their weights.
+        """Build from click rows of string ids; see :meth:`from_codes`."""
+        uniq_users, u = np.unique(np.asarray(user_ids, dtype=str), return_inverse=True)
+        uniq_ads, a = np.unique(np.asarray(ad_ids, dtype=str), return_inverse=True)
+        return cls.from_codes(uniq_users, u, uniq_ads, a, weights)
 
-        Users and ads are sorted so the same clicks always give the same graph.
+    @classmethod
+    def from_codes(
+        cls,
+        user_vocab: np.ndarray,
+        user_codes: np.ndarray,
+        ad_vocab: np.ndarray,
+        ad_codes: np.ndarray,
+        weights: np.ndarray | None = None,
+    ) -> "ClickGraph":
+        """Build from integer-coded clicks; repeated (user, ad) clicks add up their weights.
+
+        Only users and ads that have a click appear, both sorted by id, so the same clicks
+        always give the same graph whatever order they were read in. Integer work only:
+        memory is O(clicks), never O(users x ads).
         """
-        user_ids = np.asarray(user_ids, dtype=str)
-        ad_ids = np.asarray(ad_ids, dtype=str)
+        user_codes = np.asarray(user_codes, dtype=np.int64)
+        ad_codes = np.asarray(ad_codes, dtype=np.int64)
         if weights is None:
-            weights = np.ones(len(user_ids), dtype=np.float32)
-        uniq_users, u = np.unique(user_ids, return_inverse=True)
-        uniq_ads, a = np.unique(ad_ids, return_inverse=True)
-        key = u.astype(np.int64) * len(uniq_ads) + a
+            weights = np.ones(len(user_codes), dtype=np.float32)
+        # Re-code so rows/columns follow sorted ids and only clicked ones remain.
+        used_users = np.unique(user_codes)
+        used_users = used_users[np.argsort(np.asarray(user_vocab)[used_users], kind="stable")]
+        user_rank = np.empty(len(user_vocab), dtype=np.int64)
+        user_rank[used_users] = np.arange(len(used_users))
+        used_ads = np.unique(ad_codes)
+        used_ads = used_ads[np.argsort(np.asarray(ad_vocab)[used_ads], kind="stable")]
+        ad_rank = np.empty(len(ad_vocab), dtype=np.int64)
+        ad_rank[used_ads] = np.arange(len(used_ads))
+        n_ads = max(len(used_ads), 1)
+        key = user_rank[user_codes] * n_ads + ad_rank[ad_codes]
         uniq_key, inv = np.unique(key, return_inverse=True)
         summed = np.bincount(inv, weights=np.asarray(weights, dtype=np.float64)).astype(np.float32)
-        rows = (uniq_key // len(uniq_ads)).astype(np.int64)
-        cols = (uniq_key % len(uniq_ads)).astype(np.int32)
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(uniq_users)))])
-        return cls(uniq_users, uniq_ads, indptr.astype(np.int64), cols, summed)
+        rows = uniq_key // n_ads
+        cols = (uniq_key % n_ads).astype(np.int32)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(used_users)))])
+        return cls(
+            np.asarray(user_vocab)[used_users],
+            np.asarray(ad_vocab)[used_ads],
+            indptr.astype(np.int64),
+            cols,
+            summed,
+        )
 
 
 @dataclass(frozen=True)

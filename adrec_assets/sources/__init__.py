@@ -14,11 +14,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class RawClicks:
-    """Click rows as read from a source, before pseudonymization."""
+    """Click rows as read from a source, before pseudonymization.
 
-    user_ids: np.ndarray  # (n,) str raw user ids: never persisted
-    ad_ids: np.ndarray  # (n,) str
+    Ids are stored once in vocabularies and clicks as integer codes, so a click costs
+    ~16 bytes however long its ids are, and pseudonymization hashes each user once.
+    """
+
+    user_vocab: np.ndarray  # (n_users,) str raw user ids: never persisted
+    user_codes: np.ndarray  # (n,) int64 index into user_vocab
+    ad_vocab: np.ndarray  # (n_ads,) str ad ids
+    ad_codes: np.ndarray  # (n,) int64 index into ad_vocab
     weights: np.ndarray  # (n,) float32
 
     def __len__(self) -> int:
-        return len(self.ad_ids)
+        return len(self.ad_codes)

@@ -109,8 +109,10 @@ class SyntheticClickGenerator:
 
         raw_user_ids = np.asarray([f"user-{i:07d}" for i in range(p.n_users)])
         clicks = RawClicks(
-            user_ids=raw_user_ids[users],
-            ad_ids=ad_ids[ads],
+            user_vocab=raw_user_ids,
+            user_codes=users.astype(np.int64),
+            ad_vocab=ad_ids,
+            ad_codes=ads,
             weights=np.ones(len(ads), dtype=np.float32),
         )
         truth = SyntheticTruth(
@@ -122,3 +124,28 @@ class SyntheticClickGenerator:
             cold_ad_ids=ad_ids[cold],
         )
         return clicks, truth
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m adrec_assets.sources.synthetic OUT_DIR``: write the synthetic source in the
+    folder format, so the file path is exercised with data of known structure."""
+    import argparse
+    from pathlib import Path
+
+    from adrec_assets.sources.catalog import load_builtin_catalog
+    from adrec_assets.sources.files import write_source
+
+    parser = argparse.ArgumentParser(prog="python -m adrec_assets.sources.synthetic", description=main.__doc__)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--n-users", type=int, default=SyntheticParams.n_users)
+    parser.add_argument("--seed", type=int, default=SyntheticParams.seed)
+    args = parser.parse_args(argv)
+    labelled = load_builtin_catalog()
+    clicks, _ = SyntheticClickGenerator(labelled, SyntheticParams(n_users=args.n_users, seed=args.seed)).generate()
+    write_source(args.out_dir, labelled.catalog, clicks)
+    print(f"wrote {len(labelled.catalog)} ads and {len(clicks)} clicks to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The click-source sensor and the nightly schedule, evaluated against a real test instance."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from adrec_assets.automation import DEFAULT_REFRESH_CRON
+from adrec_assets.definitions import defs
+from adrec_assets.resources import ClickSourceResource
+from adrec_assets.sources.catalog import load_builtin_catalog
+from adrec_assets.sources.files import write_source
+from adrec_assets.sources.synthetic import SyntheticClickGenerator, SyntheticParams
+from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline
+
+SENSOR = defs.get_sensor_def("click_source_sensor")
+SCHEDULE = defs.get_schedule_def("nightly_refresh")
+
+
+def write_demo_source(root: Path, name: str, n_users: int = 120, seed: int = 0) -> Path:
+    labelled = load_builtin_catalog()
+    clicks, _ = SyntheticClickGenerator(labelled, SyntheticParams(n_users=n_users, seed=seed)).generate()
+    write_source(root / name, labelled.catalog, clicks)
+    return root / name
+
+
+def tick(instance: dg.DagsterInstance, root: Path, cursor: str | None) -> dg.SensorResult:
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"click_sources": ClickSourceResource(root=str(root))}
+    )
+    result = SENSOR(context)
+    assert isinstance(result, dg.SensorResult)
+    # Apply what the daemon would apply: new partitions, then the cursor.
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def test_sensor_and_schedule_are_on_by_default():
+    assert SENSOR.default_status == dg.DefaultSensorStatus.RUNNING
+    assert SCHEDULE.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert SCHEDULE.cron_schedule == DEFAULT_REFRESH_CRON
+    assert SENSOR.job_name == SCHEDULE.job_name == "adrec_pipeline"
+
+
+def test_new_source_is_registered_and_requested_then_skipped_when_unchanged(tmp_path):
+    root = tmp_path / "sources"
+    write_demo_source(root, "shop")
+    with dg.instance_for_test() as instance:
+        first = tick(instance, root, None)
+        assert [r.partition_key for r in first.run_requests] == ["shop"]
+        assert instance.get_dynamic_partitions("click_source") == ["shop"]
+        again = tick(instance, root, first.cursor)
+        assert again.run_requests == [] and again.skip_reason is not None
+        assert again.dynamic_partitions_requests == []
+
+
+def test_appended_clicks_file_triggers_exactly_one_run_for_that_source_only(tmp_path):
+    root = tmp_path / "sources"
+    write_demo_source(root, "shop")
+    write_demo_source(root, "news", seed=1)
+    with dg.instance_for_test() as instance:
+        first = tick(instance, root, None)
+        assert sorted(r.partition_key for r in first.run_requests) == ["news", "shop"]
+        extra = (root / "shop" / "clicks" / "clicks.csv").read_text().splitlines()[:5]
+        (root / "shop" / "clicks" / "2026-11-26.csv").write_text("\n".join(extra) + "\n")
+        second = tick(instance, root, first.cursor)
+        assert [r.partition_key for r in second.run_requests] == ["shop"]
+        third = tick(instance, root, second.cursor)
+        assert third.run_requests == []
+
+
+def test_lost_cursor_reissues_the_same_run_key_so_the_daemon_dedups(tmp_path):
+    """Dagster's sensor daemon launches at most one run per run_key: with the cursor lost,
+    unchanged files yield exactly the run keys that already ran."""
+    root = tmp_path / "sources"
+    write_demo_source(root, "shop")
+    with dg.instance_for_test() as instance:
+        first = tick(instance, root, None)
+        replay = tick(instance, root, None)
+        assert [r.run_key for r in replay.run_requests] == [r.run_key for r in first.run_requests]
+        assert replay.dynamic_partitions_requests == []  # already registered
+        (root / "shop" / "clicks" / "more.csv").write_text("user_id,ad_id\nu1,ad-cars-01\n")
+        changed = tick(instance, root, None)
+        assert changed.run_requests[0].run_key != first.run_requests[0].run_key
+
+
+def test_builtin_name_folder_and_folders_without_ads_are_ignored(tmp_path):
+    root = tmp_path / "sources"
+    write_demo_source(root, "synthetic")
+    (root / "not_a_source" / "clicks").mkdir(parents=True)
+    with dg.instance_for_test() as instance:
+        result = tick(instance, root, None)
+        assert result.run_requests == []
+        assert instance.get_dynamic_partitions("click_source") == []
+
+
+def test_schedule_requests_every_registered_source():
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance)
+        assert isinstance(SCHEDULE.evaluate_tick(context).skip_message, str)
+        instance.add_dynamic_partitions("click_source", ["synthetic", "shop"])
+        night = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
+        context = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=night, repository_def=defs.get_repository_def()
+        )
+        requests = SCHEDULE.evaluate_tick(context).run_requests
+        assert sorted(r.partition_key for r in requests) == ["shop", "synthetic"]
+        assert len({r.run_key for r in requests}) == 2
+        assert all("2026-11-26T03:00" in r.run_key for r in requests)
+
+
+def test_drop_files_tick_run_artifacts_appear(tmp_path):
+    """The whole flow: a folder is dropped, the sensor ticks, its runs succeed, artifacts appear."""
+    root = tmp_path / "sources"
+    base = tmp_path / "artifacts"
+    write_demo_source(root, "shop", n_users=150)
+    with dg.instance_for_test() as instance:
+        result = tick(instance, root, None)
+        (request,) = result.run_requests
+        run = materialize_pipeline(instance, base, partition=request.partition_key, root=str(root))
+        assert run.success
+        projected = load_artifact(base, "ad_projected", "shop")
+        assert projected.vectors.shape == (220, 128)
+        graph = load_artifact(base, "click_graph", "shop")
+        assert 0 < graph.n_users <= 150
+        assert json.loads(result.cursor)["shop"]
