@@ -16,10 +16,11 @@ from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
 from adrec_assets.assets.ad_projected import ad_projected
 from adrec_assets.assets.click_graph import click_graph
 from adrec_assets.assets.global_mean import global_mean
+from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
 from adrec_assets.ml.pseudonyms import PSEUDONYM_HEX_CHARS
-from adrec_assets.ml.types import ClickGraph, Embeddings, GlobalMean
+from adrec_assets.ml.types import AdCatalog, ClickGraph, Embeddings, GlobalMean
 from adrec_assets.partitions import click_source_partitions
 
 _PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$")
@@ -102,4 +103,22 @@ def click_graph_holds_only_pseudonyms(click_graph: ClickGraph) -> dg.AssetCheckR
     return dg.AssetCheckResult(
         passed=not not_pseudonym and click_graph.n_users > 0,
         metadata={"n_users": click_graph.n_users, "n_ids_not_pseudonyms": len(not_pseudonym)},
+    )
+
+
+@dg.asset_check(asset=raw_ads, blocking=True, partitions_def=click_source_partitions)
+def raw_ads_are_usable(raw_ads: AdCatalog) -> dg.AssetCheckResult:
+    """Every ad has a unique id and non-empty text; images are absolute paths (resolved and
+    confined to the source folder when read) or empty."""
+    empty_text = int(sum(1 for t in raw_ads.texts if not str(t).strip()))
+    duplicates = int(len(raw_ads.ad_ids) - len(np.unique(raw_ads.ad_ids)))
+    relative_images = int(sum(1 for p in raw_ads.image_paths if p and not str(p).startswith("/")))
+    return dg.AssetCheckResult(
+        passed=len(raw_ads) > 0 and empty_text == 0 and duplicates == 0 and relative_images == 0,
+        metadata={
+            "n_ads": len(raw_ads),
+            "n_empty_text": empty_text,
+            "n_duplicate_ids": duplicates,
+            "n_unresolved_image_paths": relative_images,
+        },
     )

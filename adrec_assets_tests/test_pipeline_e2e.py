@@ -37,7 +37,7 @@ def test_all_assets_and_checks_succeed(pipeline):
     }
     assert materialized == set(ASSET_FILES)
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 6 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 7 and all(e.passed for e in evaluations)
     for asset, ext in ASSET_FILES.items():
         assert (base / asset / f"synthetic.{ext}").is_file(), asset
 

@@ -1,12 +1,13 @@
 """projector: the MLP that maps ad content into the user space."""
 
 import dagster as dg
+import torch
 from pydantic import Field
 
 from adrec_assets.assets.common import PARTITIONED, epoch_logger, training_metadata
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.training import ProjectorParams, train_projector
-from adrec_assets.ml.types import ArtifactError, ClickGraph, Embeddings, align_rows
+from adrec_assets.ml.types import ArtifactError, ClickGraph, Embeddings, align_rows, check_unit_rows
 
 _D = ProjectorParams()
 
@@ -50,6 +51,9 @@ def projector(
         f"projector[{key}]: clicked ads missing from ad_embeddings_raw (re-materialize raw_ads and "
         "ad_embeddings_raw, or fix clicks that name unknown ads)",
     )
+    # Refuse bad inputs before training: NaN content would silently yield NaN weights.
+    check_unit_rows(ad_embeddings_raw.vectors, f"projector[{key}] input ad_embeddings_raw")
+    check_unit_rows(user_embeddings.vectors, f"projector[{key}] input user_embeddings")
     params = config.to_params()
     result = train_projector(
         click_graph,
@@ -58,6 +62,11 @@ def projector(
         params,
         epoch_logger(context, "projector", params.epochs),
     )
+    bad = [name for name, p in result.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ArtifactError(
+            f"projector[{key}]: training diverged (non-finite weights in {bad}); lower lr and re-materialize"
+        )
     trained = TrainedProjector(
         model=result.model, encoder_id=ad_embeddings_raw.encoder_id, user_space=user_embeddings.space
     )

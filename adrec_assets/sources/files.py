@@ -136,18 +136,24 @@ def _check_columns(columns: list[str], required: tuple[str, ...], where: str, ex
     raise SourceError(f"{where}: missing column(s) {missing}; found {columns}. Fix: {hint}")
 
 
-def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(first line number, frame of strings) per chunk; empty cells are ''."""
+def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """(line numbers, frame of strings) per chunk; empty cells are ''. Blank lines are
+    skipped but still counted, so line numbers match what an editor shows (a quoted field
+    spanning several lines is the one case where later numbers run behind)."""
     if path.stat().st_size == 0:
         raise SourceError(f"{where}: the file is empty; write a header row and data, or remove it")
     try:
         reader = pd.read_csv(
-            path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=chunk_rows, skipinitialspace=False
+            path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=chunk_rows, skip_blank_lines=False
         )
         line = 2
         for chunk in reader:
-            yield line, chunk
+            lines = np.arange(line, line + len(chunk))
             line += len(chunk)
+            blank = (chunk == "").all(axis=1).to_numpy()
+            if blank.any():
+                chunk, lines = chunk[~blank], lines[~blank]
+            yield lines, chunk
     except UnicodeDecodeError:
         raise SourceError(
             f"{where}: line {_first_bad_utf8_line(path)} is not valid UTF-8; re-save the file as UTF-8"
@@ -158,8 +164,11 @@ def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[int, 
         raise SourceError(f"{where}: malformed CSV ({exc}); fix the quoting or field count") from None
 
 
-def _parquet_chunks(path: Path, where: str, chunk_rows: int, columns: list[str]) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(first row number, frame) per batch; row numbers are 1-based data rows."""
+def _parquet_chunks(
+    path: Path, where: str, chunk_rows: int, columns: list[str]
+) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """(row numbers, frame) per batch; rows are 1-based. Integer columns with nulls stay
+    Python ints and None (not floats), so a null is reported as a null."""
     try:
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
@@ -172,8 +181,8 @@ def _parquet_chunks(path: Path, where: str, chunk_rows: int, columns: list[str])
     row = 1
     try:
         for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted or None):
-            frame = batch.to_pandas()
-            yield row, frame
+            frame = batch.to_pandas(integer_object_nulls=True)
+            yield np.arange(row, row + len(frame)), frame
             row += len(frame)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SourceError(f"{where}: parquet data is corrupt after row {row - 1} ({exc}); rewrite the file") from None
@@ -211,23 +220,26 @@ def _jsonl_frame(path: Path, where: str) -> pd.DataFrame:
             records.append(record)
     if not records:
         raise SourceError(f"{where}: no records; write one JSON object per line")
-    return pd.DataFrame.from_records(records)
+    # object dtype: keep ints, strings and None exactly as written (no int -> float upcast)
+    return pd.DataFrame(records, dtype=object)
 
 
-def _id_column(values: pd.Series, name: str, where: str, row_label: str, first_row: int, rows: np.ndarray | None = None) -> np.ndarray:
-    """Ids as strings. Strings and integers are accepted; anything else, and null or empty
-    ids, are errors naming the row."""
+def _is_null(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) or value == ""
 
-    def row_of(i: int) -> int:
-        return int(rows[i]) if rows is not None else first_row + i
 
-    out = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values.tolist()):
-        if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-            raise SourceError(f"{where}: {row_label} {row_of(i)} has an empty {name}; every row needs one")
+def _id_column(values: pd.Series, name: str, where: str, row_label: str, rows: np.ndarray) -> np.ndarray:
+    """Ids as strings. Strings and integers are accepted; null or empty ids, then any other
+    type, are errors naming the row."""
+    items = values.tolist()
+    for i, value in enumerate(items):
+        if _is_null(value):
+            raise SourceError(f"{where}: {row_label} {int(rows[i])} has an empty {name}; every row needs one")
+    out = np.empty(len(items), dtype=object)
+    for i, value in enumerate(items):
         if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
             raise SourceError(
-                f"{where}: {row_label} {row_of(i)} has {name}={value!r} of type {type(value).__name__}; "
+                f"{where}: {row_label} {int(rows[i])} has {name}={value!r} of type {type(value).__name__}; "
                 f"{name} must be a string (or an integer)"
             )
         out[i] = str(value)
@@ -243,32 +255,31 @@ def read_ads(source_dir: Path, source: str | None = None) -> AdCatalog:
     path = ads_file(source_dir)
     where = _where(source, path)
     expected = "ad_id, text[, image]"
-    rows: np.ndarray | None = None
     if path.suffix == ".csv":
         chunks = list(_csv_chunks(path, where, chunk_rows=1 << 30))
-        frame = pd.concat([c for _, c in chunks]) if chunks else pd.DataFrame()
-        row_label, first = "line", 2
+        row_label = "line"
     elif path.suffix == ".parquet":
         _check_columns(_parquet_columns(path, where), AD_COLUMNS, where, expected)
-        frame = pd.concat([c for _, c in _parquet_chunks(path, where, 1 << 20, ["ad_id", "text", "image"])])
-        row_label, first = "row", 1
+        chunks = list(_parquet_chunks(path, where, 1 << 20, ["ad_id", "text", "image"]))
+        row_label = "row"
     else:
         frame = _jsonl_frame(path, where)
-        rows = frame.pop("__line__").to_numpy()
-        row_label, first = "line", 1
+        chunks = [(frame.pop("__line__").to_numpy(dtype=np.int64), frame)]
+        row_label = "line"
+    frame = pd.concat([c for _, c in chunks]) if chunks else pd.DataFrame()
+    rows = np.concatenate([r for r, _ in chunks]) if chunks else np.zeros(0, dtype=np.int64)
     _check_columns(list(frame.columns), AD_COLUMNS, where, expected)
     if len(frame) == 0:
         raise SourceError(f"{where}: no ads; add at least one row")
-    ad_ids = _id_column(frame["ad_id"], "ad_id", where, row_label, first, rows)
+    ad_ids = _id_column(frame["ad_id"], "ad_id", where, row_label, rows)
     texts = frame["text"].tolist()
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            row = int(rows[i]) if rows is not None else first + i
-            kind = "empty" if isinstance(text, str) or text is None else f"a {type(text).__name__}, not text"
-            raise SourceError(f"{where}: {row_label} {row} has text that is {kind}; every ad needs ad copy")
+            kind = "empty" if isinstance(text, str) or _is_null(text) else f"a {type(text).__name__}, not text"
+            raise SourceError(f"{where}: {row_label} {int(rows[i])} has text that is {kind}; every ad needs ad copy")
     seen: dict[str, int] = {}
     for i, ad_id in enumerate(ad_ids):
-        row = int(rows[i]) if rows is not None else first + i
+        row = int(rows[i])
         if ad_id in seen:
             raise SourceError(
                 f"{where}: ad_id {ad_id!r} appears on {row_label}s {seen[ad_id]} and {row}; ad ids must be unique"
@@ -276,8 +287,7 @@ def read_ads(source_dir: Path, source: str | None = None) -> AdCatalog:
         seen[ad_id] = row
     images = frame["image"].tolist() if "image" in frame.columns else [""] * len(frame)
     resolved = [
-        _safe_image_path(source_dir, img, where, f"{row_label} {int(rows[i]) if rows is not None else first + i}")
-        for i, img in enumerate(images)
+        _safe_image_path(source_dir, img, where, f"{row_label} {int(rows[i])}") for i, img in enumerate(images)
     ]
     return AdCatalog(
         ad_ids=np.asarray(ad_ids, dtype=str),
@@ -288,7 +298,7 @@ def read_ads(source_dir: Path, source: str | None = None) -> AdCatalog:
 
 def _safe_image_path(source_dir: Path, image, where: str, row: str) -> str:
     """Absolute path of an ad's image inside the source folder, '' for none; refuses escapes."""
-    if image is None or (isinstance(image, float) and math.isnan(image)) or image == "":
+    if _is_null(image):
         return ""
     if not isinstance(image, str):
         raise SourceError(f"{where}: {row} has image={image!r}; image must be a relative path string")
@@ -326,7 +336,9 @@ class _Vocab:
         return np.asarray(out.tolist(), dtype=str) if len(out) else np.zeros(0, dtype="<U1")
 
 
-def _numeric_column(values: pd.Series, name: str, where: str, row_label: str, first: int, positive: bool) -> np.ndarray:
+def _numeric_column(
+    values: pd.Series, name: str, where: str, row_label: str, rows: np.ndarray, positive: bool
+) -> np.ndarray:
     numbers = pd.to_numeric(values.replace("", np.nan) if values.dtype == object else values, errors="coerce")
     bad = numbers.isna() | ~np.isfinite(numbers.astype(float))
     if positive:
@@ -334,7 +346,9 @@ def _numeric_column(values: pd.Series, name: str, where: str, row_label: str, fi
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         rule = "a finite number > 0" if positive else "an integer"
-        raise SourceError(f"{where}: {row_label} {first + i} has {name}={values.iloc[i]!r}; it must be {rule}")
+        value = values.iloc[i]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise SourceError(f"{where}: {row_label} {int(rows[i])} has {name}={value!r}; it must be {rule}")
     return numbers.to_numpy(dtype=np.float64)
 
 
@@ -369,22 +383,22 @@ def read_clicks(
             chunks = _parquet_chunks(path, where, chunk_rows, ["user_id", "ad_id", "timestamp", "weight"])
             row_label = "row"
         file_rows = 0
-        for first, frame in chunks:
+        for rows, frame in chunks:
             _check_columns(list(frame.columns), CLICK_COLUMNS, where, expected)
-            user_ids = _id_column(frame["user_id"], "user_id", where, row_label, first)
-            ad_ids = _id_column(frame["ad_id"], "ad_id", where, row_label, first)
+            user_ids = _id_column(frame["user_id"], "user_id", where, row_label, rows)
+            ad_ids = _id_column(frame["ad_id"], "ad_id", where, row_label, rows)
             if "weight" in frame.columns:
-                weights = _numeric_column(frame["weight"], "weight", where, row_label, first, positive=True)
+                weights = _numeric_column(frame["weight"], "weight", where, row_label, rows, positive=True)
             else:
                 weights = np.ones(len(frame))
             if "timestamp" in frame.columns:
-                _numeric_column(frame["timestamp"], "timestamp", where, row_label, first, positive=False)
+                _numeric_column(frame["timestamp"], "timestamp", where, row_label, rows, positive=False)
             codes = np.fromiter((ad_index.get(a, -1) for a in ad_ids), dtype=np.int64, count=len(ad_ids))
             unknown = codes < 0
             if unknown.any():
                 report.n_unknown_ad_rows += int(unknown.sum())
                 for i in np.flatnonzero(unknown)[: max(0, 3 - len(report.unknown_examples))]:
-                    report.unknown_examples.append(f"{path.name} {row_label} {first + int(i)}: ad_id {ad_ids[i]!r}")
+                    report.unknown_examples.append(f"{path.name} {row_label} {int(rows[i])}: ad_id {ad_ids[i]!r}")
             keep = ~unknown
             user_parts.append(users.encode(user_ids[keep]))
             ad_parts.append(codes[keep])
