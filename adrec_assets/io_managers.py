@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,6 +40,17 @@ def _write(path: UPath, write: Any) -> None:
         path.write_bytes(buffer.getvalue())
 
 
+def write_npz_reproducibly(handle: BinaryIO, arrays: dict[str, np.ndarray]) -> None:
+    """An ``.npz`` that ``np.load`` reads, but with fixed zip timestamps: equal arrays give
+    byte-identical files (``np.savez`` stamps the write time), so a digest of an artifact
+    identifies its content and an unchanged re-materialization changes no byte."""
+    with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
 class _ArtifactUPathIOManager(dg.UPathIOManager):
     def make_safe_partition_path(self, base_path: UPath, partition: str) -> UPath:
         # A partition key is a source name chosen at run time: never let it climb out.
@@ -62,10 +74,7 @@ class NumpyArtifactIOManager(_ArtifactUPathIOManager):
                 "would need pickle; store them as numeric or fixed-width string arrays"
             )
 
-        def write(handle: BinaryIO) -> None:
-            np.savez(handle, **arrays)
-
-        _write(path, write)
+        _write(path, lambda handle: write_npz_reproducibly(handle, arrays))
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
         with path.open("rb") as handle, np.load(handle, allow_pickle=False) as npz:

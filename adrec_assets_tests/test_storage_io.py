@@ -246,3 +246,23 @@ def test_numpy_io_manager_refuses_object_arrays_at_write_time(tmp_path):
     with pytest.raises(TypeError, match="pickle"):
         NumpyArtifactIOManager().dump_to_path(dg.build_output_context(asset_key=dg.AssetKey("x")), bad, path)
     assert not path.exists()
+
+
+def test_npz_artifacts_are_byte_reproducible(tmp_path):
+    """Equal content -> equal bytes (no write timestamps inside), and np.load still reads it."""
+    import time
+
+    import dagster as dg
+
+    from adrec_assets.ml.types import GlobalMean
+
+    artifact = GlobalMean(vector=np.ones(4, np.float32) / 2, n_users=3, mean_norm=0.5)
+    manager = NumpyArtifactIOManager()
+    context = dg.build_output_context(asset_key=dg.AssetKey("global_mean"))
+    manager.dump_to_path(context, artifact, UPath(tmp_path / "a.npz"))
+    time.sleep(2.1)  # zip timestamps have 2-second resolution
+    manager.dump_to_path(context, artifact, UPath(tmp_path / "b.npz"))
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as npz:
+        assert set(npz.files) == {"__type__", "vector", "n_users", "mean_norm"}
+        np.testing.assert_array_equal(npz["vector"], artifact.vector)
