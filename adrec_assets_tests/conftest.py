@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite pins the offline encoder: on a machine that has Jina CLIP v2 weights, `auto`
+# would pick Jina and every expected encoder id would change.
+os.environ["ADREC_ENCODER"] = "offline"
 
 from collections.abc import Iterator  # noqa: E402
 

@@ -33,6 +33,7 @@ def ad_embeddings_raw(
         embeddings,
         metadata={
             "encoder_id": model.encoder_id,
+            "encoder_selection": getattr(model, "selection_reason", ""),
             "dim": model.dim,
             "n_ads": len(embeddings),
             "n_ads_with_image": int(np.count_nonzero(result.has_image)),

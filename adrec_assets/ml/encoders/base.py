@@ -9,7 +9,10 @@ in :class:`EncodeResult` so the caller can log and count it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -83,3 +86,124 @@ def try_load_images(
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norms, eps)).astype(np.float32)
+
+
+# --- Parallel image loading -------------------------------------------------------------
+# Decoding and resizing are CPU work that PIL does with the GIL released, so a thread pool
+# scales with cores. Encoders stream images through it, a bounded window ahead of the model,
+# so the accelerator is not left waiting on JPEG decoding and memory stays bounded.
+
+ImageLoader = Callable[[str, int], Image.Image]
+ImageFailure = tuple[int, str, str]  # (row, path, reason), as in EncodeResult.image_failures
+
+
+def load_rgb_center_crop(path: str, size: int) -> Image.Image:
+    """Decode, convert to RGB, scale the shorter side to ``size`` (bicubic) and centre-crop
+    to ``size x size``: the CLIP recipe, aspect ratio kept. Done here, off the model's thread,
+    a CLIP processor that resizes to the same size finds nothing left to do."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))  # JPEG: DCT-domain downscale, never below the target
+        rgb = img.convert("RGB")
+    width, height = rgb.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return rgb.crop((left, top, left + size, top + size))
+
+
+def default_image_workers() -> int:
+    """Decode threads: one per core, capped (beyond ~8 the disk, not the CPU, limits)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _try_load_one(path: str, size: int, loader: ImageLoader) -> tuple[Image.Image | None, str | None]:
+    """Same failure policy as :func:`try_load_images`: (image, None) or (None, reason)."""
+    try:
+        return loader(path, size), None
+    except FileNotFoundError:
+        return None, "file not found"
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        return None, f"unreadable image: {exc}"
+
+
+class ImageStream:
+    """Yields ``(row, image or None)`` in input order while a thread pool decodes up to
+    ``prefetch`` images ahead. Decoding starts at construction, so work done before the
+    first ``next()`` (e.g. encoding the texts) overlaps it. Unreadable images become
+    ``None`` and are collected in :attr:`failures` (row order), exactly as
+    :func:`try_load_images` reports them. Use as a context manager so the pool is shut
+    down even if the consumer stops early."""
+
+    def __init__(
+        self,
+        image_paths: Sequence[str | None],
+        size: int,
+        *,
+        workers: int | None = None,
+        prefetch: int | None = None,
+        loader: ImageLoader = load_rgb_image,
+    ) -> None:
+        self.paths = [str(p) if p else None for p in image_paths]
+        self.size = size
+        self.loader = loader
+        self.workers = workers or default_image_workers()
+        self.prefetch = max(1, prefetch or 4 * self.workers)
+        self.failures: list[ImageFailure] = []
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="adrec-image")
+        self._window: deque[tuple[int, str | None, Future | None]] = deque()
+        self._next_row = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._next_row < len(self.paths) and len(self._window) < self.prefetch:
+            path = self.paths[self._next_row]
+            future = self._pool.submit(_try_load_one, path, self.size, self.loader) if path else None
+            self._window.append((self._next_row, path, future))
+            self._next_row += 1
+
+    def __iter__(self) -> Iterator[tuple[int, Image.Image | None]]:
+        try:
+            while self._window:
+                row, path, future = self._window.popleft()
+                self._fill()
+                if future is None:
+                    yield row, None
+                    continue
+                image, reason = future.result()
+                if reason is not None:
+                    self.failures.append((row, str(path), reason))
+                yield row, image
+        finally:
+            self.close()
+        if self.failures:
+            log.warning(
+                "%d of %d images could not be read; those ads are encoded from text only (first: %s: %s)",
+                len(self.failures),
+                sum(1 for p in self.paths if p),
+                Path(self.failures[0][1]).name,
+                self.failures[0][2],
+            )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> ImageStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def load_images_parallel(
+    image_paths: Sequence[str | None],
+    size: int,
+    *,
+    workers: int | None = None,
+    loader: ImageLoader = load_rgb_image,
+) -> tuple[list[Image.Image | None], list[ImageFailure]]:
+    """Drop-in parallel :func:`try_load_images`: same outputs, same failure reasons."""
+    with ImageStream(image_paths, size, workers=workers, prefetch=len(image_paths) or 1, loader=loader) as stream:
+        images = [image for _row, image in stream]
+    return images, stream.failures

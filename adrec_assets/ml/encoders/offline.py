@@ -26,7 +26,7 @@ from adrec_assets.ml.encoders.base import (
     AD_EMBEDDING_DIM,
     EncodeResult,
     l2_normalize,
-    try_load_images,
+    load_images_parallel,
 )
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class OfflineEncoder:
             raise ValueError(f"encode() got {len(texts)} texts but {len(image_paths)} image paths")
         texts = [str(t) for t in texts]
         text_vecs = self.encode_texts(texts)
-        images, failures = try_load_images(image_paths, IMAGE_SIZE)
+        images, failures = load_images_parallel(image_paths, IMAGE_SIZE)  # decode off the model thread
         has_image = np.array([im is not None for im in images], dtype=bool)
         image_vecs = np.zeros_like(text_vecs)
         if has_image.any():
