@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from adrec_assets.automation import DEFAULT_REFRESH_CRON
 from adrec_assets.definitions import defs

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM, AdEncoder, build_encoder
 

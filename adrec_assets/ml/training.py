@@ -7,7 +7,6 @@ kernels (the caller's global RNG state and settings are restored afterwards).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,8 +19,6 @@ from adrec_assets.ml.losses import centroid_mse, info_nce
 from adrec_assets.ml.models import Projector, ProjectorSpec
 from adrec_assets.ml.sampling import AdClickerPairSampler, CoClickPairSampler, clicker_centroids
 from adrec_assets.ml.types import ClickGraph
-
-log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, float], None]  # (epoch, mean loss)
 

@@ -16,7 +16,6 @@ shared text-image space (that is what Jina CLIP v2 provides).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,8 +27,6 @@ from adrec_assets.ml.encoders.base import (
     l2_normalize,
     load_images_parallel,
 )
-
-log = logging.getLogger(__name__)
 
 TEXT_DIM = 384
 IMAGE_FEATURE_DIM = 1280
