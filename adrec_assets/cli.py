@@ -39,13 +39,12 @@ def register(sources: list[str]) -> None:
 
 
 def _describe(path) -> str:
-    from adrec_assets.io_managers import NumpyArtifactIOManager, TorchArtifactIOManager
+    from adrec_assets.io_managers import load_artifact_file
 
-    if path.suffix == ".pt":
-        trained = TorchArtifactIOManager().load_from_path(None, path)  # type: ignore[arg-type]
-        n_params = sum(p.numel() for p in trained.model.parameters())
-        return f"projector {trained.model.spec.to_dict()} params={n_params}"
-    artifact = NumpyArtifactIOManager().load_from_path(None, path)  # type: ignore[arg-type]
+    artifact = load_artifact_file(path)
+    if hasattr(artifact, "model"):
+        n_params = sum(p.numel() for p in artifact.model.parameters())
+        return f"projector {artifact.model.spec.to_dict()} params={n_params}"
     if hasattr(artifact, "vectors"):
         norms = np.linalg.norm(artifact.vectors, axis=1)
         return f"vectors {artifact.vectors.shape} norms {norms.min():.5f}..{norms.max():.5f}"
@@ -100,11 +99,12 @@ def recommend(source: str, raw_user_id: str, k: int) -> int:
 
 
 def _load_artifact(path):
-    from adrec_assets.io_managers import NumpyArtifactIOManager
+    from adrec_assets.io_managers import load_artifact_file
 
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist: materialize the pipeline for this source first (make run)")
-    return NumpyArtifactIOManager().load_from_path(None, path)  # type: ignore[arg-type]
+    try:
+        return load_artifact_file(path)
+    except FileNotFoundError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

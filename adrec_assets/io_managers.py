@@ -103,6 +103,16 @@ class TorchArtifactIOManager(_ArtifactUPathIOManager):
         return TrainedProjector.from_checkpoint(checkpoint)
 
 
+def load_artifact_file(path: str | Path | UPath) -> Any:
+    """Read one artifact file outside a run (CLI, tests, notebooks) with the same code the
+    IO managers use; the suffix picks the format."""
+    path = UPath(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: materialize the pipeline for this source first (make run)")
+    manager = TorchArtifactIOManager() if path.suffix == ".pt" else NumpyArtifactIOManager()
+    return manager.load_from_path(None, path)  # type: ignore[arg-type]
+
+
 def resolve_base_dir(base_dir: str | None) -> UPath:
     return UPath(base_dir or os.environ.get(ARTIFACTS_DIR_ENV_VAR) or DEFAULT_ARTIFACTS_DIR)
 

@@ -31,13 +31,9 @@ ASSET_FILES = {
 
 def load_artifact(base: Path, asset: str, partition: str = "synthetic"):
     """Read an artifact straight from disk with the same code the IO managers use."""
-    from upath import UPath
+    from adrec_assets.io_managers import load_artifact_file
 
-    from adrec_assets.io_managers import NumpyArtifactIOManager, TorchArtifactIOManager
-
-    path = base / asset / f"{partition}.{ASSET_FILES[asset]}"
-    manager = TorchArtifactIOManager() if path.suffix == ".pt" else NumpyArtifactIOManager()
-    return manager.load_from_path(None, UPath(path))  # type: ignore[arg-type]
+    return load_artifact_file(base / asset / f"{partition}.{ASSET_FILES[asset]}")
 
 
 def resources_for(base_dir: Path, **source_config) -> dict[str, object]:

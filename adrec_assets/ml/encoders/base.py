@@ -57,21 +57,20 @@ def load_rgb_image(path: str, size: int) -> Image.Image:
 def try_load_images(
     image_paths: Sequence[str | None], size: int
 ) -> tuple[list[Image.Image | None], list[tuple[int, str, str]]]:
-    """Load every image that can be loaded; the rest become ``None`` with a reason."""
+    """Load every image that can be loaded, one after the other; the rest become ``None``
+    with a reason (see :func:`load_images_parallel` for the threaded version)."""
     images: list[Image.Image | None] = []
     failures: list[tuple[int, str, str]] = []
     for row, path in enumerate(image_paths):
-        if not path:
-            images.append(None)
-            continue
-        try:
-            images.append(load_rgb_image(path, size))
-        except FileNotFoundError:
-            failures.append((row, str(path), "file not found"))
-            images.append(None)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            failures.append((row, str(path), f"unreadable image: {exc}"))
-            images.append(None)
+        image, reason = _try_load_one(path, size, load_rgb_image) if path else (None, None)
+        if reason is not None:
+            failures.append((row, str(path), reason))
+        images.append(image)
+    _log_image_failures(failures, image_paths)
+    return images, failures
+
+
+def _log_image_failures(failures: Sequence[tuple[int, str, str]], image_paths: Sequence[str | None]) -> None:
     if failures:
         log.warning(
             "%d of %d images could not be read; those ads are encoded from text only (first: %s: %s)",
@@ -80,7 +79,6 @@ def try_load_images(
             Path(failures[0][1]).name,
             failures[0][2],
         )
-    return images, failures
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -177,14 +175,7 @@ class ImageStream:
                 yield row, image
         finally:
             self.close()
-        if self.failures:
-            log.warning(
-                "%d of %d images could not be read; those ads are encoded from text only (first: %s: %s)",
-                len(self.failures),
-                sum(1 for p in self.paths if p),
-                Path(self.failures[0][1]).name,
-                self.failures[0][2],
-            )
+        _log_image_failures(self.failures, self.paths)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
