@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 SOURCE ?= synthetic
 UI_PORT ?= 3000
 
-.PHONY: setup run test ui bench clean
+.PHONY: setup system-deps run test ui bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,18 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 	time $(BIN)/dagster asset materialize -m adrec_assets.definitions --select '*' --partition $(SOURCE)
 	$(PY) -m adrec_assets.cli summary $(SOURCE)
 
-test: setup
+# Debian's Chromium and PostgreSQL server for the browser and PostgreSQL tests (as root via
+# apt-get; a no-op when present). Where they cannot be installed those tests skip, saying why.
+system-deps:
+	@if [ -x /usr/bin/chromium ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "system-deps: need root and apt-get for chromium + postgresql; the UI/PostgreSQL tests will skip"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	(apt-get update -q && apt-get install -y -q chromium postgresql) >/tmp/adrec-system-deps.log 2>&1 \
+		&& echo "system-deps: chromium + postgresql installed" \
+		|| { tail -5 /tmp/adrec-system-deps.log; echo "system-deps: apt-get failed; the UI/PostgreSQL tests will skip"; }
+
+test: setup system-deps
 	$(BIN)/pytest -q adrec_assets_tests
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 #: Pipeline assets of group "adrec" and their lineage (upstream -> downstream).
@@ -51,6 +49,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--disable-dev-shm-usage",
 ]
+#: Pseudonym key for the pipelines these tests run (never a real secret).
+TEST_ID_KEY = "adrec-ops-test-key-0123456789abcdef"
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
 
@@ -200,7 +200,7 @@ def _as_postgres_user(cmd: list[str]) -> list[str]:
 
 
 def _run_checked(cmd: list[str], what: str, timeout: float, **kwargs) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, **kwargs)
     if done.returncode != 0:
         raise AssertionError(f"{what} failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout}{done.stderr}")
 
@@ -248,7 +248,7 @@ def postgres_cluster(password: str = "adrec-test-pw", startup_timeout: float = 6
             for mode in ("fast", "immediate"):
                 stop = subprocess.run(
                     _as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", "30", "stop"]),
-                    capture_output=True, timeout=60,
+                    check=False, capture_output=True, timeout=60,
                 )
                 if stop.returncode == 0:
                     break

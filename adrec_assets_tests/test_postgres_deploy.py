@@ -56,7 +56,7 @@ def query(cluster: PostgresCluster, sql: str, params: tuple = ()) -> list[tuple]
 
 
 @pytest.fixture(scope="module")
-def pg_run(tmp_path_factory) -> Iterator[PgRun]:
+def pg_run(tmp_path_factory, pytestconfig: pytest.Config) -> Iterator[PgRun]:
     """One materialization of the ``adrec`` group for ``synthetic`` on a throw-away PostgreSQL,
     with ``DAGSTER_HOME`` holding an unmodified copy of ``deploy/dagster.yaml``."""
     pytest.importorskip("dagster_postgres", reason="dagster-postgres (the `dev` extra) is not installed: `make setup`")
@@ -71,19 +71,21 @@ def pg_run(tmp_path_factory) -> Iterator[PgRun]:
         env = pipeline_env(home, artifacts, sources, ADREC_EXECUTOR="multiprocess", **cluster.env())
         register = subprocess.run(
             [str(BIN_DIR / "python"), "-m", "adrec_assets.cli", "register", "synthetic"],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
+            check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
         )
         assert register.returncode == 0, register.stdout + register.stderr
         started = time.monotonic()
         run = subprocess.run(
             [str(BIN_DIR / "dagster"), "asset", "materialize", "-m", "adrec_assets.definitions",
              "--select", "group:adrec", "--partition", "synthetic", "--config", str(root / "run_config.yaml")],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=MATERIALIZE_TIMEOUT_S,
+            check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=MATERIALIZE_TIMEOUT_S,
         )
         seconds = time.monotonic() - started
         (root / "materialize.log").write_text(run.stdout + run.stderr)
         assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-        print(f"multiprocess materialization on PostgreSQL: {seconds:.1f} s (log {root / 'materialize.log'})")
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\n  multiprocess materialization on PostgreSQL: {seconds:.0f} s (log {root / 'materialize.log'})")
         runs = query(cluster, "SELECT run_id FROM runs")
         assert len(runs) == 1, f"expected the one CLI run in PostgreSQL, found {runs}"
         yield PgRun(cluster, home, runs[0][0], seconds)
@@ -170,7 +172,7 @@ def test_steps_ran_in_parallel_processes(pg_run: PgRun) -> None:
 
 def k8s_modules():
     pytest.importorskip("dagster_k8s", reason="dagster-k8s (the `dev`/`deploy` extras) is not installed: `make setup`")
-    import adrec_assets.deploy as deploy
+    from adrec_assets import deploy
 
     return deploy
 
@@ -202,7 +204,11 @@ def test_k8s_executor_config_is_valid_for_k8s_job_executor() -> None:
 def step_pod(deploy, op_name: str):
     """The Kubernetes Job the executor would create for one step (same merge as K8sStepHandler)."""
     from dagster_k8s.container_context import K8sContainerContext
-    from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
+    from dagster_k8s.job import (
+        DagsterK8sJobConfig,
+        UserDefinedDagsterK8sConfig,
+        construct_dagster_k8s_job,
+    )
 
     cfg = deploy.K8S_EXECUTOR_CONFIG
     context = K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(cfg["step_k8s_config"])).merge(
