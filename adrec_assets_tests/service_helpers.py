@@ -128,7 +128,7 @@ class DagsterDev:
 
 
 @contextmanager
-def dagster_dev(env: dict[str, str], log: Path, startup_timeout: float = 180.0) -> Iterator[DagsterDev]:
+def dagster_dev(env: dict[str, str], log: Path, startup_timeout: float = 300.0) -> Iterator[DagsterDev]:
     """``dagster dev`` (webserver + daemon) on 127.0.0.1 at a free port; stopped by its PID."""
     port = free_port()
     cmd = [str(BIN_DIR / "dagster"), "dev", "-m", "adrec_assets.definitions", "-h", "127.0.0.1", "-p", str(port)]
