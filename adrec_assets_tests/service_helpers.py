@@ -113,6 +113,16 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -
     raise AssertionError(f"{url} did not answer within {timeout:.0f} s:\n{tail(log)}")
 
 
+def report(config: pytest.Config, message: str) -> None:
+    """Print past pytest's output capture (where artifacts went, how long a run took)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is None:
+        print(message)
+        return
+    with capture.global_and_fixture_disabled():
+        print(message)
+
+
 def tail(path: Path, n_chars: int = 4000) -> str:
     try:
         return path.read_text(errors="replace")[-n_chars:]

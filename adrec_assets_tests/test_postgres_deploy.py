@@ -29,6 +29,7 @@ from adrec_assets_tests.service_helpers import (
     PostgresCluster,
     pipeline_env,
     postgres_cluster,
+    report,
 )
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -68,7 +69,10 @@ def pg_run(tmp_path_factory, pytestconfig: pytest.Config) -> Iterator[PgRun]:
     shutil.copyfile(DEPLOY / "dagster.yaml", home / "dagster.yaml")
     (root / "run_config.yaml").write_text(RUN_CONFIG)
     with postgres_cluster() as cluster:
-        env = pipeline_env(home, artifacts, sources, ADREC_EXECUTOR="multiprocess", **cluster.env())
+        # Two step processes at once on a 2-core machine: one torch thread each, no oversubscription.
+        env = pipeline_env(
+            home, artifacts, sources, ADREC_EXECUTOR="multiprocess", OMP_NUM_THREADS="1", **cluster.env()
+        )
         register = subprocess.run(
             [str(BIN_DIR / "python"), "-m", "adrec_assets.cli", "register", "synthetic"],
             check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
@@ -83,9 +87,7 @@ def pg_run(tmp_path_factory, pytestconfig: pytest.Config) -> Iterator[PgRun]:
         seconds = time.monotonic() - started
         (root / "materialize.log").write_text(run.stdout + run.stderr)
         assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"\n  multiprocess materialization on PostgreSQL: {seconds:.0f} s (log {root / 'materialize.log'})")
+        report(pytestconfig, f"\n  multiprocess materialization on PostgreSQL: {seconds:.0f} s (log {root / 'materialize.log'})")
         runs = query(cluster, "SELECT run_id FROM runs")
         assert len(runs) == 1, f"expected the one CLI run in PostgreSQL, found {runs}"
         yield PgRun(cluster, home, runs[0][0], seconds)
