@@ -180,10 +180,9 @@ def k8s_modules():
 
 
 def test_k8s_executor_config_is_valid_for_k8s_job_executor() -> None:
+    deploy = k8s_modules()
     import dagster as dg
     from dagster_k8s import k8s_job_executor
-
-    deploy = k8s_modules()
 
     @dg.op
     def noop() -> None:
