@@ -183,6 +183,7 @@ def test_materialize_synthetic_from_ui(ui_server, page, capsys) -> None:
     page.get_by_role("menuitem", name="synthetic").click()  # the partition picker's entry
     assert page.get_by_role("checkbox", name="synthetic").is_checked()
     page.keyboard.press("Escape")  # close the picker, keep the dialog
+    page.get_by_placeholder("Filter partitions").wait_for(state="hidden")
     launch = dialog.get_by_role("button", name="Launch 1 run")
     launch.wait_for()
     shot(page, "launch_dialog.png", capsys)
