@@ -10,6 +10,9 @@ from torch import nn
 from adrec_assets.ml.metrics import group_cosine_separation
 from adrec_assets.ml.models import Projector, ProjectorSpec, TrainedProjector
 from adrec_assets.ml.training import (
+    fit_popularity_head,
+    planned_epochs,
+    score_bias,
     ProjectorParams,
     TrainingDataError,
     UserTrainingParams,
@@ -69,7 +72,10 @@ def test_checkpoint_wrong_format_raises():
     tp = TrainedProjector(Projector(ProjectorSpec(4, 4, 2)), "e", "u")
     ck = tp.to_checkpoint()
     ck["format"] = "something.else"
-    with pytest.raises(ValueError, match="not an adrec projector checkpoint"):
+    with pytest.raises(ValueError, match="not a adrec.projector.v2 projector checkpoint"):
+        TrainedProjector.from_checkpoint(ck)
+    ck["format"] = "adrec.projector.v1"  # before the popularity head: must be re-trained
+    with pytest.raises(ValueError, match="re-materialize the projector"):
         TrainedProjector.from_checkpoint(ck)
     with pytest.raises(ValueError):
         TrainedProjector.from_checkpoint({})
@@ -102,7 +108,7 @@ def _planted():
 
 
 GRAPH, USER_LABELS, AD_LABELS = _planted()
-USER_PARAMS = UserTrainingParams(dim=32, epochs=20, batch_size=32, lr=0.03, seed=0)
+USER_PARAMS = UserTrainingParams(dim=32, epochs=20, batch_size=32, lr=0.03, seed=0, min_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +145,7 @@ def test_user_training_determinism(user_result):
     """Same seed -> bitwise identical vectors; another seed -> different vectors."""
     again = train_user_embeddings(GRAPH, USER_PARAMS)
     assert np.array_equal(again.vectors, user_result.vectors)
-    other = train_user_embeddings(GRAPH, UserTrainingParams(dim=32, epochs=20, batch_size=32, lr=0.03, seed=1))
+    other = train_user_embeddings(GRAPH, UserTrainingParams(dim=32, epochs=20, batch_size=32, lr=0.03, seed=1, min_steps=0))
     assert not np.allclose(other.vectors, user_result.vectors, atol=1e-3)
 
 
@@ -165,7 +171,7 @@ def test_user_training_bitwise_deterministic_with_threads():
     """Same seed -> identical vectors with 2 threads and batches of 512 x 128, big enough for
     torch to split the gradient scatter-add of repeated rows across threads."""
     g = _dense_random_graph()
-    params = UserTrainingParams(dim=128, epochs=2, batch_size=512, seed=0)
+    params = UserTrainingParams(dim=128, epochs=2, batch_size=512, seed=0, min_steps=0)
     runs = _with_two_threads(lambda: [train_user_embeddings(g, params).vectors for _ in range(3)])
     for other in runs[1:]:
         assert np.array_equal(runs[0], other), float(np.abs(runs[0] - other).max())
@@ -178,7 +184,7 @@ def test_projector_bitwise_deterministic_with_threads():
     content = rng.normal(size=(g.n_ads, 32)).astype(np.float32)
     users = rng.normal(size=(g.n_users, 128))
     users = (users / np.linalg.norm(users, axis=1, keepdims=True)).astype(np.float32)
-    params = ProjectorParams(hidden_dim=32, epochs=2, batch_size=1024, seed=0)
+    params = ProjectorParams(hidden_dim=32, epochs=2, batch_size=1024, seed=0, min_steps=0)
     runs = _with_two_threads(
         lambda: [train_projector(g, content, users, params).model.state_dict() for _ in range(2)]
     )
@@ -190,7 +196,7 @@ def test_user_training_leaves_global_rng_untouched():
     torch.manual_seed(999)
     before = torch.get_rng_state().clone()
     deterministic = torch.are_deterministic_algorithms_enabled()
-    train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=2, batch_size=32, seed=5))
+    train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=2, batch_size=32, seed=5, min_steps=0))
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.are_deterministic_algorithms_enabled() == deterministic
 
@@ -199,20 +205,20 @@ def test_no_co_click_raises():
     """A graph where every ad has a single clicker cannot train a user space."""
     g = ClickGraph.from_pairs(np.array(["a", "b", "c"]), np.array(["x", "y", "z"]))
     with pytest.raises(TrainingDataError, match="co-click"):
-        train_user_embeddings(g, UserTrainingParams(epochs=1, batch_size=4))
+        train_user_embeddings(g, UserTrainingParams(epochs=1, batch_size=4, min_steps=0))
 
 
 @pytest.mark.parametrize("bs", [0, 1])
 def test_batch_size_below_two_raises(bs):
     """In-batch negatives need batch_size >= 2 (both training loops)."""
     with pytest.raises(ValueError, match="batch_size"):
-        train_user_embeddings(GRAPH, UserTrainingParams(epochs=1, batch_size=bs))
+        train_user_embeddings(GRAPH, UserTrainingParams(epochs=1, batch_size=bs, min_steps=0))
     with pytest.raises(ValueError, match="batch_size"):
         train_projector(
             GRAPH,
             np.zeros((GRAPH.n_ads, 8), np.float32),
             np.zeros((GRAPH.n_users, 4), np.float32),
-            ProjectorParams(epochs=1, batch_size=bs),
+            ProjectorParams(epochs=1, batch_size=bs, min_steps=0),
         )
 
 
@@ -231,7 +237,7 @@ def _content(seed: int = 7) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-PROJ_PARAMS = ProjectorParams(hidden_dim=64, epochs=15, batch_size=32, seed=0)
+PROJ_PARAMS = ProjectorParams(hidden_dim=64, epochs=15, batch_size=32, seed=0, min_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +274,82 @@ def test_projector_mismatched_rows_raise(user_result):
         train_projector(GRAPH, _content()[:-1], user_result.vectors, PROJ_PARAMS)
     with pytest.raises(ValueError, match="rows"):
         train_projector(GRAPH, _content(), user_result.vectors[:-1], PROJ_PARAMS)
+
+
+# ---------------------------------------------------------------- schedule and popularity head
+
+
+def test_planned_epochs_raise_small_sources_to_the_step_floor():
+    """Steps, not passes: 100 pairs / batch 10 = 10 steps per epoch -> 2000 steps = 200 epochs."""
+    assert planned_epochs(20, 2000, n_pairs=100, batch_size=10) == 200
+    assert planned_epochs(20, 2000, n_pairs=1_000_000, batch_size=500) == 20  # big: epochs rule
+    assert planned_epochs(20, 0, n_pairs=100, batch_size=10) == 20
+    assert planned_epochs(0, 2000, n_pairs=100, batch_size=10) == 0  # explicit "no training"
+    assert planned_epochs(1, 25, n_pairs=101, batch_size=10) == 3  # 11 steps per epoch, ceil
+
+
+def test_user_training_runs_at_least_min_steps():
+    result = train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=1, batch_size=32, min_steps=50))
+    losses = result.history.epoch_losses
+    assert result.history.steps >= 50 and len(losses) > 1
+    earlier = losses[int(round(0.9 * len(losses))) - 1]
+    assert result.history.late_improvement() == pytest.approx((earlier - losses[-1]) / earlier)
+
+
+def _popular_graph_and_content(n_ads: int = 60, seed: int = 0) -> tuple[ClickGraph, np.ndarray]:
+    """Ad popularity grows with content coordinate 0: the head must find that."""
+    rng = np.random.default_rng(seed)
+    content = rng.normal(size=(n_ads, 16))
+    content[:, 0] = np.linspace(-1, 1, n_ads)
+    clicks_per_ad = np.round(np.exp(2 + 1.5 * content[:, 0])).astype(int)
+    users, ads = [], []
+    for a, n in enumerate(clicks_per_ad):
+        for u in rng.choice(400, size=n, replace=False):
+            users.append(f"u{u:03d}")
+            ads.append(f"ad{a:03d}")
+    graph = ClickGraph.from_pairs(np.array(users), np.array(ads))
+    order = [int(a[2:]) for a in graph.ad_ids]
+    return graph, content[order].astype(np.float32)
+
+
+def test_popularity_head_predicts_click_counts_as_z_scores():
+    graph, content = _popular_graph_and_content()
+    model = Projector(ProjectorSpec(in_dim=16, hidden_dim=8, out_dim=4, popularity_weight=0.25))
+    assert score_bias(model, content).tolist() == [0.0] * graph.n_ads  # unfitted head: no claim
+    fit_popularity_head(model, graph, content, seed=0)
+    with torch.no_grad():
+        z = model.popularity_z(torch.from_numpy(content)).numpy()
+    target = np.log1p(graph.ad_degrees())
+    assert abs(z.mean()) < 0.05 and 0.8 < z.std() <= 1.0  # standardized target, well predicted
+    assert np.corrcoef(z, target)[0, 1] > 0.9
+    np.testing.assert_allclose(z, (target - target.mean()) / target.std(), atol=0.5)
+    np.testing.assert_allclose(score_bias(model, content), 0.25 * z, rtol=1e-5, atol=1e-6)
+
+
+def test_popularity_head_is_part_of_training_and_checkpoint():
+    graph, content = _popular_graph_and_content()
+    users = np.random.default_rng(1).normal(size=(graph.n_users, 4)).astype(np.float32)
+    users /= np.linalg.norm(users, axis=1, keepdims=True)
+    params = ProjectorParams(hidden_dim=8, epochs=1, batch_size=64, min_steps=0, popularity_weight=0.5)
+    model = train_projector(graph, content, users, params).model
+    bias = score_bias(model, content)
+    assert np.corrcoef(bias, np.log1p(graph.ad_degrees()))[0, 1] > 0.9
+    back = TrainedProjector.from_checkpoint(TrainedProjector(model, "e", "u").to_checkpoint())
+    np.testing.assert_array_equal(score_bias(back.model, content), bias)
+    assert back.model.spec.popularity_weight == 0.5
+
+
+def test_popularity_that_content_cannot_predict_gives_a_small_bias():
+    """Clicks unrelated to content: the head must not inflate noise to unit variance."""
+    graph, content = _popular_graph_and_content()
+    noise = np.random.default_rng(9).normal(size=content.shape).astype(np.float32)
+    model = Projector(ProjectorSpec(in_dim=16, hidden_dim=8, out_dim=4, popularity_weight=1.0))
+    fit_popularity_head(model, graph, noise, seed=0)
+    assert score_bias(model, noise).std() < 0.5
+
+
+def test_too_few_clicked_ads_leave_the_popularity_head_at_zero():
+    graph = ClickGraph.from_pairs(np.array(["u1", "u2", "u1"]), np.array(["a", "a", "b"]))
+    model = Projector(ProjectorSpec(in_dim=4, hidden_dim=4, out_dim=2))
+    fit_popularity_head(model, graph, np.eye(2, 4, dtype=np.float32), seed=0)
+    assert score_bias(model, np.eye(2, 4, dtype=np.float32)).tolist() == [0.0, 0.0]

@@ -5,7 +5,7 @@ import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.training import project
+from adrec_assets.ml.training import project, score_bias
 from adrec_assets.ml.types import ArtifactError, Embeddings, check_unit_rows
 
 
@@ -13,7 +13,8 @@ from adrec_assets.ml.types import ArtifactError, Embeddings, check_unit_rows
 def ad_projected(
     context: dg.AssetExecutionContext, ad_embeddings_raw: Embeddings, projector: TrainedProjector
 ) -> dg.Output[Embeddings]:
-    """(n_ads, 128) unit vectors; score = cos(user vector, projected ad)."""
+    """(n_ads, 128) unit vectors plus a per-ad ``score_bias`` (popularity_weight x the
+    content-predicted popularity z-score); score = cos(user, projected ad) + score_bias."""
     if projector.encoder_id != ad_embeddings_raw.encoder_id:
         raise ArtifactError(
             f"ad_projected[{context.partition_key}]: projector was trained on encoder "
@@ -22,12 +23,16 @@ def ad_projected(
         )
     with stopwatch() as timing:
         vectors = project(projector.model, ad_embeddings_raw.vectors)
+        bias = score_bias(projector.model, ad_embeddings_raw.vectors)
     check_unit_rows(vectors, f"ad_projected[{context.partition_key}]", dim=projector.model.spec.out_dim)
+    if not np.isfinite(bias).all():
+        raise ArtifactError(f"ad_projected[{context.partition_key}]: non-finite score_bias; re-materialize projector")
     projected = Embeddings(
         ids=ad_embeddings_raw.ids,
         vectors=vectors,
         space=projector.user_space,
         encoder_id=projector.encoder_id,
+        extra={"score_bias": bias.astype(np.float32)},
     )
     return dg.Output(
         projected,
@@ -37,6 +42,8 @@ def ad_projected(
             "user_space": projected.space,
             "encoder_id": projected.encoder_id,
             "project_seconds": round(timing["seconds"], 4),
+            "popularity_weight": projector.model.spec.popularity_weight,
+            "score_bias_range": f"[{bias.min():+.3f}, {bias.max():+.3f}]" if len(bias) else "empty",
             "mean_pairwise_cosine_sample": round(float(_mean_cosine(vectors)), 4),
         },
     )

@@ -1,5 +1,7 @@
 """projector: the MLP that maps ad content into the user space."""
 
+from dataclasses import asdict
+
 import dagster as dg
 import torch
 from pydantic import Field
@@ -19,10 +21,17 @@ class ProjectorConfig(dg.Config):
     dropout: float = Field(default=_D.dropout, description="Dropout after the hidden layer.")
     temperature: float = Field(default=_D.temperature, description="InfoNCE temperature.")
     centroid_weight: float = Field(default=_D.centroid_weight, description="Weight of the centroid MSE loss.")
-    epochs: int = Field(default=_D.epochs, description="Passes over the (ad, clicker) pairs.")
+    epochs: int = Field(default=_D.epochs, description="Passes over the (ad, clicker) pairs (at least).")
+    min_steps: int = Field(
+        default=_D.min_steps, description="Raise the epochs until at least this many optimizer steps run."
+    )
     batch_size: int = Field(default=_D.batch_size, description="Pairs per step (in-batch negatives).")
     lr: float = Field(default=_D.lr, description="AdamW learning rate.")
     weight_decay: float = Field(default=_D.weight_decay, description="AdamW weight decay.")
+    popularity_weight: float = Field(
+        default=_D.popularity_weight,
+        description="Weight of the content-predicted popularity z-score added to the cosine (0 = pure cosine).",
+    )
     seed: int = Field(default=_D.seed, description="Seeds init, dropout and sampling.")
 
     def to_params(self) -> ProjectorParams:
@@ -60,7 +69,7 @@ def projector(
         ad_embeddings_raw.vectors[content_rows],
         user_embeddings.vectors,
         params,
-        epoch_logger(context, "projector", params.epochs),
+        epoch_logger(context, "projector"),
     )
     bad = [name for name, p in result.model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -68,7 +77,10 @@ def projector(
             f"projector[{key}]: training diverged (non-finite weights in {bad}); lower lr and re-materialize"
         )
     trained = TrainedProjector(
-        model=result.model, encoder_id=ad_embeddings_raw.encoder_id, user_space=user_embeddings.space
+        model=result.model,
+        encoder_id=ad_embeddings_raw.encoder_id,
+        user_space=user_embeddings.space,
+        training_params=asdict(params),
     )
     return dg.Output(
         trained,

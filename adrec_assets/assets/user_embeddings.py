@@ -1,5 +1,8 @@
 """user_embeddings: a 128-d user space learnt only from who clicked what."""
 
+import json
+from dataclasses import asdict
+
 import dagster as dg
 import numpy as np
 from pydantic import Field
@@ -16,7 +19,10 @@ class UserEmbeddingConfig(dg.Config):
 
     dim: int = Field(default=_D.dim, description="User-space dimension.")
     temperature: float = Field(default=_D.temperature, description="InfoNCE temperature.")
-    epochs: int = Field(default=_D.epochs, description="Passes over the co-clicked pairs.")
+    epochs: int = Field(default=_D.epochs, description="Passes over the co-clicked pairs (at least).")
+    min_steps: int = Field(
+        default=_D.min_steps, description="Raise the epochs until at least this many optimizer steps run."
+    )
     batch_size: int = Field(default=_D.batch_size, description="Pairs per step (in-batch negatives).")
     lr: float = Field(default=_D.lr, description="AdamW learning rate.")
     weight_decay: float = Field(default=_D.weight_decay, description="AdamW weight decay.")
@@ -33,14 +39,18 @@ def user_embeddings(
     """(n_users, dim) unit vectors keyed by user pseudonym. Users without any co-click
     neighbour get the global-mean vector (the cold-start prior) and are flagged ``isolated``."""
     params = config.to_params()
-    result = train_user_embeddings(click_graph, params, epoch_logger(context, "user_embeddings", params.epochs))
+    result = train_user_embeddings(click_graph, params, epoch_logger(context, "user_embeddings"))
     check_unit_rows(result.vectors, f"user_embeddings[{context.partition_key}]", dim=params.dim)
     space = f"users:{vectors_fingerprint(result.vectors)}"
     embeddings = Embeddings(
         ids=click_graph.user_ids,
         vectors=result.vectors,
         space=space,
-        extra={"isolated": result.isolated},
+        extra={
+            "isolated": result.isolated,
+            # provenance: the evaluation asset and warm starts re-use exactly these settings
+            "training_params": np.asarray(json.dumps(asdict(params), sort_keys=True)),
+        },
     )
     return dg.Output(
         embeddings,

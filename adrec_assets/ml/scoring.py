@@ -1,4 +1,5 @@
-"""Serving-side scoring: cos(user, projected ad), with the cold-start prior for new users."""
+"""Serving-side scoring: cos(user, projected ad) + the ad's popularity bias, with the
+cold-start prior for new users."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def user_vector(users: Embeddings, prior: GlobalMean, pseudonym: str) -> tuple[n
 
 
 def top_k_ads(user: np.ndarray, ads: Embeddings, users_space: str, k: int = 10) -> list[tuple[str, float]]:
-    """The k ads with the highest cosine to ``user`` (all vectors are unit length).
+    """The k ads with the highest score: cosine to ``user`` (all vectors are unit length)
+    plus the ad's ``score_bias`` (content-predicted popularity) when the artifact has one.
 
     Refuses to compare vectors from different trained user spaces: a projector trained
     against yesterday's user vectors does not map into today's.
@@ -30,6 +32,8 @@ def top_k_ads(user: np.ndarray, ads: Embeddings, users_space: str, k: int = 10) 
             "re-materialize projector and ad_projected"
         )
     scores = ads.vectors @ user.astype(np.float32)
+    if "score_bias" in ads.extra:
+        scores = scores + ads.extra["score_bias"]
     k = min(k, len(scores))
     top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
     top = top[np.argsort(-scores[top], kind="stable")]
