@@ -8,6 +8,7 @@ from adrec_assets import checks
 from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
 from adrec_assets.assets.ad_projected import ad_projected
 from adrec_assets.assets.click_graph import click_graph
+from adrec_assets.assets.evaluation import evaluation
 from adrec_assets.assets.global_mean import global_mean
 from adrec_assets.assets.projector import projector
 from adrec_assets.assets.raw_ads import raw_ads
@@ -17,16 +18,25 @@ from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
 from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ClickSourceResource, EncoderResource
 
-ALL_ASSETS = [raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected]
+PIPELINE_ASSETS = [raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected]
+ALL_ASSETS = [*PIPELINE_ASSETS, evaluation]
 
-#: Materializes the whole lineage of one click source (pick the partition at launch).
+#: Materializes the serving lineage of one click source (pick the partition at launch).
 adrec_pipeline_job = dg.define_asset_job(
     "adrec_pipeline",
-    selection=dg.AssetSelection.assets(*ALL_ASSETS),
+    selection=dg.AssetSelection.assets(*PIPELINE_ASSETS),
     partitions_def=click_source_partitions,
     description="Encode ads, learn the user space from clicks, train the projector, project every ad.",
 )
 
+
+#: Re-trains on a cold-ad split and scores the partition's pipeline against the baselines.
+evaluation_job = dg.define_asset_job(
+    "adrec_evaluation",
+    selection=dg.AssetSelection.assets(evaluation),
+    partitions_def=click_source_partitions,
+    description="Cold-start quality report (retrains on a held-out split; minutes on real data).",
+)
 
 EXECUTOR_ENV_VAR = "ADREC_EXECUTOR"
 
@@ -56,7 +66,7 @@ def default_resources() -> dict[str, object]:
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[adrec_pipeline_job],
+    jobs=[adrec_pipeline_job, evaluation_job],
     sensors=[build_click_source_sensor(adrec_pipeline_job)],
     schedules=[build_nightly_refresh_schedule(adrec_pipeline_job)],
     resources=default_resources(),

@@ -23,12 +23,17 @@ from dagster._core.storage.upath_io_manager import escape_dotdot_segments
 from pydantic import Field
 from upath import UPath
 
+from adrec_assets.ml.evaluation import EvaluationReport
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.types import ARTIFACT_TYPES, ArtifactError
+from adrec_assets.ml.types import ARTIFACT_TYPES as _CORE_ARTIFACT_TYPES
+from adrec_assets.ml.types import ArtifactError
 from adrec_assets.storage import atomic_write
 
 ARTIFACTS_DIR_ENV_VAR = "ADREC_ARTIFACTS_DIR"
 DEFAULT_ARTIFACTS_DIR = "data/artifacts"
+
+#: Every type the numpy IO manager stores, by the ``__type__`` tag written into the file.
+ARTIFACT_TYPES: dict[str, type] = {**_CORE_ARTIFACT_TYPES, EvaluationReport.type_tag: EvaluationReport}
 
 
 def _write(path: UPath, write: Any) -> None:

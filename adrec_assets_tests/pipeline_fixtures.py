@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from adrec_assets.definitions import ALL_ASSETS, defs
+from adrec_assets.definitions import ALL_ASSETS, PIPELINE_ASSETS, defs
 from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
 from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ClickSourceResource, EncoderResource
@@ -27,13 +27,15 @@ ASSET_FILES = {
     "projector": "pt",
     "ad_projected": "npz",
 }
+EVALUATION_FILE = "npz"  # the evaluation report: not part of the serving pipeline's files
 
 
 def load_artifact(base: Path, asset: str, partition: str = "synthetic"):
     """Read an artifact straight from disk with the same code the IO managers use."""
     from adrec_assets.io_managers import load_artifact_file
 
-    return load_artifact_file(base / asset / f"{partition}.{ASSET_FILES[asset]}")
+    ext = ASSET_FILES.get(asset, EVALUATION_FILE if asset == "evaluation" else None)
+    return load_artifact_file(base / asset / f"{partition}.{ext}")
 
 
 def resources_for(base_dir: Path, **source_config) -> dict[str, object]:
@@ -72,7 +74,8 @@ def materialize_pipeline(
     with id_key():
         return dg.materialize(
             [*ALL_ASSETS, *ALL_CHECKS],
-            selection=selection,
+            # default: the serving pipeline and its checks, not the (slow) evaluation report
+            selection=selection if selection is not None else dg.AssetSelection.assets(*PIPELINE_ASSETS),
             partition_key=partition,
             resources=resources_for(base_dir, **source_config),
             instance=instance,

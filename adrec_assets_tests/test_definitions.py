@@ -27,10 +27,11 @@ EXPECTED_DEPS = {
     "global_mean": {"user_embeddings"},
     "projector": {"ad_embeddings_raw", "click_graph", "user_embeddings"},
     "ad_projected": {"ad_embeddings_raw", "projector"},
+    "evaluation": {"click_graph", "ad_embeddings_raw", "user_embeddings", "projector"},
 }
 
 
-def test_graph_has_the_seven_assets_with_the_promised_lineage():
+def test_graph_has_the_seven_pipeline_assets_and_the_evaluation_with_the_promised_lineage():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(EXPECTED_DEPS)
@@ -47,16 +48,29 @@ def test_partitions_are_dynamic_so_sources_need_no_code_change():
 
 def test_every_vector_asset_has_a_blocking_check():
     checked = {c.asset_key.to_user_string() for c in defs.resolve_asset_graph().asset_check_keys}
-    assert set(EXPECTED_DEPS) - {"projector"} <= checked
+    assert set(EXPECTED_DEPS) - {"projector", "evaluation"} <= checked
+
+
+def test_the_pipeline_job_leaves_the_evaluation_out():
+    """Serving refreshes (sensor, schedule) must not pay for the evaluation's retraining."""
+    graph = defs.resolve_asset_graph()
+    selected = defs.resolve_job_def("adrec_pipeline").asset_layer.selected_asset_keys
+    assert {k.to_user_string() for k in selected} == set(EXPECTED_DEPS) - {"evaluation"}
+    evaluation = defs.resolve_job_def("adrec_evaluation").asset_layer.selected_asset_keys
+    assert {k.to_user_string() for k in evaluation} == {"evaluation"}
+    assert graph.get(dg.AssetKey("evaluation")).group_name == "evaluation"
 
 
 def test_config_defaults_equal_the_core_defaults():
     """The launchpad shows the same defaults the training code uses."""
     assert UserEmbeddingConfig().to_params() == UserTrainingParams()
     assert ProjectorConfig().to_params() == ProjectorParams()
-    expected = {"dim": 128, "temperature": 0.07, "epochs": 50, "batch_size": 256, "lr": 1e-3}
+    # tuned on ml-latest-small (benchmarks/README.md): bigger batches, higher lr, step floor
+    expected = {"dim": 128, "temperature": 0.07, "epochs": 20, "batch_size": 512, "lr": 3e-3, "min_steps": 2000}
     assert {k: v for k, v in asdict(UserTrainingParams()).items() if k in expected} == expected
-    projector_expected = {"epochs": 30, "batch_size": 128, "centroid_weight": 0.1, "hidden_dim": 512}
+    projector_expected = {
+        "epochs": 10, "batch_size": 128, "centroid_weight": 0.1, "hidden_dim": 512, "popularity_weight": 0.25,
+    }  # fmt: skip
     assert {k: v for k, v in asdict(ProjectorParams()).items() if k in projector_expected} == projector_expected
 
 

@@ -12,7 +12,9 @@ from adrec_assets.ml.training import ProgressFn, TrainingHistory
 from adrec_assets.partitions import click_source_partitions
 
 ASSET_GROUP = "adrec"
-PARTITIONED = {"partitions_def": click_source_partitions, "group_name": ASSET_GROUP}
+EVALUATION_GROUP = "evaluation"  # quality reports: outside the serving pipeline's group and job
+PARTITION_KWARGS = {"partitions_def": click_source_partitions}
+PARTITIONED = {**PARTITION_KWARGS, "group_name": ASSET_GROUP}
 
 
 @contextmanager
@@ -25,12 +27,11 @@ def stopwatch() -> Iterator[dict[str, float]]:
         timing["seconds"] = time.perf_counter() - started
 
 
-def epoch_logger(context: dg.AssetExecutionContext, what: str, epochs: int) -> ProgressFn:
+def epoch_logger(context: dg.AssetExecutionContext, what: str) -> ProgressFn:
     """Log about ten progress lines per training run, whatever the epoch count."""
-    every = max(1, epochs // 10)
 
-    def log(epoch: int, loss: float) -> None:
-        if epoch % every == 0 or epoch == epochs:
+    def log(epoch: int, epochs: int, loss: float) -> None:
+        if epoch % max(1, epochs // 10) == 0 or epoch == epochs:
             context.log.info(f"{what}: epoch {epoch}/{epochs} mean loss {loss:.4f}")
 
     return log
@@ -41,6 +42,9 @@ def training_metadata(history: TrainingHistory) -> dict[str, dg.RawMetadataValue
     return {
         "train_seconds": dg.MetadataValue.float(round(history.seconds, 3)),
         "optimizer_steps": dg.MetadataValue.int(history.steps),
+        "epochs_run": dg.MetadataValue.int(len(losses)),
         "final_loss": dg.MetadataValue.float(round(losses[-1], 5) if losses else float("nan")),
+        # ~0: converged; clearly > 0: the loss was still falling, more steps would help
+        "loss_drop_last_10pct_epochs": dg.MetadataValue.float(round(history.late_improvement(), 5)),
         "loss_curve": dg.MetadataValue.md(history.markdown()),
     }

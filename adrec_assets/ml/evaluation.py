@@ -1,0 +1,353 @@
+"""Item cold-start evaluation: can the pipeline recommend ads nobody clicked in training?
+
+Protocol (plain numpy/torch, no Dagster, so the asset and the benchmark run the same code):
+
+1. **Split.** Hold out ``cold_share`` of the clicked ads as *cold*, sampled within
+   popularity strata (ads sorted by click count, cut into ``n_strata`` bins, the same share
+   drawn from each) so the cold set is not just the long tail. Every click on a cold ad is
+   removed from training.
+2. **Train** the user space and the projector on the remaining clicks with the given params.
+3. **Score.** For every user with at least one click on a cold ad, rank *all* cold ads;
+   Recall@k, NDCG@k and AUC with ties broken at random (ids may correlate with popularity).
+4. **Compare** on the same split: random, content-kNN (mean raw content of the user's
+   training clicks), the global-mean user (non-personalized), ridge regression from content
+   to the clickers' centroid in user space (the classic linear content -> collaborative map),
+   and a *warm reference*: the pipeline retrained with half of each cold ad's clicks visible,
+   scored on the other half (what the same ads would reach once they have some clicks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from adrec_assets.ml.linear import ridge_fit
+from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
+from adrec_assets.ml.sampling import clicker_centroids
+from adrec_assets.ml.training import (
+    ProjectorParams,
+    UserTrainingParams,
+    normalized_mean,
+    project,
+    score_bias,
+    train_projector,
+    train_user_embeddings,
+)
+from adrec_assets.ml.types import ClickGraph
+
+LogFn = Callable[[str], None]
+
+PIPELINE = "pipeline"
+METHOD_ORDER = (
+    "random", "content_knn", "popularity", "global_mean", "ridge", "cosine_only", PIPELINE, "warm_reference",
+)  # fmt: skip
+METHOD_LABELS = {
+    "random": "random",
+    "content_knn": "content-kNN (raw content)",
+    "popularity": "content-predicted popularity only",
+    "global_mean": "global-mean user x projected ad (+ popularity)",
+    "ridge": "ridge content -> user space",
+    "cosine_only": "projector cosine only (popularity_weight 0)",
+    PIPELINE: "**pipeline** (cosine + popularity, cold ads)",
+    "warm_reference": "warm reference (half the clicks seen)",
+}
+
+
+class EvaluationError(ValueError):
+    """The click graph cannot support the protocol (too few clicked ads or users)."""
+
+
+@dataclass(frozen=True)
+class EvaluationParams:
+    cold_share: float = 0.2
+    n_strata: int = 10
+    k: int = 20
+    seed: int = 0
+    warm_reference: bool = True
+
+
+@dataclass(frozen=True)
+class ColdSplit:
+    """Train graph (same user/ad index spaces, cold clicks removed) and the test targets."""
+
+    train: ClickGraph
+    cold_ads: np.ndarray  # (n_cold,) ad indices into the graph
+    eval_users: np.ndarray  # (n_eval,) user indices with >= 1 held-out click
+    relevant: np.ndarray  # (n_eval, n_cold) bool: held-out clicks
+    seen: np.ndarray  # (n_eval, n_cold) bool: clicks on cold ads visible in training (warm only)
+
+
+def _keep_clicks(graph: ClickGraph, keep: np.ndarray) -> ClickGraph:
+    """The same graph (all users and ads keep their rows/columns) with only ``keep`` clicks."""
+    rows = graph.click_users()[keep]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=graph.n_users))]).astype(np.int64)
+    return ClickGraph(graph.user_ids, graph.ad_ids, indptr, graph.indices[keep], graph.weights[keep])
+
+
+def stratified_cold_ads(graph: ClickGraph, share: float, n_strata: int, rng: np.random.Generator) -> np.ndarray:
+    """``share`` of the clicked ads, drawn evenly from popularity strata (sorted ad indices)."""
+    if not 0.0 < share < 1.0:
+        raise EvaluationError(f"cold_share must be in (0, 1), got {share}")
+    degree = graph.ad_degrees()
+    clicked = np.flatnonzero(degree > 0)
+    if len(clicked) < 10:
+        raise EvaluationError(f"only {len(clicked)} ads have clicks; the cold-start protocol needs at least 10")
+    # Ties in degree are ordered randomly so strata boundaries do not follow ad ids.
+    order = clicked[np.lexsort((rng.random(len(clicked)), degree[clicked]))]
+    picks = []
+    for stratum in np.array_split(order, min(n_strata, len(order))):
+        n = int(round(share * len(stratum)))
+        picks.append(rng.choice(stratum, size=n, replace=False))
+    cold = np.sort(np.concatenate(picks))
+    if len(cold) < 2:
+        raise EvaluationError(f"cold share {share} of {len(clicked)} clicked ads leaves fewer than 2 cold ads")
+    return cold
+
+
+def _targets(
+    graph: ClickGraph, cold: np.ndarray, held_out: np.ndarray, seen: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(eval_users, relevant, seen) matrices over the cold ads from click masks."""
+    column = np.full(graph.n_ads, -1, dtype=np.int64)
+    column[cold] = np.arange(len(cold))
+    users = graph.click_users()
+    eval_users = np.unique(users[held_out])
+    row = np.full(graph.n_users, -1, dtype=np.int64)
+    row[eval_users] = np.arange(len(eval_users))
+    relevant = np.zeros((len(eval_users), len(cold)), dtype=bool)
+    relevant[row[users[held_out]], column[graph.indices[held_out]]] = True
+    seen_matrix = np.zeros_like(relevant)
+    visible_cold = seen & (row[users] >= 0)
+    seen_matrix[row[users[visible_cold]], column[graph.indices[visible_cold]]] = True
+    return eval_users, relevant, seen_matrix
+
+
+def cold_split(graph: ClickGraph, params: EvaluationParams) -> ColdSplit:
+    """Cold-ad split: every click on a cold ad leaves training (see module docstring)."""
+    rng = np.random.default_rng(params.seed)
+    cold = stratified_cold_ads(graph, params.cold_share, params.n_strata, rng)
+    is_cold_click = np.isin(graph.indices, cold)
+    eval_users, relevant, seen = _targets(graph, cold, is_cold_click, np.zeros_like(is_cold_click))
+    return ColdSplit(_keep_clicks(graph, ~is_cold_click), cold, eval_users, relevant, seen)
+
+
+def warm_split(graph: ClickGraph, cold: np.ndarray, seed: int) -> ColdSplit:
+    """Same cold ads, but a random half of each one's clicks stays in training; the other
+    half is the target (ads with one click keep it hidden)."""
+    rng = np.random.default_rng([seed, 1])
+    is_cold_click = np.isin(graph.indices, cold)
+    visible = np.zeros(graph.n_clicks, dtype=bool)
+    cold_clicks = np.flatnonzero(is_cold_click)
+    # Shuffle, then within each ad keep the first floor(deg / 2) clicks visible.
+    cold_clicks = cold_clicks[rng.permutation(len(cold_clicks))]
+    cold_clicks = cold_clicks[np.argsort(graph.indices[cold_clicks], kind="stable")]
+    ads = graph.indices[cold_clicks]
+    starts = np.searchsorted(ads, ads, side="left")
+    position = np.arange(len(ads)) - starts
+    degree = np.bincount(ads, minlength=graph.n_ads)[ads]
+    visible[cold_clicks[position < degree // 2]] = True
+    held_out = is_cold_click & ~visible
+    eval_users, relevant, seen = _targets(graph, cold, held_out, visible)
+    return ColdSplit(_keep_clicks(graph, ~held_out), cold, eval_users, relevant, seen)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def content_knn_scores(split: ColdSplit, content: np.ndarray) -> np.ndarray:
+    """cos(mean raw content of the user's training clicks, raw content of each cold ad).
+    Users with no training click get all-equal scores (random order)."""
+    train = split.train
+    rows = np.zeros((train.n_users, content.shape[1]), dtype=np.float64)
+    np.add.at(rows, train.click_users(), content[train.indices])
+    profile = _unit(rows[split.eval_users])
+    return profile @ content[split.cold_ads].astype(np.float64).T
+
+
+def ridge_scores(split: ColdSplit, content: np.ndarray, user_vectors: np.ndarray, seed: int) -> np.ndarray:
+    """user . ridge(content): ridge from a clicked ad's content to its clickers' centroid."""
+    train = split.train
+    clicked = np.flatnonzero(train.ad_degrees() > 0)
+    centroids = clicker_centroids(train, user_vectors)
+    weights = ridge_fit(content[clicked], centroids[clicked], np.random.default_rng([seed, 2]))
+    cold_x = np.hstack([content[split.cold_ads], np.ones((len(split.cold_ads), 1))])
+    return user_vectors[split.eval_users].astype(np.float64) @ (cold_x @ weights).T
+
+
+@dataclass
+class TrainedOnSplit:
+    user_vectors: np.ndarray
+    projected_cold: np.ndarray  # (n_cold, d) unit rows
+    bias_cold: np.ndarray  # (n_cold,) the score's popularity term
+    popularity_cold: np.ndarray  # (n_cold,) the popularity head's z-score
+    seconds: float
+
+    def scores(self, eval_users: np.ndarray) -> np.ndarray:
+        """What serving computes: cos(user, projected ad) + popularity bias."""
+        return self.user_vectors[eval_users] @ self.projected_cold.T + self.bias_cold[None, :]
+
+
+def train_pipeline_on(
+    split: ColdSplit,
+    content: np.ndarray,
+    user_params: UserTrainingParams,
+    projector_params: ProjectorParams,
+    log: LogFn | None = None,
+) -> TrainedOnSplit:
+    """The pipeline's own training code on the split's training clicks."""
+    started = time.perf_counter()
+    users = train_user_embeddings(split.train, user_params)
+    if log:
+        log(f"user space: {users.history.steps} steps, final loss {users.history.epoch_losses[-1]:.4f}")
+    model = train_projector(split.train, content, users.vectors, projector_params).model
+    cold_content = content[split.cold_ads]
+    with torch.inference_mode():
+        popularity = model.popularity_z(torch.from_numpy(np.ascontiguousarray(cold_content, dtype=np.float32)))
+    return TrainedOnSplit(
+        users.vectors,
+        project(model, cold_content),
+        score_bias(model, cold_content),
+        popularity.numpy(),
+        time.perf_counter() - started,
+    )
+
+
+@dataclass
+class MethodResult:
+    recall: float
+    ndcg: float
+    auc: float
+    n_users: int
+    n_cold_ads: int
+
+
+@dataclass
+class EvaluationReport:
+    """Metrics of every method on one split; stored as the ``evaluation`` artifact."""
+
+    type_tag: ClassVar[str] = "evaluation_report"
+    k: int
+    results: dict[str, MethodResult] = field(default_factory=dict)
+    n_cold_ads: int = 0
+    n_eval_users: int = 0
+    n_train_clicks: int = 0
+    n_held_out_clicks: int = 0
+    seconds: float = 0.0
+    settings: str = ""  # JSON of the evaluation and training params used
+
+    _COUNTS: ClassVar[tuple[str, ...]] = ("n_cold_ads", "n_eval_users", "n_train_clicks", "n_held_out_clicks")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        names = list(self.results)
+        out = {
+            "methods": np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
+            "metrics": np.asarray(
+                [[r.recall, r.ndcg, r.auc, r.n_users, r.n_cold_ads] for r in self.results.values()], dtype=np.float64
+            ).reshape(len(names), 5),
+            "k": np.asarray(self.k),
+            "seconds": np.asarray(self.seconds),
+            "settings": np.asarray(self.settings),
+        }
+        out.update({name: np.asarray(getattr(self, name)) for name in self._COUNTS})
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "EvaluationReport":
+        results = {
+            str(name): MethodResult(float(m[0]), float(m[1]), float(m[2]), int(m[3]), int(m[4]))
+            for name, m in zip(arrays["methods"], arrays["metrics"])
+        }
+        counts = {name: int(arrays[name]) for name in cls._COUNTS}
+        return cls(
+            k=int(arrays["k"]), results=results, seconds=float(arrays["seconds"]),
+            settings=str(arrays["settings"]), **counts,
+        )
+
+    def best_baseline(self) -> tuple[str, float]:
+        """The stronger of content-kNN and ridge by recall (the bar the pipeline must clear)."""
+        name = max(("content_knn", "ridge"), key=lambda m: self.results[m].recall)
+        return name, self.results[name].recall
+
+    def markdown(self) -> str:
+        k = self.k
+        lines = [f"| method | Recall@{k} | NDCG@{k} | AUC | users | cold ads |", "|---|---:|---:|---:|---:|---:|"]
+        for name in METHOD_ORDER:
+            if name in self.results:
+                r = self.results[name]
+                lines.append(
+                    f"| {METHOD_LABELS[name]} | {r.recall:.4f} | {r.ndcg:.4f} | {r.auc:.4f} | {r.n_users} | {r.n_cold_ads} |"
+                )
+        return "\n".join(lines)
+
+
+def score_metrics(scores: np.ndarray, split: ColdSplit, k: int, seed: int) -> MethodResult:
+    """Recall@k, NDCG@k (ads the user saw in training are excluded) and AUC, means over users."""
+    scores = np.where(split.seen, -np.inf, scores.astype(np.float64))
+    rng = np.random.default_rng([seed, 3])
+    return MethodResult(
+        recall=float(np.nanmean(recall_at_k(scores, split.relevant, k, rng))),
+        ndcg=float(np.nanmean(ndcg_at_k(scores, split.relevant, k, rng))),
+        auc=float(np.nanmean(auc_per_row(scores, split.relevant, candidates=~split.seen))),
+        n_users=len(split.eval_users),
+        n_cold_ads=len(split.cold_ads),
+    )
+
+
+def evaluate_cold_start(
+    graph: ClickGraph,
+    content: np.ndarray,
+    user_params: UserTrainingParams,
+    projector_params: ProjectorParams,
+    params: EvaluationParams = EvaluationParams(),
+    log: LogFn | None = None,
+) -> EvaluationReport:
+    """Run the whole protocol; ``content`` rows align with ``graph.ad_ids``."""
+    if len(content) != graph.n_ads:
+        raise EvaluationError(f"content has {len(content)} rows for {graph.n_ads} ads in the click graph")
+    started = time.perf_counter()
+    split = cold_split(graph, params)
+    if len(split.eval_users) == 0:
+        raise EvaluationError("no user clicked a cold ad; the split has nothing to evaluate")
+    report = EvaluationReport(
+        k=params.k,
+        n_cold_ads=len(split.cold_ads),
+        n_eval_users=len(split.eval_users),
+        n_train_clicks=split.train.n_clicks,
+        n_held_out_clicks=int(split.relevant.sum()),
+        settings=json.dumps(
+            {"evaluation": asdict(params), "user": asdict(user_params), "projector": asdict(projector_params)},
+            sort_keys=True,
+        ),
+    )
+    say = log or (lambda message: None)
+    say(f"split: {len(split.cold_ads)} cold ads, {len(split.eval_users)} users, {report.n_train_clicks} training clicks")
+    rng = np.random.default_rng([params.seed, 4])
+
+    def record(name: str, scores: np.ndarray, on: ColdSplit = split) -> None:
+        report.results[name] = score_metrics(scores, on, params.k, params.seed)
+        say(f"{name}: Recall@{params.k} {report.results[name].recall:.4f}")
+
+    record("random", rng.random(split.relevant.shape))
+    record("content_knn", content_knn_scores(split, content))
+    trained = train_pipeline_on(split, content, user_params, projector_params, log)
+    n_eval = len(split.eval_users)
+    record("popularity", np.tile(trained.popularity_cold, (n_eval, 1)))
+    prior = normalized_mean(trained.user_vectors)[0]
+    record("global_mean", np.tile(trained.projected_cold @ prior + trained.bias_cold, (n_eval, 1)))
+    record("ridge", ridge_scores(split, content, trained.user_vectors, params.seed))
+    record("cosine_only", trained.user_vectors[split.eval_users] @ trained.projected_cold.T)
+    record(PIPELINE, trained.scores(split.eval_users))
+    if params.warm_reference:
+        warm = warm_split(graph, split.cold_ads, params.seed)
+        warm_trained = train_pipeline_on(warm, content, user_params, projector_params, log)
+        record("warm_reference", warm_trained.scores(warm.eval_users), warm)
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,156 @@
+"""Item cold-start benchmark on any file source: the `evaluation` asset's protocol, over seeds.
+
+Reads the source folder with the pipeline's own readers, encodes the ads once (or reuses an
+``ad_embeddings_raw`` artifact), then for each seed draws a new cold-ad split and retrains
+the user space and the projector on it. Prints every method's Recall@k / NDCG@k / AUC as
+mean ± std over the seeds, the pipeline's ratio to the best content baseline, and wall times.
+
+    .venv/bin/python -m adrec_assets.sources.movielens ../shared/datasets/ml-latest-small \\
+        data/sources/ml-latest-small
+    .venv/bin/python benchmarks/cold_start.py --source data/sources/ml-latest-small --seeds 0 1 2
+    # reuse a materialized encoding, try other settings:
+    .venv/bin/python benchmarks/cold_start.py --source data/sources/ml-latest-small \\
+        --embeddings data/artifacts/ad_embeddings_raw/ml-latest-small.npz --user lr=1e-3 --projector epochs=30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, fields
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from adrec_assets.io_managers import load_artifact_file  # noqa: E402
+from adrec_assets.ml.encoders import build_encoder  # noqa: E402
+from adrec_assets.ml.evaluation import (  # noqa: E402
+    METHOD_LABELS,
+    METHOD_ORDER,
+    PIPELINE,
+    EvaluationParams,
+    EvaluationReport,
+    evaluate_cold_start,
+)
+from adrec_assets.ml.training import ProjectorParams, UserTrainingParams  # noqa: E402
+from adrec_assets.ml.types import AdCatalog, ClickGraph, align_rows  # noqa: E402
+from adrec_assets.sources.files import read_ads, read_clicks  # noqa: E402
+
+
+def overrides(pairs: list[str], cls: type) -> dict:
+    """``key=value`` strings -> typed fields of the params dataclass ``cls``."""
+    types = {f.name: f.type for f in fields(cls)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown {cls.__name__} field {key!r}; choose from {sorted(types)}")
+        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[str(types[key])](value)
+    return out
+
+
+def load_content(args: argparse.Namespace, graph: ClickGraph, catalog: AdCatalog) -> tuple[np.ndarray, str, float]:
+    """Content rows aligned with ``graph.ad_ids``, the encoder id, and the encoding seconds."""
+    started = time.perf_counter()
+    if args.embeddings:
+        stored = load_artifact_file(args.embeddings)
+        ids, vectors, encoder_id = stored.ids, stored.vectors, stored.encoder_id
+    else:
+        encoder = build_encoder(args.encoder)
+        result = encoder.encode(list(catalog.texts), [p or None for p in catalog.image_paths])
+        ids, vectors, encoder_id = catalog.ad_ids, result.vectors, encoder.encoder_id
+    rows = align_rows(ids, graph.ad_ids, "clicked ads missing from the embeddings")
+    return vectors[rows], encoder_id, time.perf_counter() - started
+
+
+def run_seed(job: tuple) -> EvaluationReport:
+    """One seed's protocol; prints its table as soon as it is done."""
+    graph, content, user_params, projector_params, params, threads = job
+    if threads:
+        torch.set_num_threads(threads)
+    result = evaluate_cold_start(graph, content, user_params, projector_params, params)
+    best, best_recall = result.best_baseline()
+    print(
+        f"seed {params.seed}: pipeline Recall@{params.k} {result.results[PIPELINE].recall:.4f}, "
+        f"best content baseline {best} {best_recall:.4f}, {result.seconds:.0f} s\n{result.markdown()}\n",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, required=True, help="file source folder (ads + clicks/)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--encoder", default="offline", help="encoder name when --embeddings is not given")
+    parser.add_argument("--embeddings", help="reuse an ad_embeddings_raw .npz artifact instead of encoding")
+    parser.add_argument("--user", nargs="*", default=[], metavar="K=V", help="UserTrainingParams overrides")
+    parser.add_argument("--projector", nargs="*", default=[], metavar="K=V", help="ProjectorParams overrides")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm reference (halves the time)")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (use --threads 1)")
+    parser.add_argument("--json", type=Path, help="also write the per-seed results here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    wall = time.perf_counter()
+    catalog = read_ads(args.source, args.source.name)
+    clicks, _ = read_clicks(args.source, catalog.ad_ids, args.source.name)
+    graph = ClickGraph.from_codes(clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
+    content, encoder_id, encode_seconds = load_content(args, graph, catalog)
+    user_overrides = overrides(args.user, UserTrainingParams)
+    projector_overrides = overrides(args.projector, ProjectorParams)
+    print(f"source {args.source}: {graph.n_users} users, {graph.n_ads} clicked ads, {graph.n_clicks} user-ad pairs")
+    print(f"encoder {encoder_id} ({encode_seconds:.1f} s); torch threads {torch.get_num_threads()}")
+
+    jobs = [
+        (graph, content, UserTrainingParams(**{**user_overrides, "seed": seed}),
+         ProjectorParams(**{**projector_overrides, "seed": seed}),
+         EvaluationParams(seed=seed, k=args.k, warm_reference=not args.no_warm), args.threads)
+        for seed in args.seeds
+    ]  # fmt: skip
+    if args.jobs > 1:
+        # Seeds are independent: one process each, one torch thread each (no OpenMP
+        # oversubscription); every seed still gives exactly its sequential numbers.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            per_seed = list(pool.map(run_seed, jobs))
+    else:
+        per_seed = [run_seed(job) for job in jobs]
+
+    k = args.k
+    print(f"\n{len(args.seeds)} seeds {args.seeds}; {per_seed[0].n_cold_ads} cold ads, "
+          f"{per_seed[0].n_eval_users} users evaluated (seed {args.seeds[0]})\n")  # fmt: skip
+    print(f"| method | Recall@{k} | NDCG@{k} | AUC |\n|---|---:|---:|---:|")
+    for name in METHOD_ORDER:
+        if name not in per_seed[0].results:
+            continue
+        cells = []
+        for metric in ("recall", "ndcg", "auc"):
+            values = np.array([getattr(r.results[name], metric) for r in per_seed])
+            cells.append(f"{values.mean():.4f} ± {values.std():.4f}")
+        print(f"| {METHOD_LABELS[name]} | " + " | ".join(cells) + " |")
+    ratios = np.array([r.results[PIPELINE].recall / r.best_baseline()[1] for r in per_seed])
+    print(f"\npipeline / best of (content-kNN, ridge) Recall@{k}: {ratios.mean():.3f} (per seed {np.round(ratios, 3).tolist()})")
+    print(f"user params {asdict(UserTrainingParams(**user_overrides))}")
+    print(f"projector params {asdict(ProjectorParams(**projector_overrides))}")
+    print(f"wall time {time.perf_counter() - wall:.1f} s (encoding {encode_seconds:.1f} s, "
+          f"per seed {np.mean([r.seconds for r in per_seed]):.1f} s)")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps([json.loads(r.settings) | {"results": {n: asdict(m) for n, m in r.results.items()}} for r in per_seed], indent=1))
+
+
+if __name__ == "__main__":
+    main()
