@@ -138,7 +138,7 @@ def test_failed_training_keeps_previous_artifact_byte_for_byte(pipeline, tmp_pat
         instance,
         base,
         selection=["user_embeddings"],
-        run_config={"ops": {"user_embeddings": {"config": {"lr": 1e30, "epochs": 3}}}},
+        run_config={"ops": {"user_embeddings": {"config": {"lr": 1e30, "epochs": 3, "min_steps": 0}}}},
         raise_on_error=False,
     )
     assert not result.success
