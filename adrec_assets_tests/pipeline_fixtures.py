@@ -71,6 +71,19 @@ TINY_SOURCE_RUN_CONFIG = {
 }
 
 
+def _default_run_config(partition: str, selection) -> dict:
+    """Real defaults for ``synthetic``; for toy file sources, TINY_SOURCE_RUN_CONFIG limited to
+    the selected training ops (Dagster rejects config for ops outside the run)."""
+    if partition == "synthetic":
+        return {}
+    if selection is None:
+        return TINY_SOURCE_RUN_CONFIG
+    if isinstance(selection, list) and all(isinstance(s, str) for s in selection):
+        ops = {op: cfg for op, cfg in TINY_SOURCE_RUN_CONFIG["ops"].items() if op in selection}
+        return {"ops": ops} if ops else {}
+    return {}
+
+
 def materialize_pipeline(
     instance: dg.DagsterInstance,
     base_dir: Path,
@@ -92,7 +105,7 @@ def materialize_pipeline(
             instance=instance,
             # The built-in synthetic source runs with the real defaults; file sources in tests
             # are toys (see TINY_SOURCE_RUN_CONFIG) unless a test passes its own config.
-            run_config=run_config if run_config is not None else ({} if partition == "synthetic" else TINY_SOURCE_RUN_CONFIG),
+            run_config=run_config if run_config is not None else _default_run_config(partition, selection),
             raise_on_error=raise_on_error,
         )
 
