@@ -15,11 +15,18 @@ from adrec_assets.ml.training import score_bias
 from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline
 
 
+# The synthetic catalog holds 200 clicked ads, so 40 are cold: at the default k=20 a random
+# ranking already recalls half of them. k=5 leaves room to tell a model from chance.
+K = 5
+
+
 @pytest.fixture(scope="module")
 def evaluation_run(default_pipeline):
     """Materialize only `evaluation` on top of the session's default pipeline artifacts."""
     base, _, instance = default_pipeline
-    result = materialize_pipeline(instance, base, selection=["evaluation"])
+    result = materialize_pipeline(
+        instance, base, selection=["evaluation"], run_config={"ops": {"evaluation": {"config": {"k": K}}}}
+    )
     return base, result
 
 
@@ -34,13 +41,15 @@ def test_evaluation_materializes_with_the_full_table(evaluation_run):
     assert table.count("\n") == 1 + len(METHOD_ORDER)
     assert meta["plot"].value.startswith("![cold-start evaluation](data:image/png;base64,")
     for method in METHOD_ORDER:  # numeric metadata: the UI plots these across runs
-        assert 0.0 <= meta[f"{method}_recall_at_20"].value <= 1.0
+        assert 0.0 <= meta[f"{method}_recall_at_{K}"].value <= 1.0
+        assert 0.0 <= meta[f"{method}_ndcg_at_{K}"].value <= 1.0
         assert 0.0 <= meta[f"{method}_auc"].value <= 1.0
     settings = meta["settings"].value
     assert settings["evaluation"]["cold_share"] == 0.2
+    assert settings["evaluation"]["k"] == K
     report = load_artifact(base, "evaluation")
     assert isinstance(report, EvaluationReport)
-    assert report.results[PIPELINE].recall == pytest.approx(meta[f"{PIPELINE}_recall_at_20"].value, abs=1e-5)
+    assert report.results[PIPELINE].recall == pytest.approx(meta[f"{PIPELINE}_recall_at_{K}"].value, abs=1e-5)
 
 
 def test_evaluation_uses_the_partitions_training_settings(evaluation_run):
@@ -59,7 +68,9 @@ def test_pipeline_beats_the_baselines_on_synthetic(evaluation_run):
     """Synthetic archetypes are content categories: the pipeline must beat random and the
     non-personalized baseline by a wide margin (a broken projector would not)."""
     base, _ = evaluation_run
-    r = load_artifact(base, "evaluation").results
+    report = load_artifact(base, "evaluation")
+    r = report.results
+    assert report.k == K and r["random"].n_cold_ads > 4 * K  # recall is not saturated by construction
     assert r[PIPELINE].recall > 2 * r["random"].recall
     assert r[PIPELINE].recall > r["global_mean"].recall + 0.1
     assert r[PIPELINE].auc > 0.75
