@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from adrec_assets.ml.encoders import AUTO, ENCODER_ENV_VAR, AdEncoder, build_encoder, resolve_encoder_name
+from adrec_assets.ml.encoders.cache import EncodingCache
 from adrec_assets.ml.types import AdCatalog
 from adrec_assets.sources import RawClicks
 from adrec_assets.sources.catalog import data_dir, load_builtin_catalog
@@ -25,6 +26,7 @@ from adrec_assets.sources.synthetic import SyntheticClickGenerator, SyntheticPar
 
 
 SOURCES_DIR_ENV_VAR = "ADREC_SOURCES_DIR"
+ENCODER_CACHE_DIR_ENV_VAR = "ADREC_ENCODER_CACHE_DIR"
 SYNTHETIC = "synthetic"
 
 
@@ -109,6 +111,24 @@ class EncoderResource(dg.ConfigurableResource):
         default=None,
         description="Folder with Jina CLIP v2's config.json + weights; default $ADREC_JINA_PATH, then the HF cache.",
     )
+    cache_dir: str | None = Field(
+        default=None,
+        description=(
+            f"Folder of the content-hash encoding cache (one file per encoder); default "
+            f"${ENCODER_CACHE_DIR_ENV_VAR} or data/cache/encodings."
+        ),
+    )
+    use_cache: bool = Field(
+        default=True,
+        description="Reuse the vectors of ads whose text, image bytes and encoder are unchanged.",
+    )
+
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir or os.environ.get(ENCODER_CACHE_DIR_ENV_VAR) or data_dir() / "cache" / "encodings")
+
+    def encoding_cache(self) -> EncodingCache | None:
+        """The encoding cache, or ``None`` when ``use_cache`` is off (every ad is encoded)."""
+        return EncodingCache(self.cache_root()) if self.use_cache else None
 
     def get(self) -> AdEncoder:
         name, origin = resolve_encoder_name(self.name)

@@ -8,6 +8,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # would pick Jina and every expected encoder id would change.
 os.environ["ADREC_ENCODER"] = "offline"
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# Hermetic encoding cache: nothing the suite materializes (in process or in the Dagster
+# subprocesses, which inherit this environment) may write to the checkout's data/cache/.
+# One throw-away folder per session; tests that count cache hits pass their own folder.
+_ENCODER_CACHE_DIR = tempfile.mkdtemp(prefix="adrec-test-encoder-cache-")
+os.environ["ADREC_ENCODER_CACHE_DIR"] = _ENCODER_CACHE_DIR
+atexit.register(shutil.rmtree, _ENCODER_CACHE_DIR, ignore_errors=True)
+
 from collections.abc import Iterator  # noqa: E402
 
 import dagster as dg  # noqa: E402

@@ -38,12 +38,15 @@ def load_artifact(base: Path, asset: str, partition: str = "synthetic"):
     return load_artifact_file(base / asset / f"{partition}.{ext}")
 
 
-def resources_for(base_dir: Path, **source_config) -> dict[str, object]:
+def resources_for(base_dir: Path, encoder_cache_dir: Path | None = None, **source_config) -> dict[str, object]:
+    """``encoder_cache_dir``: the encoding cache's folder; default the session's throw-away
+    ``$ADREC_ENCODER_CACHE_DIR`` (set in conftest). Never inside ``base_dir``: tests compare
+    the artifact files there one by one."""
     return {
         "numpy_io_manager": NumpyIOManager(base_dir=str(base_dir)),
         "torch_io_manager": TorchIOManager(base_dir=str(base_dir)),
         "click_sources": ClickSourceResource(**source_config),
-        "encoder": EncoderResource(),
+        "encoder": EncoderResource(cache_dir=str(encoder_cache_dir) if encoder_cache_dir is not None else None),
     }
 
 
@@ -91,6 +94,7 @@ def materialize_pipeline(
     selection: list | None = None,
     run_config: dict | None = None,
     raise_on_error: bool = True,
+    encoder_cache_dir: Path | None = None,
     **source_config,
 ) -> dg.ExecuteInJobResult:
     if partition not in instance.get_dynamic_partitions(click_source_partitions.name):
@@ -101,7 +105,7 @@ def materialize_pipeline(
             # default: the serving pipeline and its checks, not the (slow) evaluation report
             selection=selection if selection is not None else dg.AssetSelection.assets(*PIPELINE_ASSETS),
             partition_key=partition,
-            resources=resources_for(base_dir, **source_config),
+            resources=resources_for(base_dir, encoder_cache_dir, **source_config),
             instance=instance,
             # The built-in synthetic source runs with the real defaults; file sources in tests
             # are toys (see TINY_SOURCE_RUN_CONFIG) unless a test passes its own config.
