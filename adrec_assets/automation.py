@@ -1,5 +1,8 @@
 """Automation: a sensor that refreshes a source when its files change, and a nightly schedule.
 
+Sensor runs take the default training path (reuse unchanged inputs, warm-start after new
+clicks); the nightly schedule asks for a full retrain.
+
 Both are RUNNING by default, so `dagster dev` (or a deployed daemon) acts on them with no
 extra switch. Neither relies on declarative automation: each run request targets the whole
 pipeline job for one partition, so the full lineage refreshes for that source only.
@@ -19,6 +22,14 @@ from adrec_assets.sources.files import SourceError, list_sources, source_fingerp
 REFRESH_CRON_ENV_VAR = "ADREC_REFRESH_CRON"
 DEFAULT_REFRESH_CRON = "0 3 * * *"  # nightly, 03:00 in the schedule's timezone
 SOURCE_TAG = "adrec/source"
+#: The nightly run retrains from scratch: sensor-triggered refreshes warm-start from the
+#: previous artifacts (fast), and this bounds how long a chain of warm starts can drift.
+FULL_RETRAIN_RUN_CONFIG = {
+    "ops": {
+        "user_embeddings": {"config": {"warm_start": False}},
+        "projector": {"config": {"warm_start": False}},
+    }
+}
 
 
 def build_click_source_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
@@ -77,7 +88,7 @@ def build_nightly_refresh_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.S
         job=job,
         cron_schedule=os.environ.get(REFRESH_CRON_ENV_VAR, DEFAULT_REFRESH_CRON),
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Re-materializes every registered source (cron from ${REFRESH_CRON_ENV_VAR}).",
+        description=f"Full retrain (warm_start=false) of every registered source (cron from ${REFRESH_CRON_ENV_VAR}).",
     )
     def nightly_refresh(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
         sources = context.instance.get_dynamic_partitions(click_source_partitions.name)
@@ -85,7 +96,12 @@ def build_nightly_refresh_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.S
             return dg.SkipReason("no click source is registered")
         day = context.scheduled_execution_time.strftime("%Y-%m-%dT%H:%M")
         return [
-            dg.RunRequest(run_key=f"nightly:{source}:{day}", partition_key=source, tags={SOURCE_TAG: source})
+            dg.RunRequest(
+                run_key=f"nightly:{source}:{day}",
+                partition_key=source,
+                run_config=FULL_RETRAIN_RUN_CONFIG,
+                tags={SOURCE_TAG: source, "adrec/training": "full_retrain"},
+            )
             for source in sources
         ]
 

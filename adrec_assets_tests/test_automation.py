@@ -111,6 +111,10 @@ def test_schedule_requests_every_registered_source():
         assert sorted(r.partition_key for r in requests) == ["shop", "synthetic"]
         assert len({r.run_key for r in requests}) == 2
         assert all("2026-11-26T03:00" in r.run_key for r in requests)
+        # the nightly run is the full retrain that ends a chain of warm-start refreshes
+        for request in requests:
+            for op in ("user_embeddings", "projector"):
+                assert request.run_config["ops"][op]["config"]["warm_start"] is False
 
 
 def test_drop_files_tick_run_artifacts_appear(tmp_path):

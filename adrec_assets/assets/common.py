@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import dagster as dg
 
+from adrec_assets.io_managers import load_artifact_file
+from adrec_assets.ml.refresh import RefreshDecision
 from adrec_assets.ml.training import ProgressFn, TrainingHistory
 from adrec_assets.partitions import click_source_partitions
 
@@ -37,9 +40,34 @@ def epoch_logger(context: dg.AssetExecutionContext, what: str) -> ProgressFn:
     return log
 
 
+def load_previous_output(context: dg.AssetExecutionContext) -> tuple[Any | None, str]:
+    """(artifact, note): this partition's latest materialization of this asset, read back
+    from the path its IO manager recorded in the event log (works for any instance
+    storage, SQLite or PostgreSQL). Warm starts are an optimization, so an unreadable
+    previous file is not an error: it is reported and the caller trains from scratch."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records:
+        return None, "no previous materialization of this partition"
+    path = records[0].asset_materialization.metadata.get("path") if records[0].asset_materialization else None
+    if path is None:
+        return None, "the previous materialization recorded no artifact path"
+    try:
+        return load_artifact_file(str(path.value)), f"previous artifact {path.value}"
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: retrain, and say why
+        context.log.warning(f"previous artifact {path.value} not usable for a warm start: {exc}")
+        return None, f"previous artifact {path.value} unreadable ({type(exc).__name__})"
+
+
+def refresh_metadata(decision: RefreshDecision) -> dict[str, dg.RawMetadataValue]:
+    return {"training_path": decision.path, "training_path_reason": decision.reason}
+
+
 def training_metadata(history: TrainingHistory) -> dict[str, dg.RawMetadataValue]:
     losses = history.epoch_losses
     return {
+        "pairs_trained": dg.MetadataValue.int(history.pairs),
         "train_seconds": dg.MetadataValue.float(round(history.seconds, 3)),
         "optimizer_steps": dg.MetadataValue.int(history.steps),
         "epochs_run": dg.MetadataValue.int(len(losses)),

@@ -6,8 +6,15 @@ import dagster as dg
 import torch
 from pydantic import Field
 
-from adrec_assets.assets.common import PARTITIONED, epoch_logger, training_metadata
+from adrec_assets.assets.common import (
+    PARTITIONED,
+    epoch_logger,
+    load_previous_output,
+    refresh_metadata,
+    training_metadata,
+)
 from adrec_assets.ml.models import TrainedProjector
+from adrec_assets.ml.refresh import REUSED, WARM_START, decide_projector, projector_inputs_fingerprint
 from adrec_assets.ml.training import ProjectorParams, train_projector
 from adrec_assets.ml.types import ArtifactError, ClickGraph, Embeddings, align_rows, check_unit_rows
 
@@ -33,9 +40,15 @@ class ProjectorConfig(dg.Config):
         description="Weight of the content-predicted popularity z-score added to the cosine (0 = pure cosine).",
     )
     seed: int = Field(default=_D.seed, description="Seeds init, dropout and sampling.")
+    warm_start: bool = Field(
+        default=True,
+        description="Continue from this partition's previous projector when settings and encoder are unchanged "
+        "and the user space was refined from the one it maps into; false = full retrain (nightly schedule).",
+    )
+    refresh_epochs: int = Field(default=2, description="Epochs of a warm-start refresh.")
 
     def to_params(self) -> ProjectorParams:
-        return ProjectorParams(**self.model_dump())
+        return ProjectorParams(**self.model_dump(exclude={"warm_start", "refresh_epochs"}))
 
 
 @dg.asset(io_manager_key="torch_io_manager", kinds={"pytorch"}, **PARTITIONED)
@@ -47,7 +60,8 @@ def projector(
     user_embeddings: Embeddings,
 ) -> dg.Output[TrainedProjector]:
     """768 -> 512 -> 128 MLP (LayerNorm, GELU, Dropout, L2-normalized output), trained on
-    clicked ads; saved as a state dict plus the spec and provenance to rebuild it."""
+    clicked ads; saved as a state dict plus the spec and provenance to rebuild it. Like
+    ``user_embeddings`` it reuses, warm-starts or retrains (``training_path`` metadata)."""
     key = context.partition_key
     if len(user_embeddings) != click_graph.n_users or (user_embeddings.ids != click_graph.user_ids).any():
         raise ArtifactError(
@@ -64,12 +78,28 @@ def projector(
     check_unit_rows(ad_embeddings_raw.vectors, f"projector[{key}] input ad_embeddings_raw")
     check_unit_rows(user_embeddings.vectors, f"projector[{key}] input user_embeddings")
     params = config.to_params()
+    content = ad_embeddings_raw.vectors[content_rows]
+    inputs = projector_inputs_fingerprint(click_graph, content, user_embeddings.vectors)
+    previous, why_none = load_previous_output(context)
+    decision = decide_projector(
+        config.warm_start, previous, why_none, params, ad_embeddings_raw.encoder_id, user_embeddings, inputs
+    )
+    context.log.info(f"projector: {decision.path} ({decision.reason})")
+    if decision.path == REUSED:
+        return dg.Output(
+            previous,
+            metadata={"encoder_id": previous.encoder_id, "user_space": previous.user_space,
+                      **refresh_metadata(decision), "train_seconds": 0.0},
+        )
+    warm = decision.path == WARM_START
     result = train_projector(
         click_graph,
-        ad_embeddings_raw.vectors[content_rows],
+        content,
         user_embeddings.vectors,
         params,
         epoch_logger(context, "projector"),
+        init_state=previous.model.state_dict() if warm else None,
+        epochs=config.refresh_epochs if warm else None,
     )
     bad = [name for name, p in result.model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -81,6 +111,8 @@ def projector(
         encoder_id=ad_embeddings_raw.encoder_id,
         user_space=user_embeddings.space,
         training_params=asdict(params),
+        inputs_fingerprint=inputs,
+        trained_by=decision.path,
     )
     return dg.Output(
         trained,
@@ -90,6 +122,7 @@ def projector(
             "architecture": str(result.model.spec.to_dict()),
             "n_trained_ads": result.n_trained_ads,
             "n_parameters": sum(p.numel() for p in result.model.parameters()),
+            **refresh_metadata(decision),
             **training_metadata(result.history),
         },
     )

@@ -79,6 +79,8 @@ class TrainedProjector:
     encoder_id: str
     user_space: str
     training_params: dict[str, float | int] = field(default_factory=dict)  # how it was trained
+    inputs_fingerprint: str = ""  # hash of the clicks, content and user vectors it was trained on
+    trained_by: str = ""  # "full_retrain" or "warm_start" (see adrec_assets.ml.refresh)
 
     def to_checkpoint(self) -> dict:
         """Plain tensors and primitives only: loads with ``torch.load(weights_only=True)``."""
@@ -89,6 +91,8 @@ class TrainedProjector:
             "encoder_id": self.encoder_id,
             "user_space": self.user_space,
             "training_params": dict(self.training_params),
+            "inputs_fingerprint": self.inputs_fingerprint,
+            "trained_by": self.trained_by,
         }
 
     @classmethod
@@ -106,4 +110,6 @@ class TrainedProjector:
             encoder_id=checkpoint["encoder_id"],
             user_space=checkpoint["user_space"],
             training_params=dict(checkpoint.get("training_params", {})),
+            inputs_fingerprint=str(checkpoint.get("inputs_fingerprint", "")),
+            trained_by=str(checkpoint.get("trained_by", "")),
         )

@@ -55,6 +55,7 @@ class TrainingDataError(ValueError):
 class TrainingHistory:
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
+    pairs: int = 0  # training pairs seen, for throughput
     seconds: float = 0.0
 
     def late_improvement(self) -> float:
@@ -135,6 +136,7 @@ def fit_epochs(
             total += loss.detach().item() * len(left)
             count += len(left)
             history.steps += 1
+        history.pairs += count
         history.epoch_losses.append(total / max(count, 1))
         if progress:
             progress(epoch + 1, epochs, history.epoch_losses[-1])
@@ -152,17 +154,30 @@ def normalized_mean(vectors: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def train_user_embeddings(
-    graph: ClickGraph, params: UserTrainingParams, progress: ProgressFn | None = None
+    graph: ClickGraph,
+    params: UserTrainingParams,
+    progress: ProgressFn | None = None,
+    init: np.ndarray | None = None,
+    epochs: int | None = None,
 ) -> UserTrainingResult:
     """InfoNCE over co-click pairs with in-batch negatives -> one unit vector per user.
 
     An epoch visits every click that has a co-clicker once as an anchor, so the number of
-    optimizer steps grows with the clicks, not with the user count alone. Users with no
-    co-click neighbour never get a gradient; rather than leave them at random noise they
-    receive the normalized mean of the trained users (the same cold-start prior a new
-    user gets) and are flagged in ``isolated``.
+    optimizer steps grows with the clicks, not with the user count alone. The user table
+    is a sparse embedding updated by SparseAdam: a step touches only the rows in its batch,
+    so its cost does not grow with the number of users (a dense optimizer would rewrite
+    all n_users x dim moments every step). Users with no co-click neighbour never get a
+    gradient; rather than leave them at random noise they receive the normalized mean of
+    the trained users (the same cold-start prior a new user gets) and are flagged in
+    ``isolated``.
+
+    ``init`` (n_users, dim) replaces the random initialization (a warm start from the
+    previous materialization) and ``epochs`` then replaces the planned schedule: the
+    step floor is for a random start, not for refining a converged one.
     """
     _check_common(params.batch_size, params.epochs, params.temperature, params.lr)
+    if init is not None and init.shape != (graph.n_users, params.dim):
+        raise ValueError(f"init must be ({graph.n_users}, {params.dim}), got {init.shape}")
     rng = np.random.default_rng(params.seed)
     sampler = CoClickPairSampler(graph, rng)
     if sampler.n_anchors == 0:
@@ -171,16 +186,26 @@ def train_user_embeddings(
             "or more clickers, so there is no co-click pair to learn a user space from; add clicks"
         )
     with seeded_and_deterministic(params.seed):
-        table = torch.nn.Parameter(torch.randn(graph.n_users, params.dim) / params.dim**0.5)
-        opt = torch.optim.AdamW([table], lr=params.lr, weight_decay=params.weight_decay, fused=True)
+        start = (
+            torch.randn(graph.n_users, params.dim) / params.dim**0.5
+            if init is None
+            else torch.from_numpy(np.array(init, dtype=np.float32))  # a copy: training writes in place
+        )
+        table = torch.nn.Embedding.from_pretrained(start, freeze=False, sparse=True)
+        opt = torch.optim.SparseAdam(list(table.parameters()), lr=params.lr)
 
         def batch_loss(anchors: np.ndarray, positives: np.ndarray) -> torch.Tensor:
             a, p = torch.from_numpy(anchors), torch.from_numpy(positives)
-            return info_nce(table[a], table[p], params.temperature, a, p, shared_namespace=True)
+            left, right = table(a), table(p)
+            loss = info_nce(left, right, params.temperature, a, p, shared_namespace=True)
+            if params.weight_decay > 0:  # SparseAdam has no decoupled decay: L2 on the batch rows
+                loss = loss + params.weight_decay * 0.5 * (left.pow(2).sum(-1) + right.pow(2).sum(-1)).mean()
+            return loss
 
-        epochs = planned_epochs(params.epochs, params.min_steps, sampler.n_anchors, params.batch_size)
+        if epochs is None:
+            epochs = planned_epochs(params.epochs, params.min_steps, sampler.n_anchors, params.batch_size)
         history = fit_epochs(epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress)
-        vectors = torch.nn.functional.normalize(table.detach(), dim=-1).numpy().astype(np.float32)
+        vectors = torch.nn.functional.normalize(table.weight.detach(), dim=-1).numpy().astype(np.float32)
     isolated = sampler.isolated_users
     if isolated.any():
         vectors[isolated] = normalized_mean(vectors[~isolated])[0]
@@ -215,6 +240,8 @@ def train_projector(
     user_vectors: np.ndarray,
     params: ProjectorParams,
     progress: ProgressFn | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
+    epochs: int | None = None,
 ) -> ProjectorTrainingResult:
     """Fit content -> user space on clicked ads.
 
@@ -222,6 +249,10 @@ def train_projector(
     ``graph.user_ids``. Loss per batch of (ad, clicker) pairs = InfoNCE(projected ad, its
     clicker; other clickers in the batch are negatives) + ``centroid_weight`` x squared
     distance between the projected ad and the mean vector of all its clickers.
+
+    ``init_state`` (a previous projector's state dict, same spec) warm-starts the weights
+    and ``epochs`` then replaces the planned schedule; the popularity head is refitted
+    in closed form either way.
     """
     _check_common(params.batch_size, params.epochs, params.temperature, params.lr)
     if len(ad_content) != graph.n_ads or len(user_vectors) != graph.n_users:
@@ -245,6 +276,8 @@ def train_projector(
     )
     with seeded_and_deterministic(params.seed):
         model = Projector(spec)
+        if init_state is not None:
+            model.load_state_dict(init_state)
         opt = torch.optim.AdamW(
             model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
         )
@@ -258,7 +291,8 @@ def train_projector(
             loss = info_nce(projected, users[u], params.temperature, a, u)
             return loss + params.centroid_weight * centroid_mse(projected, centroids[a])
 
-        epochs = planned_epochs(params.epochs, params.min_steps, graph.n_clicks, params.batch_size)
+        if epochs is None:
+            epochs = planned_epochs(params.epochs, params.min_steps, graph.n_clicks, params.batch_size)
         history = fit_epochs(epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress)
     fit_popularity_head(model, graph, ad_content, params.seed)
     model.eval()
