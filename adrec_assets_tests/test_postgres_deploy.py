@@ -35,9 +35,15 @@ from adrec_assets_tests.service_helpers import (
 DEPLOY = REPO_ROOT / "deploy"
 PARTITIONS_DEF = "click_source"
 MATERIALIZE_TIMEOUT_S = 900  # bounded; ~1 min with a process per step on 2 idle cores
-#: A smaller synthetic click source than the default 1,000 users: this test is about storage and
-#: parallel steps, not model quality (the full-size run is covered by the browser test and CI's `make run`).
-RUN_CONFIG = "resources:\n  click_sources:\n    config:\n      synthetic_n_users: 300\n"
+#: A smaller synthetic click source than the default 1,000 users and short training (no step
+#: floor): this test is about storage and parallel steps, not model quality (the full-size run
+#: is covered by the browser test and CI's `make run`).
+RUN_CONFIG = (
+    "resources:\n  click_sources:\n    config:\n      synthetic_n_users: 300\n"
+    "ops:\n"
+    "  user_embeddings:\n    config:\n      min_steps: 0\n      epochs: 5\n"
+    "  projector:\n    config:\n      min_steps: 0\n      epochs: 5\n"
+)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from adrec_assets.ml.types import ClickGraph
 
@@ -82,9 +83,17 @@ class AdClickerPairSampler:
             yield self.click_ads[clicks], self.click_users[clicks]
 
 
-def clicker_centroids(graph: ClickGraph, user_vectors: np.ndarray) -> np.ndarray:
-    """(n_ads, d) mean vector of each ad's clickers (zeros for ads nobody clicked)."""
-    sums = np.zeros((graph.n_ads, user_vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, graph.indices, user_vectors[graph.click_users()])
+def clicker_centroids(graph: ClickGraph, user_vectors: np.ndarray, chunk: int = 1 << 19) -> np.ndarray:
+    """(n_ads, d) mean vector of each ad's clickers (zeros for ads nobody clicked).
+
+    Summed in float64 over chunks of clicks: memory stays O(n_ads x d + chunk x d) instead
+    of gathering one user vector per click (10M clicks x 128 dims would be 5 GB)."""
+    sums = torch.zeros((graph.n_ads, user_vectors.shape[1]), dtype=torch.float64)
+    click_users = graph.click_users()
+    vectors = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
+    for begin in range(0, graph.n_clicks, chunk):
+        users = torch.from_numpy(click_users[begin : begin + chunk])
+        ads = torch.from_numpy(graph.indices[begin : begin + chunk].astype(np.int64))
+        sums.index_add_(0, ads, vectors[users].double())
     counts = np.maximum(graph.ad_degrees(), 1)[:, None]
-    return (sums / counts).astype(np.float32)
+    return (sums.numpy() / counts).astype(np.float32)
