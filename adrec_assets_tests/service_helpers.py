@@ -160,7 +160,7 @@ def chromium_executable() -> str:
     for candidate in (os.environ.get("ADREC_CHROMIUM"), *CHROMIUM_CANDIDATES, shutil.which("chromium")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    pytest.skip("no system Chromium (/usr/bin/chromium): `apt-get install -y chromium` (make ci-deps) could not run here")
+    pytest.skip("no system Chromium (/usr/bin/chromium): `apt-get install -y chromium` (make system-deps) could not run here")
 
 
 @dataclass
@@ -191,7 +191,7 @@ def postgres_bin_dir() -> Path:
     for bin_dir in PG_BIN_DIRS:
         if (bin_dir / "initdb").exists() and (bin_dir / "pg_ctl").exists() and (bin_dir / "postgres").exists():
             return bin_dir
-    pytest.skip("no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb): `apt-get install -y postgresql` (make ci-deps) could not run here")
+    pytest.skip("no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb): `apt-get install -y postgresql` (make system-deps) could not run here")
 
 
 def _as_postgres_user(cmd: list[str]) -> list[str]:

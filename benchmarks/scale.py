@@ -224,7 +224,8 @@ def throughput(row: dict) -> str:
         path = f" ({m['training_path']})" if "training_path" in m else ""
         return f"{m.get('pairs_trained', 0) / m['train_seconds']:,.0f} pairs/s trained, {m.get('epochs_run')} ep{path}"
     if asset == "ad_embeddings_raw":
-        return f"{m.get('n_encoded', m.get('n_ads'))} encoded, {m.get('n_cache_hits', 0)} cached"
+        rate = f", {m['ads_per_second']:,.0f} ads/s encoded" if m.get("ads_per_second") else ""
+        return f"{m.get('n_encoded', m.get('n_ads'))} encoded, {m.get('n_cache_hits', 0)} cached{rate}"
     if asset == "ad_projected" and "n_ads" in m:
         return f"{m['n_ads'] / row['wall_s']:,.0f} ads/s projected"
     return ""
