@@ -130,7 +130,7 @@ def generate_source(folder: Path, n_users: int, clicks_per_user: float, n_ads: i
     chunk = 2_000_000
     for part, begin in enumerate(range(0, len(users), chunk)):
         write_clicks(folder / "clicks" / f"part-{part:03d}.parquet", users[begin : begin + chunk], ads[begin : begin + chunk])
-    info = {"base": stamp, "n_clicks": int(len(users)), "generate_seconds": round(time.perf_counter() - started, 1)}
+    info = {"base": stamp, "n_clicks": len(users), "generate_seconds": round(time.perf_counter() - started, 1)}
     stamp_file.write_text(json.dumps(info))
     return info
 
@@ -150,7 +150,7 @@ def append_new_clicks(folder: Path, info: dict, share: float, seed: int) -> int:
     users = np.concatenate([old_u[u2], new_u])
     ads = np.concatenate([a2, new_a])
     write_clicks(folder / "clicks" / f"new-{seed:03d}.parquet", users, ads)
-    return int(len(users))
+    return len(users)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -164,7 +164,6 @@ def worker_materialize(asset: str, partition: str, run_config: dict) -> dict:
     """One asset, one process: the parent reads wall time, peak RSS and metadata."""
     import dagster as dg
 
-    from adrec_assets import checks
     from adrec_assets.definitions import ALL_ASSETS, default_resources
 
     base_rss = peak_rss_gib()
@@ -180,7 +179,6 @@ def worker_materialize(asset: str, partition: str, run_config: dict) -> dict:
             run_config={"ops": ops} if ops else None,
         )
         wall = time.perf_counter() - started
-    del checks
     (event,) = result.get_asset_materialization_events()
     meta = {k: v.value for k, v in event.materialization.metadata.items() if isinstance(v.value, (int, float, str))}
     return {"asset": asset, "wall_s": wall, "peak_rss_gib": peak_rss_gib(), "import_rss_gib": base_rss, "meta": meta}
@@ -207,7 +205,7 @@ def worker_als(graph_path: str, threads: int) -> dict:
 
 
 def run_worker(args: list[str], env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, cwd=REPO, check=False)
     if proc.returncode != 0:
         sys.exit(f"worker {args[:3]} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -233,7 +231,7 @@ def throughput(row: dict) -> str:
 
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"| step | wall s | peak RSS GiB | throughput |\n|---|---:|---:|---|")
+    print("| step | wall s | peak RSS GiB | throughput |\n|---|---:|---:|---|")
     for row in rows:
         print(f"| {row['asset']} | {row['wall_s']:.1f} | {row['peak_rss_gib']:.2f} | {throughput(row)} |")
     training = [r for r in rows if r["asset"] in PIPELINE and r["asset"] != "ad_embeddings_raw"]
@@ -245,10 +243,14 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` -> config dict; values are JSON (numbers, true/false), else strings."""
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        out[key] = json.loads(value) if value.replace(".", "", 1).replace("e-", "", 1).lstrip("-").isdigit() else value
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
     return out
 
 
@@ -337,7 +339,7 @@ def main() -> None:
         print(f"\nappended {n_new:,} new clicks ({args.refresh:.1%}); refreshing (warm start) ...", flush=True)
         warm = pipeline()
         print_table("refresh: default path (warm start, cached encodings)", warm)
-        total = lambda rows: sum(r["wall_s"] for r in rows if r["asset"] in PIPELINE)  # noqa: E731
+        total = lambda rows: sum(r["wall_s"] for r in rows if r["asset"] in PIPELINE)
         print(f"\nrefresh vs first full materialization (all seven steps, encoding included): "
               f"{total(full):.1f} s -> {total(warm):.1f} s = {total(full) / total(warm):.1f}x faster")
         report.update(refresh_warm=warm, n_new_clicks=n_new)

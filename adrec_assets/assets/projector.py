@@ -14,9 +14,20 @@ from adrec_assets.assets.common import (
     training_metadata,
 )
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.refresh import REUSED, WARM_START, decide_projector, projector_inputs_fingerprint
+from adrec_assets.ml.refresh import (
+    REUSED,
+    WARM_START,
+    decide_projector,
+    projector_inputs_fingerprint,
+)
 from adrec_assets.ml.training import ProjectorParams, train_projector
-from adrec_assets.ml.types import ArtifactError, ClickGraph, Embeddings, align_rows, check_unit_rows
+from adrec_assets.ml.types import (
+    ArtifactError,
+    ClickGraph,
+    Embeddings,
+    align_rows,
+    check_unit_rows,
+)
 
 _D = ProjectorParams()
 

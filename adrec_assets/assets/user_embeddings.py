@@ -14,9 +14,21 @@ from adrec_assets.assets.common import (
     refresh_metadata,
     training_metadata,
 )
-from adrec_assets.ml.refresh import FULL_RETRAIN, REUSED, WARM_START, decide_users, graph_fingerprint, user_warm_init
+from adrec_assets.ml.refresh import (
+    FULL_RETRAIN,
+    REUSED,
+    WARM_START,
+    decide_users,
+    graph_fingerprint,
+    user_warm_init,
+)
 from adrec_assets.ml.training import UserTrainingParams, train_user_embeddings
-from adrec_assets.ml.types import ClickGraph, Embeddings, check_unit_rows, vectors_fingerprint
+from adrec_assets.ml.types import (
+    ClickGraph,
+    Embeddings,
+    check_unit_rows,
+    vectors_fingerprint,
+)
 
 _D = UserTrainingParams()
 
@@ -55,7 +67,8 @@ def user_embeddings(
     ``training_path`` metadata says which and why (:mod:`adrec_assets.ml.refresh`)."""
     params = config.to_params()
     previous, why_none = load_previous_output(context)
-    decision = decide_users(config.warm_start, previous, why_none, params, click_graph)
+    clicks_fingerprint = graph_fingerprint(click_graph)
+    decision = decide_users(config.warm_start, previous, why_none, params, click_graph, clicks_fingerprint)
     context.log.info(f"user_embeddings: {decision.path} ({decision.reason})")
     if decision.path == REUSED:
         return dg.Output(
@@ -81,7 +94,7 @@ def user_embeddings(
             "isolated": result.isolated,
             # provenance: the evaluation asset and warm starts re-use exactly these settings
             "training_params": np.asarray(json.dumps(asdict(params), sort_keys=True)),
-            "click_graph_fingerprint": np.asarray(graph_fingerprint(click_graph)),
+            "click_graph_fingerprint": np.asarray(clicks_fingerprint),
             "trained_by": np.asarray(decision.path),
             # the projector may only warm-start from a projector trained on this space
             "warm_started_from": np.asarray(previous.space if decision.path == WARM_START else ""),

@@ -27,7 +27,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.training import ProjectorParams, UserTrainingParams, normalized_mean
+from adrec_assets.ml.training import (
+    ProjectorParams,
+    UserTrainingParams,
+    normalized_mean,
+)
 from adrec_assets.ml.types import ClickGraph, Embeddings
 
 REUSED, WARM_START, FULL_RETRAIN = "reused", "warm_start", "full_retrain"
@@ -56,20 +60,23 @@ def graph_fingerprint(graph: ClickGraph) -> str:
     return fingerprint(graph.user_ids, graph.ad_ids, graph.indptr, graph.indices, graph.weights)
 
 
-def params_json(params: UserTrainingParams | ProjectorParams) -> str:
-    return json.dumps(asdict(params), sort_keys=True)
-
-
 def decide_users(
-    warm_start: bool, previous: Embeddings | None, why_none: str, params: UserTrainingParams, graph: ClickGraph
+    warm_start: bool,
+    previous: Embeddings | None,
+    why_none: str,
+    params: UserTrainingParams,
+    graph: ClickGraph,
+    clicks_fingerprint: str | None = None,
 ) -> RefreshDecision:
-    """Path for ``user_embeddings``; ``why_none`` explains a missing previous artifact."""
+    """Path for ``user_embeddings``; ``why_none`` explains a missing previous artifact.
+    ``clicks_fingerprint`` is ``graph_fingerprint(graph)`` when the caller already has it."""
     if previous is None:
         return RefreshDecision(FULL_RETRAIN, why_none)
     stored = previous.extra.get("training_params")
     if stored is None or json.loads(str(stored)) != asdict(params):
         return RefreshDecision(FULL_RETRAIN, "training settings differ from the previous materialization's")
-    same_clicks = str(previous.extra.get("click_graph_fingerprint", "")) == graph_fingerprint(graph)
+    clicks_fingerprint = clicks_fingerprint or graph_fingerprint(graph)
+    same_clicks = str(previous.extra.get("click_graph_fingerprint", "")) == clicks_fingerprint
     if same_clicks and (warm_start or str(previous.extra.get("trained_by", "")) == FULL_RETRAIN):
         return RefreshDecision(REUSED, "same clicks and settings as the previous materialization")
     if not warm_start:
@@ -99,7 +106,7 @@ def user_warm_init(user_ids: np.ndarray, previous: Embeddings) -> tuple[np.ndarr
 
 
 def projector_inputs_fingerprint(graph: ClickGraph, content: np.ndarray, user_vectors: np.ndarray) -> str:
-    return fingerprint(graph.user_ids, graph.ad_ids, graph.indptr, graph.indices, graph.weights, content, user_vectors)
+    return fingerprint(np.asarray(graph_fingerprint(graph)), content, user_vectors)
 
 
 def decide_projector(
