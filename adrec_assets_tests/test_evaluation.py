@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from adrec_assets.ml.als import AlsParams, fit_als
 from adrec_assets.ml.evaluation import (
     METHOD_ORDER,
     PIPELINE,
@@ -14,6 +15,7 @@ from adrec_assets.ml.evaluation import (
     compare_refresh,
     content_knn_scores,
     evaluate_cold_start,
+    ridge_als_scores,
     warm_split,
 )
 from adrec_assets.ml.linear import ridge_fit
@@ -132,6 +134,40 @@ def test_ridge_recovers_a_linear_map():
     np.testing.assert_allclose(w[6], 0.5, atol=0.05)
 
 
+def test_fit_als_is_seeded_and_independent_of_the_thread_count():
+    graph = power_law_graph()
+    one = fit_als(graph, AlsParams(factors=8, iterations=5, seed=3, threads=1))
+    two = fit_als(graph, AlsParams(factors=8, iterations=5, seed=3, threads=2))
+    assert one.users.shape == (graph.n_users, 8) and one.ads.shape == (graph.n_ads, 8)
+    np.testing.assert_array_equal(one.users, two.users)
+    np.testing.assert_array_equal(one.ads, two.ads)
+    other = fit_als(graph, AlsParams(factors=8, iterations=5, seed=4, threads=1))
+    assert not np.allclose(one.users, other.users)
+
+
+def test_ridge_als_scores_put_the_users_community_first():
+    """Two communities, two content clusters; a user's cold ads of its own cluster must
+    outscore the other cluster's: ALS factors + ridge from content recover the block."""
+    rng = np.random.default_rng(2)
+    n_ads = 80
+    cluster = np.arange(n_ads) % 2
+    content = np.eye(2)[cluster] + 0.2 * rng.normal(size=(n_ads, 2))
+    users, ads = [], []
+    for u in range(60):
+        for a in rng.choice(np.flatnonzero(cluster == u % 2), size=10, replace=False):
+            users.append(f"u{u:02d}")
+            ads.append(f"ad{a:02d}")
+    graph = ClickGraph.from_pairs(np.array(users), np.array(ads))
+    content = content[[int(a[2:]) for a in graph.ad_ids]]
+    split = cold_split(graph, EvaluationParams(seed=0))
+    scores = ridge_als_scores(split, content, AlsParams(factors=4, iterations=10, threads=1))
+    user_cluster = np.array([int(graph.user_ids[u][1:]) % 2 for u in split.eval_users])
+    ad_cluster = np.array([int(graph.ad_ids[a][2:]) % 2 for a in split.cold_ads])
+    own = user_cluster[:, None] == ad_cluster[None, :]
+    # every user's weakest own-cluster cold ad beats its strongest other-cluster one
+    assert (np.where(own, scores, np.inf).min(axis=1) > np.where(own, -np.inf, scores).max(axis=1)).all()
+
+
 def test_evaluate_cold_start_reports_every_method_and_learns_content():
     """Two user communities clicking two content clusters: the pipeline must beat random by far."""
     rng = np.random.default_rng(0)
@@ -164,6 +200,7 @@ def test_evaluate_cold_start_reports_every_method_and_learns_content():
     assert report.results[PIPELINE].recall > 0.95
     assert report.results["random"].recall == pytest.approx(0.5, abs=0.1)
     assert report.results[PIPELINE].auc > 0.7 > report.results["random"].auc + 0.15
+    assert report.results["ridge_als"].recall > 0.95  # ALS factors separate the two communities too
     table = report.markdown()
     assert "Recall@10" in table and table.count("\n") == 1 + len(METHOD_ORDER)
 

@@ -39,7 +39,7 @@ def test_evaluation_materializes_with_the_full_table(evaluation_run):
     (event,) = result.get_asset_materialization_events()
     meta = event.materialization.metadata
     table = meta["results"].value
-    for label in ("random", "content-kNN", "ridge", "global-mean", "**pipeline**"):
+    for label in ("random", "content-kNN", "ridge content -> user space", "ALS item factors", "global-mean", "**pipeline**"):
         assert label in table, label
     assert "warm reference" not in table  # switched off by the config
     assert table.count("\n") == 1 + len(METHOD_ORDER) - 1
@@ -48,6 +48,8 @@ def test_evaluation_materializes_with_the_full_table(evaluation_run):
         assert 0.0 <= meta[f"{method}_recall_at_{K}"].value <= 1.0
         assert 0.0 <= meta[f"{method}_ndcg_at_{K}"].value <= 1.0
         assert 0.0 <= meta[f"{method}_auc"].value <= 1.0
+    ratio = meta[f"{PIPELINE}_recall_at_{K}"].value / meta[f"ridge_als_recall_at_{K}"].value
+    assert meta["pipeline_vs_ridge_als"].value == pytest.approx(ratio, rel=1e-3)
     settings = meta["settings"].value
     assert settings["evaluation"]["cold_share"] == 0.2
     assert settings["evaluation"]["k"] == K and settings["evaluation"]["warm_reference"] is False

@@ -184,6 +184,8 @@ def main() -> None:
         print(f"| {METHOD_LABELS[name]} | " + " | ".join(cells) + " |")
     ratios = np.array([r.results[PIPELINE].recall / r.best_baseline()[1] for r in per_seed])
     print(f"\npipeline / best of (content-kNN, ridge) Recall@{k}: {ratios.mean():.3f} (per seed {np.round(ratios, 3).tolist()})")
+    als_ratios = np.array([r.results[PIPELINE].recall / r.results["ridge_als"].recall for r in per_seed])
+    print(f"pipeline / ridge -> ALS item factors Recall@{k}: {als_ratios.mean():.3f} (per seed {np.round(als_ratios, 3).tolist()})")
     print(f"user params {asdict(UserTrainingParams(**user_overrides))}")
     print(f"projector params {asdict(ProjectorParams(**projector_overrides))}")
     print(f"wall time {time.perf_counter() - wall:.1f} s (encoding {encode_seconds:.1f} s, "

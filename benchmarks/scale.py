@@ -6,7 +6,7 @@ partition of a throw-away Dagster instance, then materializes each asset of the 
 its own process, so every step gets its own wall time and peak RSS (``ru_maxrss`` of that
 process, imports included). Throughputs come from the assets' metadata. Next to it, the
 reference a practitioner would reach for: ``implicit``'s ALS (64 factors, 15 iterations) on
-the same click matrix, in its own process (``pip install implicit``; skipped if missing).
+the same click matrix, in its own process (``adrec_assets.ml.als``; ``--no-als`` skips it).
 
     .venv/bin/python benchmarks/scale.py --users 10000 --clicks-per-user 10 --ads 10000
     .venv/bin/python benchmarks/scale.py --users 1000000 --clicks-per-user 10 --ads 100000 \\
@@ -185,20 +185,13 @@ def worker_materialize(asset: str, partition: str, run_config: dict) -> dict:
 
 
 def worker_als(graph_path: str, threads: int) -> dict:
-    """implicit's ALS on the click_graph artifact's matrix (the reference, not a dependency)."""
-    import scipy.sparse as sp
-    from threadpoolctl import threadpool_limits
-
+    """implicit's ALS (``adrec_assets.ml.als``, the evaluation's baseline) on the click_graph artifact."""
     from adrec_assets.io_managers import load_artifact_file
+    from adrec_assets.ml.als import AlsParams, fit_als
 
     graph = load_artifact_file(graph_path)
-    matrix = sp.csr_matrix((graph.weights, graph.indices, graph.indptr), shape=(graph.n_users, graph.n_ads))
-    from implicit.cpu.als import AlternatingLeastSquares
-
-    model = AlternatingLeastSquares(factors=64, iterations=15, random_state=0, num_threads=threads)
     started = time.perf_counter()
-    with threadpool_limits(1, "blas"):  # implicit's own advice: its threads, single-threaded BLAS
-        model.fit(matrix, show_progress=False)
+    fit_als(graph, AlsParams(factors=64, iterations=15, seed=0, threads=threads))
     wall = time.perf_counter() - started
     return {"asset": "ALS reference (implicit, 64 f, 15 it)", "wall_s": wall, "peak_rss_gib": peak_rss_gib(),
             "meta": {"n_users": graph.n_users, "n_clicks": graph.n_clicks}}
@@ -324,14 +317,9 @@ def main() -> None:
     started = time.perf_counter()
     full = pipeline()
     if not args.no_als:
-        try:
-            import implicit  # noqa: F401
-
-            als = run_worker(["_worker", "als", str(artifacts / "click_graph" / f"{name}.npz"), str(args.threads)], env)
-            full.append(als)
-            print(f"  ALS reference: {als['wall_s']:.1f} s, peak RSS {als['peak_rss_gib']:.2f} GiB", flush=True)
-        except ImportError:
-            print("  ALS reference skipped: `pip install implicit` to measure it")
+        als = run_worker(["_worker", "als", str(artifacts / "click_graph" / f"{name}.npz"), str(args.threads)], env)
+        full.append(als)
+        print(f"  ALS reference: {als['wall_s']:.1f} s, peak RSS {als['peak_rss_gib']:.2f} GiB", flush=True)
     report = {"name": name, "source": info, "threads": args.threads, "run_config": run_config, "full": full}
     print_table(f"{name}: full materialization (threads={args.threads}, config {json.dumps(run_config['ops'])})", full)
     if args.refresh > 0:

@@ -93,7 +93,8 @@ def evaluation(
     projector: TrainedProjector,
 ) -> dg.Output[EvaluationReport]:
     """Cold-ad Recall@k / NDCG@k / AUC of the pipeline against random, content-kNN, the
-    global-mean user, ridge and a warm reference, all on one seeded split."""
+    global-mean user, ridge into user space, ridge into ALS item factors and a warm
+    reference, all on one seeded split."""
     content = ad_embeddings_raw.vectors[
         align_rows(ad_embeddings_raw.ids, click_graph.ad_ids, f"evaluation[{context.partition_key}]: clicked ads")
     ]
@@ -122,6 +123,11 @@ def evaluation(
                 round(pipeline.recall / best_recall, 4) if best_recall > 0 else float("nan")
             ),
             "best_content_baseline": best_name,
+            "pipeline_vs_ridge_als": dg.MetadataValue.float(
+                round(pipeline.recall / report.results["ridge_als"].recall, 4)
+                if report.results["ridge_als"].recall > 0
+                else float("nan")
+            ),
             "n_cold_ads": report.n_cold_ads,
             "n_eval_users": report.n_eval_users,
             "n_train_clicks": report.n_train_clicks,
