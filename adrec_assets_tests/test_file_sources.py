@@ -356,6 +356,25 @@ def test_clicks_missing_or_misnamed_column(tmp_path, header, fix, fmt):
     assert f"found {columns}" in message
 
 
+def test_ads_csv_with_a_repeated_column_is_refused_not_renamed(tmp_path):
+    """pandas would silently read the second 'ad_id' as 'ad_id.1'; which one is meant is unknowable."""
+    folder = tmp_path / "src"
+    write_ads_csv(folder, "ad_id,text,ad_id\nad-0,hello,ad-9\nad-1,world,ad-8\n")
+    source_error(lambda: read_ads(folder), "source 'src'", "ads.csv", "column(s) ['ad_id'] more than once")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_clicks_with_a_repeated_column_are_refused(tmp_path, fmt):
+    folder = source_with_ads(tmp_path)
+    if fmt == "csv":
+        write_clicks(folder, "user_id,ad_id,user_id\nu1,ad-0,u2\n")
+    else:
+        (folder / "clicks").mkdir(parents=True, exist_ok=True)
+        columns = [pa.array(["u1"]), pa.array(["ad-0"]), pa.array(["u2"])]
+        pq.write_table(pa.Table.from_arrays(columns, names=["user_id", "ad_id", "user_id"]), folder / "clicks" / "part-000.parquet")
+    source_error(lambda: load_both(folder), "source 'src'", f"part-000.{fmt}", "column(s) ['user_id'] more than once")
+
+
 # ---------------------------------------------------------------- 2. wrong types
 
 

@@ -143,6 +143,15 @@ def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.nd
     if path.stat().st_size == 0:
         raise SourceError(f"{where}: the file is empty; write a header row and data, or remove it")
     try:
+        # pandas renames a repeated column to "name.1" and reads on: catch it on the raw header.
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, encoding="utf-8")
+        names = [str(v) for v in header.iloc[0]] if len(header) else []
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise SourceError(
+                f"{where}: the header names column(s) {repeated} more than once ({names}); "
+                "keep one column of each name"
+            )
         reader = pd.read_csv(
             path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=chunk_rows, skip_blank_lines=False
         )
@@ -190,12 +199,16 @@ def _parquet_chunks(
 
 def _parquet_columns(path: Path, where: str) -> list[str]:
     try:
-        return pq.ParquetFile(path).schema_arrow.names
+        names = pq.ParquetFile(path).schema_arrow.names
     except (pa.ArrowInvalid, OSError) as exc:
         raise SourceError(
             f"{where}: not a readable parquet file ({exc}); it may be truncated or still being written — "
             "rewrite it completely (write to a temp name, then rename into place)"
         ) from None
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SourceError(f"{where}: the schema names column(s) {repeated} more than once; keep one of each")
+    return names
 
 
 def _jsonl_frame(path: Path, where: str) -> pd.DataFrame:
