@@ -36,6 +36,16 @@ def power_law_graph(n_users: int = 300, n_ads: int = 200, clicks: int = 3000, se
     )
 
 
+def community_graph(cluster: np.ndarray, n_users: int, per_user: int, rng: np.random.Generator) -> ClickGraph:
+    """User u clicks ``per_user`` random ads of content cluster ``u % 2`` (ids u000 / ad000)."""
+    users, ads = [], []
+    for u in range(n_users):
+        for a in rng.choice(np.flatnonzero(cluster == u % 2), size=per_user, replace=False):
+            users.append(f"u{u:03d}")
+            ads.append(f"ad{a:03d}")
+    return ClickGraph.from_pairs(np.array(users), np.array(ads))
+
+
 def click_set(graph: ClickGraph) -> set[tuple[str, str]]:
     return set(zip(graph.user_ids[graph.click_users()], graph.ad_ids[graph.indices]))
 
@@ -152,12 +162,7 @@ def test_ridge_als_scores_put_the_users_community_first():
     n_ads = 80
     cluster = np.arange(n_ads) % 2
     content = np.eye(2)[cluster] + 0.2 * rng.normal(size=(n_ads, 2))
-    users, ads = [], []
-    for u in range(60):
-        for a in rng.choice(np.flatnonzero(cluster == u % 2), size=10, replace=False):
-            users.append(f"u{u:02d}")
-            ads.append(f"ad{a:02d}")
-    graph = ClickGraph.from_pairs(np.array(users), np.array(ads))
+    graph = community_graph(cluster, 60, 10, rng)
     content = content[[int(a[2:]) for a in graph.ad_ids]]
     split = cold_split(graph, EvaluationParams(seed=0))
     scores = ridge_als_scores(split, content, AlsParams(factors=4, iterations=10, threads=1))
@@ -176,13 +181,7 @@ def test_evaluate_cold_start_reports_every_method_and_learns_content():
     centers = rng.normal(size=(2, dim))
     content = centers[cluster] + 0.3 * rng.normal(size=(n_ads, dim))
     content /= np.linalg.norm(content, axis=1, keepdims=True)
-    users, ads = [], []
-    for u in range(200):
-        own = np.flatnonzero(cluster == u % 2)
-        for a in rng.choice(own, size=8, replace=False):
-            users.append(f"u{u:03d}")
-            ads.append(f"ad{a:03d}")
-    graph = ClickGraph.from_pairs(np.array(users), np.array(ads))
+    graph = community_graph(cluster, 200, 8, rng)
     content = content[[int(a[2:]) for a in graph.ad_ids]].astype(np.float32)
     report = evaluate_cold_start(
         graph,
@@ -193,7 +192,7 @@ def test_evaluate_cold_start_reports_every_method_and_learns_content():
     )
     assert list(report.results) == list(METHOD_ORDER)
     cold_ids = set(graph.ad_ids[cold_split(graph, EvaluationParams(seed=0, k=10)).cold_ads])
-    assert report.n_eval_users == len({u for u, a in zip(users, ads) if a in cold_ids})
+    assert report.n_eval_users == len({u for u, a in click_set(graph) if a in cold_ids})
     # 20 cold ads, 10 per cluster: a user's held-out clicks should fill its top 10 (random
     # gets ~0.5). AUC is capped near (10 + 9/2) / 19 = 0.76, since same-cluster cold ads the
     # user never clicked are negatives indistinguishable by content.
@@ -214,12 +213,7 @@ def test_compare_refresh_warm_starts_from_the_stale_model_and_scores_all_three()
     cluster = np.arange(n_ads) % 2
     content = np.random.default_rng(2).normal(size=(2, dim))[cluster] + 0.3 * rng.normal(size=(n_ads, dim))
     content /= np.linalg.norm(content, axis=1, keepdims=True)
-    users, ads = [], []
-    for u in range(200):
-        for a in rng.choice(np.flatnonzero(cluster == u % 2), size=8, replace=False):
-            users.append(f"u{u:03d}")
-            ads.append(f"ad{a:03d}")
-    graph = ClickGraph.from_pairs(np.array(users), np.array(ads))
+    graph = community_graph(cluster, 200, 8, rng)
     content = content[[int(a[2:]) for a in graph.ad_ids]].astype(np.float32)
     late_users = np.isin(graph.click_users(), np.arange(0, graph.n_users, 3))  # a third of users are new
     is_new = late_users | (rng.random(graph.n_clicks) < 0.1)
