@@ -20,6 +20,7 @@ row (line numbers count the header as line 1) and what to do. Policies:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -144,8 +145,8 @@ def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.nd
         raise SourceError(f"{where}: the file is empty; write a header row and data, or remove it")
     try:
         # pandas renames a repeated column to "name.1" and reads on: catch it on the raw header.
-        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False, encoding="utf-8")
-        names = [str(v) for v in header.iloc[0]] if len(header) else []
+        with open(path, newline="", encoding="utf-8") as handle:
+            names = next((row for row in csv.reader(handle) if row), [])
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise SourceError(
