@@ -421,6 +421,15 @@ def test_csv_ads_empty_text_names_the_line(tmp_path):
     source_error(lambda: read_ads(folder), "source 'src'", "ads.csv", "line 3 has text that is empty")
 
 
+def test_csv_line_numbers_count_the_line_breaks_inside_quoted_text(tmp_path):
+    """Ad copy may span lines; the row after it starts where an editor shows it."""
+    folder = tmp_path / "src"
+    write_ads_csv(folder, 'ad_id,text\na,"first line\nsecond line\nthird line"\n\nb,\n')
+    source_error(lambda: read_ads(folder), "source 'src'", "ads.csv", "line 6 has text that is empty")
+    write_ads_csv(folder, 'ad_id,text\na,"two\nlines"\nc,ok\na,"x\ny"\n')
+    source_error(lambda: read_ads(folder), "ad_id 'a' appears on lines 2 and 5")
+
+
 @pytest.mark.parametrize("bad", ["abc", "0", "-1", "-0.5", "nan", "NaN", "inf", "-inf", "1e400", ""])
 def test_clicks_csv_bad_weight(tmp_path, bad):
     folder = source_with_ads(tmp_path)

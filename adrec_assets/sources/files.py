@@ -139,8 +139,8 @@ def _check_columns(columns: list[str], required: tuple[str, ...], where: str, ex
 
 def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
     """(line numbers, frame of strings) per chunk; empty cells are ''. Blank lines are
-    skipped but still counted, so line numbers match what an editor shows (a quoted field
-    spanning several lines is the one case where later numbers run behind)."""
+    skipped but still counted, and a quoted field spanning several lines advances the count
+    by its line breaks, so each row's number is the editor line where the row starts."""
     if path.stat().st_size == 0:
         raise SourceError(f"{where}: the file is empty; write a header row and data, or remove it")
     try:
@@ -158,8 +158,13 @@ def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.nd
         )
         line = 2
         for chunk in reader:
-            lines = np.arange(line, line + len(chunk))
-            line += len(chunk)
+            # Lines each row spans: 1 + the line breaks inside its (quoted) fields.
+            spans = np.ones(len(chunk), dtype=np.int64)
+            for column in chunk.columns:
+                spans += chunk[column].str.count("\n").to_numpy(dtype=np.int64)
+            ends = line + np.cumsum(spans)
+            lines = ends - spans
+            line = int(ends[-1]) if len(chunk) else line
             blank = (chunk == "").all(axis=1).to_numpy()
             if blank.any():
                 chunk, lines = chunk[~blank], lines[~blank]
