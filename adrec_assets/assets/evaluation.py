@@ -61,6 +61,11 @@ def projector_params_of(trained: TrainedProjector, log: dg.DagsterLogManager) ->
     return ProjectorParams(**trained.training_params)
 
 
+def recall_ratio(recall: float, baseline: float) -> float:
+    """pipeline / baseline, 4 decimals; NaN when the baseline found nothing."""
+    return round(recall / baseline, 4) if baseline > 0 else float("nan")
+
+
 def report_plot_markdown(report: EvaluationReport) -> str:
     """Bar chart of Recall@k and NDCG@k per method, as an inline PNG the UI renders."""
     import matplotlib
@@ -119,14 +124,10 @@ def evaluation(
             "results": dg.MetadataValue.md(report.markdown()),
             "plot": dg.MetadataValue.md(report_plot_markdown(report)),
             **numeric,
-            "pipeline_vs_best_content_baseline": dg.MetadataValue.float(
-                round(pipeline.recall / best_recall, 4) if best_recall > 0 else float("nan")
-            ),
+            "pipeline_vs_best_content_baseline": dg.MetadataValue.float(recall_ratio(pipeline.recall, best_recall)),
             "best_content_baseline": best_name,
             "pipeline_vs_ridge_als": dg.MetadataValue.float(
-                round(pipeline.recall / report.results["ridge_als"].recall, 4)
-                if report.results["ridge_als"].recall > 0
-                else float("nan")
+                recall_ratio(pipeline.recall, report.results["ridge_als"].recall)
             ),
             "n_cold_ads": report.n_cold_ads,
             "n_eval_users": report.n_eval_users,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from adrec_assets.ml.als import AlsParams, fit_als
-from adrec_assets.ml.linear import ridge_fit
+from adrec_assets.ml.linear import ridge_fit, ridge_predict
 from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
 from adrec_assets.ml.sampling import clicker_centroids
 from adrec_assets.ml.training import (
@@ -186,8 +186,7 @@ def ridge_scores(split: ColdSplit, content: np.ndarray, user_vectors: np.ndarray
     clicked = np.flatnonzero(train.ad_degrees() > 0)
     centroids = clicker_centroids(train, user_vectors)
     weights = ridge_fit(content[clicked], centroids[clicked], np.random.default_rng([seed, 2]))
-    cold_x = np.hstack([content[split.cold_ads], np.ones((len(split.cold_ads), 1))])
-    return user_vectors[split.eval_users].astype(np.float64) @ (cold_x @ weights).T
+    return user_vectors[split.eval_users].astype(np.float64) @ ridge_predict(content[split.cold_ads], weights).T
 
 
 def ridge_als_scores(split: ColdSplit, content: np.ndarray, params: AlsParams) -> np.ndarray:
@@ -198,8 +197,7 @@ def ridge_als_scores(split: ColdSplit, content: np.ndarray, params: AlsParams) -
     factors = fit_als(train, params)
     clicked = np.flatnonzero(train.ad_degrees() > 0)
     weights = ridge_fit(content[clicked], factors.ads[clicked], np.random.default_rng([params.seed, 6]))
-    cold_x = np.hstack([content[split.cold_ads], np.ones((len(split.cold_ads), 1))])
-    return factors.users[split.eval_users].astype(np.float64) @ (cold_x @ weights).T
+    return factors.users[split.eval_users].astype(np.float64) @ ridge_predict(content[split.cold_ads], weights).T
 
 
 @dataclass

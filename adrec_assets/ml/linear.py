@@ -9,6 +9,16 @@ import numpy as np
 DEFAULT_ALPHAS = (0.1, 1.0, 10.0, 100.0)
 
 
+def with_intercept(x: np.ndarray) -> np.ndarray:
+    """``x`` with a column of ones appended (the row the intercept weight multiplies)."""
+    return np.hstack([x, np.ones((len(x), 1))])
+
+
+def ridge_predict(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Apply :func:`ridge_fit`'s ``(d + 1, k)`` weights to rows ``x (n, d)``."""
+    return with_intercept(x) @ weights
+
+
 def ridge_fit(
     x: np.ndarray, y: np.ndarray, rng: np.random.Generator, alphas: Sequence[float] = DEFAULT_ALPHAS
 ) -> np.ndarray:
@@ -20,7 +30,7 @@ def ridge_fit(
     """
     if len(x) != len(y) or len(x) < 2:
         raise ValueError(f"ridge_fit needs >= 2 aligned rows, got x {x.shape} and y {y.shape}")
-    x1 = np.hstack([x, np.ones((len(x), 1))]).astype(np.float64)
+    x1 = with_intercept(x).astype(np.float64)
     y = np.asarray(y, dtype=np.float64)
     order = rng.permutation(len(x1))
     cut = max(1, len(x1) // 10)

@@ -137,6 +137,15 @@ def _check_columns(columns: list[str], required: tuple[str, ...], where: str, ex
     raise SourceError(f"{where}: missing column(s) {missing}; found {columns}. Fix: {hint}")
 
 
+def _refuse_repeated_columns(names: list[str], where: str, what: str) -> None:
+    """A column named twice is ambiguous (pandas would silently read it as 'name.1')."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SourceError(
+            f"{where}: the {what} names column(s) {repeated} more than once ({names}); keep one column of each name"
+        )
+
+
 def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
     """(line numbers, frame of strings) per chunk; empty cells are ''. Blank lines are
     skipped but still counted, and a quoted field spanning several lines advances the count
@@ -147,12 +156,7 @@ def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.nd
         # pandas renames a repeated column to "name.1" and reads on: catch it on the raw header.
         with open(path, newline="", encoding="utf-8") as handle:
             names = next((row for row in csv.reader(handle) if row), [])
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise SourceError(
-                f"{where}: the header names column(s) {repeated} more than once ({names}); "
-                "keep one column of each name"
-            )
+        _refuse_repeated_columns(names, where, "header")
         reader = pd.read_csv(
             path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=chunk_rows, skip_blank_lines=False
         )
@@ -211,9 +215,7 @@ def _parquet_columns(path: Path, where: str) -> list[str]:
             f"{where}: not a readable parquet file ({exc}); it may be truncated or still being written — "
             "rewrite it completely (write to a temp name, then rename into place)"
         ) from None
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise SourceError(f"{where}: the schema names column(s) {repeated} more than once; keep one of each")
+    _refuse_repeated_columns(names, where, "schema")
     return names
 
 
