@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# Development machines pseudonymize with the public dev key (loud warning); a deployment sets a
+# secret ADREC_ID_KEY and leaves this unset, so a missing key is an error there.
+export ADREC_ALLOW_DEV_KEY ?= 1
 SOURCE ?= synthetic
 UI_PORT ?= 3000
 

@@ -19,8 +19,8 @@ from adrec_assets.assets.global_mean import global_mean
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
-from adrec_assets.ml.pseudonyms import PSEUDONYM_HEX_CHARS
-from adrec_assets.ml.types import AdCatalog, ClickGraph, Embeddings, GlobalMean
+from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
+from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, GlobalMean, ProjectedAds, UserEmbeddings
 from adrec_assets.partitions import click_source_partitions
 
 _PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$")
@@ -48,19 +48,19 @@ def unit_rows_result(vectors: np.ndarray, dim: int | None, ids: np.ndarray | Non
 
 
 @dg.asset_check(asset=ad_embeddings_raw, blocking=True, partitions_def=click_source_partitions)
-def ad_embeddings_are_unit_768(ad_embeddings_raw: Embeddings) -> dg.AssetCheckResult:
+def ad_embeddings_are_unit_768(ad_embeddings_raw: ContentEmbeddings) -> dg.AssetCheckResult:
     """Every ad has a finite, unit-length 768-d vector and a unique id."""
     return unit_rows_result(ad_embeddings_raw.vectors, AD_EMBEDDING_DIM, ad_embeddings_raw.ids)
 
 
 @dg.asset_check(asset=user_embeddings, blocking=True, partitions_def=click_source_partitions)
-def user_embeddings_are_unit(user_embeddings: Embeddings) -> dg.AssetCheckResult:
+def user_embeddings_are_unit(user_embeddings: UserEmbeddings) -> dg.AssetCheckResult:
     """Every user has a finite, unit-length vector and a unique pseudonym."""
     return unit_rows_result(user_embeddings.vectors, None, user_embeddings.ids)
 
 
 @dg.asset_check(asset=ad_projected, blocking=True, partitions_def=click_source_partitions)
-def ad_projected_are_unit(ad_projected: Embeddings) -> dg.AssetCheckResult:
+def ad_projected_are_unit(ad_projected: ProjectedAds) -> dg.AssetCheckResult:
     """Every projected ad is a finite unit vector with a unique id."""
     return unit_rows_result(ad_projected.vectors, None, ad_projected.ids)
 
@@ -71,7 +71,7 @@ def ad_projected_are_unit(ad_projected: Embeddings) -> dg.AssetCheckResult:
     blocking=True,
     partitions_def=click_source_partitions,
 )
-def ad_projected_covers_catalogue(ad_projected: Embeddings, ad_embeddings_raw: Embeddings) -> dg.AssetCheckResult:
+def ad_projected_covers_catalogue(ad_projected: ProjectedAds, ad_embeddings_raw: ContentEmbeddings) -> dg.AssetCheckResult:
     """Brand-new ads are recommendable: every encoded ad, clicked or not, has a projection
     from the same encoder, in the same order."""
     same_ids = len(ad_projected) == len(ad_embeddings_raw) and bool(

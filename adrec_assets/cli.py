@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from adrec_assets.ml.pseudonyms import pseudonymize, resolve_key
+from adrec_assets.privacy import pseudonymize, resolve_key
 from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
 
 ASSET_ORDER = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected")
@@ -38,13 +38,10 @@ def register(sources: list[str]) -> None:
     print(f"click sources registered in {instance.root_directory}: {sorted(existing | set(new))}")
 
 
-def _describe(path) -> str:
-    from adrec_assets.io_managers import load_artifact_file
-
-    artifact = load_artifact_file(path)
+def _describe(artifact) -> str:
     if hasattr(artifact, "model"):
         n_params = sum(p.numel() for p in artifact.model.parameters())
-        return f"projector {artifact.model.spec.to_dict()} params={n_params}"
+        return f"projector {artifact.model.architecture()} params={n_params}"
     if hasattr(artifact, "vectors"):
         norms = np.linalg.norm(artifact.vectors, axis=1)
         return f"vectors {artifact.vectors.shape} norms {norms.min():.5f}..{norms.max():.5f}"
@@ -56,55 +53,49 @@ def _describe(path) -> str:
 
 
 def summary(source: str) -> int:
+    """What the partition's latest materialization of each asset produced, read from the
+    artifact that materialization recorded."""
     import dagster as dg
 
-    from adrec_assets.io_managers import resolve_base_dir
+    from adrec_assets.artifacts import load_file, resolve_root
 
     instance = dg.DagsterInstance.get()
-    base = resolve_base_dir(None)
-    print(f"source {source!r}; artifacts under {base}")
+    print(f"source {source!r}; artifacts under {resolve_root()}")
     missing = 0
     for asset in ASSET_ORDER:
-        candidates = [base / asset / f"{source}{ext}" for ext in (".npz", ".pt")]
-        path = next((p for p in candidates if p.exists()), None)
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-        seconds = ""
-        if event and event.asset_materialization and event.asset_materialization.partition == source:
-            meta = event.asset_materialization.metadata
-            for key in ("encode_seconds", "train_seconds", "build_seconds", "project_seconds"):
-                if key in meta:
-                    seconds = f" [{key} {meta[key].value}]"
-        if path is None:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[source]), limit=1
+        ).records
+        materialization = records[0].asset_materialization if records else None
+        if materialization is None or "path" not in materialization.metadata:
             missing += 1
-            print(f"  {asset:18s} MISSING")
+            print(f"  {asset:18s} MISSING (no materialization of partition {source!r})")
             continue
-        print(f"  {asset:18s} {_describe(path)}{seconds}\n  {'':18s} {path}")
+        meta = materialization.metadata
+        path = str(meta["path"].value)
+        seconds = "".join(
+            f" [{key} {meta[key].value}]"
+            for key in ("encode_seconds", "train_seconds", "build_seconds", "project_seconds")
+            if key in meta
+        )
+        print(f"  {asset:18s} {_describe(load_file(path))}{seconds}\n  {'':18s} {path}")
     return 1 if missing else 0
 
 
 def recommend(source: str, raw_user_id: str, k: int) -> int:
-    from adrec_assets.io_managers import resolve_base_dir
-    from adrec_assets.ml.scoring import top_k_ads, user_vector
-
-    base = resolve_base_dir(None)
-    load = _load_artifact
-    users = load(base / "user_embeddings" / f"{source}.npz")
-    prior = load(base / "global_mean" / f"{source}.npz")
-    ads = load(base / "ad_projected" / f"{source}.npz")
-    vector, known = user_vector(users, prior, pseudonymize(raw_user_id, resolve_key()))
-    print(f"user {raw_user_id}: {'trained vector' if known else 'unknown -> global_mean prior'}")
-    for ad_id, score in top_k_ads(vector, ads, users.space, k):
-        print(f"  {score:+.4f}  {ad_id}")
-    return 0
-
-
-def _load_artifact(path):
-    from adrec_assets.io_managers import load_artifact_file
+    from adrec_assets.artifacts import resolve_root
+    from adrec_assets.ml.recommender import Recommender
 
     try:
-        return load_artifact_file(path)
+        recommender = Recommender.load(resolve_root(), source)
     except FileNotFoundError as exc:
         raise SystemExit(str(exc)) from None
+    pseudonym = pseudonymize(raw_user_id, resolve_key())
+    known = recommender.user_vector(pseudonym)[1]
+    print(f"user {raw_user_id}: {'trained vector' if known else 'unknown -> global_mean prior'}")
+    for item in recommender.recommend(pseudonym, k):
+        print(f"  {item.score:+.4f}  {item.ad_id}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from adrec_assets.assets.projector import projector
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.automation import build_click_source_sensor, build_nightly_refresh_schedule
-from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
+from adrec_assets.io_managers import ArtifactIOManager
 from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ClickSourceResource, EncoderResource
 
@@ -56,8 +56,7 @@ def select_executor() -> dg.ExecutorDefinition:
 
 def default_resources() -> dict[str, object]:
     return {
-        "numpy_io_manager": NumpyIOManager(),
-        "torch_io_manager": TorchIOManager(),
+        "io_manager": ArtifactIOManager(),
         "click_sources": ClickSourceResource(),
         "encoder": EncoderResource(),
     }

@@ -11,18 +11,10 @@ from pydantic import Field
 
 from adrec_assets.ml.encoders import AUTO, ENCODER_ENV_VAR, AdEncoder, build_encoder, resolve_encoder_name
 from adrec_assets.ml.encoders.cache import EncodingCache
-from adrec_assets.ml.types import AdCatalog
-from adrec_assets.sources import RawClicks
-from adrec_assets.sources.catalog import data_dir, load_builtin_catalog
-from adrec_assets.sources.files import (
-    DEFAULT_CHUNK_ROWS,
-    DEFAULT_MAX_UNKNOWN_AD_SHARE,
-    ClickReadReport,
-    SourceError,
-    read_ads,
-    read_clicks,
-)
-from adrec_assets.sources.synthetic import SyntheticClickGenerator, SyntheticParams
+from adrec_assets.sources import Source
+from adrec_assets.sources.catalog import data_dir
+from adrec_assets.sources.files import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_UNKNOWN_AD_SHARE, FileSource, SourceError
+from adrec_assets.sources.synthetic import SyntheticParams, SyntheticSource
 
 
 SOURCES_DIR_ENV_VAR = "ADREC_SOURCES_DIR"
@@ -77,18 +69,12 @@ class ClickSourceResource(dg.ConfigurableResource):
             )
         return folder
 
-    def load_ads(self, source: str) -> AdCatalog:
-        if source == SYNTHETIC:
-            return load_builtin_catalog().catalog
-        return read_ads(self.source_dir(source), source)
-
-    def load_clicks(self, source: str) -> tuple[RawClicks, ClickReadReport]:
-        if source == SYNTHETIC:
-            clicks, _truth = SyntheticClickGenerator(load_builtin_catalog(), self.synthetic_params()).generate()
-            return clicks, ClickReadReport(n_files=0, n_rows=len(clicks))
-        folder = self.source_dir(source)
-        catalog = read_ads(folder, source)
-        return read_clicks(folder, catalog.ad_ids, source, self.max_unknown_ad_share, self.chunk_rows)
+    def source(self, name: str) -> Source:
+        """The :class:`~adrec_assets.sources.Source` behind a partition key: the built-in
+        synthetic generator, or the folder ``<root>/<name>/``."""
+        if name == SYNTHETIC:
+            return SyntheticSource(self.synthetic_params())
+        return FileSource(self.source_dir(name), name, self.max_unknown_ad_share, self.chunk_rows)
 
 
 @lru_cache(maxsize=4)

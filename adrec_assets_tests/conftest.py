@@ -7,6 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The suite pins the offline encoder: on a machine that has Jina CLIP v2 weights, `auto`
 # would pick Jina and every expected encoder id would change.
 os.environ["ADREC_ENCODER"] = "offline"
+# Tests that run without ADREC_ID_KEY use the public dev key, as `make run` does; the
+# refusal of a missing key is tested with this flag removed.
+os.environ.setdefault("ADREC_ALLOW_DEV_KEY", "1")
 
 import atexit  # noqa: E402
 import shutil  # noqa: E402
@@ -36,6 +39,15 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def encoder(single_torch_thread):
+    """The real offline encoder, loaded once (pipeline runs in the same process share it
+    through the resource's cache)."""
+    from adrec_assets.resources import EncoderResource
+
+    return EncoderResource().get()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from adrec_assets.definitions import ALL_ASSETS, PIPELINE_ASSETS, defs
-from adrec_assets.io_managers import NumpyIOManager, TorchIOManager
+from adrec_assets.io_managers import ArtifactIOManager
 from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ClickSourceResource, EncoderResource
 
@@ -32,10 +32,9 @@ EVALUATION_FILE = "npz"  # the evaluation report: not part of the serving pipeli
 
 def load_artifact(base: Path, asset: str, partition: str = "synthetic"):
     """Read an artifact straight from disk with the same code the IO managers use."""
-    from adrec_assets.io_managers import load_artifact_file
+    from adrec_assets.artifacts import load_source_artifact
 
-    ext = ASSET_FILES.get(asset, EVALUATION_FILE if asset == "evaluation" else None)
-    return load_artifact_file(base / asset / f"{partition}.{ext}")
+    return load_source_artifact(base, asset, partition)
 
 
 def resources_for(base_dir: Path, encoder_cache_dir: Path | None = None, **source_config) -> dict[str, object]:
@@ -43,8 +42,7 @@ def resources_for(base_dir: Path, encoder_cache_dir: Path | None = None, **sourc
     ``$ADREC_ENCODER_CACHE_DIR`` (set in conftest). Never inside ``base_dir``: tests compare
     the artifact files there one by one."""
     return {
-        "numpy_io_manager": NumpyIOManager(base_dir=str(base_dir)),
-        "torch_io_manager": TorchIOManager(base_dir=str(base_dir)),
+        "io_manager": ArtifactIOManager(base_dir=str(base_dir)),
         "click_sources": ClickSourceResource(**source_config),
         "encoder": EncoderResource(cache_dir=str(encoder_cache_dir) if encoder_cache_dir is not None else None),
     }

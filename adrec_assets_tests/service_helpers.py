@@ -25,6 +25,7 @@ BIN_DIR = Path(sys.executable).parent
 PIPELINE_ASSETS = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected")
 PIPELINE_EDGES = (
     ("raw_ads", "ad_embeddings_raw"),
+    ("raw_ads", "click_graph"),
     ("click_graph", "user_embeddings"),
     ("click_graph", "projector"),
     ("ad_embeddings_raw", "projector"),

@@ -14,14 +14,14 @@ import pytest
 from adrec_assets.assets.projector import ProjectorConfig
 from adrec_assets.assets.user_embeddings import UserEmbeddingConfig
 from adrec_assets.definitions import ALL_ASSETS, defs, select_executor
-from adrec_assets.ml.training import ProjectorParams, UserTrainingParams
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.partitions import click_source_partitions
 
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED_DEPS = {
     "raw_ads": set(),
-    "click_graph": set(),
+    "click_graph": {"raw_ads"},  # the clicks are read against the catalogue raw_ads holds
     "ad_embeddings_raw": {"raw_ads"},
     "user_embeddings": {"click_graph"},
     "global_mean": {"user_embeddings"},
@@ -72,6 +72,19 @@ def test_config_defaults_equal_the_core_defaults():
         "epochs": 10, "batch_size": 128, "centroid_weight": 0.1, "hidden_dim": 512, "popularity_weight": 0.25,
     }  # fmt: skip
     assert {k: v for k, v in asdict(ProjectorParams()).items() if k in projector_expected} == projector_expected
+
+
+def test_config_fields_are_generated_from_the_core_params_with_their_descriptions():
+    """One declaration: every params field appears in the launchpad with its description,
+    and nothing else is added but the run-level switches."""
+    from dataclasses import fields
+
+    for config, params in ((UserEmbeddingConfig, UserTrainingParams), (ProjectorConfig, ProjectorParams)):
+        declared = {f.name: f.metadata["help"] for f in fields(params)}
+        generated = config.model_fields
+        assert set(generated) == set(declared) | {"warm_start", "refresh_epochs"}
+        assert all(generated[name].description == text for name, text in declared.items())
+    assert ProjectorConfig(lr=0.5, warm_start=False).to_params() == ProjectorParams(lr=0.5)
 
 
 def test_executor_choice(monkeypatch):

@@ -316,7 +316,7 @@ def test_rematerializing_ad_embeddings_raw_encodes_only_changed_ads(tmp_path, si
         assert meta["ads_per_second"] == 0.0 and meta["n_ads"] == n_ads and meta["n_ads_with_image"] == 1
         assert meta["encoding_cache"] == str(cache_file)
         np.testing.assert_array_equal(second.vectors, first.vectors)
-        assert second.extra["has_image"].tolist() == first.extra["has_image"].tolist() == [True] + [False] * 5
+        assert second.has_image.tolist() == first.has_image.tolist() == [True] + [False] * 5
 
         ads = folder / "ads.csv"
         ads.write_text(ads.read_text().replace(AD_TEXTS[3], "A savings account that pays 5% interest."))

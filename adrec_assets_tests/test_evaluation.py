@@ -19,7 +19,7 @@ from adrec_assets.ml.evaluation import (
     warm_split,
 )
 from adrec_assets.ml.linear import ridge_fit
-from adrec_assets.ml.training import ProjectorParams, UserTrainingParams
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.ml.types import ClickGraph
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

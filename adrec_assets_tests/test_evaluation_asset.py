@@ -10,7 +10,7 @@ import torch
 
 from adrec_assets.ml.evaluation import METHOD_ORDER, PIPELINE, EvaluationReport
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.scoring import top_k_ads
+from adrec_assets.ml.recommender import Recommender
 from adrec_assets.ml.training import score_bias
 from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline
 
@@ -62,10 +62,8 @@ def test_evaluation_uses_the_partitions_training_settings(evaluation_run):
     """The retraining inside the evaluation uses what user_embeddings/projector were run with."""
     base, result = evaluation_run
     settings = json.loads(load_artifact(base, "evaluation").settings)
-    stored_users = json.loads(str(load_artifact(base, "user_embeddings").extra["training_params"]))
-    stored_projector = TrainedProjector.from_checkpoint(
-        torch.load(base / "projector" / "synthetic.pt", weights_only=True)
-    ).training_params
+    stored_users = load_artifact(base, "user_embeddings").provenance.params
+    stored_projector = load_artifact(base, "projector").provenance.params
     assert settings["user"] == stored_users
     assert settings["projector"] == stored_projector
 
@@ -87,8 +85,8 @@ def test_ad_projected_carries_the_projectors_popularity_bias(default_pipeline):
     projected = load_artifact(base, "ad_projected")
     raw = load_artifact(base, "ad_embeddings_raw")
     trained = TrainedProjector.from_checkpoint(torch.load(base / "projector" / "synthetic.pt", weights_only=True))
-    np.testing.assert_allclose(projected.extra["score_bias"], score_bias(trained.model, raw.vectors), atol=1e-6)
+    np.testing.assert_allclose(projected.score_bias, score_bias(trained.model, raw.vectors), atol=1e-6)
     # serving adds it: a user vector orthogonal to every ad ranks purely by the bias
     user = np.zeros(projected.dim, dtype=np.float32)
-    top = top_k_ads(user, projected, projected.space, k=3)
-    assert [ad for ad, _ in top] == list(projected.ids[np.argsort(-projected.extra["score_bias"], kind="stable")[:3]])
+    top = Recommender.load(base, "synthetic").recommend(user, k=3)
+    assert [r.ad_id for r in top] == list(projected.ids[np.argsort(-projected.score_bias, kind="stable")[:3]])

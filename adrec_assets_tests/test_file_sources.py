@@ -8,7 +8,6 @@ All inputs are written by the tests themselves into ``tmp_path``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,17 +15,14 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from upath import UPath
 
-from adrec_assets.io_managers import NumpyArtifactIOManager
-from adrec_assets.ml.types import AdCatalog, ArtifactError, Embeddings, check_unit_rows
-from adrec_assets.resources import ClickSourceResource, EncoderResource
+from adrec_assets.ml.types import AdCatalog, ArtifactError, check_unit_rows
+from adrec_assets.resources import ClickSourceResource
 from adrec_assets.sources import RawClicks
 from adrec_assets.sources.files import (
     ClickReadReport,
@@ -36,13 +32,6 @@ from adrec_assets.sources.files import (
     read_clicks,
     source_fingerprint,
     write_source,
-)
-from adrec_assets_tests.pipeline_fixtures import (
-    ALL_CHECKS,
-    ASSET_FILES,
-    failure_message,
-    load_artifact,
-    materialize_pipeline,
 )
 
 CATALOG_IMAGES = Path(__file__).resolve().parents[1] / "data" / "catalog" / "images"
@@ -217,6 +206,7 @@ def test_write_source_round_trips_through_read_ads_and_read_clicks(tmp_path):
         ad_ids=np.asarray(AD_IDS),
         texts=np.asarray(["Text, with a comma", 'and "quotes"', "café ünïcode", "d", "e", "f"]),
         image_paths=np.asarray([str(image), "", "", "", "", ""]),
+        image_root=str(image.parent),
     )
     users = np.asarray(["user-a", "user-b", "user-c"])
     clicks = RawClicks(
@@ -270,10 +260,12 @@ def test_several_click_files_and_small_chunks_give_the_same_clicks(tmp_path):
 def test_resource_reads_a_file_source_and_refuses_a_missing_folder(tmp_path):
     write_valid_source(tmp_path)
     resource = ClickSourceResource(root=str(tmp_path), chunk_rows=7)
-    assert resource.load_ads("shop").ad_ids.tolist() == AD_IDS
-    clicks, report = resource.load_clicks("shop")
+    source = resource.source("shop")
+    ads = source.read_ads()
+    assert ads.ad_ids.tolist() == AD_IDS
+    clicks, report = source.read_clicks(ads.ad_ids)
     assert report.n_rows == 40 and click_triples(clicks) == expected_triples()
-    source_error(lambda: resource.load_ads("nope"), "'nope'", str(tmp_path / "nope"), "create it with ads.csv")
+    source_error(lambda: resource.source("nope"), "'nope'", str(tmp_path / "nope"), "create it with ads.csv")
 
 
 def test_no_ads_file_and_several_ads_files(tmp_path):
@@ -726,10 +718,13 @@ def test_too_many_unknown_ad_clicks_fail_naming_share_and_examples(tmp_path):
     assert report.n_unknown_ad_rows == 5 and report.n_usable == 40 == len(clicks)
     assert click_triples(clicks) == expected_triples()
     # The resource passes its setting through.
-    resource = ClickSourceResource(root=str(tmp_path), max_unknown_ad_share=0.2)
-    clicks, report = resource.load_clicks("src")
+    def resource_clicks(resource: ClickSourceResource):
+        source = resource.source("src")
+        return source.read_clicks(source.read_ads().ad_ids)
+
+    clicks, report = resource_clicks(ClickSourceResource(root=str(tmp_path), max_unknown_ad_share=0.2))
     assert report.n_unknown_ad_rows == 5 and len(clicks) == 40
-    source_error(lambda: ClickSourceResource(root=str(tmp_path)).load_clicks("src"), "(11.1%)")
+    source_error(lambda: resource_clicks(ClickSourceResource(root=str(tmp_path))), "(11.1%)")
 
 
 def test_unknown_ad_share_is_counted_across_files(tmp_path):
@@ -933,13 +928,6 @@ def test_non_string_image_in_jsonl_is_refused(tmp_path):
 # ---------------------------------------------------------------- 10. unreadable images fall back to text
 
 
-@pytest.fixture(scope="module")
-def encoder(single_torch_thread):
-    """The real offline encoder, loaded once (shared with the pipeline runs below via the
-    resource's cache)."""
-    return EncoderResource().get()
-
-
 def _source_with_bad_images(root: Path, name: str) -> Path:
     """Ad 0: a real PNG; ad 1: garbage bytes named .png; ad 2: a missing file; others: no image."""
     folder = write_valid_source(
@@ -984,119 +972,6 @@ def test_check_unit_rows_names_label_and_row(bad):
         check_unit_rows(vectors, "ad_embeddings_raw[shop]", dim=768)
 
 
-# ---------------------------------------------------------------- pipeline runs on file sources
-
-
-@pytest.fixture(scope="module")
-def good_runs(tmp_path_factory, encoder):
-    """Two file sources materialized end to end into one artifacts folder: "other" (with a good,
-    a corrupt and a missing image) first, then "shop" (no images)."""
-    root = tmp_path_factory.mktemp("sources")
-    base = tmp_path_factory.mktemp("artifacts")
-    _source_with_bad_images(root, "other")
-    write_valid_source(root, "shop")
-    with dg.instance_for_test() as instance:
-        results = {}
-        for partition in ("other", "shop"):
-            results[partition] = materialize_pipeline(instance, base, partition=partition, root=str(root))
-            assert results[partition].success
-        yield {"root": root, "base": base, "instance": instance, "results": results}
-
-
-def _copy(good_runs, tmp_path: Path) -> tuple[Path, Path]:
-    root = tmp_path / "sources"
-    base = tmp_path / "artifacts"
-    shutil.copytree(good_runs["root"], root, symlinks=True)
-    shutil.copytree(good_runs["base"], base)
-    return root, base
-
-
-def _digests(base: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(base.rglob("*"))
-        if p.is_file()
-    }
-
-
-def test_good_file_sources_materialize_all_assets_and_checks(good_runs):
-    base = good_runs["base"]
-    for partition, result in good_runs["results"].items():
-        events = result.get_asset_materialization_events()
-        assert {e.materialization.asset_key.to_user_string() for e in events} == set(ASSET_FILES)
-        evaluations = result.get_asset_check_evaluations()
-        assert len(evaluations) == len(ALL_CHECKS) and all(e.passed for e in evaluations)
-        meta = {
-            e.materialization.asset_key.to_user_string(): e.materialization.metadata
-            for e in result.get_asset_materialization_events()
-        }
-        assert meta["click_graph"]["n_click_rows_read"].value == 40
-        assert meta["click_graph"]["n_click_files"].value == 1
-        assert meta["click_graph"]["n_clicks_dropped_unknown_ad"].value == 0
-        assert meta["click_graph"]["n_users"].value == N_USERS
-        assert meta["ad_embeddings_raw"]["n_ads"].value == 6
-        graph = load_artifact(base, "click_graph", partition)
-        assert graph.n_users == N_USERS and graph.n_clicks == 40 and graph.ad_ids.tolist() == AD_IDS
-        assert not any(u.startswith("user-") for u in graph.user_ids)  # pseudonyms only
-        assert load_artifact(base, "ad_projected", partition).ids.tolist() == AD_IDS
-    # The corrupt and the missing image of "other" fell back to text and were counted.
-    other = {
-        e.materialization.asset_key.to_user_string(): e.materialization.metadata
-        for e in good_runs["results"]["other"].get_asset_materialization_events()
-    }
-    assert other["raw_ads"]["n_ads_with_image"].value == 3
-    assert other["ad_embeddings_raw"]["n_ads_with_image"].value == 1
-    assert other["ad_embeddings_raw"]["n_image_failures"].value == 2
-    raw = load_artifact(base, "ad_embeddings_raw", "other")
-    assert raw.extra["has_image"].tolist() == [True] + [False] * 5
-
-
-def _nan_ad_embeddings(base: Path, partition: str) -> None:
-    raw = load_artifact(base, "ad_embeddings_raw", partition)
-    vectors = raw.vectors.copy()
-    vectors[2, 5] = np.nan
-    NumpyArtifactIOManager().dump_to_path(
-        dg.build_output_context(asset_key=dg.AssetKey("ad_embeddings_raw")),
-        Embeddings(raw.ids, vectors, raw.space, raw.encoder_id, raw.extra),
-        UPath(base / "ad_embeddings_raw" / f"{partition}.npz"),
-    )
-
-
-def test_nan_ad_embeddings_artifact_fails_the_blocking_check_and_stops_projector(good_runs, tmp_path):
-    """A NaN row in a stored ad_embeddings_raw (e.g. a manual copy) fails the blocking check,
-    so the projector downstream in the same run is not trained and its file stays as it was."""
-    root, base = _copy(good_runs, tmp_path)
-    _nan_ad_embeddings(base, "shop")
-    before = _digests(base)
-    check_key = dg.AssetCheckKey(dg.AssetKey("ad_embeddings_raw"), "ad_embeddings_are_unit_768")
-    result = materialize_pipeline(
-        good_runs["instance"],
-        base,
-        partition="shop",
-        selection=dg.AssetSelection.assets("projector") | dg.AssetSelection.checks(check_key),
-        raise_on_error=False,
-        root=str(root),
-    )
-    assert not result.success
-    evaluations = result.get_asset_check_evaluations()
-    assert [(e.check_name, e.passed) for e in evaluations] == [("ad_embeddings_are_unit_768", False)]
-    assert evaluations[0].metadata["n_rows_with_nan_or_inf"].value == 1
-    assert "ad_embeddings_are_unit_768" in failure_message(result)
-    assert not result.get_asset_materialization_events()  # projector never ran
-    assert _digests(base) == before
-
-
-def test_projector_alone_refuses_nan_ad_embeddings_and_keeps_previous_checkpoint(good_runs, tmp_path):
-    root, base = _copy(good_runs, tmp_path)
-    _nan_ad_embeddings(base, "shop")
-    before = _digests(base)
-    result = materialize_pipeline(
-        good_runs["instance"], base, partition="shop", selection=["projector"], raise_on_error=False, root=str(root)
-    )
-    assert _digests(base) == before
-    assert not result.success and "NaN" in failure_message(result)
-
-
 # ---------------------------------------------------------------- 12. no usable clicks
 
 
@@ -1111,18 +986,6 @@ def test_source_where_every_click_names_an_unknown_ad(tmp_path):
         "part-000.csv line 2: ad_id 'old-1'",
         "check that click ad_ids match the ads file",
     )
-
-
-def test_pipeline_run_on_a_source_without_usable_clicks_fails_naming_it(good_runs, tmp_path):
-    root, base = _copy(good_runs, tmp_path)
-    write_clicks(root / "shop", "user_id,ad_id\nu1,old-1\nu2,old-2\n")
-    before = _digests(base)
-    result = materialize_pipeline(
-        good_runs["instance"], base, partition="shop", selection=["click_graph"], raise_on_error=False, root=str(root)
-    )
-    assert not result.success
-    assert "source 'shop': none of the 2 click rows" in failure_message(result)
-    assert _digests(base) == before
 
 
 # ---------------------------------------------------------------- 13. a large file, read in chunks
@@ -1196,51 +1059,3 @@ def test_million_row_click_file_is_read_in_chunks_with_bounded_memory(tmp_path, 
         f"peak {peak / 1e6:.1f} MB >= bound {bound / 1e6:.1f} MB "
         f"(whole file as Python strings: {python_strings_bytes / 1e6:.1f} MB; read took {seconds:.1f} s)"
     )
-
-
-# ---------------------------------------------------------------- 14. a failed run loses nothing
-
-
-def _break_with_duplicate_ad(root: Path) -> tuple[str, ...]:
-    (root / "shop" / "ads.csv").write_text(GOOD_ADS_CSV + "ad-2,A second ad-2\n")
-    return ("source 'shop'", "ads.csv", "ad_id 'ad-2' appears on lines 4 and 8")
-
-
-def _break_with_bad_weight_file(root: Path) -> tuple[str, ...]:
-    (root / "shop" / "clicks" / "part-001.csv").write_text(
-        "user_id,ad_id,timestamp,weight\nuser-00,ad-5,1700000100,1\nuser-01,ad-0,1700000101,abc\n"
-    )
-    return ("source 'shop'", "part-001.csv", "line 3 has weight='abc'")
-
-
-@pytest.mark.parametrize("breakage", [_break_with_duplicate_ad, _break_with_bad_weight_file], ids=["ads", "clicks"])
-def test_failed_run_leaves_every_artifact_byte_for_byte(good_runs, tmp_path, breakage):
-    root, base = _copy(good_runs, tmp_path)
-    before = _digests(base)
-    assert len(before) == 2 * len(ASSET_FILES)  # shop and other, all seven assets each
-    expected = breakage(root)
-    result = materialize_pipeline(good_runs["instance"], base, partition="shop", raise_on_error=False, root=str(root))
-    assert not result.success
-    message = failure_message(result)
-    for fragment in expected:
-        assert fragment in message, (fragment, message)
-    after = _digests(base)
-    assert set(after) == set(before)  # nothing added: no temp files, no stray outputs
-    assert not [p for p in base.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
-    materialized = {e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    unchanged = {name for name in before if before[name] == after[name]}
-    if breakage is _break_with_duplicate_ad:
-        # raw_ads and click_graph (which also reads the ads) fail; nothing downstream runs.
-        assert materialized == set()
-        assert unchanged == set(before)
-    else:
-        # The ads side does not depend on clicks and is rebuilt with the same content, which
-        # (reproducible npz) is the same bytes; everything fed by clicks is untouched.
-        assert materialized == {"raw_ads", "ad_embeddings_raw"}
-        assert unchanged == set(before)
-        for asset in ("raw_ads", "ad_embeddings_raw"):
-            old, new = load_artifact(good_runs["base"], asset, "shop"), load_artifact(base, asset, "shop")
-            for key, array in old.to_arrays().items():
-                np.testing.assert_array_equal(array, new.to_arrays()[key], err_msg=f"{asset}.{key}")
-    # The other partition is never touched.
-    assert {k for k in before if "/other." in k} <= unchanged

@@ -5,11 +5,11 @@ import pytest
 
 from adrec_assets.ml.metrics import (
     auc_per_row,
-    group_cosine_separation,
     ndcg_at_k,
     rank_with_random_ties,
     recall_at_k,
 )
+from adrec_assets_tests.metric_helpers import group_cosine_separation
 
 
 def test_recall_hand_computed():

@@ -7,20 +7,23 @@ import pytest
 import torch
 from torch import nn
 
-from adrec_assets.ml.metrics import group_cosine_separation
-from adrec_assets.ml.models import Projector, ProjectorSpec, TrainedProjector
+from adrec_assets.ml.models import Projector, TrainedProjector
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.ml.training import (
+    TrainingDataError,
     fit_popularity_head,
     planned_epochs,
-    score_bias,
-    ProjectorParams,
-    TrainingDataError,
-    UserTrainingParams,
     project,
+    score_bias,
     train_projector,
     train_user_embeddings,
 )
-from adrec_assets.ml.types import ClickGraph
+from adrec_assets.ml.types import ArtifactError, ClickGraph
+from adrec_assets_tests.metric_helpers import group_cosine_separation
+
+
+def _trained(model: Projector, encoder_id: str = "e", user_space: str = "u") -> TrainedProjector:
+    return TrainedProjector.trained(model, encoder_id, user_space, "inputs", "full_retrain")
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -31,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def test_projector_architecture():
     """Linear(768,512) -> LayerNorm(512) -> GELU -> Dropout -> Linear(512,128)."""
-    net = Projector().net
+    net = Projector(768, 128).net
     kinds = [type(m) for m in net]
     assert kinds == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Dropout, nn.Linear]
     assert (net[0].in_features, net[0].out_features) == (768, 512)
@@ -43,7 +46,7 @@ def test_projector_architecture():
 def test_projector_output_shape_and_unit_norm():
     """Output is (n, 128) with unit-length rows."""
     torch.manual_seed(0)
-    model = Projector().eval()
+    model = Projector(768, 128).eval()
     out = model(torch.randn(5, 768))
     assert out.shape == (5, 128)
     np.testing.assert_allclose(out.norm(dim=-1).detach().numpy(), 1.0, atol=1e-5)
@@ -52,15 +55,15 @@ def test_projector_output_shape_and_unit_norm():
 def test_checkpoint_round_trip_weights_only():
     """to_checkpoint -> torch.save -> torch.load(weights_only=True) rebuilds an identical model."""
     torch.manual_seed(1)
-    spec = ProjectorSpec(in_dim=16, hidden_dim=8, out_dim=4, dropout=0.2)
-    tp = TrainedProjector(Projector(spec).eval(), encoder_id="enc:x", user_space="users:abc")
+    params = ProjectorParams(hidden_dim=8, dropout=0.2)
+    tp = _trained(Projector(16, 4, params).eval(), encoder_id="enc:x", user_space="users:abc")
     buf = io.BytesIO()
     torch.save(tp.to_checkpoint(), buf)
     buf.seek(0)
     ck = torch.load(buf, weights_only=True)
     back = TrainedProjector.from_checkpoint(ck)
     assert back.encoder_id == "enc:x" and back.user_space == "users:abc"
-    assert back.model.spec == spec
+    assert back.params == params and (back.model.in_dim, back.model.out_dim) == (16, 4)
     assert not back.model.training
     x = torch.randn(6, 16)
     with torch.no_grad():
@@ -69,15 +72,15 @@ def test_checkpoint_round_trip_weights_only():
 
 def test_checkpoint_wrong_format_raises():
     """A dict without the projector format tag is refused."""
-    tp = TrainedProjector(Projector(ProjectorSpec(4, 4, 2)), "e", "u")
+    tp = _trained(Projector(4, 2, ProjectorParams(hidden_dim=4)))
     ck = tp.to_checkpoint()
     ck["format"] = "something.else"
-    with pytest.raises(ValueError, match="not a adrec.projector.v2 projector checkpoint"):
+    with pytest.raises(ArtifactError, match="not a adrec.projector.v3 projector checkpoint"):
         TrainedProjector.from_checkpoint(ck)
-    ck["format"] = "adrec.projector.v1"  # before the popularity head: must be re-trained
-    with pytest.raises(ValueError, match="re-materialize the projector"):
+    ck["format"] = "adrec.projector.v2"  # before typed provenance: must be re-trained
+    with pytest.raises(ArtifactError, match="re-materialize the projector"):
         TrainedProjector.from_checkpoint(ck)
-    with pytest.raises(ValueError):
+    with pytest.raises(ArtifactError):
         TrainedProjector.from_checkpoint({})
 
 
@@ -314,7 +317,7 @@ def _popular_graph_and_content(n_ads: int = 60, seed: int = 0) -> tuple[ClickGra
 
 def test_popularity_head_predicts_click_counts_as_z_scores():
     graph, content = _popular_graph_and_content()
-    model = Projector(ProjectorSpec(in_dim=16, hidden_dim=8, out_dim=4, popularity_weight=0.25))
+    model = Projector(16, 4, ProjectorParams(hidden_dim=8, popularity_weight=0.25))
     assert score_bias(model, content).tolist() == [0.0] * graph.n_ads  # unfitted head: no claim
     fit_popularity_head(model, graph, content, seed=0)
     with torch.no_grad():
@@ -334,22 +337,22 @@ def test_popularity_head_is_part_of_training_and_checkpoint():
     model = train_projector(graph, content, users, params).model
     bias = score_bias(model, content)
     assert np.corrcoef(bias, np.log1p(graph.ad_degrees()))[0, 1] > 0.9
-    back = TrainedProjector.from_checkpoint(TrainedProjector(model, "e", "u").to_checkpoint())
+    back = TrainedProjector.from_checkpoint(_trained(model).to_checkpoint())
     np.testing.assert_array_equal(score_bias(back.model, content), bias)
-    assert back.model.spec.popularity_weight == 0.5
+    assert back.params.popularity_weight == 0.5
 
 
 def test_popularity_that_content_cannot_predict_gives_a_small_bias():
     """Clicks unrelated to content: the head must not inflate noise to unit variance."""
     graph, content = _popular_graph_and_content()
     noise = np.random.default_rng(9).normal(size=content.shape).astype(np.float32)
-    model = Projector(ProjectorSpec(in_dim=16, hidden_dim=8, out_dim=4, popularity_weight=1.0))
+    model = Projector(16, 4, ProjectorParams(hidden_dim=8, popularity_weight=1.0))
     fit_popularity_head(model, graph, noise, seed=0)
     assert score_bias(model, noise).std() < 0.5
 
 
 def test_too_few_clicked_ads_leave_the_popularity_head_at_zero():
     graph = ClickGraph.from_pairs(np.array(["u1", "u2", "u1"]), np.array(["a", "a", "b"]))
-    model = Projector(ProjectorSpec(in_dim=4, hidden_dim=4, out_dim=2))
+    model = Projector(4, 2, ProjectorParams(hidden_dim=4))
     fit_popularity_head(model, graph, np.eye(2, 4, dtype=np.float32), seed=0)
     assert score_bias(model, np.eye(2, 4, dtype=np.float32)).tolist() == [0.0, 0.0]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from adrec_assets.io_managers import NumpyArtifactIOManager
-from adrec_assets.ml.pseudonyms import pseudonymize
+from adrec_assets.artifacts import write_file
+from adrec_assets.privacy import pseudonymize
 from adrec_assets.sources.catalog import load_builtin_catalog
 from adrec_assets_tests.pipeline_fixtures import (
     ASSET_FILES,
@@ -99,12 +99,12 @@ def test_privacy_no_raw_user_ids_and_no_ad_text_outside_raw_ads(pipeline):
     texts = [t[:40] for t in catalog.texts]
     for asset, ext in ASSET_FILES.items():
         blob = (base / asset / f"synthetic.{ext}").read_bytes()
-        for encoding in ("utf-8", "utf-32-le"):  # numpy stores str arrays as UTF-32
+        for encoding in ("utf-8", "utf-32-le"):  # artifacts store UTF-8 (older ones: numpy's UTF-32)
             assert raw_user_prefix.encode(encoding) not in blob, asset
             if asset != "raw_ads":
                 assert not any(t.encode(encoding) in blob for t in texts), asset
     # Sanity check of the scan itself: raw_ads does hold the ad text.
-    assert texts[0].encode("utf-32-le") in (base / "raw_ads" / "synthetic.npz").read_bytes()
+    assert texts[0].encode("utf-8") in (base / "raw_ads" / "synthetic.npz").read_bytes()
     graph = load(base, "click_graph")
     # The operator who holds the key finds a user's row by recomputing the pseudonym.
     assert pseudonymize("user-0000001", TEST_ID_KEY.encode()) in set(graph.user_ids)
@@ -159,20 +159,14 @@ def test_ad_projected_refuses_vectors_from_another_encoder(pipeline, tmp_path):
     """Re-encoding ads with a different encoder must not silently feed an old projector."""
     import shutil
 
-    from adrec_assets.ml.types import Embeddings
+    from adrec_assets.ml.types import ContentEmbeddings
 
     base, _, instance = pipeline
     work = tmp_path / "artifacts"
     shutil.copytree(base, work)
     raw = load(work, "ad_embeddings_raw")
-    swapped = Embeddings(raw.ids, raw.vectors, "content:other", encoder_id="other-encoder:v9")
-    from upath import UPath
-
-    NumpyArtifactIOManager().dump_to_path(
-        dg.build_output_context(asset_key=dg.AssetKey("ad_embeddings_raw")),
-        swapped,
-        UPath(work / "ad_embeddings_raw" / "synthetic.npz"),
-    )
+    swapped = ContentEmbeddings(raw.ids, raw.vectors, encoder_id="other-encoder:v9", has_image=raw.has_image)
+    write_file(work / "ad_embeddings_raw" / "synthetic.npz", swapped)
     before = _digest(work / "ad_projected" / "synthetic.npz")
     result = materialize_pipeline(instance, work, selection=["ad_projected"], raise_on_error=False)
     assert not result.success

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from adrec_assets.ml.metrics import group_cosine_separation, recall_at_k
-from adrec_assets.ml.models import Projector, ProjectorSpec
-from adrec_assets.ml.pseudonyms import pseudonymize
+from adrec_assets.ml.metrics import recall_at_k
+from adrec_assets.ml.models import Projector
+from adrec_assets.privacy import pseudonymize
 from adrec_assets.ml.training import project
 from adrec_assets.resources import ClickSourceResource
 from adrec_assets.sources.catalog import load_builtin_catalog
 from adrec_assets.sources.synthetic import SyntheticClickGenerator
+from adrec_assets_tests.metric_helpers import group_cosine_separation
 from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY
 
 RECALL_AT_10_THRESHOLD = 0.6  # random ranking of the 40 cold ads gives 10/40 = 0.25 (4 relevant)
@@ -38,7 +39,7 @@ def _cold_recall(truth, labelled, users, user_archetype, projected_vectors, ad_i
     category_index = {c: i for i, c in enumerate(truth.categories)}
     cold = np.isin(ad_ids, truth.cold_ad_ids)
     ad_category = np.array([category_index[c] for c in labelled.categories])[cold]
-    connected = ~users.extra["isolated"]
+    connected = ~users.isolated
     scores = users.vectors[connected] @ projected_vectors[cold].T
     relevant = truth.archetype_primary[user_archetype[connected]][:, None] == ad_category[None, :]
     return float(np.nanmean(recall_at_k(scores, relevant, k=10, rng=np.random.default_rng(0))))
@@ -46,7 +47,7 @@ def _cold_recall(truth, labelled, users, user_archetype, projected_vectors, ad_i
 
 def test_users_of_one_archetype_are_closer_to_each_other(truth_and_artifacts):
     _, _, users, user_archetype, _, _ = truth_and_artifacts
-    connected = ~users.extra["isolated"]
+    connected = ~users.isolated
     within, across = group_cosine_separation(users.vectors[connected], user_archetype[connected])
     assert within > across + 0.1, (within, across)
     # And the structure is local too: a user's nearest neighbours mostly share its archetype.
@@ -70,7 +71,7 @@ def test_the_quality_bar_fails_for_an_untrained_projector(truth_and_artifacts):
     """Same protocol, randomly initialized projector: must not pass (the test can fail)."""
     truth, labelled, users, user_archetype, raw, _ = truth_and_artifacts
     torch.manual_seed(0)
-    untrained = project(Projector(ProjectorSpec()), raw.vectors)
+    untrained = project(Projector(raw.dim, users.dim), raw.vectors)
     recall = _cold_recall(truth, labelled, users, user_archetype, untrained, raw.ids)
     assert recall < RECALL_AT_10_THRESHOLD, recall
 

@@ -6,7 +6,6 @@ file source through real materializations."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,19 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from adrec_assets.ml.models import Projector, ProjectorSpec, TrainedProjector
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.ml.refresh import (
     FULL_RETRAIN,
     REUSED,
-    RefreshDecision,
     WARM_START,
-    decide_projector,
-    decide_users,
+    RefreshDecision,
+    decide,
     graph_fingerprint,
+    known_users,
+    projector_continues,
     user_warm_init,
 )
-from adrec_assets.ml.training import ProjectorParams, UserTrainingParams, normalized_mean, train_user_embeddings
-from adrec_assets.ml.types import ClickGraph, Embeddings
+from adrec_assets.ml.training import normalized_mean, train_user_embeddings
+from adrec_assets.ml.types import ClickGraph, TrainingProvenance, UserEmbeddings
 from adrec_assets_tests.pipeline_fixtures import ASSET_FILES, load_artifact, materialize_pipeline
 from adrec_assets_tests.test_file_sources import write_valid_source
 
@@ -40,19 +40,23 @@ def toy_graph(extra_users: int = 0) -> ClickGraph:
     return ClickGraph.from_pairs(np.array(users), np.array(ads))
 
 
-def previous_users(graph: ClickGraph, params: UserTrainingParams = PARAMS, trained_by: str = FULL_RETRAIN) -> Embeddings:
+def previous_users(graph: ClickGraph, params: UserTrainingParams = PARAMS, trained_by: str = FULL_RETRAIN) -> UserEmbeddings:
     result = train_user_embeddings(graph, params)
-    return Embeddings(
+    return UserEmbeddings(
         ids=graph.user_ids,
         vectors=result.vectors,
         space="users:prev",
-        extra={
-            "isolated": result.isolated,
-            "training_params": np.asarray(json.dumps(asdict(params), sort_keys=True)),
-            "click_graph_fingerprint": np.asarray(graph_fingerprint(graph)),
-            "trained_by": np.asarray(trained_by),
-        },
+        isolated=result.isolated,
+        provenance=TrainingProvenance(asdict(params), graph_fingerprint(graph), trained_by),
     )
+
+
+def decide_users(warm_start: bool, previous: UserEmbeddings | None, why_none: str, params, graph) -> RefreshDecision:
+    """What the user_embeddings asset asks: the one ``decide`` with the users' precondition."""
+    return decide(
+        previous.provenance if previous is not None else None, asdict(params), graph_fingerprint(graph),
+        warm_start, lambda: known_users(graph, previous), why_none,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- ML core: decisions and init
@@ -87,7 +91,7 @@ def test_warm_init_keeps_known_users_and_starts_new_ones_at_the_global_mean():
         if user in set(graph.user_ids):
             np.testing.assert_array_equal(init[row], prev.vectors[list(graph.user_ids).index(user)])
         else:
-            np.testing.assert_allclose(init[row], normalized_mean(prev.vectors[~prev.extra["isolated"]])[0])
+            np.testing.assert_allclose(init[row], normalized_mean(prev.vectors[~prev.isolated])[0])
 
 
 def test_training_starts_from_init_and_runs_the_given_epochs():
@@ -107,29 +111,38 @@ def test_training_starts_from_init_and_runs_the_given_epochs():
 
 
 def test_projector_decisions_cover_every_path():
-    params = ProjectorParams()
-    prev = TrainedProjector(
-        model=Projector(ProjectorSpec(in_dim=768, hidden_dim=16, out_dim=8)),
-        encoder_id="enc-a",
-        user_space="users:prev",
-        training_params=asdict(params),
-        inputs_fingerprint="inputs-1",
-        trained_by=FULL_RETRAIN,
-    )
-    users = Embeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:prev")
-    refined = Embeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:new",
-                         extra={"warm_started_from": np.asarray("users:prev")})
-    retrained = Embeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:other")
-    assert decide_projector(True, None, "none", params, "enc-a", users, "inputs-1").path == FULL_RETRAIN
-    assert decide_projector(True, prev, "", params, "enc-a", users, "inputs-1").path == REUSED
-    encoder = decide_projector(True, prev, "", params, "enc-b", users, "inputs-1")
+    params = asdict(ProjectorParams())
+    prev = TrainingProvenance(params, "inputs-1", FULL_RETRAIN)
+    prov = TrainingProvenance({}, "clicks", FULL_RETRAIN)
+    users = UserEmbeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:prev", np.array([False]), prov)
+    refined = UserEmbeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:new", np.array([False]),
+                             TrainingProvenance({}, "clicks", WARM_START, "users:prev"))  # fmt: skip
+    retrained = UserEmbeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:other", np.array([False]), prov)
+
+    def decide_projector(warm, previous, encoder, users, inputs, settings=params):
+        return decide(previous, settings, inputs, warm, lambda: projector_continues("enc-a", encoder, "users:prev", users))
+
+    assert decide(None, params, "inputs-1", True, lambda: None, "none") == RefreshDecision(FULL_RETRAIN, "none")
+    assert decide_projector(True, prev, "enc-a", users, "inputs-1").path == REUSED
+    encoder = decide_projector(True, prev, "enc-b", users, "inputs-2")
     assert encoder.path == FULL_RETRAIN and "encoder changed" in encoder.reason
-    settings = decide_projector(True, prev, "", replace(params, lr=0.1), "enc-a", users, "inputs-1")
+    settings = decide_projector(True, prev, "enc-a", users, "inputs-1", {**params, "lr": 0.1})
     assert settings.path == FULL_RETRAIN and "settings differ" in settings.reason
-    assert decide_projector(True, prev, "", params, "enc-a", refined, "inputs-2").path == WARM_START
-    assert decide_projector(False, prev, "", params, "enc-a", refined, "inputs-2").path == FULL_RETRAIN
-    unrelated = decide_projector(True, prev, "", params, "enc-a", retrained, "inputs-2")
+    assert decide_projector(True, prev, "enc-a", refined, "inputs-2").path == WARM_START
+    assert decide_projector(False, prev, "enc-a", refined, "inputs-2").path == FULL_RETRAIN
+    unrelated = decide_projector(True, prev, "enc-a", retrained, "inputs-2")
     assert unrelated.path == FULL_RETRAIN and "retrained" in unrelated.reason
+
+
+def test_the_precondition_is_only_evaluated_when_a_warm_start_is_possible():
+    prev = TrainingProvenance({"a": 1}, "inputs-1", FULL_RETRAIN)
+
+    def never():
+        raise AssertionError("precondition evaluated")
+
+    assert decide(prev, {"a": 1}, "inputs-1", True, never).path == REUSED
+    assert decide(prev, {"a": 1}, "inputs-2", False, never).path == FULL_RETRAIN
+    assert decide(prev, {"a": 2}, "inputs-2", True, never).path == FULL_RETRAIN
 
 
 # ---------------------------------------------------------------- the assets, end to end
@@ -202,9 +215,9 @@ def test_new_clicks_warm_start_and_new_users_begin_at_the_global_mean(shop):
             np.testing.assert_allclose(new_users.vectors[row], old_users.vectors[list(old_users.ids).index(user)], atol=1e-6)
         else:
             np.testing.assert_allclose(new_users.vectors[row], old_mean, atol=1e-6)
-    assert str(new_users.extra["warm_started_from"]) == old_users.space
+    assert new_users.provenance.warm_started_from == old_users.space
     projector = load_artifact(base, "projector", "shop")
-    assert projector.trained_by == WARM_START and projector.user_space == new_users.space
+    assert projector.provenance.trained_by == WARM_START and projector.user_space == new_users.space
 
 
 def test_warm_start_false_retrains_and_matches_a_fresh_materialization(shop, tmp_path):

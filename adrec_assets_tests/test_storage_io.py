@@ -10,9 +10,21 @@ import torch
 from upath import UPath
 
 from adrec_assets import storage
-from adrec_assets.io_managers import NumpyArtifactIOManager, TorchArtifactIOManager
-from adrec_assets.ml.models import Projector, ProjectorSpec, TrainedProjector
-from adrec_assets.ml.types import AdCatalog, ArtifactError, ClickGraph, Embeddings, GlobalMean
+from adrec_assets.artifacts import load_file, write_file, write_npz_reproducibly
+from adrec_assets.io_managers import ArtifactIOManager
+from adrec_assets.ml.models import Projector, TrainedProjector
+from adrec_assets.ml.params import ProjectorParams
+from adrec_assets.ml.types import (
+    ARTIFACT_FORMAT,
+    AdCatalog,
+    ArtifactError,
+    ClickGraph,
+    ContentEmbeddings,
+    GlobalMean,
+    ProjectedAds,
+    TrainingProvenance,
+    UserEmbeddings,
+)
 from adrec_assets.storage import atomic_write
 
 # ---------------------------------------------------------------- atomic_write
@@ -76,21 +88,29 @@ def test_atomic_write_keyboard_interrupt_cleans_up(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-# ---------------------------------------------------------------- IO managers
+# ---------------------------------------------------------------- artifact files and the IO manager
+
+
+def _provenance() -> TrainingProvenance:
+    return TrainingProvenance({"lr": 0.1, "epochs": 3}, "inputs-abc", "full_retrain")
 
 
 def _artifacts():
-    cat = AdCatalog(np.array(["a1", "a2"]), np.array(["shoes", "funds"]), np.array(["/img/a1.png", ""]))
+    cat = AdCatalog(np.array(["a1", "a2"]), np.array(["shoes", "funds"]), np.array(["/img/a1.png", ""]), "/img")
     graph = ClickGraph.from_pairs(np.array(["p1", "p2", "p1"]), np.array(["a1", "a1", "a2"]), np.array([1, 2, 3]))
-    emb = Embeddings(
+    users = UserEmbeddings(
         np.array(["p1", "p2"]),
         np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32),
         space="users:abc",
-        encoder_id="enc:v1",
-        extra={"isolated": np.array([False, True])},
+        isolated=np.array([False, True]),
+        provenance=_provenance(),
     )
-    gm = GlobalMean(np.array([0.0, 1.0], dtype=np.float32), 2, 0.7)
-    return {"raw_ads": cat, "click_graph": graph, "user_embeddings": emb, "global_mean": gm}
+    content = ContentEmbeddings(np.array(["a1", "a2"]), np.eye(2, dtype=np.float32), "enc:v1", np.array([True, False]))
+    projected = ProjectedAds(np.array(["a1", "a2"]), np.eye(2, dtype=np.float32), "users:abc", "enc:v1",
+                             np.array([0.5, -0.25], dtype=np.float32))  # fmt: skip
+    gm = GlobalMean(np.array([0.0, 1.0], dtype=np.float32), 2, 0.7, "users:abc")
+    return {"raw_ads": cat, "click_graph": graph, "user_embeddings": users, "ad_embeddings_raw": content,
+            "ad_projected": projected, "global_mean": gm}  # fmt: skip
 
 
 def _assert_same(a, b):
@@ -99,90 +119,122 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(b.to_arrays()[k], v, err_msg=k)
 
 
-@pytest.mark.parametrize("asset", ["raw_ads", "click_graph", "user_embeddings", "global_mean"])
-def test_numpy_io_manager_round_trip_via_dagster_contexts(tmp_path, asset):
+@pytest.mark.parametrize("asset", list(_artifacts()))
+def test_io_manager_round_trips_every_npz_artifact_via_dagster_contexts(tmp_path, asset):
     """handle_output/load_input with asset key + partition key round-trip every npz artifact."""
     obj = _artifacts()[asset]
-    manager = NumpyArtifactIOManager(base_path=UPath(tmp_path))
+    manager = ArtifactIOManager(base_dir=str(tmp_path))
     key = dg.AssetKey([asset])
     manager.handle_output(dg.build_output_context(asset_key=key, partition_key="synthetic"), obj)
     path = tmp_path / asset / "synthetic.npz"
     assert path.is_file()
     with np.load(path, allow_pickle=False) as npz:  # no pickled object arrays inside
-        assert str(npz["__type__"]) == obj.type_tag
+        assert str(npz["__type__"]) == obj.type_tag and str(npz["__format__"]) == ARTIFACT_FORMAT
         assert all(npz[k].dtype != object for k in npz.files)
-    back = manager.load_input(dg.build_input_context(asset_key=key, partition_key="synthetic"))
+    upstream = dg.build_output_context(asset_key=key, partition_key="synthetic")
+    back = manager.load_input(dg.build_input_context(asset_key=key, partition_key="synthetic", upstream_output=upstream))
     _assert_same(obj, back)
-    if asset == "user_embeddings":
-        assert back.space == "users:abc" and back.encoder_id == "enc:v1"
-        np.testing.assert_array_equal(back.extra["isolated"], [False, True])
 
 
-def test_torch_io_manager_round_trip(tmp_path):
-    """A TrainedProjector written by the torch IO manager loads back with identical outputs."""
+def test_typed_fields_survive_the_round_trip(tmp_path):
+    """Provenance, flags and biases come back as typed fields, not as a free-form dict."""
+    arts = _artifacts()
+    for name, obj in arts.items():
+        write_file(tmp_path / f"{name}.npz", obj)
+    users = load_file(tmp_path / "user_embeddings.npz")
+    assert users.provenance == _provenance() and users.isolated.tolist() == [False, True]
+    assert users.row_of("p2") == 1 and users.row_of("nobody") is None
+    assert load_file(tmp_path / "ad_embeddings_raw.npz").has_image.tolist() == [True, False]
+    assert load_file(tmp_path / "ad_projected.npz").score_bias.tolist() == [0.5, -0.25]
+    assert load_file(tmp_path / "global_mean.npz").space == "users:abc"
+
+
+def test_projector_round_trip_rebuilds_the_model_from_its_params(tmp_path):
+    """A TrainedProjector written as .pt loads back (weights_only) with identical outputs."""
     torch.manual_seed(0)
-    tp = TrainedProjector(Projector(ProjectorSpec(12, 8, 4, 0.0)).eval(), "enc:v1", "users:abc")
-    manager = TorchArtifactIOManager(base_path=UPath(tmp_path))
+    params = ProjectorParams(hidden_dim=8, dropout=0.0)
+    tp = TrainedProjector.trained(Projector(12, 4, params).eval(), "enc:v1", "users:abc", "inputs", "full_retrain")
+    manager = ArtifactIOManager(base_dir=str(tmp_path))
     key = dg.AssetKey(["projector"])
     manager.handle_output(dg.build_output_context(asset_key=key, partition_key="src"), tp)
     path = tmp_path / "projector" / "src.pt"
     torch.load(path, weights_only=True)  # plain tensors/primitives only
-    back = manager.load_input(dg.build_input_context(asset_key=key, partition_key="src"))
-    assert (back.encoder_id, back.user_space) == ("enc:v1", "users:abc")
+    back = load_file(path)
+    assert (back.encoder_id, back.user_space, back.params) == ("enc:v1", "users:abc", params)
+    assert back.provenance == tp.provenance
     x = torch.randn(3, 12)
     with torch.no_grad():
         torch.testing.assert_close(back.model(x), tp.model(x), rtol=0, atol=0)
 
 
-def test_dump_and_load_from_path_directly(tmp_path):
-    """dump_to_path/load_from_path work without a run, for nested paths too."""
-    manager = NumpyArtifactIOManager(base_path=UPath(tmp_path))
-    ctx = dg.build_output_context(asset_key=dg.AssetKey(["global_mean"]))
-    path = UPath(tmp_path) / "deep" / "gm.npz"
-    gm = _artifacts()["global_mean"]
-    manager.dump_to_path(ctx, gm, path)
-    _assert_same(gm, manager.load_from_path(None, path))
+def test_an_artifact_of_the_old_format_names_the_file_and_says_to_rematerialize(tmp_path):
+    """Files written before the typed artifacts (no __format__) are refused, not misread."""
+    old = tmp_path / "user_embeddings" / "shop.npz"
+    old.parent.mkdir()
+    np.savez(old, __type__=np.asarray("embeddings"), ids=np.array(["u"]), vectors=np.ones((1, 2), np.float32))
+    with pytest.raises(ArtifactError, match=r"shop\.npz.*older adrec.*re-materialize"):
+        load_file(old)
+    old_projector = tmp_path / "projector.pt"
+    torch.save({"format": "adrec.projector.v2", "spec": {}, "state_dict": {}}, old_projector)
+    with pytest.raises(ArtifactError, match=r"projector\.pt.*re-materialize"):
+        load_file(old_projector)
+
+
+def test_a_stored_field_that_is_missing_is_named(tmp_path):
+    """No silent default: a missing field is an error naming the field and the file."""
+    arrays = _artifacts()["ad_projected"].to_arrays()
+    del arrays["score_bias"]
+    path = tmp_path / "ad_projected.npz"
+    with open(path, "wb") as handle:
+        write_npz_reproducibly(handle, {"__type__": np.asarray("projected_ads"),
+                                        "__format__": np.asarray(ARTIFACT_FORMAT), **arrays})  # fmt: skip
+    with pytest.raises(ArtifactError, match=r"ad_projected\.npz.*'score_bias' is missing"):
+        load_file(path)
+
+
+def test_strings_are_stored_in_their_own_length_not_the_longest_times_rows(tmp_path):
+    """One long ad text does not multiply the size of every other row (no fixed-width <U)."""
+    n, long_text = 200, "x" * 100_000
+    texts = np.array([long_text] + ["short"] * (n - 1), dtype=object)
+    catalog = AdCatalog(np.array([f"a{i}" for i in range(n)]), texts, np.array([""] * n), "")
+    write_file(tmp_path / "raw_ads.npz", catalog)
+    size = (tmp_path / "raw_ads.npz").stat().st_size
+    assert size < 2 * len(long_text)  # fixed-width UTF-32 would be n * 4 * 100k = 80 MB
+    assert load_file(tmp_path / "raw_ads.npz").texts[0] == long_text
 
 
 def test_npz_without_type_tag_rejected(tmp_path):
     """A foreign .npz (no __type__) is refused with an error naming its path."""
     path = tmp_path / "foreign.npz"
-    np.savez(path, vectors=np.ones((2, 2)))
+    np.savez(path, __format__=np.asarray(ARTIFACT_FORMAT), vectors=np.ones((2, 2)))
     with pytest.raises(ArtifactError, match="foreign.npz.*not an adrec artifact"):
-        NumpyArtifactIOManager(base_path=UPath(tmp_path)).load_from_path(None, UPath(path))
-    np.savez(path, __type__=np.asarray("bogus"), vectors=np.ones(2))
+        load_file(path)
+    np.savez(path, __format__=np.asarray(ARTIFACT_FORMAT), __type__=np.asarray("bogus"), vectors=np.ones(2))
     with pytest.raises(ArtifactError, match="bogus"):
-        NumpyArtifactIOManager(base_path=UPath(tmp_path)).load_from_path(None, UPath(path))
+        load_file(path)
 
 
 def test_npz_with_pickled_object_rejected(tmp_path):
     """An npz holding an object array is not unpickled on load."""
     path = tmp_path / "evil.npz"
-    np.savez(path, __type__=np.asarray("global_mean"), vector=np.array([{"x": 1}], dtype=object))
-    with pytest.raises(ValueError, match="allow_pickle"):
-        NumpyArtifactIOManager(base_path=UPath(tmp_path)).load_from_path(None, UPath(path))
+    np.savez(path, __format__=np.asarray(ARTIFACT_FORMAT), __type__=np.asarray("global_mean"),
+             vector=np.array([{"x": 1}], dtype=object))  # fmt: skip
+    with pytest.raises(ArtifactError, match="allow_pickle"):
+        load_file(path)
 
 
-def test_numpy_io_manager_refuses_plain_dict(tmp_path):
+def test_io_manager_refuses_plain_dict(tmp_path):
     """Only adrec artifacts are stored; a dict raises TypeError and writes nothing."""
-    manager = NumpyArtifactIOManager(base_path=UPath(tmp_path))
+    manager = ArtifactIOManager(base_dir=str(tmp_path))
     ctx = dg.build_output_context(asset_key=dg.AssetKey(["raw_ads"]), partition_key="p")
     with pytest.raises(TypeError, match="raw_ads.*dict"):
         manager.handle_output(ctx, {"vectors": np.ones(3)})
     assert not list(tmp_path.rglob("*.npz"))
 
 
-def test_torch_io_manager_refuses_non_projector(tmp_path):
-    """The torch IO manager stores only TrainedProjector."""
-    manager = TorchArtifactIOManager(base_path=UPath(tmp_path))
-    ctx = dg.build_output_context(asset_key=dg.AssetKey(["projector"]), partition_key="p")
-    with pytest.raises(TypeError, match="TrainedProjector"):
-        manager.handle_output(ctx, Projector(ProjectorSpec(4, 4, 2)))
-
-
 def test_failed_overwrite_keeps_previous_artifact(tmp_path, monkeypatch):
     """A crash while re-writing an artifact leaves the previous good file loadable."""
-    manager = NumpyArtifactIOManager(base_path=UPath(tmp_path))
+    manager = ArtifactIOManager(base_dir=str(tmp_path))
     key = dg.AssetKey(["global_mean"])
     gm = _artifacts()["global_mean"]
     manager.handle_output(dg.build_output_context(asset_key=key, partition_key="p"), gm)
@@ -192,7 +244,7 @@ def test_failed_overwrite_keeps_previous_artifact(tmp_path, monkeypatch):
         raise OSError("crash")
 
     monkeypatch.setattr(storage.os, "replace", boom)
-    gm2 = GlobalMean(np.array([1.0, 0.0], dtype=np.float32), 5, 0.1)
+    gm2 = GlobalMean(np.array([1.0, 0.0], dtype=np.float32), 5, 0.1, "users:abc")
     with pytest.raises(OSError):
         manager.handle_output(dg.build_output_context(asset_key=key, partition_key="p"), gm2)
     assert (tmp_path / "global_mean" / "p.npz").read_bytes() == before
@@ -201,68 +253,36 @@ def test_failed_overwrite_keeps_previous_artifact(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("partition", ["../../etc", "..", "/../../etc/passwd", "a/../../../b", "../"])
 def test_partition_key_cannot_escape_base_dir(tmp_path, partition):
-    """make_safe_partition_path keeps any partition key under the base dir."""
+    """Any partition key stays under the base dir."""
     base = tmp_path / "base"
-    manager = NumpyArtifactIOManager(base_path=UPath(base))
-    asset_dir = UPath(base) / "global_mean"
-    safe = manager.make_safe_partition_path(asset_dir, partition)
-    resolved = os.path.realpath(str(safe))
-    assert resolved.startswith(os.path.realpath(asset_dir) + os.sep), (partition, resolved)
-    # and a real write through dagster lands inside the base dir
+    manager = ArtifactIOManager(base_dir=str(base))
     manager.handle_output(
         dg.build_output_context(asset_key=dg.AssetKey(["global_mean"]), partition_key=partition),
         _artifacts()["global_mean"],
     )
     written = [p for p in tmp_path.rglob("*.npz")]
     assert len(written) == 1
-    assert os.path.realpath(written[0]).startswith(os.path.realpath(base) + os.sep)
+    assert os.path.realpath(written[0]).startswith(os.path.realpath(base / "global_mean") + os.sep)
 
 
 def test_remote_upath_write_round_trip():
     """Non-local UPaths (memory://) are written in one put and read back."""
-    manager = NumpyArtifactIOManager(base_path=UPath("memory://adrec-test"))
     path = UPath("memory://adrec-test/global_mean/p.npz")
     gm = _artifacts()["global_mean"]
-    manager.dump_to_path(dg.build_output_context(asset_key=dg.AssetKey(["global_mean"])), gm, path)
-    _assert_same(gm, manager.load_from_path(None, path))
+    write_file(path, gm)
+    _assert_same(gm, load_file(path))
     assert zipfile.is_zipfile(path.open("rb"))
-
-
-def test_numpy_io_manager_refuses_object_arrays_at_write_time(tmp_path):
-    """Writing must fail loudly rather than produce a file that needs pickle to load."""
-    import dagster as dg
-    from upath import UPath
-
-    from adrec_assets.io_managers import NumpyArtifactIOManager
-    from adrec_assets.ml.types import Embeddings
-
-    bad = Embeddings(
-        ids=np.array(["a"]),
-        vectors=np.ones((1, 2), np.float32) / np.sqrt(2),
-        space="s",
-        extra={"tags": np.array([{"x": 1}], dtype=object)},
-    )
-    path = UPath(tmp_path / "e.npz")
-    with pytest.raises(TypeError, match="pickle"):
-        NumpyArtifactIOManager().dump_to_path(dg.build_output_context(asset_key=dg.AssetKey("x")), bad, path)
-    assert not path.exists()
 
 
 def test_npz_artifacts_are_byte_reproducible(tmp_path):
     """Equal content -> equal bytes (no write timestamps inside), and np.load still reads it."""
     import time
 
-    import dagster as dg
-
-    from adrec_assets.ml.types import GlobalMean
-
-    artifact = GlobalMean(vector=np.ones(4, np.float32) / 2, n_users=3, mean_norm=0.5)
-    manager = NumpyArtifactIOManager()
-    context = dg.build_output_context(asset_key=dg.AssetKey("global_mean"))
-    manager.dump_to_path(context, artifact, UPath(tmp_path / "a.npz"))
+    artifact = GlobalMean(vector=np.ones(4, np.float32) / 2, n_users=3, mean_norm=0.5, space="users:x")
+    write_file(tmp_path / "a.npz", artifact)
     time.sleep(2.1)  # zip timestamps have 2-second resolution
-    manager.dump_to_path(context, artifact, UPath(tmp_path / "b.npz"))
+    write_file(tmp_path / "b.npz", artifact)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     with np.load(tmp_path / "a.npz", allow_pickle=False) as npz:
-        assert set(npz.files) == {"__type__", "vector", "n_users", "mean_norm"}
+        assert set(npz.files) == {"__type__", "__format__", "vector", "n_users", "mean_norm", "space"}
         np.testing.assert_array_equal(npz["vector"], artifact.vector)

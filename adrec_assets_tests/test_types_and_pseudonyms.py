@@ -1,4 +1,4 @@
-"""Tests for adrec_assets.ml.types artifacts/validators and adrec_assets.ml.pseudonyms."""
+"""Tests for adrec_assets.ml.types artifacts/validators and adrec_assets.privacy."""
 
 import hashlib
 import hmac
@@ -7,14 +7,24 @@ import warnings
 import numpy as np
 import pytest
 
-from adrec_assets.ml import pseudonyms
-from adrec_assets.ml.pseudonyms import InsecureKeyWarning, pseudonymize, pseudonymize_many, resolve_key
+from adrec_assets import privacy as pseudonyms
+from adrec_assets.privacy import (
+    InsecureKeyError,
+    InsecureKeyWarning,
+    key_fingerprint,
+    pseudonymize,
+    pseudonymize_many,
+    resolve_key,
+)
 from adrec_assets.ml.types import (
     AdCatalog,
     ArtifactError,
     ClickGraph,
-    Embeddings,
+    ContentEmbeddings,
     GlobalMean,
+    ProjectedAds,
+    TrainingProvenance,
+    UserEmbeddings,
     align_rows,
     check_unit_rows,
 )
@@ -115,49 +125,67 @@ def test_click_graph_constructor_rejects_inconsistent_arrays(indptr, indices, we
 def test_ad_catalog_rejects_duplicates_and_ragged_columns():
     """AdCatalog refuses duplicate ids and columns of different lengths."""
     with pytest.raises(ArtifactError, match="duplicate"):
-        AdCatalog(np.array(["a", "b", "a"]), np.array(["t1", "t2", "t3"]), np.array(["", "", ""]))
+        AdCatalog(np.array(["a", "b", "a"]), np.array(["t1", "t2", "t3"]), np.array(["", "", ""]), "")
     with pytest.raises(ArtifactError, match="differ in length"):
-        AdCatalog(np.array(["a", "b"]), np.array(["t1"]), np.array(["", ""]))
-    cat = AdCatalog(np.array(["a", "b"]), np.array(["t1", "t2"]), np.array(["/x.png", ""]))
+        AdCatalog(np.array(["a", "b"]), np.array(["t1"]), np.array(["", ""]), "")
+    cat = AdCatalog(np.array(["a", "b"]), np.array(["t1", "t2"]), np.array(["/src/x.png", ""]), "/src")
     back = AdCatalog.from_arrays(cat.to_arrays())
-    assert back.ad_ids.tolist() == ["a", "b"] and back.image_paths.tolist() == ["/x.png", ""]
+    assert back.ad_ids.tolist() == ["a", "b"] and back.image_paths.tolist() == ["/src/x.png", ""]
+    assert back.image_root == "/src"
+    with pytest.raises(ArtifactError, match="inside image_root"):
+        AdCatalog(np.array(["a"]), np.array(["t"]), np.array(["/elsewhere/x.png"]), "/src")
 
 
-def test_embeddings_round_trip_keeps_extra_and_provenance(tmp_path):
-    """Embeddings survive to_arrays -> npz (no pickle) -> from_arrays with extras intact."""
-    e = Embeddings(
+def test_user_embeddings_round_trip_keeps_flags_and_provenance(tmp_path):
+    """UserEmbeddings survive to_arrays -> npz (no pickle) -> from_arrays with typed fields."""
+    provenance = TrainingProvenance({"lr": 0.003, "dim": 2}, "fp-1", "warm_start", "users:older")
+    e = UserEmbeddings(
         ids=np.array(["x", "y"]),
         vectors=np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32),
         space="users:run-1",
-        encoder_id="enc:v1",
-        extra={"isolated": np.array([True, False]), "counts": np.array([3, 4])},
+        isolated=np.array([True, False]),
+        provenance=provenance,
     )
     np.savez(tmp_path / "e.npz", **e.to_arrays())
     with np.load(tmp_path / "e.npz", allow_pickle=False) as npz:
-        back = Embeddings.from_arrays({k: npz[k] for k in npz.files})
+        back = UserEmbeddings.from_arrays({k: npz[k] for k in npz.files})
     assert back.ids.tolist() == ["x", "y"]
     np.testing.assert_array_equal(back.vectors, e.vectors)
-    assert back.space == "users:run-1" and back.encoder_id == "enc:v1"
-    assert set(back.extra) == {"isolated", "counts"}
-    np.testing.assert_array_equal(back.extra["isolated"], [True, False])
-    np.testing.assert_array_equal(back.extra["counts"], [3, 4])
+    assert back.space == "users:run-1" and back.provenance == provenance
+    np.testing.assert_array_equal(back.isolated, [True, False])
     assert back.dim == 2 and len(back) == 2
+    assert back.row_of("y") == 1 and back.row_of("z") is None
 
 
-def test_embeddings_rejects_misaligned_vectors():
-    """Vectors must be (n, d) with one row per id."""
+def test_provenance_refuses_an_unknown_training_path():
+    """trained_by is one of the two paths that train; a typo is an error, not a new path."""
+    with pytest.raises(ArtifactError, match="trained_by"):
+        TrainingProvenance({}, "fp", "warm-start")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ContentEmbeddings(np.array(["a"]), np.zeros((2, 3), np.float32), "enc", np.array([False])),
+        lambda: ContentEmbeddings(np.array(["a"]), np.zeros((1, 3), np.float32), "enc", np.array([False, True])),
+        lambda: ProjectedAds(np.array(["a"]), np.zeros(3, np.float32), "s", "enc", np.zeros(1)),
+        lambda: ProjectedAds(np.array(["a", "b"]), np.zeros((2, 3), np.float32), "s", "enc", np.zeros(3)),
+        lambda: UserEmbeddings(np.array(["a"]), np.zeros((1, 3), np.float32), "s", np.array([True, False]),
+                               TrainingProvenance({}, "fp", "full_retrain")),
+    ],
+)
+def test_vector_artifacts_reject_misaligned_fields(make):
+    """Vectors must be (n, d) with one row per id, and per-row fields one entry per row."""
     with pytest.raises(ArtifactError):
-        Embeddings(ids=np.array(["a"]), vectors=np.zeros((2, 3), dtype=np.float32), space="s")
-    with pytest.raises(ArtifactError):
-        Embeddings(ids=np.array(["a"]), vectors=np.zeros(3, dtype=np.float32), space="s")
+        make()
 
 
 def test_global_mean_round_trip():
     """GlobalMean survives to_arrays/from_arrays."""
-    gm = GlobalMean(np.array([0.6, 0.8], dtype=np.float32), 12, 0.25)
+    gm = GlobalMean(np.array([0.6, 0.8], dtype=np.float32), 12, 0.25, "users:abc")
     back = GlobalMean.from_arrays(gm.to_arrays())
     np.testing.assert_array_equal(back.vector, gm.vector)
-    assert back.n_users == 12 and back.mean_norm == pytest.approx(0.25)
+    assert back.n_users == 12 and back.mean_norm == pytest.approx(0.25) and back.space == "users:abc"
 
 
 # ---------------------------------------------------------------- validators
@@ -224,21 +252,42 @@ def test_different_keys_give_different_pseudonyms():
     assert pseudonymize("user-1", b"k1") != pseudonymize("user-2", b"k1")
 
 
-def test_resolve_key_warns_without_env(monkeypatch):
-    """No explicit key and no $ADREC_ID_KEY: InsecureKeyWarning and the dev key."""
+@pytest.mark.parametrize("value", [None, "", "CHANGE-ME", "changeme", "short-key", pseudonyms.DEV_KEY])
+def test_resolve_key_refuses_missing_placeholder_and_short_keys(monkeypatch, value):
+    """Pseudonyms made with a guessable key are as linkable as raw ids: refuse, saying how to fix."""
+    monkeypatch.delenv("ADREC_ALLOW_DEV_KEY", raising=False)
+    if value is None:
+        monkeypatch.delenv("ADREC_ID_KEY", raising=False)
+    else:
+        monkeypatch.setenv("ADREC_ID_KEY", value)
+    with pytest.raises(InsecureKeyError, match=r"ADREC_ID_KEY.*openssl rand.*ADREC_ALLOW_DEV_KEY=1"):
+        resolve_key()
+
+
+def test_the_dev_flag_allows_the_public_dev_key_with_a_loud_warning(monkeypatch):
     monkeypatch.delenv("ADREC_ID_KEY", raising=False)
+    monkeypatch.setenv("ADREC_ALLOW_DEV_KEY", "1")
     with pytest.warns(InsecureKeyWarning, match="ADREC_ID_KEY"):
         key = resolve_key()
     assert key == pseudonyms.DEV_KEY.encode()
+    monkeypatch.setenv("ADREC_ID_KEY", "CHANGE-ME")
+    with pytest.warns(InsecureKeyWarning, match="placeholder"):
+        assert resolve_key() == pseudonyms.DEV_KEY.encode()  # never the placeholder itself
 
 
 def test_resolve_key_from_env_or_argument_does_not_warn(monkeypatch):
     """A key in the environment (or passed explicitly) is used, without any warning."""
-    monkeypatch.setenv("ADREC_ID_KEY", "from-env")
+    monkeypatch.setenv("ADREC_ID_KEY", "from-env-0123456789")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert resolve_key() == b"from-env"
-        assert resolve_key("explicit") == b"explicit"
+        assert resolve_key() == b"from-env-0123456789"
+        assert resolve_key("explicit-0123456789") == b"explicit-0123456789"
+
+
+def test_key_fingerprints_tell_keys_apart_without_revealing_them():
+    a, b = key_fingerprint(b"secret-a-0123456789"), key_fingerprint(b"secret-b-0123456789")
+    assert a != b and a == key_fingerprint(b"secret-a-0123456789") and len(a) == 16
+    assert "secret" not in a
 
 
 def test_pseudonymize_many_consistent():
@@ -267,7 +316,7 @@ def test_click_graph_rejects_malformed_csr():
 
 
 def test_pseudonymize_many_keeps_ids_exactly():
-    from adrec_assets.ml.pseudonyms import pseudonymize, pseudonymize_many
+    from adrec_assets.privacy import pseudonymize, pseudonymize_many
 
     key = b"k"
     out = pseudonymize_many(["a\x00", "a", "a\x00"], key)

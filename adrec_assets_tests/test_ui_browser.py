@@ -81,7 +81,7 @@ def graph_edges(nodes: list[dict], paths: list[str], tolerance: float = 15.0) ->
 
 
 def test_expected_lineage_matches_code() -> None:
-    """The lineage the browser test looks for is the code's lineage (seven assets, eight edges)."""
+    """The lineage the browser test looks for is the code's lineage (seven assets, nine edges)."""
     from adrec_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()

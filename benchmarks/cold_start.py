@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from adrec_assets.io_managers import load_artifact_file  # noqa: E402
+from adrec_assets.artifacts import load_file  # noqa: E402
 from adrec_assets.ml.encoders import build_encoder  # noqa: E402
 from adrec_assets.ml.evaluation import (  # noqa: E402
     METHOD_LABELS,
@@ -45,9 +45,9 @@ from adrec_assets.ml.evaluation import (  # noqa: E402
     compare_refresh,
     evaluate_cold_start,
 )
-from adrec_assets.ml.training import ProjectorParams, UserTrainingParams  # noqa: E402
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams  # noqa: E402
 from adrec_assets.ml.types import AdCatalog, ClickGraph, align_rows  # noqa: E402
-from adrec_assets.sources.files import read_ads, read_clicks  # noqa: E402
+from adrec_assets.sources.files import FileSource  # noqa: E402
 
 
 def overrides(pairs: list[str], cls: type) -> dict:
@@ -66,7 +66,7 @@ def load_content(args: argparse.Namespace, graph: ClickGraph, catalog: AdCatalog
     """Content rows aligned with ``graph.ad_ids``, the encoder id, and the encoding seconds."""
     started = time.perf_counter()
     if args.embeddings:
-        stored = load_artifact_file(args.embeddings)
+        stored = load_file(args.embeddings)
         ids, vectors, encoder_id = stored.ids, stored.vectors, stored.encoder_id
     else:
         encoder = build_encoder(args.encoder)
@@ -127,8 +127,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     wall = time.perf_counter()
-    catalog = read_ads(args.source, args.source.name)
-    clicks, _ = read_clicks(args.source, catalog.ad_ids, args.source.name)
+    source = FileSource(args.source, args.source.name)
+    catalog = source.read_ads()
+    clicks, _ = source.read_clicks(catalog.ad_ids)
     graph = ClickGraph.from_codes(clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
     content, encoder_id, encode_seconds = load_content(args, graph, catalog)
     user_overrides = overrides(args.user, UserTrainingParams)

@@ -186,10 +186,10 @@ def worker_materialize(asset: str, partition: str, run_config: dict) -> dict:
 
 def worker_als(graph_path: str, threads: int) -> dict:
     """implicit's ALS (``adrec_assets.ml.als``, the evaluation's baseline) on the click_graph artifact."""
-    from adrec_assets.io_managers import load_artifact_file
+    from adrec_assets.artifacts import load_file
     from adrec_assets.ml.als import AlsParams, fit_als
 
-    graph = load_artifact_file(graph_path)
+    graph = load_file(graph_path)
     started = time.perf_counter()
     fit_als(graph, AlsParams(factors=64, iterations=15, seed=0, threads=threads))
     wall = time.perf_counter() - started

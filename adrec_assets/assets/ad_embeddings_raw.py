@@ -5,14 +5,14 @@ import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.encoders.cache import encode_with_cache
-from adrec_assets.ml.types import AdCatalog, Embeddings, check_unit_rows
+from adrec_assets.ml.types import AdCatalog, ContentEmbeddings, check_unit_rows
 from adrec_assets.resources import EncoderResource
 
 
-@dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy", "pytorch"}, **PARTITIONED)
+@dg.asset(kinds={"numpy", "pytorch"}, **PARTITIONED)
 def ad_embeddings_raw(
     context: dg.AssetExecutionContext, encoder: EncoderResource, raw_ads: AdCatalog
-) -> dg.Output[Embeddings]:
+) -> dg.Output[ContentEmbeddings]:
     """(n_ads, 768) float32, L2-normalized, rows aligned with ``ids``; records the encoder id
     so vectors from different encoders are never combined downstream. Ads whose text, image
     bytes and encoder are unchanged since an earlier run come from the encoding cache."""
@@ -28,12 +28,8 @@ def ad_embeddings_raw(
     check_unit_rows(result.vectors, f"ad_embeddings_raw[{context.partition_key}]", dim=model.dim)
     for row, path, reason in result.image_failures[:20]:
         context.log.warning(f"ad {raw_ads.ad_ids[row]}: image {path} not used ({reason}); text only")
-    embeddings = Embeddings(
-        ids=raw_ads.ad_ids,
-        vectors=result.vectors,
-        space=f"content:{model.encoder_id}",
-        encoder_id=model.encoder_id,
-        extra={"has_image": result.has_image},
+    embeddings = ContentEmbeddings(
+        ids=raw_ads.ad_ids, vectors=result.vectors, encoder_id=model.encoder_id, has_image=result.has_image
     )
     seconds = cached.encode_seconds
     return dg.Output(

@@ -6,13 +6,13 @@ import numpy as np
 from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.training import project, score_bias
-from adrec_assets.ml.types import ArtifactError, Embeddings, check_unit_rows
+from adrec_assets.ml.types import ArtifactError, ContentEmbeddings, ProjectedAds, check_unit_rows
 
 
-@dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy", "pytorch"}, **PARTITIONED)
+@dg.asset(kinds={"numpy", "pytorch"}, **PARTITIONED)
 def ad_projected(
-    context: dg.AssetExecutionContext, ad_embeddings_raw: Embeddings, projector: TrainedProjector
-) -> dg.Output[Embeddings]:
+    context: dg.AssetExecutionContext, ad_embeddings_raw: ContentEmbeddings, projector: TrainedProjector
+) -> dg.Output[ProjectedAds]:
     """(n_ads, 128) unit vectors plus a per-ad ``score_bias`` (popularity_weight x the
     content-predicted popularity z-score); score = cos(user, projected ad) + score_bias."""
     if projector.encoder_id != ad_embeddings_raw.encoder_id:
@@ -24,15 +24,15 @@ def ad_projected(
     with stopwatch() as timing:
         vectors = project(projector.model, ad_embeddings_raw.vectors)
         bias = score_bias(projector.model, ad_embeddings_raw.vectors)
-    check_unit_rows(vectors, f"ad_projected[{context.partition_key}]", dim=projector.model.spec.out_dim)
+    check_unit_rows(vectors, f"ad_projected[{context.partition_key}]", dim=projector.model.out_dim)
     if not np.isfinite(bias).all():
         raise ArtifactError(f"ad_projected[{context.partition_key}]: non-finite score_bias; re-materialize projector")
-    projected = Embeddings(
+    projected = ProjectedAds(
         ids=ad_embeddings_raw.ids,
         vectors=vectors,
         space=projector.user_space,
         encoder_id=projector.encoder_id,
-        extra={"score_bias": bias.astype(np.float32)},
+        score_bias=bias.astype(np.float32),
     )
     return dg.Output(
         projected,
@@ -42,7 +42,7 @@ def ad_projected(
             "user_space": projected.space,
             "encoder_id": projected.encoder_id,
             "project_seconds": round(timing["seconds"], 4),
-            "popularity_weight": projector.model.spec.popularity_weight,
+            "popularity_weight": projector.params.popularity_weight,
             "score_bias_range": f"[{bias.min():+.3f}, {bias.max():+.3f}]" if len(bias) else "empty",
             "mean_pairwise_cosine_sample": round(float(_mean_cosine(vectors)), 4),
         },

@@ -4,20 +4,26 @@ import dagster as dg
 import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, stopwatch
-from adrec_assets.ml.pseudonyms import pseudonymize_many, resolve_key
-from adrec_assets.ml.types import ClickGraph
+from adrec_assets.privacy import key_fingerprint, pseudonymize_many, resolve_key
+from adrec_assets.ml.types import AdCatalog, ClickGraph
 from adrec_assets.resources import ClickSourceResource
 
 
-@dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy"}, **PARTITIONED)
-def click_graph(context: dg.AssetExecutionContext, click_sources: ClickSourceResource) -> dg.Output[ClickGraph]:
-    """Bipartite click graph. Raw user ids are replaced by HMAC-SHA256 pseudonyms (key from
-    ``$ADREC_ID_KEY``) before anything is stored; repeated clicks add up as weights; clicks
-    naming ads missing from the source's ads file are dropped and counted."""
+@dg.asset(kinds={"numpy"}, **PARTITIONED)
+def click_graph(
+    context: dg.AssetExecutionContext, click_sources: ClickSourceResource, raw_ads: AdCatalog
+) -> dg.Output[ClickGraph]:
+    """Bipartite click graph over the catalogue of ``raw_ads``. Raw user ids are replaced by
+    HMAC-SHA256 pseudonyms (key from ``$ADREC_ID_KEY``) before anything is stored; repeated
+    clicks add up as weights; clicks naming ads missing from the catalogue are dropped and
+    counted."""
     with stopwatch() as timing:
-        clicks, report = click_sources.load_clicks(context.partition_key)
-        pseudonyms = pseudonymize_many(clicks.user_vocab, resolve_key())
-        graph = ClickGraph.from_codes(pseudonyms, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
+        clicks, report = click_sources.source(context.partition_key).read_clicks(raw_ads.ad_ids)
+        key = resolve_key()
+        pseudonyms = pseudonymize_many(clicks.user_vocab, key)
+        graph = ClickGraph.from_codes(
+            pseudonyms, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights, key_fingerprint(key)
+        )
     clicks_per_user = np.diff(graph.indptr)
     ad_degree = graph.ad_degrees()
     return dg.Output(
@@ -34,5 +40,6 @@ def click_graph(context: dg.AssetExecutionContext, click_sources: ClickSourceRes
             "share_users_with_1_or_2_ads": float(np.mean(clicks_per_user <= 2)) if graph.n_users else 0.0,
             "max_clickers_per_ad": int(ad_degree.max()) if graph.n_ads else 0,
             "build_seconds": round(timing["seconds"], 3),
+            "key_fingerprint": graph.key_fingerprint,
         },
     )

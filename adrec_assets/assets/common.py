@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
+import pydantic
 
-from adrec_assets.io_managers import load_artifact_file
+from adrec_assets.artifacts import load_file
 from adrec_assets.ml.refresh import RefreshDecision
 from adrec_assets.ml.training import ProgressFn, TrainingHistory
 from adrec_assets.partitions import click_source_partitions
@@ -54,7 +57,7 @@ def load_previous_output(context: dg.AssetExecutionContext) -> tuple[Any | None,
     if path is None:
         return None, "the previous materialization recorded no artifact path"
     try:
-        return load_artifact_file(str(path.value)), f"previous artifact {path.value}"
+        return load_file(str(path.value)), f"previous artifact {path.value}"
     except Exception as exc:  # noqa: BLE001 - any unreadable file means: retrain, and say why
         context.log.warning(f"previous artifact {path.value} not usable for a warm start: {exc}")
         return None, f"previous artifact {path.value} unreadable ({type(exc).__name__})"
@@ -76,3 +79,34 @@ def training_metadata(history: TrainingHistory) -> dict[str, dg.RawMetadataValue
         "loss_drop_last_10pct_epochs": dg.MetadataValue.float(round(history.late_improvement(), 5)),
         "loss_curve": dg.MetadataValue.md(history.markdown()),
     }
+
+
+class RefreshConfig(dg.Config):
+    """Run-level switches of a trainable asset (its model settings come from the core's params)."""
+
+    warm_start: bool = pydantic.Field(
+        default=True,
+        description="Refine this partition's previous model when the settings are unchanged and its inputs "
+        "allow it; false = full retrain, what the nightly schedule runs.",
+    )
+    refresh_epochs: int = pydantic.Field(default=2, description="Epochs of a warm-start refresh.")
+
+
+def params_config(params_cls: type, name: str) -> type[RefreshConfig]:
+    """A Dagster ``Config`` with one launchpad field per field of a core params dataclass
+    (same name, type, default and description) plus :class:`RefreshConfig`'s switches, and a
+    ``to_params()`` that builds the dataclass back: the settings are declared once, in
+    :mod:`adrec_assets.ml.params`."""
+    hints = typing.get_type_hints(params_cls)
+    fields = {
+        f.name: (hints[f.name], pydantic.Field(default=f.default, description=f.metadata.get("help")))
+        for f in dataclasses.fields(params_cls)
+    }
+    names = set(fields)
+
+    def to_params(self: dg.Config) -> Any:
+        return params_cls(**self.model_dump(include=names))
+
+    config = pydantic.create_model(name, __base__=RefreshConfig, __doc__=params_cls.__doc__, **fields)
+    config.to_params = to_params
+    return config

@@ -25,8 +25,8 @@ from adrec_assets.ml.evaluation import (
     evaluate_cold_start,
 )
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.training import ProjectorParams, UserTrainingParams
-from adrec_assets.ml.types import ClickGraph, Embeddings, align_rows
+from adrec_assets.ml.params import UserTrainingParams
+from adrec_assets.ml.types import ClickGraph, ContentEmbeddings, UserEmbeddings, align_rows
 
 _D = EvaluationParams()
 
@@ -44,21 +44,6 @@ class EvaluationConfig(dg.Config):
 
     def to_params(self) -> EvaluationParams:
         return EvaluationParams(**self.model_dump())
-
-
-def user_params_of(users: Embeddings, log: dg.DagsterLogManager) -> UserTrainingParams:
-    stored = users.extra.get("training_params")
-    if stored is None:
-        log.warning("user_embeddings carries no training_params (older artifact): evaluating with defaults")
-        return UserTrainingParams()
-    return UserTrainingParams(**json.loads(str(stored)))
-
-
-def projector_params_of(trained: TrainedProjector, log: dg.DagsterLogManager) -> ProjectorParams:
-    if not trained.training_params:
-        log.warning("projector carries no training_params (older artifact): evaluating with defaults")
-        return ProjectorParams()
-    return ProjectorParams(**trained.training_params)
 
 
 def recall_ratio(recall: float, baseline: float) -> float:
@@ -88,13 +73,13 @@ def report_plot_markdown(report: EvaluationReport) -> str:
     return f"![cold-start evaluation](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
-@dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy", "pytorch"}, group_name=EVALUATION_GROUP, **PARTITION_KWARGS)
+@dg.asset(kinds={"numpy", "pytorch"}, group_name=EVALUATION_GROUP, **PARTITION_KWARGS)
 def evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
     click_graph: ClickGraph,
-    ad_embeddings_raw: Embeddings,
-    user_embeddings: Embeddings,
+    ad_embeddings_raw: ContentEmbeddings,
+    user_embeddings: UserEmbeddings,
     projector: TrainedProjector,
 ) -> dg.Output[EvaluationReport]:
     """Cold-ad Recall@k / NDCG@k / AUC of the pipeline against random, content-kNN, the
@@ -106,8 +91,8 @@ def evaluation(
     report = evaluate_cold_start(
         click_graph,
         content,
-        user_params_of(user_embeddings, context.log),
-        projector_params_of(projector, context.log),
+        UserTrainingParams(**user_embeddings.provenance.params),
+        projector.params,
         config.to_params(),
         log=context.log.info,
     )

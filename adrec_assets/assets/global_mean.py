@@ -4,16 +4,16 @@ import dagster as dg
 
 from adrec_assets.assets.common import PARTITIONED
 from adrec_assets.ml.training import normalized_mean
-from adrec_assets.ml.types import Embeddings, GlobalMean
+from adrec_assets.ml.types import GlobalMean, UserEmbeddings
 
 
-@dg.asset(io_manager_key="numpy_io_manager", kinds={"numpy"}, **PARTITIONED)
-def global_mean(user_embeddings: Embeddings) -> dg.Output[GlobalMean]:
+@dg.asset(kinds={"numpy"}, **PARTITIONED)
+def global_mean(user_embeddings: UserEmbeddings) -> dg.Output[GlobalMean]:
     """L2-normalized mean of all user vectors: the direction a brand-new user is scored
     with until they click. ``mean_norm`` (the raw mean's length) shows how concentrated
     the user space is: near 0 the prior is weak, near 1 every user looks alike."""
     vector, norm = normalized_mean(user_embeddings.vectors)
-    prior = GlobalMean(vector=vector, n_users=len(user_embeddings), mean_norm=norm)
+    prior = GlobalMean(vector=vector, n_users=len(user_embeddings), mean_norm=norm, space=user_embeddings.space)
     return dg.Output(
         prior,
         metadata={"dim": len(vector), "n_users": prior.n_users, "mean_norm": round(norm, 5)},

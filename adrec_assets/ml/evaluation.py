@@ -33,16 +33,16 @@ from adrec_assets.ml.als import AlsParams, fit_als
 from adrec_assets.ml.linear import ridge_fit, ridge_predict
 from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
 from adrec_assets.ml.sampling import clicker_centroids
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.ml.training import (
-    ProjectorParams,
-    UserTrainingParams,
     normalized_mean,
     project,
     score_bias,
     train_projector,
     train_user_embeddings,
 )
-from adrec_assets.ml.types import ClickGraph
+from adrec_assets.ml.recommender import score_matrix
+from adrec_assets.ml.types import ClickGraph, Fields, artifact_type, pack_strings
 
 LogFn = Callable[[str], None]
 
@@ -95,7 +95,9 @@ def _keep_clicks(graph: ClickGraph, keep: np.ndarray) -> ClickGraph:
     """The same graph (all users and ads keep their rows/columns) with only ``keep`` clicks."""
     rows = graph.click_users()[keep]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=graph.n_users))]).astype(np.int64)
-    return ClickGraph(graph.user_ids, graph.ad_ids, indptr, graph.indices[keep], graph.weights[keep])
+    return ClickGraph(
+        graph.user_ids, graph.ad_ids, indptr, graph.indices[keep], graph.weights[keep], graph.key_fingerprint
+    )
 
 
 def stratified_cold_ads(graph: ClickGraph, share: float, n_strata: int, rng: np.random.Generator) -> np.ndarray:
@@ -211,7 +213,7 @@ class TrainedOnSplit:
 
     def scores(self, eval_users: np.ndarray) -> np.ndarray:
         """What serving computes: cos(user, projected ad) + popularity bias."""
-        return self.user_vectors[eval_users] @ self.projected_cold.T + self.bias_cold[None, :]
+        return score_matrix(self.user_vectors[eval_users], self.projected_cold, self.bias_cold)
 
 
 def train_pipeline_on(
@@ -268,11 +270,11 @@ class MethodResult:
     n_cold_ads: int
 
 
+@artifact_type("evaluation_report")
 @dataclass
 class EvaluationReport:
     """Metrics of every method on one split; stored as the ``evaluation`` artifact."""
 
-    type_tag: ClassVar[str] = "evaluation_report"
     k: int
     results: dict[str, MethodResult] = field(default_factory=dict)
     n_cold_ads: int = 0
@@ -287,7 +289,7 @@ class EvaluationReport:
     def to_arrays(self) -> dict[str, np.ndarray]:
         names = list(self.results)
         out = {
-            "methods": np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
+            **pack_strings("methods", names),
             "metrics": np.asarray(
                 [[r.recall, r.ndcg, r.auc, r.n_users, r.n_cold_ads] for r in self.results.values()], dtype=np.float64
             ).reshape(len(names), 5),
@@ -300,14 +302,15 @@ class EvaluationReport:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "EvaluationReport":
+        f = Fields(arrays, cls.type_tag)
         results = {
             str(name): MethodResult(float(m[0]), float(m[1]), float(m[2]), int(m[3]), int(m[4]))
-            for name, m in zip(arrays["methods"], arrays["metrics"])
+            for name, m in zip(f.strings("methods"), f.array("metrics"))
         }
-        counts = {name: int(arrays[name]) for name in cls._COUNTS}
+        counts = {name: int(f.array(name)) for name in cls._COUNTS}
         return cls(
-            k=int(arrays["k"]), results=results, seconds=float(arrays["seconds"]),
-            settings=str(arrays["settings"]), **counts,
+            k=int(f.array("k")), results=results, seconds=float(f.array("seconds")),
+            settings=f.text("settings"), **counts,
         )
 
     def best_baseline(self) -> tuple[str, float]:

@@ -33,15 +33,6 @@ def recall_at_k(
         return np.where(n_rel > 0, hits / np.maximum(n_rel, 1), np.nan)
 
 
-def group_cosine_separation(vectors: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(mean cosine within a label, mean cosine across labels) for unit-norm rows."""
-    sims = vectors @ vectors.T
-    same = labels[:, None] == labels[None, :]
-    np.fill_diagonal(same, False)
-    different = labels[:, None] != labels[None, :]
-    return float(sims[same].mean()), float(sims[different].mean())
-
-
 def ndcg_at_k(
     scores: np.ndarray, relevant: np.ndarray, k: int, rng: np.random.Generator | None = None
 ) -> np.ndarray:

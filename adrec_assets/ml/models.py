@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class ProjectorSpec:
-    """Everything needed to rebuild the module before loading its state dict."""
-
-    in_dim: int = 768
-    hidden_dim: int = 512
-    out_dim: int = 128
-    dropout: float = 0.1
-    popularity_weight: float = 0.25  # beta in score = cos(user, ad) + beta * popularity_z(ad)
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+from adrec_assets.ml.params import ProjectorParams
+from adrec_assets.ml.types import ArtifactError, TrainingProvenance, artifact_type
 
 
 class Projector(nn.Module):
@@ -34,19 +24,22 @@ class Projector(nn.Module):
     linear head predicts the ad's standardized log click count from its content, and
     ``score_bias = popularity_weight * popularity_z`` is added to the cosine at serving time
     (0 turns it off). The head is fitted in closed form (ridge), not by gradient descent.
+
+    The architecture comes from the training settings (``hidden_dim``, ``dropout``,
+    ``popularity_weight``), so a checkpoint rebuilds it from its recorded provenance.
     """
 
-    def __init__(self, spec: ProjectorSpec = ProjectorSpec()) -> None:
+    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams()) -> None:
         super().__init__()
-        self.spec = spec
+        self.in_dim, self.out_dim, self.params = in_dim, out_dim, params
         self.net = nn.Sequential(
-            nn.Linear(spec.in_dim, spec.hidden_dim),
-            nn.LayerNorm(spec.hidden_dim),
+            nn.Linear(in_dim, params.hidden_dim),
+            nn.LayerNorm(params.hidden_dim),
             nn.GELU(),
-            nn.Dropout(spec.dropout),
-            nn.Linear(spec.hidden_dim, spec.out_dim),
+            nn.Dropout(params.dropout),
+            nn.Linear(params.hidden_dim, out_dim),
         )
-        self.popularity = nn.Linear(spec.in_dim, 1)
+        self.popularity = nn.Linear(in_dim, 1)
         nn.init.zeros_(self.popularity.weight)  # an unfitted head predicts "average" for every ad
         nn.init.zeros_(self.popularity.bias)
         self.popularity.requires_grad_(False)
@@ -60,56 +53,80 @@ class Projector(nn.Module):
 
     def score_bias(self, content: torch.Tensor) -> torch.Tensor:
         """The additive, user-independent part of the score, shape (n,)."""
-        return self.spec.popularity_weight * self.popularity_z(content)
+        return self.params.popularity_weight * self.popularity_z(content)
+
+    def architecture(self) -> dict[str, int | float]:
+        return {
+            "in_dim": self.in_dim,
+            "hidden_dim": self.params.hidden_dim,
+            "out_dim": self.out_dim,
+            "dropout": self.params.dropout,
+            "popularity_weight": self.params.popularity_weight,
+        }
 
 
-CHECKPOINT_FORMAT = "adrec.projector.v2"  # v2 added the popularity head
+CHECKPOINT_FORMAT = "adrec.projector.v3"  # v3: typed provenance; the architecture comes from its params
 
 
-@dataclass
+@artifact_type("projector", codec="pt")
+@dataclass(eq=False)
 class TrainedProjector:
     """A projector with the provenance that makes its outputs safe to use.
 
     ``encoder_id`` is the content encoder it was trained on (its inputs must come from the
     same encoder) and ``user_space`` identifies the user vectors it was trained to match
-    (its outputs are only comparable with those).
+    (its outputs are only comparable with those). ``provenance.params`` are its
+    :class:`ProjectorParams`, from which the module is rebuilt on load.
     """
 
     model: Projector
     encoder_id: str
     user_space: str
-    training_params: dict[str, float | int] = field(default_factory=dict)  # how it was trained
-    inputs_fingerprint: str = ""  # hash of the clicks, content and user vectors it was trained on
-    trained_by: str = ""  # "full_retrain" or "warm_start" (see adrec_assets.ml.refresh)
+    provenance: TrainingProvenance
 
-    def to_checkpoint(self) -> dict:
+    @property
+    def params(self) -> ProjectorParams:
+        return self.model.params
+
+    def to_checkpoint(self) -> dict[str, Any]:
         """Plain tensors and primitives only: loads with ``torch.load(weights_only=True)``."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "spec": self.model.spec.to_dict(),
+            "in_dim": self.model.in_dim,
+            "out_dim": self.model.out_dim,
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "encoder_id": self.encoder_id,
             "user_space": self.user_space,
-            "training_params": dict(self.training_params),
-            "inputs_fingerprint": self.inputs_fingerprint,
-            "trained_by": self.trained_by,
+            "provenance": self.provenance.to_dict(),
         }
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> "TrainedProjector":
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"not a {CHECKPOINT_FORMAT} projector checkpoint (format={checkpoint.get('format')!r}); "
-                "re-materialize the projector asset with this version"
+    def from_checkpoint(cls, checkpoint: dict[str, Any], origin: str = "projector checkpoint") -> "TrainedProjector":
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            raise ArtifactError(
+                f"{origin}: not a {CHECKPOINT_FORMAT} projector checkpoint (format={found!r}); it was written by "
+                "an older adrec: re-materialize the projector asset for this source"
             )
-        model = Projector(ProjectorSpec(**checkpoint["spec"]))
+        missing = [k for k in ("in_dim", "out_dim", "state_dict", "encoder_id", "user_space", "provenance")
+                   if k not in checkpoint]  # fmt: skip
+        if missing:
+            raise ArtifactError(f"{origin}: checkpoint lacks {missing}; re-materialize the projector")
+        provenance = TrainingProvenance.from_dict(checkpoint["provenance"], origin)
+        try:
+            params = ProjectorParams(**provenance.params)
+        except TypeError as exc:
+            raise ArtifactError(f"{origin}: recorded settings do not fit ProjectorParams ({exc})") from None
+        model = Projector(int(checkpoint["in_dim"]), int(checkpoint["out_dim"]), params)
         model.load_state_dict(checkpoint["state_dict"])
         model.eval()
-        return cls(
-            model=model,
-            encoder_id=checkpoint["encoder_id"],
-            user_space=checkpoint["user_space"],
-            training_params=dict(checkpoint.get("training_params", {})),
-            inputs_fingerprint=str(checkpoint.get("inputs_fingerprint", "")),
-            trained_by=str(checkpoint.get("trained_by", "")),
-        )
+        return cls(model, str(checkpoint["encoder_id"]), str(checkpoint["user_space"]), provenance)
+
+    @classmethod
+    def trained(
+        cls, model: Projector, encoder_id: str, user_space: str, inputs_fingerprint: str, trained_by: str,
+        warm_started_from: str = "",
+    ) -> "TrainedProjector":  # fmt: skip
+        """A freshly trained projector with its provenance (its params are the model's)."""
+        provenance = TrainingProvenance(asdict(model.params), inputs_fingerprint, trained_by, warm_started_from)
+        return cls(model, encoder_id, user_space, provenance)

@@ -17,7 +17,8 @@ import torch
 
 from adrec_assets.ml.linear import ridge_fit
 from adrec_assets.ml.losses import centroid_mse, info_nce
-from adrec_assets.ml.models import Projector, ProjectorSpec
+from adrec_assets.ml.models import Projector
+from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.ml.sampling import AdClickerPairSampler, CoClickPairSampler, clicker_centroids
 from adrec_assets.ml.types import ClickGraph
 
@@ -31,7 +32,7 @@ def seeded_and_deterministic(seed: int) -> Iterator[None]:
     Without deterministic kernels the scatter-add in the embedding backward pass sums in
     thread order, and two identical runs differ in the 7th decimal. Without flushing,
     tiny gradients late in training become denormal floats and x86 CPUs process them
-    ~3x slower (measured on the MovieLens projector: 23 -> 8 ms per step). The RNG state
+    ~3x slower (benchmarks/README.md, "Denormal floats"). The RNG state
     and the deterministic flag are restored afterwards; denormal flushing is switched
     back off (torch has no getter for it).
     """
@@ -75,18 +76,6 @@ class TrainingHistory:
         picks = sorted(set(np.linspace(0, n - 1, num=min(n, max_rows)).round().astype(int)))
         rows = "\n".join(f"| {i + 1} | {self.epoch_losses[i]:.4f} |" for i in picks)
         return f"| epoch | mean loss |\n|---:|---:|\n{rows}"
-
-
-@dataclass(frozen=True)
-class UserTrainingParams:
-    dim: int = 128
-    temperature: float = 0.07
-    epochs: int = 20
-    min_steps: int = 2000  # small graphs get more epochs: convergence needs steps, not passes
-    batch_size: int = 512
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    seed: int = 0
 
 
 @dataclass
@@ -212,21 +201,6 @@ def train_user_embeddings(
     return UserTrainingResult(vectors=vectors, isolated=isolated, history=history)
 
 
-@dataclass(frozen=True)
-class ProjectorParams:
-    hidden_dim: int = 512
-    dropout: float = 0.1
-    temperature: float = 0.07
-    centroid_weight: float = 0.1
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    popularity_weight: float = 0.25  # ml-latest-small: 0.1 -> 0.162, 0.2 -> 0.177, 0.3 -> 0.175
-    min_steps: int = 1500
-    seed: int = 0
-
-
 @dataclass
 class ProjectorTrainingResult:
     model: Projector
@@ -267,15 +241,8 @@ def train_projector(
     content = torch.from_numpy(np.ascontiguousarray(ad_content, dtype=np.float32))
     users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
     centroids = torch.from_numpy(clicker_centroids(graph, user_vectors))
-    spec = ProjectorSpec(
-        in_dim=content.shape[1],
-        hidden_dim=params.hidden_dim,
-        out_dim=users.shape[1],
-        dropout=params.dropout,
-        popularity_weight=params.popularity_weight,
-    )
     with seeded_and_deterministic(params.seed):
-        model = Projector(spec)
+        model = Projector(content.shape[1], users.shape[1], params)
         if init_state is not None:
             model.load_state_dict(init_state)
         opt = torch.optim.AdamW(
@@ -330,7 +297,7 @@ def score_bias(model: Projector, content: np.ndarray) -> np.ndarray:
 def project(model: Projector, content: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     """Map content vectors into user space (eval mode: no dropout), (n, out_dim) unit rows."""
     model.eval()
-    out = np.empty((len(content), model.spec.out_dim), dtype=np.float32)
+    out = np.empty((len(content), model.out_dim), dtype=np.float32)
     for begin in range(0, len(content), batch_size):
         chunk = torch.from_numpy(np.ascontiguousarray(content[begin : begin + batch_size], dtype=np.float32))
         out[begin : begin + len(chunk)] = model(chunk).numpy()

@@ -7,9 +7,13 @@ click-graph step pseudonymizes them before anything is stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from adrec_assets.ml.types import AdCatalog
 
 
 @dataclass(frozen=True)
@@ -28,3 +32,32 @@ class RawClicks:
 
     def __len__(self) -> int:
         return len(self.ad_codes)
+
+
+@dataclass
+class ClickReadReport:
+    """What a click read saw: files, rows, and the rows dropped for naming unknown ads."""
+
+    n_files: int = 0
+    n_rows: int = 0
+    n_unknown_ad_rows: int = 0
+    unknown_examples: list[str] = field(default_factory=list)
+
+    @property
+    def n_usable(self) -> int:
+        return self.n_rows - self.n_unknown_ad_rows
+
+
+class Source(Protocol):
+    """Where one partition's ads and clicks come from: a folder of files, the built-in
+    synthetic generator, or anything else that yields the same two things."""
+
+    name: str
+
+    def read_ads(self) -> AdCatalog:
+        """The validated ad catalogue."""
+        ...
+
+    def read_clicks(self, ad_ids: np.ndarray) -> tuple[RawClicks, ClickReadReport]:
+        """The clicks on the catalogue's ``ad_ids`` (clicks naming other ads are dropped and counted)."""
+        ...

@@ -47,5 +47,6 @@ def load_builtin_catalog(catalog_dir: Path | None = None) -> LabelledCatalog:
         ad_ids=frame["ad_id"].to_numpy(dtype=str),
         texts=frame["text"].to_numpy(dtype=str),
         image_paths=np.asarray(images, dtype=str),
+        image_root=str(catalog_dir.resolve()),
     )
     return LabelledCatalog(catalog=catalog, categories=frame["category"].to_numpy(dtype=str))

@@ -26,7 +26,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adrec_assets.ml.types import AdCatalog
-from adrec_assets.sources import RawClicks
+from adrec_assets.sources import ClickReadReport, RawClicks
 
 ADS_FILENAMES = ("ads.csv", "ads.parquet", "ads.jsonl")
 CLICKS_DIRNAME = "clicks"
@@ -50,16 +50,20 @@ class SourceError(ValueError):
     """Bad input in a click source; the message says where and how to fix it."""
 
 
-@dataclass
-class ClickReadReport:
-    n_files: int = 0
-    n_rows: int = 0
-    n_unknown_ad_rows: int = 0
-    unknown_examples: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class FileSource:
+    """A source folder ``<root>/<name>/`` in the format above."""
 
-    @property
-    def n_usable(self) -> int:
-        return self.n_rows - self.n_unknown_ad_rows
+    folder: Path
+    name: str
+    max_unknown_ad_share: float = DEFAULT_MAX_UNKNOWN_AD_SHARE
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def read_ads(self) -> AdCatalog:
+        return read_ads(self.folder, self.name)
+
+    def read_clicks(self, ad_ids: np.ndarray) -> tuple[RawClicks, ClickReadReport]:
+        return read_clicks(self.folder, ad_ids, self.name, self.max_unknown_ad_share, self.chunk_rows)
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -314,6 +318,7 @@ def read_ads(source_dir: Path, source: str | None = None) -> AdCatalog:
         ad_ids=np.asarray(ad_ids, dtype=str),
         texts=np.asarray(texts, dtype=str),
         image_paths=np.asarray(resolved, dtype=str),
+        image_root=str(source_dir.resolve()),
     )
 
 

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adrec_assets.sources import RawClicks
-from adrec_assets.sources.catalog import LabelledCatalog
+from adrec_assets.ml.types import AdCatalog
+from adrec_assets.sources import ClickReadReport, RawClicks
+from adrec_assets.sources.catalog import LabelledCatalog, load_builtin_catalog
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,30 @@ class SyntheticClickGenerator:
         return clicks, truth
 
 
+@dataclass(frozen=True)
+class SyntheticSource:
+    """The built-in source: the sample catalogue and seeded archetype clicks (no files)."""
+
+    params: SyntheticParams = SyntheticParams()
+    name: str = "synthetic"
+
+    def read_ads(self) -> AdCatalog:
+        return load_builtin_catalog().catalog
+
+    def read_clicks(self, ad_ids: np.ndarray) -> tuple[RawClicks, ClickReadReport]:
+        labelled = load_builtin_catalog()
+        if list(ad_ids) != labelled.catalog.ad_ids.tolist():
+            raise ValueError("the synthetic source generates clicks for the built-in catalogue only")
+        clicks, _truth = SyntheticClickGenerator(labelled, self.params).generate()
+        return clicks, ClickReadReport(n_files=0, n_rows=len(clicks))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m adrec_assets.sources.synthetic OUT_DIR``: write the synthetic source in the
     folder format, so the file path is exercised with data of known structure."""
     import argparse
     from pathlib import Path
 
-    from adrec_assets.sources.catalog import load_builtin_catalog
     from adrec_assets.sources.files import write_source
 
     parser = argparse.ArgumentParser(prog="python -m adrec_assets.sources.synthetic", description=main.__doc__)

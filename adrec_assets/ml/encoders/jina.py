@@ -47,13 +47,6 @@ from adrec_assets.ml.encoders.base import (
 log = logging.getLogger(__name__)
 
 MODEL_REPO = "jinaai/jina-clip-v2"
-#: Code repositories the checkpoint's remote code is resolved from (config ``auto_map``
-#: ``repo--module.Class`` references and the text tower's nested config).
-CODE_REPOS = (
-    "jinaai/jina-clip-implementation",
-    "jinaai/xlm-roberta-flash-implementation",
-    "jinaai/jina-embeddings-v3",
-)
 JINA_PATH_ENV_VAR = "ADREC_JINA_PATH"
 IMAGE_SIZE = 512  # the checkpoint's processor: shorter side -> 512, centre crop 512
 WEIGHT_FILES = (

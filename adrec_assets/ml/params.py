@@ -1,0 +1,49 @@
+"""Training settings of the two learnt models, declared once.
+
+These dataclasses are the only place a setting, its default and its description live: the
+trainers take them, the artifacts record them (``TrainingProvenance.params``), the projector
+rebuilds its architecture from them, and the Dagster ``Config`` classes the launchpad shows
+are generated from them (``adrec_assets.assets.common.params_config``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def setting(default: float | int, help: str) -> float | int:  # noqa: A002 - the field's description
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class UserTrainingParams:
+    """InfoNCE over co-click pairs; one epoch visits every co-clicked (user, ad) pair once."""
+
+    dim: int = setting(128, "User-space dimension.")
+    temperature: float = setting(0.07, "InfoNCE temperature.")
+    epochs: int = setting(20, "Passes over the co-clicked pairs (at least).")
+    min_steps: int = setting(2000, "Raise the epochs until at least this many optimizer steps run.")
+    batch_size: int = setting(512, "Pairs per step (in-batch negatives).")
+    lr: float = setting(3e-3, "SparseAdam learning rate.")
+    weight_decay: float = setting(0.0, "L2 penalty on the rows of each batch.")
+    seed: int = setting(0, "Seeds init and pair sampling.")
+
+
+@dataclass(frozen=True)
+class ProjectorParams:
+    """InfoNCE(ad, its clickers) + centroid_weight x MSE(ad, centroid of its clickers), and the
+    architecture of the MLP (hidden width, dropout) and of the score (popularity weight)."""
+
+    hidden_dim: int = setting(512, "Hidden width of the MLP.")
+    dropout: float = setting(0.1, "Dropout after the hidden layer.")
+    temperature: float = setting(0.07, "InfoNCE temperature.")
+    centroid_weight: float = setting(0.1, "Weight of the centroid MSE loss.")
+    epochs: int = setting(10, "Passes over the (ad, clicker) pairs (at least).")
+    batch_size: int = setting(128, "Pairs per step (in-batch negatives).")
+    lr: float = setting(1e-3, "AdamW learning rate.")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    popularity_weight: float = setting(
+        0.25, "Weight of the content-predicted popularity z-score added to the cosine (0 = pure cosine)."
+    )
+    min_steps: int = setting(1500, "Raise the epochs until at least this many optimizer steps run.")
+    seed: int = setting(0, "Seeds init, dropout and sampling.")

@@ -1,0 +1,206 @@
+"""File sources through whole pipeline runs: materialized assets and checks, blocking checks
+that stop a bad run, and failed runs that lose nothing. The readers themselves are tested
+in ``test_file_sources.py``; this file reuses its source writers."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from adrec_assets.artifacts import write_file
+from adrec_assets.ml.types import ContentEmbeddings
+from adrec_assets_tests.pipeline_fixtures import (
+    ALL_CHECKS,
+    ASSET_FILES,
+    failure_message,
+    load_artifact,
+    materialize_pipeline,
+)
+from adrec_assets_tests.test_file_sources import (
+    AD_IDS,
+    GOOD_ADS_CSV,
+    _source_with_bad_images,
+    N_USERS,
+    write_clicks,
+    write_valid_source,
+)
+
+
+# ---------------------------------------------------------------- pipeline runs on file sources
+
+
+@pytest.fixture(scope="module")
+def good_runs(tmp_path_factory, encoder):
+    """Two file sources materialized end to end into one artifacts folder: "other" (with a good,
+    a corrupt and a missing image) first, then "shop" (no images)."""
+    root = tmp_path_factory.mktemp("sources")
+    base = tmp_path_factory.mktemp("artifacts")
+    _source_with_bad_images(root, "other")
+    write_valid_source(root, "shop")
+    with dg.instance_for_test() as instance:
+        results = {}
+        for partition in ("other", "shop"):
+            results[partition] = materialize_pipeline(instance, base, partition=partition, root=str(root))
+            assert results[partition].success
+        yield {"root": root, "base": base, "instance": instance, "results": results}
+
+
+def _copy(good_runs, tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "sources"
+    base = tmp_path / "artifacts"
+    shutil.copytree(good_runs["root"], root, symlinks=True)
+    shutil.copytree(good_runs["base"], base)
+    return root, base
+
+
+def _digests(base: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(base.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_good_file_sources_materialize_all_assets_and_checks(good_runs):
+    base = good_runs["base"]
+    for partition, result in good_runs["results"].items():
+        events = result.get_asset_materialization_events()
+        assert {e.materialization.asset_key.to_user_string() for e in events} == set(ASSET_FILES)
+        evaluations = result.get_asset_check_evaluations()
+        assert len(evaluations) == len(ALL_CHECKS) and all(e.passed for e in evaluations)
+        meta = {
+            e.materialization.asset_key.to_user_string(): e.materialization.metadata
+            for e in result.get_asset_materialization_events()
+        }
+        assert meta["click_graph"]["n_click_rows_read"].value == 40
+        assert meta["click_graph"]["n_click_files"].value == 1
+        assert meta["click_graph"]["n_clicks_dropped_unknown_ad"].value == 0
+        assert meta["click_graph"]["n_users"].value == N_USERS
+        assert meta["ad_embeddings_raw"]["n_ads"].value == 6
+        graph = load_artifact(base, "click_graph", partition)
+        assert graph.n_users == N_USERS and graph.n_clicks == 40 and graph.ad_ids.tolist() == AD_IDS
+        assert not any(u.startswith("user-") for u in graph.user_ids)  # pseudonyms only
+        assert load_artifact(base, "ad_projected", partition).ids.tolist() == AD_IDS
+    # The corrupt and the missing image of "other" fell back to text and were counted.
+    other = {
+        e.materialization.asset_key.to_user_string(): e.materialization.metadata
+        for e in good_runs["results"]["other"].get_asset_materialization_events()
+    }
+    assert other["raw_ads"]["n_ads_with_image"].value == 3
+    assert other["ad_embeddings_raw"]["n_ads_with_image"].value == 1
+    assert other["ad_embeddings_raw"]["n_image_failures"].value == 2
+    raw = load_artifact(base, "ad_embeddings_raw", "other")
+    assert raw.has_image.tolist() == [True] + [False] * 5
+
+
+def _nan_ad_embeddings(base: Path, partition: str) -> None:
+    raw = load_artifact(base, "ad_embeddings_raw", partition)
+    vectors = raw.vectors.copy()
+    vectors[2, 5] = np.nan
+    write_file(
+        base / "ad_embeddings_raw" / f"{partition}.npz",
+        ContentEmbeddings(raw.ids, vectors, raw.encoder_id, raw.has_image),
+    )
+
+
+def test_nan_ad_embeddings_artifact_fails_the_blocking_check_and_stops_projector(good_runs, tmp_path):
+    """A NaN row in a stored ad_embeddings_raw (e.g. a manual copy) fails the blocking check,
+    so the projector downstream in the same run is not trained and its file stays as it was."""
+    root, base = _copy(good_runs, tmp_path)
+    _nan_ad_embeddings(base, "shop")
+    before = _digests(base)
+    check_key = dg.AssetCheckKey(dg.AssetKey("ad_embeddings_raw"), "ad_embeddings_are_unit_768")
+    result = materialize_pipeline(
+        good_runs["instance"],
+        base,
+        partition="shop",
+        selection=dg.AssetSelection.assets("projector") | dg.AssetSelection.checks(check_key),
+        raise_on_error=False,
+        root=str(root),
+    )
+    assert not result.success
+    evaluations = result.get_asset_check_evaluations()
+    assert [(e.check_name, e.passed) for e in evaluations] == [("ad_embeddings_are_unit_768", False)]
+    assert evaluations[0].metadata["n_rows_with_nan_or_inf"].value == 1
+    assert "ad_embeddings_are_unit_768" in failure_message(result)
+    assert not result.get_asset_materialization_events()  # projector never ran
+    assert _digests(base) == before
+
+
+def test_projector_alone_refuses_nan_ad_embeddings_and_keeps_previous_checkpoint(good_runs, tmp_path):
+    root, base = _copy(good_runs, tmp_path)
+    _nan_ad_embeddings(base, "shop")
+    before = _digests(base)
+    result = materialize_pipeline(
+        good_runs["instance"], base, partition="shop", selection=["projector"], raise_on_error=False, root=str(root)
+    )
+    assert _digests(base) == before
+    assert not result.success and "NaN" in failure_message(result)
+
+
+def test_pipeline_run_on_a_source_without_usable_clicks_fails_naming_it(good_runs, tmp_path):
+    root, base = _copy(good_runs, tmp_path)
+    write_clicks(root / "shop", "user_id,ad_id\nu1,old-1\nu2,old-2\n")
+    before = _digests(base)
+    result = materialize_pipeline(
+        good_runs["instance"], base, partition="shop", selection=["click_graph"], raise_on_error=False, root=str(root)
+    )
+    assert not result.success
+    assert "source 'shop': none of the 2 click rows" in failure_message(result)
+    assert _digests(base) == before
+
+
+
+# ---------------------------------------------------------------- 14. a failed run loses nothing
+
+
+def _break_with_duplicate_ad(root: Path) -> tuple[str, ...]:
+    (root / "shop" / "ads.csv").write_text(GOOD_ADS_CSV + "ad-2,A second ad-2\n")
+    return ("source 'shop'", "ads.csv", "ad_id 'ad-2' appears on lines 4 and 8")
+
+
+def _break_with_bad_weight_file(root: Path) -> tuple[str, ...]:
+    (root / "shop" / "clicks" / "part-001.csv").write_text(
+        "user_id,ad_id,timestamp,weight\nuser-00,ad-5,1700000100,1\nuser-01,ad-0,1700000101,abc\n"
+    )
+    return ("source 'shop'", "part-001.csv", "line 3 has weight='abc'")
+
+
+@pytest.mark.parametrize("breakage", [_break_with_duplicate_ad, _break_with_bad_weight_file], ids=["ads", "clicks"])
+def test_failed_run_leaves_every_artifact_byte_for_byte(good_runs, tmp_path, breakage):
+    root, base = _copy(good_runs, tmp_path)
+    before = _digests(base)
+    assert len(before) == 2 * len(ASSET_FILES)  # shop and other, all seven assets each
+    expected = breakage(root)
+    result = materialize_pipeline(good_runs["instance"], base, partition="shop", raise_on_error=False, root=str(root))
+    assert not result.success
+    message = failure_message(result)
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    after = _digests(base)
+    assert set(after) == set(before)  # nothing added: no temp files, no stray outputs
+    assert not [p for p in base.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+    materialized = {e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    unchanged = {name for name in before if before[name] == after[name]}
+    if breakage is _break_with_duplicate_ad:
+        # raw_ads and click_graph (which also reads the ads) fail; nothing downstream runs.
+        assert materialized == set()
+        assert unchanged == set(before)
+    else:
+        # The ads side does not depend on clicks and is rebuilt: raw_ads records the copied
+        # source folder as its image root, the vectors are the same bytes; everything fed by
+        # clicks is untouched. (Each step still publishes its own file: see the snapshots.)
+        assert materialized == {"raw_ads", "ad_embeddings_raw"}
+        assert unchanged == set(before) - {"raw_ads/shop.npz"}
+        for asset in ("raw_ads", "ad_embeddings_raw"):
+            old, new = load_artifact(good_runs["base"], asset, "shop"), load_artifact(base, asset, "shop")
+            for key, array in old.to_arrays().items():
+                if key != "image_root":  # the copied source folder
+                    np.testing.assert_array_equal(array, new.to_arrays()[key], err_msg=f"{asset}.{key}")
+    # The other partition is never touched.
+    assert {k for k in before if "/other." in k} <= unchanged
