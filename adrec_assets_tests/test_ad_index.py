@@ -1,0 +1,425 @@
+"""AdIndex: FAISS search over [p_a, b_a] checked against NumPy brute force."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import faiss
+import numpy as np
+import pytest
+
+from adrec_assets.online import index as index_module
+from adrec_assets.online.index import (
+    AdIndex,
+    DuplicateAdIdError,
+    IndexStateError,
+    InvalidAdError,
+    InvalidQueryError,
+    UnknownAdError,
+    exact_top_k,
+    recall_at_k,
+)
+
+D = 16
+KINDS = ["flat", "hnsw"]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_ads(n: int, d: int = D, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [f"ad-{i}" for i in range(n)], unit(rng.standard_normal((n, d))), rng.normal(0, 0.1, n).astype(np.float32)
+
+
+def user_queries(n: int, d: int = D, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate([unit(rng.standard_normal((n, d))), np.ones((n, 1), np.float32)], axis=1)
+
+
+def build(kind: str, ids: list[str], vecs: np.ndarray, bias: np.ndarray, **kw: object) -> AdIndex:
+    """Force the kind: flat when n <= exact_max_ads, HNSW otherwise."""
+    kw.setdefault("ef_construction", 64)
+    index = AdIndex.build(ids, vecs, bias, exact_max_ads=len(ids) if kind == "flat" else 0, **kw)
+    assert index.kind == kind
+    return index
+
+
+def brute_force(
+    ids: list[str], vecs: np.ndarray, bias: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[list[list[str]], np.ndarray]:
+    """The reference: every score, fully sorted (independent of exact_top_k's partitioning)."""
+    scores = queries.astype(np.float64) @ np.concatenate([vecs, bias[:, None]], axis=1).astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row] for row in order], np.take_along_axis(scores, order, axis=1)
+
+
+def result_ids(index: AdIndex, slots: np.ndarray) -> list[list[str]]:
+    return [[a for a in row if a is not None] for row in index.ad_ids(slots).tolist()]
+
+
+# ---------------------------------------------------------------------- search correctness
+def test_flat_search_equals_numpy_brute_force_for_user_and_exploration_queries():
+    ids, vecs, bias = make_ads(500)
+    index = AdIndex.build(ids, vecs, bias)
+    rng = np.random.default_rng(5)
+    exploration = np.concatenate([user_queries(20)[:, :D] * rng.uniform(0.5, 2, (20, D)), rng.uniform(0, 2, (20, 1))], axis=1)
+    for queries in (user_queries(30), exploration.astype(np.float32)):
+        scores, slots = index.search(queries, 10)
+        want_ids, want_scores = brute_force(ids, vecs, bias, queries, 10)
+        assert scores.dtype == np.float32 and slots.dtype == np.int64 and slots.shape == (len(queries), 10)
+        assert result_ids(index, slots) == want_ids
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_score_bias_is_added_to_the_similarity():
+    u = unit(np.eye(D, dtype=np.float32)[0] + 0.0)
+    closer = unit(u + 0.1 * np.eye(D, dtype=np.float32)[1])  # cos 0.995
+    farther = unit(u + 0.5 * np.eye(D, dtype=np.float32)[1])  # cos 0.894, but popular
+    index = AdIndex.build(["closer", "popular"], np.stack([closer, farther]), np.array([0.0, 0.3], np.float32))
+    scores, slots = index.search(np.append(u, 1.0)[None, :], 2)
+    assert index.ad_ids(slots).tolist() == [["popular", "closer"]]
+    np.testing.assert_allclose(scores[0], [farther @ u + 0.3, closer @ u], rtol=1e-6)
+    _, slots = index.search(np.append(u, 0.0)[None, :], 2)  # theta_b = 0: bias ignored
+    assert index.ad_ids(slots).tolist() == [["closer", "popular"]]
+
+
+def test_build_is_exact_up_to_exact_max_ads_and_hnsw_above():
+    ids, vecs, bias = make_ads(51)
+    assert AdIndex.build(ids[:50], vecs[:50], bias[:50], exact_max_ads=50).kind == "flat"
+    hnsw = AdIndex.build(ids, vecs, bias, exact_max_ads=50, hnsw_m=8, ef_search=40)
+    assert hnsw.kind == "hnsw" and len(hnsw) == 51 and hnsw.dim == D
+    assert hnsw.params == {"exact_max_ads": 50, "hnsw_m": 8, "ef_construction": 200, "ef_search": 40, "seed": 0}
+    assert isinstance(faiss.downcast_index(hnsw._index), faiss.IndexHNSWFlat)
+    assert hnsw._index.metric_type == faiss.METRIC_INNER_PRODUCT and hnsw._index.d == D + 1
+
+
+def test_hnsw_recall_at_10_against_numpy_is_at_least_095_and_recall_at_k_agrees():
+    ids, vecs, bias = make_ads(4000, d=32)
+    index = build("hnsw", ids, vecs, bias, ef_construction=100)
+    queries = user_queries(200, d=32)
+    _, slots = index.search(queries, 10)
+    want, _ = brute_force(ids, vecs, bias, queries, 10)
+    manual = np.mean([len(set(got) & set(w)) / 10 for got, w in zip(result_ids(index, slots), want)])
+    assert manual >= 0.95
+    assert recall_at_k(index, queries, 10) == pytest.approx(manual, abs=1e-12)
+
+
+def test_recall_at_k_reports_a_weak_index_exactly():
+    ids, vecs, bias = make_ads(3000, d=32, seed=3)
+    weak = build("hnsw", ids, vecs, bias, hnsw_m=4, ef_construction=8, ef_search=1)
+    queries = user_queries(100, d=32, seed=4)
+    _, slots = weak.search(queries, 10)
+    want, _ = brute_force(ids, vecs, bias, queries, 10)
+    manual = np.mean([len(set(got) & set(w)) / 10 for got, w in zip(result_ids(weak, slots), want)])
+    assert manual < 0.9  # the index really is weak, so the comparison below means something
+    assert recall_at_k(weak, queries, 10) == pytest.approx(manual, abs=1e-12)
+    assert recall_at_k(AdIndex.build(ids, vecs, bias), queries, 10) == 1.0
+
+
+def test_recall_at_k_counts_tied_duplicates_as_hits():
+    ids, vecs, bias = make_ads(50)
+    vecs[1], bias[1] = vecs[0], bias[0]  # two ads with identical rows: either may be returned
+    index = AdIndex.build(ids, vecs, bias)
+    q = np.append(vecs[0], 1.0)[None, :]
+    assert recall_at_k(index, q, 1) == 1.0
+
+
+def test_exact_top_k_matches_a_full_sort_in_blocks_and_pads(monkeypatch):
+    ids, vecs, bias = make_ads(300)
+    rows = np.concatenate([vecs, bias[:, None]], axis=1)
+    queries = user_queries(7)
+    monkeypatch.setattr(index_module, "_EXACT_BLOCK_ELEMENTS", 7 * 13)  # 13-row blocks
+    scores, got = exact_top_k(rows, queries, 12)
+    want_ids, want_scores = brute_force(ids, vecs, bias, queries, 12)
+    assert [[ids[j] for j in r] for r in got] == want_ids
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6)
+    scores, got = exact_top_k(rows[:3], queries[:1], 5)
+    assert got[0, 3:].tolist() == [-1, -1] and np.isneginf(scores[0, 3:]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_pads_with_minus_one_when_fewer_live_ads_than_k(kind):
+    ids, vecs, bias = make_ads(6)
+    index = build(kind, ids, vecs, bias)
+    scores, slots = index.search(user_queries(3), 10)
+    assert (slots[:, 6:] == -1).all() and np.isneginf(scores[:, 6:]).all()
+    assert all(sorted(row) == sorted(ids) for row in result_ids(index, slots))
+    assert (np.diff(scores[:, :6], axis=1) <= 0).all()  # best first
+
+
+# ---------------------------------------------------------------------- live changes
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_added_ad_is_recommendable_in_the_next_search(kind):
+    ids, vecs, bias = make_ads(300)
+    index = build(kind, ids, vecs, bias)
+    direction = unit(np.random.default_rng(9).standard_normal(D))
+    q = np.append(direction, 1.0)[None, :]
+    assert "fresh" not in result_ids(index, index.search(q, 5)[1])[0]
+    slot = index.add("fresh", direction, 0.5)
+    scores, slots = index.search(q, 5)
+    assert slots[0, 0] == slot and index.ad_id(slot) == "fresh" and index.slot_of("fresh") == slot
+    assert scores[0, 0] == pytest.approx(1.5, rel=1e-6)
+    assert len(index) == 301 and slot not in range(300)
+    np.testing.assert_allclose(index.vectors([slot])[0], np.append(direction, 0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_re_adding_an_ad_replaces_its_vector_and_bias(kind):
+    ids, vecs, bias = make_ads(200)
+    index = build(kind, ids, vecs, bias)
+    old_slot = index.slot_of("ad-3")
+    new_vec = unit(-vecs[3])
+    new_slot = index.add("ad-3", new_vec, -0.2)
+    assert new_slot != old_slot and index.slot_of("ad-3") == new_slot and len(index) == 200
+    assert index.ad_id(old_slot) == "ad-3"  # still resolvable for results read just before
+    scores, slots = index.search(user_queries(20), 200)
+    assert all(row.count("ad-3") == 1 for row in result_ids(index, slots))
+    assert old_slot not in slots and old_slot not in index.live_slots()
+    q = np.append(new_vec, 1.0)[None, :]
+    s, sl = index.search(q, 1)
+    assert sl[0, 0] == new_slot and s[0, 0] == pytest.approx(0.8, rel=1e-5)
+    with pytest.raises(UnknownAdError, match=f"slot {old_slot}"):
+        index.vectors([old_slot])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_removed_ads_are_never_returned_and_the_rest_is_still_found(kind):
+    ids, vecs, bias = make_ads(1500, d=32)
+    index = build(kind, ids, vecs, bias, ef_construction=100)
+    rng = np.random.default_rng(11)
+    removed = {ids[i] for i in rng.choice(1500, 450, replace=False)}
+    index.remove_many(sorted(removed)[:-1])
+    index.remove(sorted(removed)[-1])
+    assert len(index) == 1050 and index.n_tombstones == (450 if kind == "hnsw" else 0)
+    queries = user_queries(100, d=32)
+    _, slots = index.search(queries, 1500)  # ask for everything: still no retired ad
+    got = result_ids(index, slots)
+    assert all(len(row) == len(set(row)) and not removed & set(row) for row in got)
+    keep = [i for i, a in enumerate(ids) if a not in removed]
+    want, _ = brute_force([ids[i] for i in keep], vecs[keep], bias[keep], queries, 10)
+    _, top = index.search(queries, 10)
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(result_ids(index, top), want)])
+    assert recall == 1.0 if kind == "flat" else recall >= 0.95
+    with pytest.raises(UnknownAdError, match="not in the index"):
+        index.slot_of(sorted(removed)[0])
+    with pytest.raises(UnknownAdError):
+        index.remove(sorted(removed)[0])
+    assert set(index.ad_ids(index.live_slots()).tolist()) == set(ids) - removed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_removing_every_ad_leaves_only_padding_and_adding_revives(kind):
+    ids, vecs, bias = make_ads(40)
+    index = build(kind, ids, vecs, bias)
+    index.remove_many(ids)
+    scores, slots = index.search(user_queries(2), 3)
+    assert (slots == -1).all() and np.isneginf(scores).all() and len(index) == 0
+    assert recall_at_k(index, user_queries(2), 3) == 1.0
+    slot = index.add("ad-0", vecs[0], bias[0])
+    assert index.search(user_queries(2), 3)[1][:, 0].tolist() == [slot, slot]
+
+
+def test_hnsw_still_returns_full_exact_results_when_tombstones_crowd_the_top():
+    """300 replacements of a popular ad leave 300 tombstones above every live ad: HNSW's beam
+    fills with them and comes back short; the index must then fall back to an exact scan."""
+    ids, vecs, bias = make_ads(300)
+    index = build("hnsw", ids, vecs, bias)
+    hot = [unit(np.ones(D, np.float32)), unit(np.arange(D, dtype=np.float32) + 1)]
+    for i in range(301):
+        index.add("hot", hot[i % 2], 5.0)
+    raw_scores, raw_slots = index._index.search(user_queries(50), 5, params=index._hnsw_params(5))
+    assert ((raw_slots >= 0).sum(axis=1) < 5).any()  # the starvation this test is about
+    queries = user_queries(50)
+    _, slots = index.search(queries, 5)
+    want, _ = brute_force([*ids, "hot"], np.vstack([vecs, hot[0]]), np.r_[bias, 5.0].astype(np.float32), queries, 5)
+    assert result_ids(index, slots) == want
+
+
+def test_remove_many_is_all_or_nothing():
+    ids, vecs, bias = make_ads(10)
+    index = AdIndex.build(ids, vecs, bias)
+    with pytest.raises(UnknownAdError, match="'nope'"):
+        index.remove_many(["ad-1", "nope"])
+    assert len(index) == 10 and index.slot_of("ad-1") == 1
+
+
+def test_ad_ids_maps_padding_to_none_and_rejects_unknown_slots():
+    ids, vecs, bias = make_ads(3)
+    index = AdIndex.build(ids, vecs, bias)
+    assert index.ad_ids(np.array([[2, -1], [0, 1]])).tolist() == [["ad-2", None], ["ad-0", "ad-1"]]
+    for bad in (3, -2):
+        with pytest.raises(UnknownAdError, match=f"slot {bad} was never issued"):
+            index.ad_ids([bad])
+        with pytest.raises(UnknownAdError):
+            index.ad_id(bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vectors_are_the_stored_rows_with_bias(kind):
+    ids, vecs, bias = make_ads(30)
+    index = build(kind, ids, vecs, bias)
+    slots = np.array([5, 0, 29])
+    np.testing.assert_array_equal(index.vectors(slots), np.concatenate([vecs, bias[:, None]], axis=1)[slots])
+    assert index.vectors([]).shape == (0, D + 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_searches_see_each_replacement_whole(kind):
+    """A reader never sees a replaced ad twice or not at all, whatever the interleaving."""
+    ids, vecs, bias = make_ads(300)
+    index = build(kind, ids, vecs, bias)
+    hot = [unit(np.ones(D, np.float32)), unit(np.arange(D, dtype=np.float32) + 1)]
+    index.add("hot", hot[0], 5.0)  # so high that it is always in the top 5
+    queries = user_queries(50)
+    stop = threading.Event()
+    failures: list[str] = []
+    searches = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            _, slots = index.search(queries, 5)
+            for row in result_ids(index, slots):
+                if row.count("hot") != 1 or len(set(row)) != len(row):
+                    failures.append(repr(row))
+            searches[0] += 1
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(300):
+            index.add("hot", hot[i % 2], 5.0)
+            if i % 50 == 0:
+                index.remove("hot")
+                index.add("hot", hot[0], 5.0)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert not failures, failures[:3]
+    assert searches[0] > 0 and len(index) == 301
+
+
+def test_search_sets_openmp_threads_for_the_call_only():
+    """faiss' OpenMP thread count is per calling thread: search sets it for its own call
+    (single queries: 1) and leaves the caller's setting as it found it."""
+    ids, vecs, bias = make_ads(100)
+    index = build("hnsw", ids, vecs, bias)
+    seen: list[int] = []
+    real_search = index._index.search
+
+    def spy(*args: object, **kw: object) -> object:
+        seen.append(faiss.omp_get_max_threads())
+        return real_search(*args, **kw)
+
+    index._index.search = spy
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        index.search(user_queries(1), 3)
+        index.search(user_queries(4), 3, threads=2)
+        assert seen == [1, 2]
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------- persistence
+@pytest.mark.parametrize("kind", KINDS)
+def test_arrays_round_trip_without_pickle_gives_identical_results(kind):
+    ids, vecs, bias = make_ads(800)
+    index = build(kind, ids, vecs, bias, ef_search=32, seed=7)
+    index.remove_many(["ad-1", "ad-500"])
+    index.add("ad-ü-new", vecs[1], 0.3)
+    index.add("ad-2", vecs[3], 0.1)  # replacement
+    arrays = index.to_arrays()
+    assert all(a.dtype != object for a in arrays.values())
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as z:
+        restored = AdIndex.from_arrays(dict(z))
+    assert restored.nbytes == index.nbytes == sum(a.nbytes for a in arrays.values())
+    assert (restored.kind, len(restored), restored.dim, restored.params, restored.n_tombstones) == (
+        index.kind, len(index), index.dim, index.params, index.n_tombstones)
+    queries = user_queries(100)
+    a_scores, a_slots = index.search(queries, 20)
+    b_scores, b_slots = restored.search(queries, 20)
+    np.testing.assert_array_equal(a_slots, b_slots)
+    np.testing.assert_array_equal(a_scores, b_scores)
+    np.testing.assert_array_equal(index.live_slots(), restored.live_slots())
+    assert restored.ad_id(index.slot_of("ad-ü-new")) == "ad-ü-new" and restored.ad_id(1) == "ad-1"
+    # slots keep counting after a reload: a restored index never reissues one
+    assert restored.add("later", vecs[4], 0.0) == index.add("later", vecs[4], 0.0) == 802
+
+
+def test_from_arrays_rejects_missing_foreign_or_inconsistent_arrays():
+    ids, vecs, bias = make_ads(20)
+    arrays = AdIndex.build(ids, vecs, bias).to_arrays()
+    with pytest.raises(IndexStateError, match="live"):
+        AdIndex.from_arrays({k: v for k, v in arrays.items() if k != "live"})
+    wrong_version = dict(arrays, meta_json=np.frombuffer(b'{"format": "adrec-ad-index", "version": 99}', np.uint8))
+    with pytest.raises(IndexStateError, match="v99"):
+        AdIndex.from_arrays(wrong_version)
+    with pytest.raises(IndexStateError, match="inconsistent"):
+        AdIndex.from_arrays(dict(arrays, live=np.r_[np.zeros(1, bool), arrays["live"][1:]]))
+    with pytest.raises(IndexStateError, match="offsets"):
+        AdIndex.from_arrays(dict(arrays, ad_ids_offsets=arrays["ad_ids_offsets"][:-1]))
+
+
+def test_hnsw_with_one_openmp_thread_is_reproducible_from_its_seed():
+    ids, vecs, bias = make_ads(400)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # per-thread setting; parallel insertion order would vary
+    try:
+        a, b, c = (build("hnsw", ids, vecs, bias, seed=s).to_arrays()["faiss_index"] for s in (3, 3, 4))
+    finally:
+        faiss.omp_set_num_threads(previous)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+# ---------------------------------------------------------------------- bad inputs
+BAD_BUILDS = [
+    ("duplicate id", DuplicateAdIdError, lambda ids, v, b: AdIndex.build(ids[:2] + ids[:1], v[:3], b[:3])),
+    ("empty id", InvalidAdError, lambda ids, v, b: AdIndex.build(["", *ids[1:]], v, b)),
+    ("non-str id", InvalidAdError, lambda ids, v, b: AdIndex.build([1, *ids[1:]], v, b)),
+    ("NaN vector", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, np.where(np.eye(len(v), D, dtype=bool), np.nan, v), b)),
+    ("inf bias", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, v, np.r_[b[:-1], np.inf])),
+    ("bias shape", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, v, b[:, None])),
+    ("ids vs rows", InvalidAdError, lambda ids, v, b: AdIndex.build(ids[:-1], v, b)),
+    ("1-d vectors", InvalidAdError, lambda ids, v, b: AdIndex.build(ids[:1], v[0], b[:1])),
+    ("string vectors", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, v.astype(str), b)),
+    ("hnsw_m", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, v, b, hnsw_m=0)),
+]
+
+
+@pytest.mark.parametrize("what,error,call", BAD_BUILDS, ids=[b[0] for b in BAD_BUILDS])
+def test_build_rejects_bad_inputs_with_specific_errors(what, error, call):
+    ids, vecs, bias = make_ads(5)
+    with pytest.raises(error):
+        call(ids, vecs, bias)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_add_or_query_raises_and_leaves_the_index_unchanged(kind):
+    ids, vecs, bias = make_ads(50)
+    index = build(kind, ids, vecs, bias)
+    queries = user_queries(5)
+    before = index.search(queries, 50)
+    bad_adds = [
+        ("", vecs[0], 0.0), ("x", vecs[0][:-1], 0.0), ("x", np.full(D, np.nan), 0.0), ("x", vecs[0], float("inf")),
+        ("x", vecs[0], np.ones(2)), ("ad-3", np.full(D, np.inf), 0.0),
+    ]
+    for ad_id, vector, b in bad_adds:
+        with pytest.raises(InvalidAdError):
+            index.add(ad_id, vector, b)
+    bad_queries = ((queries[:, :D], 5), (np.full((1, D + 1), np.nan), 5), (queries, 0), (queries, 2.5), (queries.astype(str), 5))
+    for bad_query, k in bad_queries:
+        with pytest.raises(InvalidQueryError):
+            index.search(bad_query, k)
+    after = index.search(queries, 50)
+    np.testing.assert_array_equal(before[1], after[1])
+    assert len(index) == 50 and index.slot_of("ad-3") == 3
