@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-$(DAGSTER_HOME)/dagster.yaml:
+$(DAGSTER_HOME)/dagster.yaml: deploy/dagster.dev.yaml
 	mkdir -p $(DAGSTER_HOME)
-	touch $@
+	cp deploy/dagster.dev.yaml $@
 
 run: setup $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m adrec_assets.cli register $(SOURCE)
@@ -39,16 +39,16 @@ evaluate: setup $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m adrec_assets.cli register $(SOURCE)
 	time $(BIN)/dagster asset materialize -m adrec_assets.definitions --select evaluation --partition $(SOURCE)
 
-# Debian's Chromium and PostgreSQL server for the browser and PostgreSQL tests (as root via
+# Debian's Chromium, PostgreSQL and Redis servers for the browser, PostgreSQL and Redis tests (as root via
 # apt-get; a no-op when present). Where they cannot be installed those tests skip, saying why.
 system-deps:
-	@if [ -x /usr/bin/chromium ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/redis-server ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "system-deps: need root and apt-get for chromium + postgresql; the UI/PostgreSQL tests will skip"; exit 0; fi; \
+		echo "system-deps: need root and apt-get for chromium + postgresql + redis-server; those tests will skip"; exit 0; fi; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	(apt-get update -q && apt-get install -y -q chromium postgresql) >/tmp/adrec-system-deps.log 2>&1 \
-		&& echo "system-deps: chromium + postgresql installed" \
-		|| { tail -5 /tmp/adrec-system-deps.log; echo "system-deps: apt-get failed; the UI/PostgreSQL tests will skip"; }
+	(apt-get update -q && apt-get install -y -q chromium postgresql redis-server) >/tmp/adrec-system-deps.log 2>&1 \
+		&& echo "system-deps: chromium + postgresql + redis-server installed" \
+		|| { tail -5 /tmp/adrec-system-deps.log; echo "system-deps: apt-get failed; the UI/PostgreSQL/Redis tests will skip"; }
 
 test: setup system-deps
 	$(BIN)/pytest -q adrec_assets_tests

@@ -1,7 +1,8 @@
 """Artifact files: encoding, decoding and where a source's artifacts live (plain Python).
 
-The Dagster IO managers, the CLI, the evaluation, benchmarks and the online service all read
-and write artifacts through this module, so there is one file format and one path rule:
+The Dagster IO managers, the snapshot store (:mod:`adrec_assets.snapshots`, which decides
+where a source's artifacts live), benchmarks and the online service all read and write
+artifact files through this module, so there is one file format:
 
 * ``npz`` artifacts (every class of :mod:`adrec_assets.ml.types` and the evaluation report):
   a zip of ``.npy`` arrays with a ``__type__`` tag and the ``__format__`` version, loaded
@@ -25,7 +26,9 @@ from typing import Any, BinaryIO
 import numpy as np
 from upath import UPath
 
+import adrec_assets.ml.evaluation  # noqa: F401 - registers the evaluation report type
 import adrec_assets.ml.models  # noqa: F401 - registers the projector artifact type
+import adrec_assets.online.index  # noqa: F401 - registers the ad index artifact type
 from adrec_assets.ml.types import ARTIFACT_FORMAT, ARTIFACT_TYPES, ArtifactError
 from adrec_assets.storage import atomic_write
 
@@ -140,20 +143,3 @@ def load_file(path: str | os.PathLike[str] | UPath) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: materialize the pipeline for this source first (make run)")
     return load_bytes(path.read_bytes(), str(path), codec_of(path.path))
-
-
-def artifact_path(root: str | os.PathLike[str] | UPath, asset: str, source: str, extension: str) -> UPath:
-    """``<root>/<asset>/<source><extension>``: the one path rule of the IO managers and readers."""
-    safe = source.lstrip("/").replace("..", "_")
-    return UPath(root) / asset / f"{safe}{extension}"
-
-
-def load_source_artifact(root: str | os.PathLike[str] | UPath, asset: str, source: str) -> Any:
-    """The stored artifact of ``asset`` for ``source`` (whichever codec it was written in)."""
-    for extension in EXTENSIONS.values():
-        path = artifact_path(root, asset, source, extension)
-        if path.exists():
-            return load_file(path)
-    raise FileNotFoundError(
-        f"no {asset} artifact for source {source!r} under {root}: materialize the pipeline for it first (make run)"
-    )

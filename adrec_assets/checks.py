@@ -13,6 +13,7 @@ import dagster as dg
 import numpy as np
 
 from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
+from adrec_assets.assets.ad_index import MIN_RECALL, RECALL_K, ad_index
 from adrec_assets.assets.ad_projected import ad_projected
 from adrec_assets.assets.click_graph import click_graph
 from adrec_assets.assets.global_mean import global_mean
@@ -21,6 +22,7 @@ from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
 from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
 from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, GlobalMean, ProjectedAds, UserEmbeddings
+from adrec_assets.online.index import IndexedAds
 from adrec_assets.partitions import click_source_partitions
 
 _PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$")
@@ -120,5 +122,33 @@ def raw_ads_are_usable(raw_ads: AdCatalog) -> dg.AssetCheckResult:
             "n_empty_text": empty_text,
             "n_duplicate_ids": duplicates,
             "n_unresolved_image_paths": relative_images,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=ad_index,
+    additional_ins={"ad_projected": dg.AssetIn("ad_projected")},
+    blocking=True,
+    partitions_def=click_source_partitions,
+)
+def ad_index_recall_is_high(ad_index: IndexedAds, ad_projected: ProjectedAds) -> dg.AssetCheckResult:
+    """The index finds what exact search finds (recall@10 on real users >= 0.95), holds every
+    projected ad, and stores each ad's score exactly (a sample of rows against ``ad_projected``)."""
+    index = ad_index.index
+    n_missing = len(set(ad_projected.ids.tolist()) - {index.ad_id(s) for s in index.live_slots().tolist()})
+    rows = np.random.default_rng(0).choice(len(ad_projected), size=min(100, len(ad_projected)), replace=False)
+    stored = index.vectors(np.asarray([index.slot_of(str(a)) for a in ad_projected.ids[rows]], dtype=np.int64))
+    expected = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
+    max_row_error = float(np.abs(stored - expected).max()) if len(rows) else 0.0
+    passed = ad_index.recall_at_10 >= MIN_RECALL and n_missing == 0 and max_row_error < 1e-6
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={
+            f"recall_at_{RECALL_K}": ad_index.recall_at_10,
+            "min_recall": MIN_RECALL,
+            "n_projected_ads_missing": n_missing,
+            "max_stored_row_error": max_row_error,
+            "kind": index.kind,
         },
     )

@@ -4,6 +4,8 @@
     python -m adrec_assets.cli summary SOURCE          # counts, shapes, timings, artifact paths
     python -m adrec_assets.cli pseudonym USER_ID ...   # a user's row id, for key holders
     python -m adrec_assets.cli recommend SOURCE USER_ID [-k 10]  # top ads (new users: global mean)
+    python -m adrec_assets.cli rollback SOURCE         # back to the previous published snapshot
+    python -m adrec_assets.cli gc SOURCE [--now]       # drop old snapshots and crash leftovers
 
 ``register`` and ``summary`` use the Dagster instance in ``$DAGSTER_HOME``.
 """
@@ -53,46 +55,90 @@ def _describe(artifact) -> str:
 
 
 def summary(source: str) -> int:
-    """What the partition's latest materialization of each asset produced, read from the
-    artifact that materialization recorded."""
+    """The source's published snapshot, artifact by artifact, with the timings its latest
+    materialization recorded."""
     import dagster as dg
 
-    from adrec_assets.artifacts import load_file, resolve_root
+    from adrec_assets.artifacts import resolve_root
+    from adrec_assets.snapshots import SnapshotError, SnapshotStore
 
+    store = SnapshotStore(str(resolve_root()), source)
+    try:
+        snapshot = store.current()
+    except SnapshotError as exc:
+        print(exc)
+        return 1
     instance = dg.DagsterInstance.get()
-    print(f"source {source!r}; artifacts under {resolve_root()}")
-    missing = 0
-    for asset in ASSET_ORDER:
+    print(f"source {source!r}: snapshot {snapshot.id} (model version), published by run {snapshot.run_id}")
+    print(f"  history (newest first): {', '.join(store.history())}")
+    for asset in [a for a in ASSET_ORDER if a in snapshot.artifacts] + sorted(set(snapshot.artifacts) - set(ASSET_ORDER)):
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[source]), limit=1
         ).records
-        materialization = records[0].asset_materialization if records else None
-        if materialization is None or "path" not in materialization.metadata:
-            missing += 1
-            print(f"  {asset:18s} MISSING (no materialization of partition {source!r})")
-            continue
-        meta = materialization.metadata
-        path = str(meta["path"].value)
+        meta = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
         seconds = "".join(
             f" [{key} {meta[key].value}]"
             for key in ("encode_seconds", "train_seconds", "build_seconds", "project_seconds")
             if key in meta
         )
-        print(f"  {asset:18s} {_describe(load_file(path))}{seconds}\n  {'':18s} {path}")
-    return 1 if missing else 0
+        path = store.path_of(asset, snapshot)
+        print(f"  {asset:18s} {_describe(store.load(asset, snapshot))}{seconds}\n  {'':18s} {path}")
+    return 0
+
+
+def _snapshot_store(source: str):
+    from adrec_assets.artifacts import resolve_root
+    from adrec_assets.snapshots import SnapshotStore
+
+    return SnapshotStore(str(resolve_root()), source)
+
+
+def rollback(source: str) -> int:
+    from adrec_assets.snapshots import SnapshotError
+
+    store = _snapshot_store(source)
+    before = store.current_id()
+    try:
+        now = store.rollback()
+    except SnapshotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"source {source!r}: rolled back from {before} to {now.id} (published by run {now.run_id})")
+    return 0
+
+
+def gc(source: str, now: bool) -> int:
+    from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS
+
+    report = _snapshot_store(source).gc(grace_seconds=0 if now else DEFAULT_GC_GRACE_SECONDS)
+    print(
+        f"source {source!r}: removed {report.snapshots_removed} snapshots, {report.objects_removed} objects, "
+        f"{report.runs_removed} stale runs, {report.temp_files_removed} temp files"
+    )
+    return 0
 
 
 def recommend(source: str, raw_user_id: str, k: int) -> int:
     from adrec_assets.artifacts import resolve_root
     from adrec_assets.ml.recommender import Recommender
+    from adrec_assets.privacy import key_fingerprint
+    from adrec_assets.snapshots import SnapshotError
 
     try:
-        recommender = Recommender.load(resolve_root(), source)
-    except FileNotFoundError as exc:
+        recommender = Recommender.load(str(resolve_root()), source)
+    except SnapshotError as exc:
         raise SystemExit(str(exc)) from None
-    pseudonym = pseudonymize(raw_user_id, resolve_key())
+    key = resolve_key()
+    recorded = _snapshot_store(source).current().info.get("key_fingerprint", "")
+    if recorded and recorded != key_fingerprint(key):
+        raise SystemExit(
+            f"ADREC_ID_KEY differs from the key source {source!r} was pseudonymized with (fingerprint "
+            f"{key_fingerprint(key)} vs {recorded}): every user would look new. Use the pipeline's key."
+        )
+    pseudonym = pseudonymize(raw_user_id, key)
     known = recommender.user_vector(pseudonym)[1]
-    print(f"user {raw_user_id}: {'trained vector' if known else 'unknown -> global_mean prior'}")
+    print(f"user {raw_user_id}: {'trained vector' if known else 'unknown -> global_mean prior'} "
+          f"(model version {recommender.version})")  # fmt: skip
     for item in recommender.recommend(pseudonym, k):
         print(f"  {item.score:+.4f}  {item.ad_id}")
     return 0
@@ -111,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p_rec.add_argument("source")
     p_rec.add_argument("user_id")
     p_rec.add_argument("-k", type=int, default=10)
+    p_rb = sub.add_parser("rollback", help="make the source's previous snapshot current again")
+    p_rb.add_argument("source")
+    p_gc = sub.add_parser("gc", help="remove old snapshots, unused objects and what crashed runs left behind")
+    p_gc.add_argument("source")
+    p_gc.add_argument("--now", action="store_true", help="no grace period (only when no run of the source is going)")
     args = parser.parse_args(argv)
     if args.command == "register":
         register(args.sources)
@@ -119,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         return summary(args.source)
     if args.command == "recommend":
         return recommend(args.source, args.user_id, args.k)
+    if args.command == "rollback":
+        return rollback(args.source)
+    if args.command == "gc":
+        return gc(args.source, args.now)
     key = resolve_key()
     for user_id in args.user_ids:
         print(f"{user_id}\t{pseudonymize(user_id, key)}")

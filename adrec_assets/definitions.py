@@ -6,19 +6,23 @@ import dagster as dg
 
 from adrec_assets import checks
 from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
+from adrec_assets.assets.ad_index import ad_index
 from adrec_assets.assets.ad_projected import ad_projected
 from adrec_assets.assets.click_graph import click_graph
 from adrec_assets.assets.evaluation import evaluation
 from adrec_assets.assets.global_mean import global_mean
 from adrec_assets.assets.projector import projector
 from adrec_assets.assets.raw_ads import raw_ads
+from adrec_assets.assets.snapshot import snapshot
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.automation import build_click_source_sensor, build_nightly_refresh_schedule
-from adrec_assets.io_managers import ArtifactIOManager
+from adrec_assets.io_managers import ReportIOManager, SnapshotIOManager
 from adrec_assets.partitions import click_source_partitions
-from adrec_assets.resources import ClickSourceResource, EncoderResource
+from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, EncoderResource
 
-PIPELINE_ASSETS = [raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected]
+PIPELINE_ASSETS = [
+    raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected, ad_index, snapshot,
+]  # fmt: skip
 ALL_ASSETS = [*PIPELINE_ASSETS, evaluation]
 
 #: Materializes the serving lineage of one click source (pick the partition at launch).
@@ -26,7 +30,8 @@ adrec_pipeline_job = dg.define_asset_job(
     "adrec_pipeline",
     selection=dg.AssetSelection.assets(*PIPELINE_ASSETS),
     partitions_def=click_source_partitions,
-    description="Encode ads, learn the user space from clicks, train the projector, project every ad.",
+    description="Encode ads, learn the user space from clicks, train the projector, project every ad; "
+    "publish the run's artifacts as the source's new snapshot, all together or not at all.",
 )
 
 
@@ -54,9 +59,12 @@ def select_executor() -> dg.ExecutorDefinition:
     raise ValueError(f"{EXECUTOR_ENV_VAR}={choice!r}: use 'in_process' or 'multiprocess'")
 
 
-def default_resources() -> dict[str, object]:
+def default_resources(artifacts: ArtifactStoreResource | None = None) -> dict[str, object]:
+    artifacts = artifacts or ArtifactStoreResource()
     return {
-        "io_manager": ArtifactIOManager(),
+        "artifacts": artifacts,
+        "io_manager": SnapshotIOManager(artifacts=artifacts),
+        "report_io_manager": ReportIOManager(artifacts=artifacts),
         "click_sources": ClickSourceResource(),
         "encoder": EncoderResource(),
     }

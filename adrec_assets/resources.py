@@ -1,4 +1,5 @@
-"""Swappable services: where clicks come from and which frozen encoder embeds ads."""
+"""Swappable services: where clicks come from, which frozen encoder embeds ads, and where
+artifacts and their published snapshots live."""
 
 from __future__ import annotations
 
@@ -9,17 +10,41 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from adrec_assets.artifacts import ARTIFACTS_DIR_ENV_VAR, DEFAULT_ARTIFACTS_DIR, resolve_root
 from adrec_assets.ml.encoders import AUTO, ENCODER_ENV_VAR, AdEncoder, build_encoder, resolve_encoder_name
 from adrec_assets.ml.encoders.cache import EncodingCache
 from adrec_assets.sources import Source
 from adrec_assets.sources.catalog import data_dir
 from adrec_assets.sources.files import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_UNKNOWN_AD_SHARE, FileSource, SourceError
+from adrec_assets.sources.limits import SourceLimits
+from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS, DEFAULT_KEEP_SNAPSHOTS, SnapshotStore
 from adrec_assets.sources.synthetic import SyntheticParams, SyntheticSource
 
 
 SOURCES_DIR_ENV_VAR = "ADREC_SOURCES_DIR"
 ENCODER_CACHE_DIR_ENV_VAR = "ADREC_ENCODER_CACHE_DIR"
 SYNTHETIC = "synthetic"
+
+
+class ArtifactStoreResource(dg.ConfigurableResource):
+    """Where artifacts live: one :class:`~adrec_assets.snapshots.SnapshotStore` per source under
+    a root folder (a shared volume when steps run on several machines)."""
+
+    base_dir: str | None = Field(
+        default=None,
+        description=f"Root folder; default ${ARTIFACTS_DIR_ENV_VAR} or '{DEFAULT_ARTIFACTS_DIR}'.",
+    )
+    keep_snapshots: int = Field(default=DEFAULT_KEEP_SNAPSHOTS, description="Published snapshots kept for rollback.")
+    gc_grace_seconds: float = Field(
+        default=DEFAULT_GC_GRACE_SECONDS,
+        description="Staging folders and temp files younger than this may belong to a running run and are kept.",
+    )
+
+    def root(self) -> Path:
+        return Path(str(resolve_root(self.base_dir)))
+
+    def store(self, source: str) -> SnapshotStore:
+        return SnapshotStore(self.root(), source)
 
 
 class ClickSourceResource(dg.ConfigurableResource):
@@ -39,6 +64,13 @@ class ClickSourceResource(dg.ConfigurableResource):
         description="Clicks naming unknown ads are dropped and counted; above this share the read fails.",
     )
     chunk_rows: int = Field(default=DEFAULT_CHUNK_ROWS, description="Rows per chunk when reading click files.")
+    max_text_chars: int = Field(
+        default=SourceLimits.max_text_chars, description="Ad text beyond this is cut (and counted in raw_ads metadata)."
+    )
+    max_id_chars: int = Field(default=SourceLimits.max_id_chars, description="Longer ad or user ids are an error.")
+    max_click_rows_per_file: int = Field(
+        default=SourceLimits.max_click_rows_per_file, description="A click file with more rows is an error."
+    )
     synthetic_n_users: int = Field(default=SyntheticParams.n_users, description="Synthetic users.")
     synthetic_mean_clicks: float = Field(
         default=SyntheticParams.mean_clicks, description="Mean clicks of a non-tail synthetic user."
@@ -73,8 +105,13 @@ class ClickSourceResource(dg.ConfigurableResource):
         """The :class:`~adrec_assets.sources.Source` behind a partition key: the built-in
         synthetic generator, or the folder ``<root>/<name>/``."""
         if name == SYNTHETIC:
-            return SyntheticSource(self.synthetic_params())
-        return FileSource(self.source_dir(name), name, self.max_unknown_ad_share, self.chunk_rows)
+            return SyntheticSource(self.synthetic_params(), served_dir=self.sources_root() / SYNTHETIC)
+        limits = SourceLimits(
+            max_text_chars=self.max_text_chars,
+            max_id_chars=self.max_id_chars,
+            max_click_rows_per_file=self.max_click_rows_per_file,
+        )
+        return FileSource(self.source_dir(name), name, self.max_unknown_ad_share, self.chunk_rows, limits)
 
 
 @lru_cache(maxsize=4)
@@ -107,6 +144,10 @@ class EncoderResource(dg.ConfigurableResource):
     use_cache: bool = Field(
         default=True,
         description="Reuse the vectors of ads whose text, image bytes and encoder are unchanged.",
+    )
+    max_image_bytes: int = Field(
+        default=SourceLimits.max_image_bytes,
+        description="A larger image is not read (a counted image failure: the ad is encoded from its text).",
     )
 
     def cache_root(self) -> Path:

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from adrec_assets.definitions import ALL_ASSETS, PIPELINE_ASSETS, defs
-from adrec_assets.io_managers import ArtifactIOManager
+from adrec_assets.definitions import ALL_ASSETS, PIPELINE_ASSETS, default_resources, defs
 from adrec_assets.partitions import click_source_partitions
-from adrec_assets.resources import ClickSourceResource, EncoderResource
+from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, EncoderResource
+from adrec_assets.snapshots import SnapshotStore
 
 TEST_ID_KEY = "test-key-0123456789abcdef"
 ALL_CHECKS = list(defs.asset_checks or [])
 
 
+#: The artifacts a pipeline run publishes in one snapshot, and their file types.
 ASSET_FILES = {
     "raw_ads": "npz",
     "click_graph": "npz",
@@ -26,15 +27,30 @@ ASSET_FILES = {
     "global_mean": "npz",
     "projector": "pt",
     "ad_projected": "npz",
+    "ad_index": "npz",
 }
-EVALUATION_FILE = "npz"  # the evaluation report: not part of the serving pipeline's files
 
 
 def load_artifact(base: Path, asset: str, partition: str = "synthetic"):
-    """Read an artifact straight from disk with the same code the IO managers use."""
-    from adrec_assets.artifacts import load_source_artifact
+    """An artifact of the partition's published snapshot (or its report, for ``evaluation``),
+    read with the same code the IO managers use."""
+    if asset == "evaluation":
+        from adrec_assets.artifacts import load_file
 
-    return load_source_artifact(base, asset, partition)
+        return load_file(SnapshotStore(base, partition).folder / "reports" / "evaluation.npz")
+    return SnapshotStore(base, partition).load(asset)
+
+
+def load_from_run(base: Path, result: dg.ExecuteInJobResult, asset: str, partition: str = "synthetic"):
+    """What a run staged as ``asset`` (a run of a few steps stages them without publishing)."""
+    return SnapshotStore(base, partition).load_for_run(result.run_id, asset)
+
+
+def published_files(base: Path, partition: str = "synthetic") -> dict[str, Path]:
+    """asset -> the object file of the partition's published snapshot."""
+    store = SnapshotStore(base, partition)
+    snapshot = store.current()
+    return {asset: store.path_of(asset, snapshot) for asset in snapshot.artifacts}
 
 
 def resources_for(base_dir: Path, encoder_cache_dir: Path | None = None, **source_config) -> dict[str, object]:
@@ -42,7 +58,7 @@ def resources_for(base_dir: Path, encoder_cache_dir: Path | None = None, **sourc
     ``$ADREC_ENCODER_CACHE_DIR`` (set in conftest). Never inside ``base_dir``: tests compare
     the artifact files there one by one."""
     return {
-        "io_manager": ArtifactIOManager(base_dir=str(base_dir)),
+        **default_resources(ArtifactStoreResource(base_dir=str(base_dir))),
         "click_sources": ClickSourceResource(**source_config),
         "encoder": EncoderResource(cache_dir=str(encoder_cache_dir) if encoder_cache_dir is not None else None),
     }

@@ -21,8 +21,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
-#: Pipeline assets of group "adrec" and their lineage (upstream -> downstream).
-PIPELINE_ASSETS = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected")
+#: Pipeline assets of group "adrec" and their lineage (upstream -> downstream); the last,
+#: ``snapshot``, publishes the eight artifacts together.
+ARTIFACT_ASSETS = (
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
+    "ad_index",
+)  # fmt: skip
+PIPELINE_ASSETS = (*ARTIFACT_ASSETS, "snapshot")
 PIPELINE_EDGES = (
     ("raw_ads", "ad_embeddings_raw"),
     ("raw_ads", "click_graph"),
@@ -33,6 +38,9 @@ PIPELINE_EDGES = (
     ("user_embeddings", "global_mean"),
     ("ad_embeddings_raw", "ad_projected"),
     ("projector", "ad_projected"),
+    ("ad_projected", "ad_index"),
+    ("user_embeddings", "ad_index"),
+    *((asset, "snapshot") for asset in ARTIFACT_ASSETS),
 )
 #: Where tests leave files for a person to look at (git-ignored).
 ARTIFACTS_ROOT = Path(os.environ.get("ADREC_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))

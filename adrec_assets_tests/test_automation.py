@@ -7,8 +7,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import pytest
+import yaml
 
-from adrec_assets.automation import DEFAULT_REFRESH_CRON
+from adrec_assets.automation import DEFAULT_REFRESH_CRON, MAX_RETRIES, REQUEST_TAG
 from adrec_assets.definitions import defs
 from adrec_assets.resources import ClickSourceResource
 from adrec_assets.sources.catalog import load_builtin_catalog
@@ -88,14 +90,24 @@ def test_lost_cursor_reissues_the_same_run_key_so_the_daemon_dedups(tmp_path):
         assert changed.run_requests[0].run_key != first.run_requests[0].run_key
 
 
-def test_builtin_name_folder_and_folders_without_ads_are_ignored(tmp_path):
+def test_folders_without_ads_are_ignored_and_a_builtin_folder_contributes_only_clicks(tmp_path):
+    """The service writes served clicks of the built-in source into <root>/synthetic/clicks/:
+    they are that source's new clicks (a run is requested); an ads file there is ignored."""
     root = tmp_path / "sources"
-    write_demo_source(root, "synthetic")
     (root / "not_a_source" / "clicks").mkdir(parents=True)
     with dg.instance_for_test() as instance:
-        result = tick(instance, root, None)
-        assert result.run_requests == []
+        first = tick(instance, root, None)
+        assert first.run_requests == []
         assert instance.get_dynamic_partitions("click_source") == []
+        served = root / "synthetic" / "clicks"
+        served.mkdir(parents=True)
+        (served / "served-000000000001-000000000002.csv").write_text(
+            "user_pseudonym,ad_id,timestamp,weight\n" + "0" * 32 + ",ad-cars-01,1700000000,1.0\n"
+        )
+        (root / "synthetic" / "ads.csv").write_text("ad_id,text\nx,ignored\n")
+        second = tick(instance, root, first.cursor)
+        assert [r.partition_key for r in second.run_requests] == ["synthetic"]
+        assert tick(instance, root, second.cursor).run_requests == []
 
 
 def test_schedule_requests_every_registered_source():
@@ -131,4 +143,81 @@ def test_drop_files_tick_run_artifacts_appear(tmp_path):
         assert projected.vectors.shape == (220, 128)
         graph = load_artifact(base, "click_graph", "shop")
         assert 0 < graph.n_users <= 150
-        assert json.loads(result.cursor)["shop"]
+        assert json.loads(result.cursor)["shop"]["fp"]
+
+
+def _record_run(instance: dg.DagsterInstance, request: dg.RunRequest, status: dg.DagsterRunStatus) -> None:
+    """What the daemon leaves behind after launching ``request``: a run with its tags, ended."""
+    run = instance.create_run_for_job(
+        job_def=defs.resolve_job_def("adrec_pipeline"), tags=request.tags, run_config={}, status=status,
+    )
+    assert run.tags[REQUEST_TAG] == request.run_key
+
+
+def test_a_failed_run_of_unchanged_files_is_retried_after_a_doubling_back_off(tmp_path, monkeypatch):
+    """A transient failure (a busy disk, a killed pod) must not leave a source stale until its
+    files change; a run that keeps failing must not loop either."""
+    root = tmp_path / "sources"
+    write_demo_source(root, "shop")
+    clock = [1_000_000.0]
+    monkeypatch.setattr("adrec_assets.automation.time.time", lambda: clock[0])
+    monkeypatch.setenv("ADREC_SENSOR_RETRY_SECONDS", "60")
+    with dg.instance_for_test() as instance:
+        first = tick(instance, root, None)
+        (request,) = first.run_requests
+        _record_run(instance, request, dg.DagsterRunStatus.FAILURE)
+        clock[0] += 59
+        assert tick(instance, root, first.cursor).run_requests == []  # within the back-off
+        clock[0] += 1
+        retry = tick(instance, root, first.cursor)
+        (again,) = retry.run_requests
+        assert again.run_key == f"{request.run_key}:retry1" and again.partition_key == "shop"
+        _record_run(instance, again, dg.DagsterRunStatus.FAILURE)
+        clock[0] += 60
+        assert tick(instance, root, retry.cursor).run_requests == []  # the second wait is 120 s
+        clock[0] += 60
+        second = tick(instance, root, retry.cursor)
+        assert [r.run_key for r in second.run_requests] == [f"{request.run_key}:retry2"]
+        _record_run(instance, second.run_requests[0], dg.DagsterRunStatus.SUCCESS)
+        clock[0] += 10_000
+        assert tick(instance, root, second.cursor).run_requests == []  # it succeeded: nothing more
+
+
+def test_retries_stop_after_the_limit(tmp_path, monkeypatch):
+    root = tmp_path / "sources"
+    write_demo_source(root, "shop")
+    clock = [0.0]
+    monkeypatch.setattr("adrec_assets.automation.time.time", lambda: clock[0])
+    monkeypatch.setenv("ADREC_SENSOR_RETRY_SECONDS", "1")
+    with dg.instance_for_test() as instance:
+        result, keys = tick(instance, root, None), []
+        for _ in range(MAX_RETRIES + 3):
+            for request in result.run_requests:
+                keys.append(request.run_key)
+                _record_run(instance, request, dg.DagsterRunStatus.FAILURE)
+            clock[0] += 10_000
+            result = tick(instance, root, result.cursor)
+        assert len(keys) == 1 + MAX_RETRIES and len(set(keys)) == len(keys)
+
+
+def test_the_cursor_of_an_older_release_reads_as_first_tries(tmp_path):
+    root = tmp_path / "sources"
+    write_demo_source(root, "shop")
+    with dg.instance_for_test() as instance:
+        current = json.loads(tick(instance, root, None).cursor)["shop"]["fp"]
+        old_style = json.dumps({"shop": current})
+        assert tick(instance, root, old_style).run_requests == []  # same files: nothing to do
+
+
+@pytest.mark.parametrize("config", ["deploy/dagster.yaml", "deploy/dagster.dev.yaml"])
+def test_the_instances_queue_runs_and_allow_one_run_per_source_at_a_time(config):
+    """Isolation is Dagster's: the run queue admits at most one run per partition (source),
+    so a second request for a source waits; a maximum run time stops a hung run."""
+    text = (Path(__file__).resolve().parents[1] / config).read_text()
+    settings = yaml.safe_load(text)
+    coordinator = settings["run_coordinator"]
+    assert coordinator["class"] == "QueuedRunCoordinator"
+    assert {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in coordinator[
+        "config"
+    ]["tag_concurrency_limits"]
+    assert settings["run_monitoring"]["enabled"] and settings["run_monitoring"]["max_runtime_seconds"] > 0

@@ -27,11 +27,14 @@ EXPECTED_DEPS = {
     "global_mean": {"user_embeddings"},
     "projector": {"ad_embeddings_raw", "click_graph", "user_embeddings"},
     "ad_projected": {"ad_embeddings_raw", "projector"},
+    "ad_index": {"ad_projected", "user_embeddings"},  # recall is measured on the partition's users
+    "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
+                 "ad_projected", "ad_index"},  # publishes the run's artifacts together
     "evaluation": {"click_graph", "ad_embeddings_raw", "user_embeddings", "projector"},
 }
 
 
-def test_graph_has_the_seven_pipeline_assets_and_the_evaluation_with_the_promised_lineage():
+def test_graph_has_the_pipeline_assets_and_the_evaluation_with_the_promised_lineage():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert keys == set(EXPECTED_DEPS)
@@ -48,7 +51,15 @@ def test_partitions_are_dynamic_so_sources_need_no_code_change():
 
 def test_every_vector_asset_has_a_blocking_check():
     checked = {c.asset_key.to_user_string() for c in defs.resolve_asset_graph().asset_check_keys}
-    assert set(EXPECTED_DEPS) - {"projector", "evaluation"} <= checked
+    assert set(EXPECTED_DEPS) - {"projector", "evaluation", "snapshot"} <= checked
+
+
+def test_the_snapshot_publishes_exactly_the_pipeline_artifacts():
+    """The list the publisher validates is the pipeline job's artifact assets: none left out."""
+    from adrec_assets.assets.common import PIPELINE_ARTIFACTS
+
+    selected = defs.resolve_job_def("adrec_pipeline").asset_layer.selected_asset_keys
+    assert set(PIPELINE_ARTIFACTS) == {k.to_user_string() for k in selected} - {"snapshot"}
 
 
 def test_the_pipeline_job_leaves_the_evaluation_out():

@@ -1,11 +1,19 @@
-"""Tests for the offline ad encoder with its real shipped weights (no network)."""
+"""Tests for the offline ad encoder with its real shipped weights (no network), including how
+it reads image files at the moment of use (regular files only, size-capped, confined)."""
 
+import errno
+import os
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM, AdEncoder, build_encoder
+from adrec_assets.ml.encoders.base import ImageAccess
+from adrec_assets.sources.files import read_ads
 
 IMAGES = Path(__file__).resolve().parents[1] / "data" / "catalog" / "images"
 PNG = IMAGES / "ad-running-13.png"
@@ -127,3 +135,108 @@ def test_unknown_encoder_lists_choices():
     """build_encoder with an unknown name raises ValueError naming the registered encoders."""
     with pytest.raises(ValueError, match=r"'nope'.*\['offline'\]"):
         build_encoder("nope")
+
+
+# --- image files are checked again when they are read ---------------------------------------
+
+
+def _source_with_images(root: Path, names: list[str]) -> Path:
+    """A source folder whose ads.csv gives ad i the image ``images/<names[i]>``."""
+    folder = root / "src"
+    (folder / "images").mkdir(parents=True)
+    rows = "".join(f"ad-{i},{SHOE_1.replace(',', ' ')},images/{name}\n" for i, name in enumerate(names))
+    (folder / "ads.csv").write_text("ad_id,text,image\n" + rows)
+    return folder
+
+
+def _unblock_fifo_after(path: Path, seconds: float) -> threading.Event:
+    """Watchdog: should a reader block on the FIFO, open its write end after ``seconds`` so the
+    test fails on its timing assertion instead of hanging the suite."""
+    done = threading.Event()
+
+    def unblock() -> None:
+        deadline = time.monotonic() + seconds
+        while not done.wait(0.2):
+            if time.monotonic() > deadline:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: no reader is blocked on it
+                        raise
+
+    threading.Thread(target=unblock, daemon=True).start()
+    return done
+
+
+@pytest.mark.parametrize("confined", [True, False], ids=["inside-image-root", "no-root"])
+def test_a_fifo_image_is_refused_without_blocking(encoder, tmp_path, confined):
+    folder = _source_with_images(tmp_path, ["pipe.png"])
+    os.mkfifo(folder / "images" / "pipe.png")
+    catalog = read_ads(folder)  # a FIFO is a path like any other when the catalogue is read
+    access = ImageAccess(catalog.image_root) if confined else ImageAccess()
+    done = _unblock_fifo_after(folder / "images" / "pipe.png", 20)
+    started = time.monotonic()
+    try:
+        res = encoder.encode(list(catalog.texts), list(catalog.image_paths), image_access=access)
+    finally:
+        done.set()
+    assert time.monotonic() - started < 15
+    assert res.has_image.tolist() == [False]
+    ((row, path, reason),) = res.image_failures
+    assert (row, path) == (0, catalog.image_paths[0])
+    assert reason.startswith("refused:") and "not a regular file" in reason
+    np.testing.assert_allclose(res.vectors[0], encoder.encode([SHOE_1.replace(",", " ")], [None]).vectors[0], atol=1e-6)
+
+
+def test_an_image_swapped_for_a_symlink_out_of_the_folder_after_reading_is_refused(encoder, tmp_path):
+    folder = _source_with_images(tmp_path, ["a.png", "b.png", "c.png"])
+    for name in ("a.png", "b.png", "c.png"):
+        shutil.copyfile(PNG, folder / "images" / name)
+    catalog = read_ads(folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copyfile(IMAGES / "ad-personal_finance-03.png", outside / "b.png")  # a perfectly good image
+    (folder / "images" / "b.png").unlink()
+    os.symlink(outside / "b.png", folder / "images" / "b.png")
+    access = ImageAccess(catalog.image_root)
+    res = encoder.encode(list(catalog.texts), list(catalog.image_paths), image_access=access)
+    assert res.has_image.tolist() == [True, False, True]
+    ((row, _path, reason),) = res.image_failures
+    assert row == 1 and reason.startswith("refused:") and "is a symlink now" in reason
+    # Without the confinement the same file would have been read: the refusal is the root's doing.
+    assert encoder.encode([SHOE_1], [catalog.image_paths[1]]).has_image.tolist() == [True]
+
+    # A folder on the path swapped for a symlink to an outside folder is refused too.
+    shutil.move(folder / "images", tmp_path / "moved-images")
+    os.symlink(tmp_path / "moved-images", folder / "images")
+    res = encoder.encode(list(catalog.texts), list(catalog.image_paths), image_access=access)
+    assert res.has_image.tolist() == [False, False, False]
+    assert all("'images' on its path is a symlink" in reason for _, _, reason in res.image_failures)
+
+
+def test_an_image_over_the_size_cap_falls_back_to_text_and_is_counted(encoder, tmp_path):
+    folder = _source_with_images(tmp_path, ["a.png"])
+    shutil.copyfile(PNG, folder / "images" / "a.png")
+    catalog = read_ads(folder)
+    size = PNG.stat().st_size
+    texts, paths = list(catalog.texts), list(catalog.image_paths)
+    res = encoder.encode(texts, paths, image_access=ImageAccess(catalog.image_root, size - 1))
+    assert res.has_image.tolist() == [False] and res.n_image_failures == 1
+    assert f"has {size} bytes, more than the limit of {size - 1}" in res.image_failures[0][2]
+    exact = encoder.encode(texts, paths, image_access=ImageAccess(catalog.image_root, size))
+    assert exact.has_image.tolist() == [True] and exact.image_failures == []
+
+
+def test_image_access_refuses_paths_outside_its_root_and_devices(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copyfile(PNG, root / "a.png")
+    access = ImageAccess(str(root))
+    assert access.read(str(root / "a.png")) == PNG.read_bytes()
+    for path in (str(PNG), str(root / ".." / "root" / "a.png"), str(root) + "//a.png", str(root)):
+        with pytest.raises(OSError, match="is not a plain path inside the image folder"):
+            access.read(path)
+    with pytest.raises(FileNotFoundError):
+        access.read(str(root / "missing.png"))
+    with pytest.raises(OSError, match="is not a regular file"):
+        ImageAccess().read("/dev/zero")  # would never end if it were read

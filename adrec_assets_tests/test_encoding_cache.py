@@ -1,13 +1,16 @@
 """The content-hash encoding cache (``adrec_assets.ml.encoders.cache``): unchanged ads are
 reused bit for bit without calling the encoder, any change of text, image bytes or encoder
-re-encodes exactly the affected ads, a broken cache file never fails a run, and a second
-materialization of ``ad_embeddings_raw`` encodes nothing.
+re-encodes exactly the affected ads, a broken cache file never fails a run, invalid entries
+heal themselves, image bytes are hashed under the same rules as the encoders read them, and a
+second materialization of ``ad_embeddings_raw`` encodes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 from PIL import Image
 
 from adrec_assets.ml.encoders import EncodeResult
+from adrec_assets.ml.encoders.base import ImageAccess, ImageRefused
 from adrec_assets.ml.encoders.cache import (
     HASH_HEX_LEN,
     EncodingCache,
@@ -26,7 +30,7 @@ from adrec_assets.ml.encoders.cache import (
 )
 from adrec_assets.resources import ENCODER_CACHE_DIR_ENV_VAR, EncoderResource
 from adrec_assets.sources.catalog import data_dir
-from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline
+from adrec_assets_tests.pipeline_fixtures import load_from_run, materialize_pipeline
 from adrec_assets_tests.test_file_sources import AD_IDS, AD_TEXTS, write_valid_source
 
 CACHE_LOGGER = "adrec_assets.ml.encoders.cache"
@@ -34,8 +38,9 @@ CACHE_LOGGER = "adrec_assets.ml.encoders.cache"
 
 class CountingEncoder:
     """Deterministic fake encoder: the vector is a seeded function of the text and the image
-    bytes; every ``encode`` call's texts are recorded. Images that cannot be opened with PIL
-    are reported as failures, like the real encoders do."""
+    bytes; every ``encode`` call's texts are recorded. Images are read through the given
+    ``ImageAccess`` and those that cannot be read or opened with PIL are reported as failures,
+    like the real encoders do."""
 
     def __init__(self, encoder_id: str = "fake:v1", dim: int = 8) -> None:
         self.encoder_id = encoder_id
@@ -46,8 +51,11 @@ class CountingEncoder:
     def encoded_texts(self) -> list[str]:
         return [t for call in self.calls for t in call]
 
-    def encode(self, texts: Sequence[str], image_paths: Sequence[str | None]) -> EncodeResult:
+    def encode(
+        self, texts: Sequence[str], image_paths: Sequence[str | None], image_access: ImageAccess | None = None
+    ) -> EncodeResult:
         self.calls.append(list(texts))
+        access = image_access or ImageAccess()
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         has_image = np.zeros(len(texts), dtype=bool)
         failures = []
@@ -55,12 +63,15 @@ class CountingEncoder:
             seed = hashlib.sha256(f"{self.encoder_id}|{text}".encode()).digest()
             if path:
                 try:
-                    with Image.open(path) as img:
+                    data = access.read(path)
+                    with Image.open(io.BytesIO(data)) as img:
                         img.load()
-                    seed += Path(path).read_bytes()
+                    seed += data
                     has_image[row] = True
                 except FileNotFoundError:
                     failures.append((row, str(path), "file not found"))
+                except ImageRefused as exc:
+                    failures.append((row, str(path), f"refused: {exc}"))
                 except OSError as exc:
                     failures.append((row, str(path), f"unreadable image: {exc}"))
             rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed).digest()[:8], "little"))
@@ -260,15 +271,113 @@ def test_a_broken_cache_file_is_a_warning_and_gets_rewritten(cache, caplog, dama
 def test_update_merges_with_the_file_new_values_win_and_needs_no_pickle(cache):
     h = content_hashes(["a", "b", "c"], [None] * 3)
     cache.update("e", h[:2], np.eye(2, 3, dtype=np.float32), [True, False])
-    path = cache.update("e", h[1:], np.full((2, 3), 0.5, dtype=np.float32), [True, True])
+    newer = np.tile(np.asarray([0.0, 0.6, 0.8], dtype=np.float32), (2, 1))  # unit rows: storable
+    path = cache.update("e", h[1:], newer, [True, True])
     with np.load(path, allow_pickle=False) as data:
         assert sorted(data.files) == ["encoder_id", "has_image", "hashes", "vectors"]
         assert len(data["hashes"]) == 3 and data["vectors"].dtype == np.float32
     found = cache.lookup("e", np.array([h[2], "f" * 64, h[0], h[1]]), dim=3)
     assert found.hit_mask.tolist() == [True, False, True, True]
-    np.testing.assert_array_equal(found.vectors, [[0.5] * 3, [1, 0, 0], [0.5] * 3])
+    np.testing.assert_array_equal(found.vectors, [newer[0], [1, 0, 0], newer[0]])
     assert found.has_image.tolist() == [True, True, True]
     assert not [p for p in cache.root.iterdir() if ".tmp" in p.name]  # atomic: no temp files left
+
+
+def _tamper(path: Path, change) -> None:
+    """Rewrite a cache file in place with ``change(vectors)`` applied (a well-formed file)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name].copy() for name in data.files}
+    change(arrays["vectors"])
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def test_invalid_cached_entries_are_dropped_re_encoded_and_the_file_rewritten(cache, caplog):
+    first = encode_with_cache(CountingEncoder(), TEXTS, [None] * 4, cache)
+    order = np.argsort(content_hashes(TEXTS, [None] * 4))  # the file stores entries sorted by hash
+    spoiled = sorted(int(order[k]) for k in (0, 2))
+
+    def spoil(vectors: np.ndarray) -> None:
+        vectors[0] *= 2.0  # finite, wrong norm
+        vectors[2, 0] = np.nan
+
+    _tamper(first.cache_path, spoil)
+    encoder = CountingEncoder()
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        out = encode_with_cache(encoder, TEXTS, [None] * 4, cache)
+    assert encoder.calls == [[TEXTS[i] for i in spoiled]]  # only the spoiled entries, in input order
+    assert (out.n_cache_hits, out.n_encoded) == (2, 2)
+    np.testing.assert_array_equal(out.result.vectors, first.result.vectors)
+    warnings = [r.getMessage() for r in caplog.records if r.name == CACHE_LOGGER]
+    assert len(warnings) == 1 and str(first.cache_path) in warnings[0] and "2 of 4 entries" in warnings[0]
+    with np.load(first.cache_path, allow_pickle=False) as data:  # healed on disk
+        np.testing.assert_allclose(np.linalg.norm(data["vectors"], axis=1), 1.0, atol=1e-6)
+    caplog.clear()
+    encoder = CountingEncoder()
+    with caplog.at_level(logging.WARNING, logger=CACHE_LOGGER):
+        assert encode_with_cache(encoder, TEXTS, [None] * 4, cache).n_cache_hits == 4
+    assert encoder.calls == [] and not caplog.records
+
+
+def test_invalid_entries_of_other_ads_are_purged_even_when_every_asked_ad_hits(cache):
+    encode_with_cache(CountingEncoder(), TEXTS, [None] * 4, cache)
+    path = cache.path_for("fake:v1")
+    stale = sorted(content_hashes(TEXTS, [None] * 4).tolist()).index(content_hashes(TEXTS[3:], [None])[0])
+    _tamper(path, lambda vectors: vectors.__setitem__(stale, 0.0))  # a zero vector: not unit length
+    encoder = CountingEncoder()
+    out = encode_with_cache(encoder, TEXTS[:3], [None] * 3, cache)
+    assert encoder.calls == [] and out.n_cache_hits == 3
+    with np.load(path, allow_pickle=False) as data:
+        assert len(data["hashes"]) == 3 and content_hashes(TEXTS[3:], [None])[0] not in data["hashes"]
+
+
+def test_cache_update_never_stores_a_row_that_is_not_a_finite_unit_vector(cache):
+    h = content_hashes(["a", "b", "c"], [None] * 3)
+    vectors = np.asarray([[1, 0, 0], [0, 3, 0], [np.inf, 0, 0]], dtype=np.float32)
+    cache.update("e", h, vectors, [False] * 3)
+    assert cache.lookup("e", h, dim=3).hit_mask.tolist() == [True, False, False]
+
+
+# ---------------------------------------------------------------- image bytes are read safely
+
+
+def test_hashing_never_reads_a_fifo_or_a_file_outside_the_image_root(tmp_path):
+    from adrec_assets.ml.encoders.base import ImageAccess
+
+    root = tmp_path / "src"
+    img = write_png(root / "images" / "a.png", (1, 2, 3))
+    os.mkfifo(root / "images" / "pipe.png")
+    unreadable = content_hashes(["x"], [str(tmp_path / "missing.png")])[0]
+    access = ImageAccess(str(root))
+    # The FIFO hashes like an unreadable image (and the call returns: it never blocks).
+    assert content_hashes(["x"], [str(root / "images" / "pipe.png")], access)[0] == unreadable
+    outside = write_png(tmp_path / "outside.png", (9, 9, 9))
+    readable = content_hashes(["x"], [img], access)[0]
+    os.unlink(img)
+    os.symlink(outside, img)
+    assert content_hashes(["x"], [img], access)[0] == unreadable  # the outside bytes are not read
+    assert content_hashes(["x"], [img])[0] not in (unreadable, readable)  # unconfined, the link is followed
+    assert content_hashes(["x"], [outside], ImageAccess(max_bytes=10))[0] == unreadable  # over the cap
+
+
+def test_encode_with_cache_confines_images_to_the_catalogue_root(cache, tmp_path):
+    root = tmp_path / "src"
+    inside = write_png(root / "images" / "in.png", (50, 60, 70))
+    outside = write_png(tmp_path / "elsewhere" / "out.png", (1, 1, 1))
+    escaped = str(root / "images" / "link.png")
+    os.symlink(outside, escaped)
+    paths = [inside, escaped, None, None]
+    encoder = CountingEncoder()
+    out = encode_with_cache(encoder, TEXTS, paths, cache, image_root=str(root))
+    assert out.result.has_image.tolist() == [True, False, False, False]
+    ((row, path, reason),) = out.result.image_failures
+    assert (row, path) == (1, escaped) and reason.startswith("refused:") and "symlink" in reason
+    # The refused image is not cached: the next run tries (and reports) it again.
+    encoder = CountingEncoder()
+    again = encode_with_cache(encoder, TEXTS, paths, cache, image_root=str(root))
+    assert encoder.calls == [[TEXTS[1]]] and again.result.n_image_failures == 1
+    # The same files without a root: the link is followed and the image used.
+    assert encode_with_cache(CountingEncoder(), TEXTS, paths, None).result.has_image.tolist()[:2] == [True, True]
 
 
 # ---------------------------------------------------------------- the resource
@@ -296,7 +405,7 @@ def _ad_embeddings_run(instance, base: Path, root: Path, cache_dir: Path):
         e.materialization.asset_key.to_user_string(): e.materialization.metadata
         for e in result.get_asset_materialization_events()
     }["ad_embeddings_raw"]
-    return {k: v.value for k, v in meta.items()}, load_artifact(base, "ad_embeddings_raw", "shop")
+    return {k: v.value for k, v in meta.items()}, load_from_run(base, result, "ad_embeddings_raw", "shop")
 
 
 def test_rematerializing_ad_embeddings_raw_encodes_only_changed_ads(tmp_path, single_torch_thread):

@@ -12,7 +12,7 @@ from adrec_assets.ml.evaluation import METHOD_ORDER, PIPELINE, EvaluationReport
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.recommender import Recommender
 from adrec_assets.ml.training import score_bias
-from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline
+from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline, published_files
 
 
 # The synthetic catalog holds 200 clicked ads, so 40 are cold: at the default k=20 a random
@@ -84,7 +84,7 @@ def test_ad_projected_carries_the_projectors_popularity_bias(default_pipeline):
     base, _, _ = default_pipeline
     projected = load_artifact(base, "ad_projected")
     raw = load_artifact(base, "ad_embeddings_raw")
-    trained = TrainedProjector.from_checkpoint(torch.load(base / "projector" / "synthetic.pt", weights_only=True))
+    trained = TrainedProjector.from_checkpoint(torch.load(published_files(base)["projector"], weights_only=True))
     np.testing.assert_allclose(projected.score_bias, score_bias(trained.model, raw.vectors), atol=1e-6)
     # serving adds it: a user vector orthogonal to every ad ranks purely by the bias
     user = np.zeros(projected.dim, dtype=np.float32)

@@ -12,14 +12,15 @@ import dagster as dg
 import numpy as np
 import pytest
 
-from adrec_assets.artifacts import write_file
 from adrec_assets.ml.types import ContentEmbeddings
+from adrec_assets.snapshots import SnapshotStore
 from adrec_assets_tests.pipeline_fixtures import (
     ALL_CHECKS,
     ASSET_FILES,
     failure_message,
     load_artifact,
     materialize_pipeline,
+    published_files,
 )
 from adrec_assets_tests.test_file_sources import (
     AD_IDS,
@@ -59,10 +60,20 @@ def _copy(good_runs, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _digests(base: Path) -> dict[str, str]:
+    """Every file under the artifacts root (objects, manifests, pointers), by relative path."""
     return {
         str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(base.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def _published(base: Path) -> dict[str, str]:
+    """partition/asset -> digest of the object its published snapshot names."""
+    return {
+        f"{partition}/{asset}": hashlib.sha256(path.read_bytes()).hexdigest()
+        for partition in ("other", "shop")
+        for asset, path in published_files(base, partition).items()
     }
 
 
@@ -70,7 +81,7 @@ def test_good_file_sources_materialize_all_assets_and_checks(good_runs):
     base = good_runs["base"]
     for partition, result in good_runs["results"].items():
         events = result.get_asset_materialization_events()
-        assert {e.materialization.asset_key.to_user_string() for e in events} == set(ASSET_FILES)
+        assert {e.materialization.asset_key.to_user_string() for e in events} == {*ASSET_FILES, "snapshot"}
         evaluations = result.get_asset_check_evaluations()
         assert len(evaluations) == len(ALL_CHECKS) and all(e.passed for e in evaluations)
         meta = {
@@ -99,13 +110,13 @@ def test_good_file_sources_materialize_all_assets_and_checks(good_runs):
 
 
 def _nan_ad_embeddings(base: Path, partition: str) -> None:
+    """Publish, unchecked, a snapshot whose ad_embeddings_raw has a NaN row (e.g. a hand edit)."""
     raw = load_artifact(base, "ad_embeddings_raw", partition)
     vectors = raw.vectors.copy()
     vectors[2, 5] = np.nan
-    write_file(
-        base / "ad_embeddings_raw" / f"{partition}.npz",
-        ContentEmbeddings(raw.ids, vectors, raw.encoder_id, raw.has_image),
-    )
+    store = SnapshotStore(base, partition)
+    store.stage("manual-copy", "ad_embeddings_raw", ContentEmbeddings(raw.ids, vectors, raw.encoder_id, raw.has_image))
+    store.publish("manual-copy")
 
 
 def test_nan_ad_embeddings_artifact_fails_the_blocking_check_and_stops_projector(good_runs, tmp_path):
@@ -113,7 +124,7 @@ def test_nan_ad_embeddings_artifact_fails_the_blocking_check_and_stops_projector
     so the projector downstream in the same run is not trained and its file stays as it was."""
     root, base = _copy(good_runs, tmp_path)
     _nan_ad_embeddings(base, "shop")
-    before = _digests(base)
+    before = _published(base)
     check_key = dg.AssetCheckKey(dg.AssetKey("ad_embeddings_raw"), "ad_embeddings_are_unit_768")
     result = materialize_pipeline(
         good_runs["instance"],
@@ -129,30 +140,30 @@ def test_nan_ad_embeddings_artifact_fails_the_blocking_check_and_stops_projector
     assert evaluations[0].metadata["n_rows_with_nan_or_inf"].value == 1
     assert "ad_embeddings_are_unit_768" in failure_message(result)
     assert not result.get_asset_materialization_events()  # projector never ran
-    assert _digests(base) == before
+    assert _published(base) == before
 
 
 def test_projector_alone_refuses_nan_ad_embeddings_and_keeps_previous_checkpoint(good_runs, tmp_path):
     root, base = _copy(good_runs, tmp_path)
     _nan_ad_embeddings(base, "shop")
-    before = _digests(base)
+    before = _published(base)
     result = materialize_pipeline(
         good_runs["instance"], base, partition="shop", selection=["projector"], raise_on_error=False, root=str(root)
     )
-    assert _digests(base) == before
+    assert _published(base) == before
     assert not result.success and "NaN" in failure_message(result)
 
 
 def test_pipeline_run_on_a_source_without_usable_clicks_fails_naming_it(good_runs, tmp_path):
     root, base = _copy(good_runs, tmp_path)
     write_clicks(root / "shop", "user_id,ad_id\nu1,old-1\nu2,old-2\n")
-    before = _digests(base)
+    before = _published(base)
     result = materialize_pipeline(
         good_runs["instance"], base, partition="shop", selection=["click_graph"], raise_on_error=False, root=str(root)
     )
     assert not result.success
     assert "source 'shop': none of the 2 click rows" in failure_message(result)
-    assert _digests(base) == before
+    assert _published(base) == before
 
 
 
@@ -173,34 +184,26 @@ def _break_with_bad_weight_file(root: Path) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("breakage", [_break_with_duplicate_ad, _break_with_bad_weight_file], ids=["ads", "clicks"])
 def test_failed_run_leaves_every_artifact_byte_for_byte(good_runs, tmp_path, breakage):
+    """A drop that changes the ads and also carries a bad file: the run fails, and readers see
+    exactly the previous snapshot (before, the ads side was already replaced at this point)."""
     root, base = _copy(good_runs, tmp_path)
-    before = _digests(base)
-    assert len(before) == 2 * len(ASSET_FILES)  # shop and other, all seven assets each
+    before, files_before = _published(base), _digests(base)
+    assert len(before) == 2 * len(ASSET_FILES)  # shop and other, every artifact of each
+    snapshot_before = SnapshotStore(base, "shop").current_id()
     expected = breakage(root)
     result = materialize_pipeline(good_runs["instance"], base, partition="shop", raise_on_error=False, root=str(root))
     assert not result.success
     message = failure_message(result)
     for fragment in expected:
         assert fragment in message, (fragment, message)
-    after = _digests(base)
-    assert set(after) == set(before)  # nothing added: no temp files, no stray outputs
-    assert not [p for p in base.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+    assert SnapshotStore(base, "shop").current_id() == snapshot_before
+    assert _published(base) == before  # both partitions, byte for byte
     materialized = {e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    unchanged = {name for name in before if before[name] == after[name]}
     if breakage is _break_with_duplicate_ad:
-        # raw_ads and click_graph (which also reads the ads) fail; nothing downstream runs.
-        assert materialized == set()
-        assert unchanged == set(before)
+        assert materialized == set()  # raw_ads fails; nothing downstream runs
     else:
-        # The ads side does not depend on clicks and is rebuilt: raw_ads records the copied
-        # source folder as its image root, the vectors are the same bytes; everything fed by
-        # clicks is untouched. (Each step still publishes its own file: see the snapshots.)
-        assert materialized == {"raw_ads", "ad_embeddings_raw"}
-        assert unchanged == set(before) - {"raw_ads/shop.npz"}
-        for asset in ("raw_ads", "ad_embeddings_raw"):
-            old, new = load_artifact(good_runs["base"], asset, "shop"), load_artifact(base, asset, "shop")
-            for key, array in old.to_arrays().items():
-                if key != "image_root":  # the copied source folder
-                    np.testing.assert_array_equal(array, new.to_arrays()[key], err_msg=f"{asset}.{key}")
-    # The other partition is never touched.
-    assert {k for k in before if "/other." in k} <= unchanged
+        assert "snapshot" not in materialized and "click_graph" not in materialized
+    # What the failed run staged is garbage once no run is going: gc leaves exactly the old files.
+    SnapshotStore(base, "shop").gc(grace_seconds=0)
+    assert _digests(base) == files_before
+    assert not [p for p in base.rglob("*") if ".tmp" in p.name]

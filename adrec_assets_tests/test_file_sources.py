@@ -1,14 +1,17 @@
 """File click sources (``adrec_assets.sources.files``): discovery, round trip, every kind of
 bad input (each reported as a ``SourceError`` naming the source, the file, the row and the
-fix), image-path confinement, unknown-ad policy, chunked reading of a large file with
-bounded memory, and a failed pipeline run that must leave every good artifact untouched.
+fix, never quoting a user id), image-path confinement, unknown-ad policy, size limits,
+already-pseudonymized ids, atomic writing, and chunked reading of a large file with bounded
+memory.
 
 All inputs are written by the tests themselves into ``tmp_path``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,12 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from adrec_assets.ml.encoders.base import ImageRefused
 from adrec_assets.ml.types import AdCatalog, ArtifactError, check_unit_rows
+from adrec_assets.privacy import pseudonymize
 from adrec_assets.resources import ClickSourceResource
-from adrec_assets.sources import RawClicks
+from adrec_assets.sources import AdReadReport, RawClicks, synthetic
 from adrec_assets.sources.files import (
     ClickReadReport,
+    FileSource,
     SourceError,
+    SourceLimits,
     list_sources,
     read_ads,
     read_clicks,
@@ -327,7 +334,7 @@ def test_ads_parquet_misnamed_column(tmp_path):
 @pytest.mark.parametrize(
     "header, fix",
     [
-        ("user_id", "expected columns user_id, ad_id[, timestamp, weight]"),
+        ("user_id", "expected columns user_id or user_pseudonym, ad_id[, timestamp, weight]"),
         ("user_id,AdID", "rename column 'AdID' to 'ad_id'"),
         ("user_id,ad id", "rename column 'ad id' to 'ad_id'"),
         ("UserID,ad_id", "rename column 'UserID' to 'user_id'"),
@@ -1021,18 +1028,27 @@ def test_million_row_click_file_is_read_in_chunks_with_bounded_memory(tmp_path, 
     chunk_sizes: list[int] = []
     real_read_csv = pd.read_csv
 
-    def spy_read_csv(*args, **kwargs):
-        calls.append(kwargs)
-        reader = real_read_csv(*args, **kwargs)
-        if not kwargs.get("chunksize"):
-            return reader
+    class CountingReader:
+        def __init__(self, reader) -> None:
+            self.reader = reader
 
-        def chunks():
-            for chunk in reader:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info) -> None:
+            self.reader.close()
+
+        def __iter__(self):
+            for chunk in self.reader:
                 chunk_sizes.append(len(chunk))
                 yield chunk
 
-        return chunks()
+    def spy_read_csv(*args, **kwargs):
+        reader = real_read_csv(*args, **kwargs)
+        if not kwargs.get("chunksize"):
+            return reader  # the header row
+        calls.append(kwargs)
+        return CountingReader(reader)
 
     monkeypatch.setattr(pd, "read_csv", spy_read_csv)
     started = time.perf_counter()
@@ -1046,7 +1062,7 @@ def test_million_row_click_file_is_read_in_chunks_with_bounded_memory(tmp_path, 
     seconds = time.perf_counter() - started
 
     assert [c.get("chunksize") for c in calls] == [100_000]
-    assert chunk_sizes == [100_000] * 10
+    assert max(chunk_sizes) == 100_000 and sum(chunk_sizes) == n_rows + 1  # the header row is read as a row too
     assert report == ClickReadReport(n_files=1, n_rows=n_rows, n_unknown_ad_rows=0)
     assert len(clicks) == n_rows and len(clicks.user_vocab) == n_users
     assert set(clicks.user_vocab.tolist()) == {f"u{u}" for u in range(100_000, 200_000)}
@@ -1059,3 +1075,471 @@ def test_million_row_click_file_is_read_in_chunks_with_bounded_memory(tmp_path, 
         f"peak {peak / 1e6:.1f} MB >= bound {bound / 1e6:.1f} MB "
         f"(whole file as Python strings: {python_strings_bytes / 1e6:.1f} MB; read took {seconds:.1f} s)"
     )
+
+
+# ---------------------------------------------------------------- 14. bounded inputs (SourceLimits)
+
+
+def limited(folder: Path, **limits) -> FileSource:
+    return FileSource(folder, folder.name, limits=SourceLimits(**limits))
+
+
+def read_limited(folder: Path, **limits) -> tuple[RawClicks, ClickReadReport]:
+    source = limited(folder, **limits)
+    return source.read_clicks(source.read_ads().ad_ids)
+
+
+def test_source_limits_defaults_and_refusal_of_non_positive_values():
+    assert SourceLimits() == SourceLimits(
+        max_text_chars=10_000, max_id_chars=256, max_image_bytes=32 * 2**20, max_click_rows_per_file=50_000_000
+    )
+    assert FileSource(Path("x"), "x").limits == SourceLimits()  # the old positional signature still works
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_id_chars must be a positive integer"):
+            SourceLimits(max_id_chars=bad)
+
+
+def test_ad_text_over_the_limit_is_cut_counted_and_reported(tmp_path, caplog):
+    folder = tmp_path / "src"
+    long_text = "Trail shoes for rocks and rain. " * 4
+    write_ads_csv(folder, f"ad_id,text\na,short\nb,{long_text}\nc,{'x' * 40}\n")
+    source = limited(folder, max_text_chars=40)
+    with caplog.at_level(logging.WARNING, logger="adrec_assets.sources.files"):
+        catalog, report = source.read_ads_with_report()
+    assert catalog.texts.tolist() == ["short", long_text[:40], "x" * 40]  # exactly at the limit: kept whole
+    assert report == AdReadReport(
+        n_ads=3, n_texts_truncated=1, max_text_chars=40, truncated_examples=["ads.csv line 3: ad_id 'b'"]
+    )
+    assert report.metadata() == {
+        "n_ad_texts_truncated": 1, "max_ad_text_chars": 40, "truncated_ad_examples": "ads.csv line 3: ad_id 'b'"
+    }  # fmt: skip
+    assert "1 ad texts longer than 40 characters were cut" in caplog.text and "ads.csv line 3" in caplog.text
+    assert source.read_ads().texts.tolist() == catalog.texts.tolist()
+    _, untouched = limited(folder, max_text_chars=len(long_text)).read_ads_with_report()
+    assert untouched.n_texts_truncated == 0 and untouched.truncated_examples == []
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_over_long_ad_id_in_the_ads_file_fails_naming_file_and_row(tmp_path, fmt):
+    folder = tmp_path / "src"
+    ids = ["ok-1", "a" * 300, "ok-2"]
+    if fmt == "csv":
+        write_ads_csv(folder, "ad_id,text\n" + "".join(f"{i},some text\n" for i in ids))
+        row = "line 3"
+    elif fmt == "parquet":
+        write_parquet(folder / "ads.parquet", {"ad_id": ids, "text": ["some text"] * 3})
+        row = "row 2"
+    else:
+        folder.mkdir()
+        (folder / "ads.jsonl").write_text("".join(json.dumps({"ad_id": i, "text": "t"}) + "\n" for i in ids))
+        row = "line 2"
+    source_error(
+        lambda: read_ads(folder),
+        f"ads.{fmt}",
+        f"{row} has ad_id of 300 characters ('aaaa",
+        "more than the limit of 256; shorten it or raise max_id_chars",
+    )
+    assert len(limited(folder, max_id_chars=300).read_ads().ad_ids[1]) == 300
+
+
+@pytest.mark.parametrize("column", ["user_id", "ad_id"])
+def test_over_long_click_id_fails_naming_the_row_and_never_showing_a_user_id(tmp_path, column):
+    folder = source_with_ads(tmp_path)
+    long_id = "secret-person-" + "z" * 300
+    row = {"user_id": long_id, "ad_id": "ad-1"} if column == "user_id" else {"user_id": "u2", "ad_id": long_id}
+    write_clicks(folder, f"user_id,ad_id\nu1,ad-0\n{row['user_id']},{row['ad_id']}\n")
+    message = source_error(
+        lambda: load_both(folder),
+        "part-000.csv",
+        f"line 3 has {column} of {len(long_id)} characters",
+        "more than the limit of 256",
+    )
+    if column == "user_id":
+        assert f"<redacted str of {len(long_id)} chars>" in message and "secret-person" not in message
+    else:
+        assert "secret-person" in message  # ad ids may be shown
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_click_file_over_the_row_limit_fails_naming_the_file(tmp_path, fmt):
+    folder = write_valid_source(tmp_path, "src", clicks_format=fmt)  # 40 click rows
+    evidence = "line 41 is data row 40" if fmt == "csv" else "it has 40"
+    source_error(
+        lambda: read_limited(folder, max_click_rows_per_file=39),
+        "source 'src'",
+        f"part-000.{fmt}",
+        f"more than 39 data rows ({evidence})",
+        "split it into files of at most 39 rows, or raise max_click_rows_per_file",
+    )
+    clicks, report = read_limited(folder, max_click_rows_per_file=40)
+    assert report.n_rows == 40 and click_triples(clicks) == expected_triples()
+
+
+def test_row_limit_stops_reading_before_the_rest_of_the_file(tmp_path):
+    """The limit bounds the work: a bad value after the limit is never reached."""
+    folder = source_with_ads(tmp_path)
+    rows = [f"u{i},ad-{i % 6},1" for i in range(30)]
+    rows[25] = "u25,ad-0,not-a-weight"
+    write_clicks(folder, "user_id,ad_id,weight\n" + "\n".join(rows) + "\n")
+    source = FileSource(folder, "src", chunk_rows=4, limits=SourceLimits(max_click_rows_per_file=10))
+    read = lambda: source.read_clicks(source.read_ads().ad_ids)  # noqa: E731
+    source_error(read, "more than 10 data rows (line 12 is data row 11)")
+    source_error(lambda: load_both(folder), "line 27 has weight='not-a-weight'")
+
+
+@pytest.mark.parametrize("weight", ["1e39", "-1e39", "1e-46", "3.5e38"])
+def test_weight_that_does_not_survive_float32_is_refused(tmp_path, weight):
+    """Finite (and for 1e-46 positive) in float64, but inf or 0 once stored as float32."""
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, f"user_id,ad_id,weight\nu1,ad-0,1\nu2,ad-1,{weight}\n")
+    message = source_error(lambda: load_both(folder), "part-000.csv", f"line 3 has weight='{weight}'; it must be")
+    if not weight.startswith("-"):
+        assert "a finite number > 0 that stays so as float32 (from 1.4e-45 to 3.4e+38)" in message
+
+
+def test_weights_at_the_float32_extremes_are_kept_exactly(tmp_path):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, "user_id,ad_id,weight\nu1,ad-0,3e38\nu2,ad-1,1e-44\nu3,ad-2,0.1\n")
+    clicks, _ = load_both(folder)
+    assert clicks.weights.dtype == np.float32
+    np.testing.assert_array_equal(clicks.weights, np.asarray([3e38, 1e-44, 0.1], dtype=np.float32))
+    assert (clicks.weights > 0).all() and np.isfinite(clicks.weights).all()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_timestamp_outside_int64_is_refused(tmp_path, fmt):
+    folder = source_with_ads(tmp_path)
+    if fmt == "csv":
+        write_clicks(folder, "user_id,ad_id,timestamp\nu1,ad-0,-9223372036854775808\nu2,ad-1,9223372036854775808\n")
+        shown = "line 3 has timestamp='9223372036854775808'"
+    else:
+        write_parquet(
+            folder / "clicks" / "part-000.parquet",
+            {"user_id": ["u1", "u2"], "ad_id": ["ad-0", "ad-1"], "timestamp": pa.array([1, 2**63], pa.uint64())},
+        )
+        shown = "row 2 has timestamp=9223372036854775808"
+    source_error(
+        lambda: load_both(folder),
+        f"part-000.{fmt}",
+        shown,
+        "it must be an integer from -9223372036854775808 to 9223372036854775807",
+    )
+
+
+def test_timestamps_at_the_int64_extremes_are_accepted(tmp_path):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, "user_id,ad_id,timestamp\nu1,ad-0,-9223372036854775808\nu2,ad-1,+9223372036854775807\n")
+    clicks, report = load_both(folder)
+    assert report.n_rows == 2 and len(clicks) == 2
+
+
+def test_ids_and_texts_are_object_arrays_of_str_never_fixed_width(tmp_path):
+    folder = write_valid_source(tmp_path, "src")
+    catalog = read_ads(folder)
+    clicks, _ = read_clicks(folder, catalog.ad_ids)
+    for array in (catalog.ad_ids, catalog.texts, catalog.image_paths, clicks.user_vocab, clicks.ad_vocab):
+        assert array.dtype == object and all(type(v) is str for v in array.tolist())
+
+
+def test_a_500_kb_user_id_costs_its_own_length_not_its_length_times_the_users(tmp_path):
+    """100,000 clicks by 1,000 users, one of whom has a 500 KB id (the limit raised to allow it).
+    A fixed-width numpy vocabulary would hold 1,001 x 500,000 x 4 bytes (~1.9 GiB); object
+    strings hold each id once. Measured when written: peak ~19 MiB."""
+    folder = source_with_ads(tmp_path)
+    rng = np.random.default_rng(3)
+    users = [f"user-{u:04d}" for u in rng.integers(0, 1000, 100_000)]
+    users[50_000] = "x" * 500_000
+    ads = rng.integers(0, len(AD_IDS), 100_000)
+    (folder / "clicks").mkdir()
+    with open(folder / "clicks" / "part-000.csv", "w") as handle:
+        handle.write("user_id,ad_id\n")
+        handle.writelines(f"{u},ad-{a}\n" for u, a in zip(users, ads))
+    source = limited(folder, max_id_chars=600_000)
+    catalog = source.read_ads()
+    tracemalloc.start()
+    try:
+        clicks, report = source.read_clicks(catalog.ad_ids)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.n_rows == 100_000 and len(clicks.user_vocab) == 1001
+    assert clicks.user_vocab[clicks.user_codes[50_000]] == "x" * 500_000
+    fixed_width_bytes = len(clicks.user_vocab) * 500_000 * 4
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.1f} MiB; fixed-width: {fixed_width_bytes / 2**30:.1f} GiB"
+
+
+# ---------------------------------------------------------------- 15. every failure is a SourceError naming the file
+
+
+SECRET_USER = "user-secret-4242"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError(f"could not convert {SECRET_USER!r}"),
+        OverflowError(f"{SECRET_USER} too large"),
+        UnicodeError(SECRET_USER),
+        csv.Error(f"field {SECRET_USER}"),
+        pa.ArrowInvalid(f"cannot cast {SECRET_USER}"),
+        RuntimeError(SECRET_USER),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_any_parser_failure_on_a_click_file_is_a_source_error_that_hides_its_text(tmp_path, monkeypatch, error, fmt):
+    """A click file holds user ids, so whatever a parser says about it (which may quote a cell) is
+    reduced to its type, and the parser's exception is not chained into logged tracebacks."""
+    folder = write_valid_source(tmp_path, "src", clicks_format=fmt)
+    catalog = read_ads(folder)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pd, "read_csv", failing)
+    monkeypatch.setattr(pq, "ParquetFile", failing)
+    with pytest.raises(SourceError) as info:
+        read_clicks(folder, catalog.ad_ids)
+    message = str(info.value)
+    assert f"source 'src', file {folder / 'clicks' / f'part-000.{fmt}'}" in message
+    assert type(error).__name__ in message and SECRET_USER not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_a_parser_failure_on_the_ads_file_keeps_its_text_and_cause(tmp_path, monkeypatch):
+    folder = write_valid_source(tmp_path, "src")
+    error = OverflowError("Python int too large to convert to C long")
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pd, "read_csv", failing)
+    with pytest.raises(SourceError) as info:
+        read_ads(folder)
+    assert "ads.csv: could not be read (OverflowError: Python int too large" in str(info.value)
+    assert info.value.__cause__ is error
+
+
+def test_a_user_id_of_the_wrong_type_is_redacted(tmp_path):
+    folder = source_with_ads(tmp_path)
+    write_parquet(folder / "clicks" / "part-000.parquet", {"user_id": [1.25, 2.5], "ad_id": ["ad-0", "ad-1"]})
+    message = source_error(
+        lambda: load_both(folder),
+        "part-000.parquet",
+        "row 1 has user_id=<redacted float of 4 chars> of type float",
+        "must be a string (or an integer)",
+    )
+    assert "1.25" not in message
+
+
+def test_a_click_file_without_a_header_row_does_not_show_its_first_user_id(tmp_path):
+    """The first row is read as the header: its cells are not column names, and one is a user id."""
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, f"{SECRET_USER},ad-0\nu2,ad-1\n")
+    message = source_error(
+        lambda: load_both(folder),
+        "part-000.csv",
+        f"missing column(s) ['user_id' or 'user_pseudonym', 'ad_id']; found [<redacted str of {len(SECRET_USER)} chars>, "
+        "<redacted str of 4 chars>]",
+        "is the header row missing?",
+    )
+    assert SECRET_USER not in message
+
+
+def test_a_short_row_is_reported_as_missing_fields_not_as_an_empty_value(tmp_path):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, "user_id,ad_id,weight\nu1,ad-0,1\n\nu2\n")
+    source_error(lambda: load_both(folder), "part-000.csv", "line 4 has 1 fields, expected 3")
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('user_id,ad_id\nu1,ad-0\nu2,"ad-1\nu3,ad-2\n', "line 3 opens a quoted field that is never closed"),
+        ('user_id,ad_id\nu1,"ad\n-0"\nu2,ad-1,extra\n', "line 4 has 3 fields, expected 2"),  # after a quoted line break
+    ],
+)
+def test_malformed_csv_names_the_editor_line(tmp_path, body, fragment):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, body)
+    source_error(lambda: load_both(folder), "part-000.csv", fragment)
+
+
+# ---------------------------------------------------------------- 16. already-pseudonymized user ids
+
+KEY = b"test-key"
+
+
+def test_clicks_with_user_pseudonyms_are_read_and_flagged(tmp_path):
+    folder = source_with_ads(tmp_path)
+    alice, bob = pseudonymize("alice", KEY), pseudonymize("bob", KEY)
+    write_clicks(folder, f"user_pseudonym,ad_id,weight\n{alice},ad-0,1\n{bob},ad-1,2\n{alice},ad-2,1\n")
+    clicks, report = load_both(folder)
+    assert report.n_rows == 3
+    assert clicks.user_vocab.tolist() == [alice, bob] and clicks.pseudonymized.tolist() == [True, True]
+    assert click_triples(clicks) == sorted([(alice, "ad-0", 1.0), (bob, "ad-1", 2.0), (alice, "ad-2", 1.0)])
+
+
+def test_a_raw_id_never_shares_a_user_with_a_pseudonym_of_the_same_text(tmp_path):
+    folder = source_with_ads(tmp_path)
+    looks_hashed = "0123456789abcdef0123456789abcdef"
+    write_clicks(folder, f"user_id,ad_id\n{looks_hashed},ad-0\nu2,ad-1\n", name="a-raw.csv")
+    write_parquet(folder / "clicks" / "b-pseudo.parquet", {"user_pseudonym": [looks_hashed], "ad_id": ["ad-2"]})
+    clicks, report = load_both(folder)
+    assert report.n_files == 2 and len(clicks) == 3
+    assert clicks.user_vocab.tolist() == [looks_hashed, "u2", looks_hashed]
+    assert clicks.pseudonymized.tolist() == [False, False, True]
+    by_user = {(clicks.user_vocab[u], bool(clicks.pseudonymized[u])): clicks.ad_vocab[a]
+               for u, a in zip(clicks.user_codes, clicks.ad_codes)}  # fmt: skip
+    assert by_user == {(looks_hashed, False): "ad-0", ("u2", False): "ad-1", (looks_hashed, True): "ad-2"}
+
+
+def test_a_click_file_with_both_user_id_and_user_pseudonym_is_refused(tmp_path):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, f"user_id,user_pseudonym,ad_id\nu1,{pseudonymize('u1', KEY)},ad-0\n")
+    source_error(
+        lambda: load_both(folder), "part-000.csv", "columns ['user_id', 'user_pseudonym']; keep exactly one of them"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["0123456789ABCDEF0123456789ABCDEF", "0123456789abcdef0123456789abcde", "raw-person-id-in-the-wrong-column"],
+    ids=["uppercase", "31-chars", "raw-id"],
+)
+def test_a_malformed_pseudonym_fails_naming_the_row_without_showing_it(tmp_path, bad):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, f"user_pseudonym,ad_id\n{pseudonymize('a', KEY)},ad-0\n{bad},ad-1\n")
+    message = source_error(
+        lambda: load_both(folder),
+        "part-000.csv",
+        f"line 3 has user_pseudonym=<redacted str of {len(bad)} chars>, which is not 32 lowercase hex characters",
+        "python -m adrec_assets.cli pseudonym",
+    )
+    assert bad not in message
+
+
+def test_a_misnamed_pseudonym_column_gets_a_rename_hint(tmp_path):
+    folder = source_with_ads(tmp_path)
+    write_clicks(folder, f"User Pseudonym,ad_id\n{pseudonymize('a', KEY)},ad-0\n")
+    source_error(
+        lambda: load_both(folder),
+        "missing column(s) ['user_id' or 'user_pseudonym']",
+        "rename column 'User Pseudonym' to 'user_pseudonym'",
+    )
+
+
+def test_write_source_writes_raw_ids_and_pseudonyms_to_separate_files(tmp_path):
+    alice = pseudonymize("alice", KEY)
+    catalog = AdCatalog(np.asarray(AD_IDS), np.asarray(AD_TEXTS), np.asarray([""] * 6), "")
+    clicks = RawClicks(
+        user_vocab=np.asarray(["raw-1", alice, "raw-2"]),
+        user_codes=np.asarray([0, 1, 1, 2]),
+        ad_vocab=np.asarray(AD_IDS),
+        ad_codes=np.asarray([0, 1, 2, 3]),
+        weights=np.asarray([1.0, 2.0, 1.0, 0.5], dtype=np.float32),
+        pseudonymized=np.asarray([False, True, False]),
+    )
+    out = tmp_path / "out"
+    write_source(out, catalog, clicks)
+    assert sorted(p.name for p in (out / "clicks").iterdir()) == ["clicks-pseudonymized.csv", "clicks.csv"]
+    assert (out / "clicks" / "clicks-pseudonymized.csv").read_text().splitlines()[0] == "user_pseudonym,ad_id,weight"
+    back, _ = read_clicks(out, read_ads(out).ad_ids)
+    assert click_triples(back) == click_triples(clicks)
+    flags = {u: bool(f) for u, f in zip(back.user_vocab.tolist(), back.pseudonymized.tolist())}
+    assert flags == {"raw-1": False, "raw-2": False, alice: True}
+
+
+# ---------------------------------------------------------------- 17. writing a source folder atomically
+
+
+def small_source() -> tuple[AdCatalog, RawClicks]:
+    catalog = AdCatalog(np.asarray(AD_IDS), np.asarray(AD_TEXTS), np.asarray([""] * 6), "")
+    clicks = RawClicks(
+        user_vocab=np.asarray(["a", "b"]), user_codes=np.asarray([0, 1, 1]), ad_vocab=np.asarray(AD_IDS),
+        ad_codes=np.asarray([0, 1, 2]), weights=np.ones(3, dtype=np.float32),
+    )  # fmt: skip
+    return catalog, clicks
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_write_source_replaces_a_folder_only_when_asked_and_a_failed_write_changes_nothing(tmp_path, monkeypatch):
+    catalog, clicks = small_source()
+    parent = tmp_path / "sources"
+    write_source(parent / "w", catalog, clicks)
+    before = folder_bytes(parent / "w")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
+        write_source(parent / "w", catalog, clicks)
+
+    original = pd.DataFrame.to_csv
+
+    def failing_to_csv(self, *args, **kwargs):
+        if "user_id" in self.columns:  # the clicks table: a partial file exists when it fails
+            original(self.head(1), *args, **kwargs)
+            raise OSError("disk full (simulated)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", failing_to_csv)
+    with pytest.raises(OSError, match="simulated"):
+        write_source(parent / "w", catalog, clicks, overwrite=True)
+    with pytest.raises(OSError, match="simulated"):
+        write_source(parent / "new", catalog, clicks)
+    monkeypatch.undo()
+    assert [p.name for p in parent.iterdir()] == ["w"]  # no temp folder, no half-written "new"
+    assert folder_bytes(parent / "w") == before
+
+    more = RawClicks(clicks.user_vocab, np.asarray([0, 0, 1, 1]), clicks.ad_vocab, np.asarray([0, 1, 2, 3]),
+                     np.ones(4, dtype=np.float32))  # fmt: skip
+    write_source(parent / "w", catalog, more, overwrite=True)
+    assert [p.name for p in parent.iterdir()] == ["w"]
+    assert len(read_clicks(parent / "w", read_ads(parent / "w").ad_ids)[0]) == 4
+
+
+def test_write_source_names_copied_images_so_they_stay_inside_the_folder(tmp_path):
+    root = tmp_path / "catalog"
+    (root / "img").mkdir(parents=True)
+    shutil.copyfile(PNG, root / "img" / "shoe.png")
+    ids = ["../../escape", "ok-id", "a/b"]
+    catalog = AdCatalog(
+        np.asarray(ids), np.asarray(["x", "y", "z"]), np.asarray([str(root / "img" / "shoe.png")] * 3), str(root)
+    )
+    clicks = RawClicks(np.asarray(["u"]), np.asarray([0, 0, 0]), np.asarray(ids), np.asarray([0, 1, 2]),
+                       np.ones(3, dtype=np.float32))  # fmt: skip
+    out = tmp_path / "sources" / "out"
+    write_source(out, catalog, clicks)
+    images = sorted(p.name for p in (out / "images").iterdir())
+    assert len(images) == 3 and "ok-id.png" in images and all("/" not in n and not n.startswith(".") for n in images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog", "sources"]  # nothing written elsewhere
+    back = read_ads(out)
+    assert back.ad_ids.tolist() == ids
+    assert all(Path(p).read_bytes() == PNG.read_bytes() for p in back.image_paths)
+
+
+def test_write_source_reads_images_only_inside_the_catalogue_root(tmp_path):
+    root = tmp_path / "catalog"
+    (root / "img").mkdir(parents=True)
+    shutil.copyfile(PNG, root / "img" / "shoe.png")
+    catalog = AdCatalog(np.asarray(["a"]), np.asarray(["x"]), np.asarray([str(root / "img" / "shoe.png")]), str(root))
+    (tmp_path / "private.png").write_bytes(b"not for copying")
+    (root / "img" / "shoe.png").unlink()
+    os.symlink(tmp_path / "private.png", root / "img" / "shoe.png")  # swapped in after the catalogue was made
+    clicks = RawClicks(np.asarray(["u"]), np.asarray([0]), np.asarray(["a"]), np.asarray([0]), np.ones(1, np.float32))
+    with pytest.raises(ImageRefused, match="is a symlink now"):
+        write_source(tmp_path / "out", catalog, clicks)
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_cli_writes_a_readable_source_and_needs_overwrite_to_replace_it(tmp_path, capsys):
+    out = tmp_path / "sources" / "demo"
+    assert synthetic.main([str(out), "--n-users", "20"]) == 0
+    catalog = read_ads(out)
+    clicks, _ = read_clicks(out, catalog.ad_ids)
+    assert len(catalog) == 220 and len(clicks.user_vocab) == 20
+    assert synthetic.main([str(out), "--n-users", "30"]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert synthetic.main([str(out), "--n-users", "30", "--overwrite"]) == 0
+    assert len(read_clicks(out, catalog.ad_ids)[0].user_vocab) == 30
+    assert [p.name for p in out.parent.iterdir()] == ["demo"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from adrec_assets.sources import movielens
+from adrec_assets.sources import SourceError, files, movielens
+from adrec_assets.sources.files import read_ads, read_clicks
 from adrec_assets.sources.movielens import (
     ConversionReport,
     MovieLensFormatError,
@@ -189,6 +190,27 @@ def test_100k_layout_min_rating(ml100k_dir: Path, tmp_path: Path) -> None:
     ]
 
 
+def test_converted_output_is_read_back_by_the_file_source(latest_dir: Path, tmp_path: Path) -> None:
+    """The adapter writes the folder format the file source reads (it shares its constants)."""
+    out = tmp_path / "sources" / "ml"
+    convert_movielens(latest_dir, out)
+    catalog = read_ads(out)
+    assert catalog.ad_ids.tolist() == [ad_id for ad_id, _ in LATEST_ADS]
+    clicks, report = read_clicks(out, catalog.ad_ids)
+    assert report.n_rows == len(clicks) == 5
+    assert sorted(clicks.user_vocab.tolist()) == ["ml-user-1", "ml-user-2", "ml-user-3"]
+    assert (out / files.CLICKS_DIRNAME / movielens.CLICKS_FILE).is_file() and (out / files.ADS_FILENAMES[0]).is_file()
+
+
+def test_format_errors_are_source_errors_and_never_show_a_user_id(latest_dir: Path, tmp_path: Path) -> None:
+    (latest_dir / "ratings.csv").write_text(RATINGS_HEADER + "person-7,1,4.0,1001\n")
+    with pytest.raises(SourceError) as err:
+        convert_movielens(latest_dir, tmp_path / "out")
+    assert isinstance(err.value, MovieLensFormatError)
+    assert "ratings.csv: line 3 has userId=<redacted str of 8 chars>; it must be an integer" in str(err.value)
+    assert "person-7" not in str(err.value)
+
+
 def test_overwrite_replaces_and_empty_out_is_accepted(latest_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "ml"
     out.mkdir()  # an existing empty folder is fine without --overwrite
@@ -231,7 +253,8 @@ def test_missing_source_folder(tmp_path: Path) -> None:
 
 def test_missing_columns_named(latest_dir: Path, tmp_path: Path) -> None:
     (latest_dir / "ratings.csv").write_text("userId,movieId,rating\n1,1,4.0\n")
-    with pytest.raises(MovieLensFormatError, match=r"ratings\.csv: missing columns \['timestamp'\]"):
+    expected = r"ratings\.csv: missing column\(s\) \['timestamp'\]; found \['userId', 'movieId', 'rating'\]"
+    with pytest.raises(MovieLensFormatError, match=expected):
         convert_movielens(latest_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -242,11 +265,13 @@ RATINGS_HEADER = "userId,movieId,rating,timestamp\n1,1,4.0,1000\n"
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
-        ("2,1,abc,1001\n", r"ratings\.csv, line 3: rating 'abc' is not a number"),
-        ("\n2,1.5,4,1001\n", r"ratings\.csv, line 4: movieId '1\.5' is not an integer"),  # blank line counts
-        ("2,1,,1001\n", r"line 3: rating '' is not a number"),
-        ("2,1,nan,1001\n", r"line 3: rating 'nan' is not a finite number"),
-        ("2,1,4,1001,9\n", r"line 3: expected 4 fields, found 5"),
+        ("2,1,abc,1001\n", r"ratings\.csv: line 3 has rating='abc'; it must be a finite number"),
+        ("\n2,1.5,4,1001\n", r"ratings\.csv: line 4 has movieId='1\.5'; it must be an integer"),  # blank line counts
+        ("2,1,,1001\n", r"line 3 has rating=''; it must be a finite number"),
+        ("2,1,nan,1001\n", r"line 3 has rating='nan'; it must be a finite number"),
+        ("2,1,4,1001,9\n", r"line 3 has 5 fields, expected 4; fix the quoting or the number of ',' separators"),
+        ("2,1,4,99999999999999999999\n", r"line 3 has timestamp='9{20}'; it must be an integer from"),
+        ("2,1,4\n", r"line 3 has 3 fields, expected 4"),  # not "timestamp is empty": the field is missing
     ],
 )
 def test_unparsable_latest_rows_name_the_line(latest_dir: Path, tmp_path: Path, rows: str, expected: str) -> None:
@@ -257,24 +282,25 @@ def test_unparsable_latest_rows_name_the_line(latest_dir: Path, tmp_path: Path, 
 
 def test_unparsable_100k_rows_name_the_line(ml100k_dir: Path, tmp_path: Path) -> None:
     (ml100k_dir / "u.data").write_text(U_DATA + "5\t1\t4\n")
-    with pytest.raises(MovieLensFormatError, match=r"u\.data, line 6: expected 4 fields, found 3"):
+    with pytest.raises(MovieLensFormatError, match=r"u\.data: line 6 has 3 fields, expected 4"):
         convert_movielens(ml100k_dir, tmp_path / "out")
     (ml100k_dir / "u.data").write_text(U_DATA)
     bad_item = U_ITEM.replace("|0|0|0|0\n", "|0|0|0|2\n", 1).encode("latin-1")
     (ml100k_dir / "u.item").write_bytes(bad_item)
-    with pytest.raises(MovieLensFormatError, match=r"u\.item, line 1: field 24 '2' is not 0 or 1"):
+    with pytest.raises(MovieLensFormatError, match=r"u\.item: line 1 has field 24='2'; it must be 0 or 1"):
         convert_movielens(ml100k_dir, tmp_path / "out")
 
 
 def test_latin1_movies_csv_is_reported(latest_dir: Path, tmp_path: Path) -> None:
     (latest_dir / "movies.csv").write_bytes((LATEST_MOVIES + "5,Café (2000),Drama\n").encode("latin-1"))
-    with pytest.raises(MovieLensFormatError, match=r"movies\.csv, line 6: not valid utf-8-sig text"):
+    with pytest.raises(MovieLensFormatError, match=r"movies\.csv: line 6 is not valid UTF-8 .*re-save the file as"):
         convert_movielens(latest_dir, tmp_path / "out")
 
 
 def test_duplicate_movie_ids(latest_dir: Path, tmp_path: Path) -> None:
     (latest_dir / "movies.csv").write_text(LATEST_MOVIES + "2,Again (1999),Drama\n")
-    with pytest.raises(MovieLensFormatError, match=r"movies\.csv: movie ids appear on more than one row: \[2\]"):
+    expected = r"movies\.csv: movie id 2 appears on lines 3 and 6; movie ids must be unique"
+    with pytest.raises(MovieLensFormatError, match=expected):
         convert_movielens(latest_dir, tmp_path / "out")
 
 

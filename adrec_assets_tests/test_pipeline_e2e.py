@@ -1,4 +1,4 @@
-"""End to end: all seven assets materialize for the synthetic source with the defaults."""
+"""End to end: the whole pipeline materializes and publishes for the synthetic source with the defaults."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from adrec_assets.artifacts import write_file
 from adrec_assets.privacy import pseudonymize
 from adrec_assets.sources.catalog import load_builtin_catalog
+from adrec_assets.snapshots import SnapshotStore
 from adrec_assets_tests.pipeline_fixtures import (
     ASSET_FILES,
     TEST_ID_KEY,
     failure_message,
     load_artifact,
     materialize_pipeline,
+    published_files,
 )
 
 load = load_artifact
@@ -35,11 +36,13 @@ def test_all_assets_and_checks_succeed(pipeline):
     materialized = {
         e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()
     }
-    assert materialized == set(ASSET_FILES)
+    assert materialized == {*ASSET_FILES, "snapshot"}
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 7 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 8 and all(e.passed for e in evaluations)
+    files = published_files(base)
+    assert set(files) == set(ASSET_FILES)  # one snapshot holds every artifact of the run
     for asset, ext in ASSET_FILES.items():
-        assert (base / asset / f"synthetic.{ext}").is_file(), asset
+        assert files[asset].is_file() and files[asset].suffix == f".{ext}", asset
 
 
 def test_artifact_shapes_norms_and_alignment(pipeline):
@@ -66,7 +69,7 @@ def test_artifact_shapes_norms_and_alignment(pipeline):
 
 def test_projector_checkpoint_loads_weights_only_and_reproduces_ad_projected(pipeline):
     base, _, _ = pipeline
-    checkpoint = torch.load(base / "projector" / "synthetic.pt", weights_only=True)
+    checkpoint = torch.load(published_files(base)["projector"], weights_only=True)
     from adrec_assets.ml.models import TrainedProjector
     from adrec_assets.ml.training import project
 
@@ -97,14 +100,17 @@ def test_privacy_no_raw_user_ids_and_no_ad_text_outside_raw_ads(pipeline):
     catalog = load_builtin_catalog().catalog
     raw_user_prefix = "user-000"  # every synthetic raw id starts like this
     texts = [t[:40] for t in catalog.texts]
-    for asset, ext in ASSET_FILES.items():
-        blob = (base / asset / f"synthetic.{ext}").read_bytes()
+    files = published_files(base)
+    everything = [p for p in base.rglob("*") if p.is_file()]  # manifests and pointers too
+    assert set(files.values()) <= set(everything)
+    for path in everything:
+        blob = path.read_bytes()
         for encoding in ("utf-8", "utf-32-le"):  # artifacts store UTF-8 (older ones: numpy's UTF-32)
-            assert raw_user_prefix.encode(encoding) not in blob, asset
-            if asset != "raw_ads":
-                assert not any(t.encode(encoding) in blob for t in texts), asset
+            assert raw_user_prefix.encode(encoding) not in blob, path
+            if path != files["raw_ads"]:
+                assert not any(t.encode(encoding) in blob for t in texts), path
     # Sanity check of the scan itself: raw_ads does hold the ad text.
-    assert texts[0].encode("utf-8") in (base / "raw_ads" / "synthetic.npz").read_bytes()
+    assert texts[0].encode("utf-8") in files["raw_ads"].read_bytes()
     graph = load(base, "click_graph")
     # The operator who holds the key finds a user's row by recomputing the pseudonym.
     assert pseudonymize("user-0000001", TEST_ID_KEY.encode()) in set(graph.user_ids)
@@ -122,8 +128,8 @@ def test_same_inputs_and_config_give_identical_artifacts(tmp_path):
             assert materialize_pipeline(instance, target, run_config=SHORT_TRAINING).success
     for asset in ("click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected"):
         if asset == "projector":
-            a = torch.load(base / asset / "synthetic.pt", weights_only=True)["state_dict"]
-            b = torch.load(tmp_path / asset / "synthetic.pt", weights_only=True)["state_dict"]
+            a = torch.load(published_files(base)[asset], weights_only=True)["state_dict"]
+            b = torch.load(published_files(tmp_path)[asset], weights_only=True)["state_dict"]
             assert all(torch.equal(a[k], b[k]) for k in a)
         else:
             first, second = load(base, asset), load(tmp_path, asset)
@@ -136,9 +142,11 @@ def _digest(path: Path) -> str:
 
 
 def test_failed_training_keeps_previous_artifact_byte_for_byte(pipeline, tmp_path):
-    """A diverging run (absurd learning rate -> NaN) fails and writes nothing."""
+    """A diverging run (absurd learning rate -> NaN) fails and publishes nothing."""
     base, _, instance = pipeline
-    target = base / "user_embeddings" / "synthetic.npz"
+    store = SnapshotStore(base, "synthetic")
+    published = store.current_id()
+    target = published_files(base)["user_embeddings"]
     before = _digest(target)
     result = materialize_pipeline(
         instance,
@@ -151,8 +159,8 @@ def test_failed_training_keeps_previous_artifact_byte_for_byte(pipeline, tmp_pat
     message = failure_message(result)
     assert "user_embeddings[synthetic]" in message
     assert "NaN" in message or "not unit length" in message
-    assert _digest(target) == before
-    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]
+    assert store.current_id() == published and _digest(target) == before
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".")]  # no torn temp files
 
 
 def test_ad_projected_refuses_vectors_from_another_encoder(pipeline, tmp_path):
@@ -166,10 +174,12 @@ def test_ad_projected_refuses_vectors_from_another_encoder(pipeline, tmp_path):
     shutil.copytree(base, work)
     raw = load(work, "ad_embeddings_raw")
     swapped = ContentEmbeddings(raw.ids, raw.vectors, encoder_id="other-encoder:v9", has_image=raw.has_image)
-    write_file(work / "ad_embeddings_raw" / "synthetic.npz", swapped)
-    before = _digest(work / "ad_projected" / "synthetic.npz")
+    store = SnapshotStore(work, "synthetic")
+    store.stage("manual-copy", "ad_embeddings_raw", swapped)  # e.g. an operator's hand edit, published unchecked
+    store.publish("manual-copy")
+    before = _digest(published_files(work)["ad_projected"])
     result = materialize_pipeline(instance, work, selection=["ad_projected"], raise_on_error=False)
     assert not result.success
     message = failure_message(result)
     assert "other-encoder:v9" in message and "re-materialize projector" in message
-    assert _digest(work / "ad_projected" / "synthetic.npz") == before
+    assert _digest(published_files(work)["ad_projected"]) == before

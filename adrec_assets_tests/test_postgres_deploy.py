@@ -1,7 +1,7 @@
 """Production deployment files under ``deploy/``.
 
 * ``deploy/dagster.yaml`` against a real PostgreSQL server (Debian's, started here on loopback):
-  register ``synthetic`` and materialize the seven pipeline assets with the multiprocess
+  register ``synthetic`` and materialize the pipeline assets with the multiprocess
   executor through the CLI, then read runs, events and dynamic partitions back with SQL.
 * ``adrec_assets.deploy`` / ``deploy/k8s``: the Kubernetes code location's executor config is
   valid, and the step pod built for ``ad_embeddings_raw`` requests a GPU (no cluster needed).
@@ -264,3 +264,23 @@ def test_k8s_files_are_consistent() -> None:
         claim = volume["persistentVolumeClaim"]["claimName"]
         assert ("PersistentVolumeClaim", claim) in names, claim
     assert values["dagsterWebserver"]["service"]["type"] == "ClusterIP"  # exposed only through the auth proxy
+
+
+def test_k8s_isolates_sources_shares_the_encoding_cache_and_fences_the_webserver() -> None:
+    """One run per source at a time with a maximum run time; every pod that encodes reads the
+    same encoding cache on the shared volume; only the ingress reaches the webserver."""
+    values = yaml.safe_load((DEPLOY / "k8s" / "values.yaml").read_text())
+    daemon = values["dagsterDaemon"]
+    limits = daemon["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
+    assert {"key": "dagster/partition", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+    assert daemon["runMonitoring"]["enabled"] and daemon["runMonitoring"]["maxRuntimeSeconds"] > 0
+    mount = values["runLauncher"]["config"]["k8sRunLauncher"]["volumeMounts"][0]["mountPath"]
+    cache = next(v for v in values["runLauncher"]["config"]["k8sRunLauncher"]["envVars"] if "ENCODER_CACHE" in v)
+    assert cache.split("=", 1)[1].startswith(mount + "/")
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    assert deployment["env"]["ADREC_ENCODER_CACHE_DIR"].startswith(mount + "/")
+    (policy,) = yaml.safe_load_all((DEPLOY / "k8s" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["podSelector"]["matchLabels"] == {
+        "component": "dagster-webserver"
+    }
+    assert policy["spec"]["policyTypes"] == ["Ingress"] and len(policy["spec"]["ingress"]) == 1

@@ -28,7 +28,8 @@ from adrec_assets.ml.refresh import (
 )
 from adrec_assets.ml.training import normalized_mean, train_user_embeddings
 from adrec_assets.ml.types import ClickGraph, TrainingProvenance, UserEmbeddings
-from adrec_assets_tests.pipeline_fixtures import ASSET_FILES, load_artifact, materialize_pipeline
+from adrec_assets.snapshots import SnapshotStore
+from adrec_assets_tests.pipeline_fixtures import ASSET_FILES, load_artifact, materialize_pipeline, published_files
 from adrec_assets_tests.test_file_sources import write_valid_source
 
 PARAMS = UserTrainingParams(dim=8, epochs=3, min_steps=0, batch_size=8)
@@ -157,7 +158,8 @@ def meta(result: dg.ExecuteInJobResult, asset: str) -> dict:
 
 
 def digests(base: Path) -> dict[str, str]:
-    return {str(p.relative_to(base)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(base.rglob("*.*"))}
+    """asset -> digest of its object in the published snapshot of ``shop``."""
+    return {asset: hashlib.sha256(path.read_bytes()).hexdigest() for asset, path in published_files(base, "shop").items()}
 
 
 @pytest.fixture
@@ -190,7 +192,8 @@ def test_rematerializing_unchanged_inputs_reuses_the_artifacts(shop):
     assert meta(second, "projector")["training_path"] == REUSED
     # same inputs and config: byte-identical .npz artifacts, the same projector weights
     after = digests(base)
-    assert {k: v for k, v in after.items() if k.endswith(".npz")} == {k: v for k, v in before.items() if k.endswith(".npz")}
+    assert {k: v for k, v in after.items() if k != "projector"} == {k: v for k, v in before.items() if k != "projector"}
+    assert meta(second, "snapshot")["snapshot_id"] == meta(first, "snapshot")["snapshot_id"]  # nothing changed
     projector_after = load_artifact(base, "projector", "shop")
     for name, tensor in projector_before.model.state_dict().items():
         assert torch.equal(tensor, projector_after.model.state_dict()[name]), name
@@ -241,7 +244,8 @@ def test_a_failed_refresh_leaves_the_previous_artifacts_intact(shop, monkeypatch
     root, base, run = shop
     run()
     before = digests(base)
-    assert len(before) == len(ASSET_FILES)
+    assert set(before) == set(ASSET_FILES)
+    published = SnapshotStore(base, "shop").current_id()
     add_clicks(root)
 
     def diverge(*args, **kwargs):
@@ -251,9 +255,10 @@ def test_a_failed_refresh_leaves_the_previous_artifacts_intact(shop, monkeypatch
     result = run(raise_on_error=False)
     assert not result.success
     assert meta(result, "user_embeddings")["training_path"] == WARM_START  # the step before it succeeded
-    after = digests(base)
-    for name in ("projector/shop.pt", "ad_projected/shop.npz", "ad_embeddings_raw/shop.npz"):
-        assert after[name] == before[name], name
+    # nothing of the failed run is visible: the same snapshot, byte for byte, not even the
+    # user vectors that did train (they would not fit the old projector)
+    assert SnapshotStore(base, "shop").current_id() == published
+    assert digests(base) == before
     monkeypatch.undo()
     # the next run picks up from what is stored: the projector's previous file is still usable
     retry = run()

@@ -11,7 +11,7 @@ from upath import UPath
 
 from adrec_assets import storage
 from adrec_assets.artifacts import load_file, write_file, write_npz_reproducibly
-from adrec_assets.io_managers import ArtifactIOManager
+from adrec_assets.io_managers import ReportIOManager, SnapshotIOManager
 from adrec_assets.ml.models import Projector, TrainedProjector
 from adrec_assets.ml.params import ProjectorParams
 from adrec_assets.ml.types import (
@@ -25,6 +25,8 @@ from adrec_assets.ml.types import (
     TrainingProvenance,
     UserEmbeddings,
 )
+from adrec_assets.resources import ArtifactStoreResource
+from adrec_assets.snapshots import SnapshotError, SnapshotStore
 from adrec_assets.storage import atomic_write
 
 # ---------------------------------------------------------------- atomic_write
@@ -119,21 +121,51 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(b.to_arrays()[k], v, err_msg=k)
 
 
+def _manager(tmp_path) -> SnapshotIOManager:
+    return SnapshotIOManager(artifacts=ArtifactStoreResource(base_dir=str(tmp_path)))
+
+
+def _output(asset: str, partition: str = "synthetic", run_id: str = "run-1") -> dg.OutputContext:
+    return dg.build_output_context(asset_key=dg.AssetKey([asset]), partition_key=partition, run_id=run_id)
+
+
+def _input(asset: str, partition: str = "synthetic", run_id: str = "run-1") -> dg.InputContext:
+    return dg.build_input_context(
+        asset_key=dg.AssetKey([asset]), partition_key=partition, upstream_output=_output(asset, partition, run_id)
+    )
+
+
 @pytest.mark.parametrize("asset", list(_artifacts()))
-def test_io_manager_round_trips_every_npz_artifact_via_dagster_contexts(tmp_path, asset):
-    """handle_output/load_input with asset key + partition key round-trip every npz artifact."""
+def test_io_manager_stages_and_round_trips_every_npz_artifact_within_its_run(tmp_path, asset):
+    """handle_output stages (invisible to readers outside the run); load_input in the same run
+    gets it back; the staged object is a pickle-free .npz of the current format."""
     obj = _artifacts()[asset]
-    manager = ArtifactIOManager(base_dir=str(tmp_path))
-    key = dg.AssetKey([asset])
-    manager.handle_output(dg.build_output_context(asset_key=key, partition_key="synthetic"), obj)
-    path = tmp_path / asset / "synthetic.npz"
-    assert path.is_file()
+    manager = _manager(tmp_path)
+    manager.handle_output(_output(asset), obj)
+    store = SnapshotStore(tmp_path, "synthetic")
+    assert store.current_id() is None  # staged, not published
+    path = store.object_path(store.staged("run-1")[asset])
     with np.load(path, allow_pickle=False) as npz:  # no pickled object arrays inside
         assert str(npz["__type__"]) == obj.type_tag and str(npz["__format__"]) == ARTIFACT_FORMAT
         assert all(npz[k].dtype != object for k in npz.files)
-    upstream = dg.build_output_context(asset_key=key, partition_key="synthetic")
-    back = manager.load_input(dg.build_input_context(asset_key=key, partition_key="synthetic", upstream_output=upstream))
-    _assert_same(obj, back)
+    _assert_same(obj, manager.load_input(_input(asset)))
+
+
+def test_a_step_of_another_run_reads_the_published_snapshot_not_staged_outputs(tmp_path):
+    manager = _manager(tmp_path)
+    manager.handle_output(_output("global_mean", run_id="run-1"), _artifacts()["global_mean"])
+    SnapshotStore(tmp_path, "synthetic").publish("run-1")
+    newer = GlobalMean(np.array([1.0, 0.0], dtype=np.float32), 5, 0.1, "users:abc")
+    manager.handle_output(_output("global_mean", run_id="run-2"), newer)
+    assert manager.load_input(_input("global_mean", run_id="run-3")).n_users == 2  # published, not run-2's
+    assert manager.load_input(_input("global_mean", run_id="run-2")).n_users == 5
+
+
+def test_reports_are_written_beside_the_snapshots_and_read_back(tmp_path):
+    manager = ReportIOManager(artifacts=ArtifactStoreResource(base_dir=str(tmp_path)))
+    manager.handle_output(_output("evaluation", "shop"), _artifacts()["global_mean"])
+    assert (tmp_path / "shop" / "reports" / "evaluation.npz").is_file()
+    _assert_same(_artifacts()["global_mean"], manager.load_input(_input("evaluation", "shop")))
 
 
 def test_typed_fields_survive_the_round_trip(tmp_path):
@@ -154,10 +186,10 @@ def test_projector_round_trip_rebuilds_the_model_from_its_params(tmp_path):
     torch.manual_seed(0)
     params = ProjectorParams(hidden_dim=8, dropout=0.0)
     tp = TrainedProjector.trained(Projector(12, 4, params).eval(), "enc:v1", "users:abc", "inputs", "full_retrain")
-    manager = ArtifactIOManager(base_dir=str(tmp_path))
-    key = dg.AssetKey(["projector"])
-    manager.handle_output(dg.build_output_context(asset_key=key, partition_key="src"), tp)
-    path = tmp_path / "projector" / "src.pt"
+    _manager(tmp_path).handle_output(_output("projector", "src"), tp)
+    store = SnapshotStore(tmp_path, "src")
+    path = store.object_path(store.staged("run-1")["projector"])
+    assert path.suffix == ".pt"
     torch.load(path, weights_only=True)  # plain tensors/primitives only
     back = load_file(path)
     assert (back.encoder_id, back.user_space, back.params) == ("enc:v1", "users:abc", params)
@@ -225,20 +257,18 @@ def test_npz_with_pickled_object_rejected(tmp_path):
 
 def test_io_manager_refuses_plain_dict(tmp_path):
     """Only adrec artifacts are stored; a dict raises TypeError and writes nothing."""
-    manager = ArtifactIOManager(base_dir=str(tmp_path))
-    ctx = dg.build_output_context(asset_key=dg.AssetKey(["raw_ads"]), partition_key="p")
     with pytest.raises(TypeError, match="raw_ads.*dict"):
-        manager.handle_output(ctx, {"vectors": np.ones(3)})
+        _manager(tmp_path).handle_output(_output("raw_ads", "p"), {"vectors": np.ones(3)})
     assert not list(tmp_path.rglob("*.npz"))
 
 
 def test_failed_overwrite_keeps_previous_artifact(tmp_path, monkeypatch):
-    """A crash while re-writing an artifact leaves the previous good file loadable."""
-    manager = ArtifactIOManager(base_dir=str(tmp_path))
-    key = dg.AssetKey(["global_mean"])
+    """A crash while re-writing a report leaves the previous good file loadable."""
+    manager = ReportIOManager(artifacts=ArtifactStoreResource(base_dir=str(tmp_path)))
     gm = _artifacts()["global_mean"]
-    manager.handle_output(dg.build_output_context(asset_key=key, partition_key="p"), gm)
-    before = (tmp_path / "global_mean" / "p.npz").read_bytes()
+    manager.handle_output(_output("evaluation", "p"), gm)
+    folder = tmp_path / "p" / "reports"
+    before = (folder / "evaluation.npz").read_bytes()
 
     def boom(*a, **k):
         raise OSError("crash")
@@ -246,23 +276,19 @@ def test_failed_overwrite_keeps_previous_artifact(tmp_path, monkeypatch):
     monkeypatch.setattr(storage.os, "replace", boom)
     gm2 = GlobalMean(np.array([1.0, 0.0], dtype=np.float32), 5, 0.1, "users:abc")
     with pytest.raises(OSError):
-        manager.handle_output(dg.build_output_context(asset_key=key, partition_key="p"), gm2)
-    assert (tmp_path / "global_mean" / "p.npz").read_bytes() == before
-    assert os.listdir(tmp_path / "global_mean") == ["p.npz"]
+        manager.handle_output(_output("evaluation", "p"), gm2)
+    assert (folder / "evaluation.npz").read_bytes() == before
+    assert os.listdir(folder) == ["evaluation.npz"]
 
 
 @pytest.mark.parametrize("partition", ["../../etc", "..", "/../../etc/passwd", "a/../../../b", "../"])
 def test_partition_key_cannot_escape_base_dir(tmp_path, partition):
-    """Any partition key stays under the base dir."""
+    """A partition key is a source name chosen at run time: one that could climb out of the
+    artifacts root is refused and nothing is written."""
     base = tmp_path / "base"
-    manager = ArtifactIOManager(base_dir=str(base))
-    manager.handle_output(
-        dg.build_output_context(asset_key=dg.AssetKey(["global_mean"]), partition_key=partition),
-        _artifacts()["global_mean"],
-    )
-    written = [p for p in tmp_path.rglob("*.npz")]
-    assert len(written) == 1
-    assert os.path.realpath(written[0]).startswith(os.path.realpath(base / "global_mean") + os.sep)
+    with pytest.raises(SnapshotError, match="not a safe name"):
+        _manager(base).handle_output(_output("global_mean", partition), _artifacts()["global_mean"])
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_remote_upath_write_round_trip():

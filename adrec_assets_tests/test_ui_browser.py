@@ -1,7 +1,7 @@
 """The Dagster UI end to end in a real browser: ``dagster dev`` on 127.0.0.1 with a temporary
 instance, Debian's Chromium driven headless by Playwright (never a downloaded browser).
 
-A person's path: open the ``adrec`` asset group's lineage graph, see the seven pipeline assets
+A person's path: open the ``adrec`` asset group's lineage graph, see the pipeline assets
 and their edges, "Materialize all…", pick the ``synthetic`` partition, launch, follow the run
 to Success. Screenshots land in ``test-artifacts/ui/`` (printed by the test)."""
 
@@ -16,7 +16,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from adrec_assets.snapshots import SnapshotStore
 from adrec_assets_tests.service_helpers import (
+    ARTIFACT_ASSETS,
     ARTIFACTS_ROOT,
     BIN_DIR,
     CHROMIUM_ARGS,
@@ -81,7 +83,7 @@ def graph_edges(nodes: list[dict], paths: list[str], tolerance: float = 15.0) ->
 
 
 def test_expected_lineage_matches_code() -> None:
-    """The lineage the browser test looks for is the code's lineage (seven assets, nine edges)."""
+    """The lineage the browser test looks for is the code's lineage (nine assets, nineteen edges)."""
     from adrec_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
@@ -121,7 +123,7 @@ def page(ui_server) -> Iterator[object]:
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=UI_TIMEOUT_MS)
         try:
-            tab = browser.new_page(viewport={"width": 1600, "height": 1000})
+            tab = browser.new_page(viewport={"width": 2600, "height": 1500})  # wide enough for full-size nodes
             tab.set_default_timeout(UI_TIMEOUT_MS)
             server, _, _ = ui_server
             tab.goto(server.url, timeout=UI_TIMEOUT_MS)
@@ -146,10 +148,15 @@ def shot(page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
 
 def open_group_graph(page, url: str) -> dict:
     """Open the ``adrec`` group's lineage graph, dismiss the first-visit dialog, wait for the
-    seven nodes, and return what the SVG shows."""
+    nine nodes, and return what the SVG shows."""
     page.goto(f"{url}/locations/{CODE_LOCATION}/asset-groups/{GROUP}", timeout=UI_TIMEOUT_MS)
-    for asset in PIPELINE_ASSETS:
-        page.locator(f"foreignObject [data-tooltip='{asset}']").first.wait_for(state="visible")
+    try:
+        for asset in PIPELINE_ASSETS:
+            page.locator(f"foreignObject [data-tooltip='{asset}']").first.wait_for(state="visible")
+    except playwright_sync.TimeoutError:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "asset_graph_timeout.png"))  # what the page showed instead
+        raise
     page.wait_for_function(
         "n => document.querySelectorAll('svg path[marker-end]').length >= n", arg=len(PIPELINE_EDGES)
     )
@@ -170,7 +177,7 @@ def test_asset_graph_shows_pipeline_and_lineage(ui_server, page, capsys) -> None
 
 
 def test_materialize_synthetic_from_ui(ui_server, page, capsys) -> None:
-    """Materialize all (the group's seven assets) for ``synthetic`` as a person would, follow
+    """Materialize all (the group's nine assets) for ``synthetic`` as a person would, follow
     the run to Success in the UI, then cross-check the instance."""
     server, home, artifacts = ui_server
     open_group_graph(page, server.url)
@@ -227,6 +234,7 @@ def test_materialize_synthetic_from_ui(ui_server, page, capsys) -> None:
             event = instance.get_latest_materialization_event(dg.AssetKey(asset))
             assert event is not None and event.run_id == run_id, f"{asset}: no materialization by run {run_id}"
             assert event.asset_materialization.partition == "synthetic"
-            assert list((artifacts / asset).glob("synthetic.*")), f"{asset}: no artifact under {artifacts}"
+        published = SnapshotStore(artifacts, "synthetic").current()  # the run published every artifact together
+        assert published.run_id == run_id and set(published.artifacts) == set(ARTIFACT_ASSETS)
     finally:
         instance.dispose()

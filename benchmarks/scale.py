@@ -161,10 +161,15 @@ def peak_rss_gib() -> float:
 
 
 def worker_materialize(asset: str, partition: str, run_config: dict) -> dict:
-    """One asset, one process: the parent reads wall time, peak RSS and metadata."""
+    """One asset, one process: the parent reads wall time, peak RSS and metadata.
+
+    Each step is its own run here, so each publishes what it staged (unchecked: the snapshot
+    is complete only after the last step) for the next process to read. The product's
+    pipeline job stages every step of one run and publishes once, validated."""
     import dagster as dg
 
     from adrec_assets.definitions import ALL_ASSETS, default_resources
+    from adrec_assets.resources import ArtifactStoreResource
 
     base_rss = peak_rss_gib()
     ops = {k: v for k, v in run_config.get("ops", {}).items() if k == asset}
@@ -179,6 +184,7 @@ def worker_materialize(asset: str, partition: str, run_config: dict) -> dict:
             run_config={"ops": ops} if ops else None,
         )
         wall = time.perf_counter() - started
+    ArtifactStoreResource().store(partition).publish(result.run_id)
     (event,) = result.get_asset_materialization_events()
     meta = {k: v.value for k, v in event.materialization.metadata.items() if isinstance(v.value, (int, float, str))}
     return {"asset": asset, "wall_s": wall, "peak_rss_gib": peak_rss_gib(), "import_rss_gib": base_rss, "meta": meta}
@@ -317,7 +323,10 @@ def main() -> None:
     started = time.perf_counter()
     full = pipeline()
     if not args.no_als:
-        als = run_worker(["_worker", "als", str(artifacts / "click_graph" / f"{name}.npz"), str(args.threads)], env)
+        from adrec_assets.snapshots import SnapshotStore
+
+        graph_path = SnapshotStore(artifacts, name).path_of("click_graph")
+        als = run_worker(["_worker", "als", str(graph_path), str(args.threads)], env)
         full.append(als)
         print(f"  ALS reference: {als['wall_s']:.1f} s, peak RSS {als['peak_rss_gib']:.2f} GiB", flush=True)
     report = {"name": name, "source": info, "threads": args.threads, "run_config": run_config, "full": full}

@@ -19,7 +19,14 @@ def ad_embeddings_raw(
     with stopwatch() as load_timing:
         model = encoder.get()
     cache = encoder.encoding_cache()
-    cached = encode_with_cache(model, list(raw_ads.texts), [p or None for p in raw_ads.image_paths], cache)
+    cached = encode_with_cache(
+        model,
+        list(raw_ads.texts),
+        [p or None for p in raw_ads.image_paths],
+        cache,
+        image_root=raw_ads.image_root or None,
+        max_image_bytes=encoder.max_image_bytes,
+    )
     result = cached.result
     context.log.info(
         f"{cached.n_encoded} ads encoded, {cached.n_cache_hits} from the encoding cache "

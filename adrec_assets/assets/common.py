@@ -12,15 +12,20 @@ from typing import Any
 import dagster as dg
 import pydantic
 
-from adrec_assets.artifacts import load_file
 from adrec_assets.ml.refresh import RefreshDecision
 from adrec_assets.ml.training import ProgressFn, TrainingHistory
 from adrec_assets.partitions import click_source_partitions
+from adrec_assets.resources import ArtifactStoreResource
 
 ASSET_GROUP = "adrec"
 EVALUATION_GROUP = "evaluation"  # quality reports: outside the serving pipeline's group and job
 PARTITION_KWARGS = {"partitions_def": click_source_partitions}
 PARTITIONED = {**PARTITION_KWARGS, "group_name": ASSET_GROUP}
+#: The artifacts one pipeline run stages and the ``snapshot`` asset publishes together.
+PIPELINE_ARTIFACTS = (
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
+    "ad_index",
+)  # fmt: skip
 
 
 @contextmanager
@@ -43,24 +48,23 @@ def epoch_logger(context: dg.AssetExecutionContext, what: str) -> ProgressFn:
     return log
 
 
-def load_previous_output(context: dg.AssetExecutionContext) -> tuple[Any | None, str]:
-    """(artifact, note): this partition's latest materialization of this asset, read back
-    from the path its IO manager recorded in the event log (works for any instance
-    storage, SQLite or PostgreSQL). Warm starts are an optimization, so an unreadable
-    previous file is not an error: it is reported and the caller trains from scratch."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1
-    ).records
-    if not records:
+def load_previous_output(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource) -> tuple[Any | None, str]:
+    """(artifact, note): this asset in the snapshot the run builds on (the source's published
+    snapshot when the run first read). Warm starts are an optimization, so an unreadable
+    previous artifact is not an error: it is reported and the caller trains from scratch."""
+    store = artifacts.store(context.partition_key)
+    asset = context.asset_key.to_user_string()
+    base = store.base_of(context.run_id)
+    if base is None:
         return None, "no previous materialization of this partition"
-    path = records[0].asset_materialization.metadata.get("path") if records[0].asset_materialization else None
-    if path is None:
-        return None, "the previous materialization recorded no artifact path"
+    snapshot = store.snapshot(base)
+    if asset not in snapshot.artifacts:
+        return None, f"the published snapshot {base} has no {asset}"
     try:
-        return load_file(str(path.value)), f"previous artifact {path.value}"
+        return store.load(asset, snapshot), f"published snapshot {base}"
     except Exception as exc:  # noqa: BLE001 - any unreadable file means: retrain, and say why
-        context.log.warning(f"previous artifact {path.value} not usable for a warm start: {exc}")
-        return None, f"previous artifact {path.value} unreadable ({type(exc).__name__})"
+        context.log.warning(f"{asset} of snapshot {base} not usable for a warm start: {exc}")
+        return None, f"{asset} of snapshot {base} unreadable ({type(exc).__name__})"
 
 
 def refresh_metadata(decision: RefreshDecision) -> dict[str, dg.RawMetadataValue]:

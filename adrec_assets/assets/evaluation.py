@@ -73,7 +73,9 @@ def report_plot_markdown(report: EvaluationReport) -> str:
     return f"![cold-start evaluation](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
 
 
-@dg.asset(kinds={"numpy", "pytorch"}, group_name=EVALUATION_GROUP, **PARTITION_KWARGS)
+@dg.asset(
+    io_manager_key="report_io_manager", kinds={"numpy", "pytorch"}, group_name=EVALUATION_GROUP, **PARTITION_KWARGS
+)
 def evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,

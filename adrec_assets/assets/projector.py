@@ -18,6 +18,7 @@ from adrec_assets.ml.params import ProjectorParams
 from adrec_assets.ml.refresh import REUSED, WARM_START, decide, projector_continues, projector_inputs_fingerprint
 from adrec_assets.ml.training import train_projector
 from adrec_assets.ml.types import ArtifactError, ClickGraph, ContentEmbeddings, UserEmbeddings, align_rows, check_unit_rows
+from adrec_assets.resources import ArtifactStoreResource
 
 ProjectorConfig = params_config(ProjectorParams, "ProjectorConfig")
 
@@ -26,6 +27,7 @@ ProjectorConfig = params_config(ProjectorParams, "ProjectorConfig")
 def projector(
     context: dg.AssetExecutionContext,
     config: ProjectorConfig,
+    artifacts: ArtifactStoreResource,
     ad_embeddings_raw: ContentEmbeddings,
     click_graph: ClickGraph,
     user_embeddings: UserEmbeddings,
@@ -52,7 +54,7 @@ def projector(
     encoder_id = ad_embeddings_raw.encoder_id
     content = ad_embeddings_raw.vectors[content_rows]
     inputs = projector_inputs_fingerprint(click_graph, content, encoder_id, user_embeddings)
-    previous, why_none = load_previous_output(context)
+    previous, why_none = load_previous_output(context, artifacts)
     decision = decide(
         previous.provenance if previous is not None else None,
         asdict(params),

@@ -30,20 +30,24 @@ from adrec_assets.ml.types import (
     check_unit_rows,
     vectors_fingerprint,
 )
+from adrec_assets.resources import ArtifactStoreResource
 
 UserEmbeddingConfig = params_config(UserTrainingParams, "UserEmbeddingConfig")
 
 
 @dg.asset(kinds={"numpy", "pytorch"}, **PARTITIONED)
 def user_embeddings(
-    context: dg.AssetExecutionContext, config: UserEmbeddingConfig, click_graph: ClickGraph
+    context: dg.AssetExecutionContext,
+    config: UserEmbeddingConfig,
+    artifacts: ArtifactStoreResource,
+    click_graph: ClickGraph,
 ) -> dg.Output[UserEmbeddings]:
     """(n_users, dim) unit vectors keyed by user pseudonym. Users without any co-click
     neighbour get the global-mean vector (the cold-start prior) and are flagged ``isolated``.
     A re-materialization reuses, refines (warm start) or retrains the previous vectors; the
     ``training_path`` metadata says which and why (:mod:`adrec_assets.ml.refresh`)."""
     params = config.to_params()
-    previous, why_none = load_previous_output(context)
+    previous, why_none = load_previous_output(context, artifacts)
     clicks_fingerprint = graph_fingerprint(click_graph)
     decision = decide(
         previous.provenance if previous is not None else None,

@@ -1,6 +1,6 @@
 """The model-level face: load a source's trained artifacts once, then score and recommend.
 
-    rec = Recommender.load("data/artifacts", "synthetic")
+    rec = Recommender.load("data/artifacts", "synthetic")   # the source's published snapshot
     rec.recommend("3f2a...", k=10)                # a user pseudonym (new users: the global mean)
     rec.recommend(vector, k=10, exclude=["ad-1"])  # or any vector of the user space
     rec.score(pseudonym, ["ad-3", "ad-7"])
@@ -49,7 +49,7 @@ class Recommender:
     user vectors does not map into today's.
     """
 
-    def __init__(self, users: UserEmbeddings, prior: GlobalMean, ads: ProjectedAds) -> None:
+    def __init__(self, users: UserEmbeddings, prior: GlobalMean, ads: ProjectedAds, version: str = "") -> None:
         spaces = {"user_embeddings": users.space, "global_mean": prior.space, "ad_projected": ads.space}
         if len(set(spaces.values())) != 1:
             raise ArtifactError(
@@ -57,17 +57,22 @@ class Recommender:
                 "re-materialize the source's pipeline so they come from one run"
             )
         self.users, self.prior, self.ads = users, prior, ads
+        self.version = version  # the snapshot id these artifacts were published in
         self._ad_row = {ad_id: row for row, ad_id in enumerate(ads.ids.tolist())}
 
     @classmethod
     def load(cls, artifacts_root: str | Path, source: str) -> "Recommender":
-        """The latest artifacts of ``source`` under ``artifacts_root``."""
-        from adrec_assets.artifacts import load_source_artifact
+        """The published snapshot of ``source`` under ``artifacts_root`` (all three artifacts
+        from the same snapshot, whatever is published meanwhile)."""
+        from adrec_assets.snapshots import SnapshotStore
 
+        store = SnapshotStore(artifacts_root, source)
+        snapshot = store.current()
         return cls(
-            load_source_artifact(artifacts_root, "user_embeddings", source),
-            load_source_artifact(artifacts_root, "global_mean", source),
-            load_source_artifact(artifacts_root, "ad_projected", source),
+            store.load("user_embeddings", snapshot),
+            store.load("global_mean", snapshot),
+            store.load("ad_projected", snapshot),
+            snapshot.id,
         )
 
     @property

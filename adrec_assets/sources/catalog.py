@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adrec_assets.ml.types import AdCatalog
+from adrec_assets.ml.types import AdCatalog, str_array
 
 DATA_DIR_ENV_VAR = "ADREC_DATA_DIR"
 
@@ -27,7 +27,7 @@ def data_dir() -> Path:
 @dataclass(frozen=True)
 class LabelledCatalog:
     catalog: AdCatalog
-    categories: np.ndarray  # (n,) str, aligned with catalog.ad_ids
+    categories: np.ndarray  # (n,) object array of str, aligned with catalog.ad_ids
 
 
 def load_builtin_catalog(catalog_dir: Path | None = None) -> LabelledCatalog:
@@ -44,9 +44,9 @@ def load_builtin_catalog(catalog_dir: Path | None = None) -> LabelledCatalog:
         raise ValueError(f"{csv_path} lacks columns {sorted(missing)}")
     images = [str((catalog_dir / p).resolve()) if p else "" for p in frame["image"]]
     catalog = AdCatalog(
-        ad_ids=frame["ad_id"].to_numpy(dtype=str),
-        texts=frame["text"].to_numpy(dtype=str),
-        image_paths=np.asarray(images, dtype=str),
+        ad_ids=str_array(frame["ad_id"]),
+        texts=str_array(frame["text"]),
+        image_paths=str_array(images),
         image_root=str(catalog_dir.resolve()),
     )
-    return LabelledCatalog(catalog=catalog, categories=frame["category"].to_numpy(dtype=str))
+    return LabelledCatalog(catalog=catalog, categories=str_array(frame["category"]))

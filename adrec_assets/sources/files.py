@@ -4,50 +4,65 @@ Layout of one source, ``<root>/<source>/``::
 
     ads.csv | ads.parquet | ads.jsonl   ad_id (string), text (string), optional image
                                         (path relative to the source folder)
-    clicks/*.csv | clicks/*.parquet     user_id, ad_id, optional timestamp, optional weight
+    clicks/*.csv | clicks/*.parquet     user_id or user_pseudonym, ad_id, optional timestamp,
+                                        optional weight
+
+``user_pseudonym`` holds ids already pseudonymized with adrec's key (32 lowercase hex
+characters, as :func:`adrec_assets.privacy.pseudonymize` writes them); a file has either it or
+``user_id``, never both.
 
 Every problem is reported as a :class:`SourceError` that names the source, the file, the
-row (line numbers count the header as line 1) and what to do. Policies:
+row (line numbers count the header as line 1) and what to do; a raw user id is never quoted,
+only redacted. Policies:
 
 * clicks naming an ad that is not in the ads file are dropped and counted; the read fails
   when they exceed ``max_unknown_ad_share`` of a source's clicks;
+* sizes are bounded by :class:`SourceLimits`: an ad text over ``max_text_chars`` is cut and
+  counted in the :class:`AdReadReport`; a longer id, or a click file with more rows, fails;
 * an image path that is absolute or resolves outside the source folder (``..``, symlinks)
-  is refused; a missing or corrupt image file is not an error here: the encoder falls back
-  to text and counts it;
+  is refused; a missing, corrupt or oversized image is not an error here: the encoder falls
+  back to text and counts it (and re-checks the path when it opens the file);
 * click files are read in chunks of ``chunk_rows`` rows and kept as integer codes, so
   memory grows with the number of clicks and distinct ids, not with file size.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
-import math
-import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from adrec_assets.ml.types import AdCatalog
-from adrec_assets.sources import ClickReadReport, RawClicks
+from adrec_assets.ml.encoders.base import DEFAULT_MAX_IMAGE_BYTES, ImageAccess
+from adrec_assets.ml.types import AdCatalog, str_array
+from adrec_assets.sources import AdReadReport, ClickReadReport, RawClicks, SourceError
+from adrec_assets.sources.folders import write_folder_atomically
+from adrec_assets.sources.limits import SourceLimits
+from adrec_assets.sources.tables import Column, Kind, Rows, TableSpec, read_table
+
+__all__ = [
+    "AdReadReport", "ClickReadReport", "FileSource", "RawClicks", "SourceError", "SourceLimits", "ads_file",
+    "click_files", "list_sources", "read_ads", "read_ads_with_report", "read_clicks", "source_fingerprint",
+    "write_source",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 ADS_FILENAMES = ("ads.csv", "ads.parquet", "ads.jsonl")
 CLICKS_DIRNAME = "clicks"
 CLICK_SUFFIXES = (".csv", ".parquet")
-AD_COLUMNS = ("ad_id", "text")
-CLICK_COLUMNS = ("user_id", "ad_id")
+AD_ID, TEXT, IMAGE = "ad_id", "text", "image"
+USER_ID, USER_PSEUDONYM, TIMESTAMP, WEIGHT = "user_id", "user_pseudonym", "timestamp", "weight"
+AD_COLUMNS = (AD_ID, TEXT)
+CLICK_COLUMNS = (USER_ID, AD_ID)
 DEFAULT_CHUNK_ROWS = 500_000
 DEFAULT_MAX_UNKNOWN_AD_SHARE = 0.05
-
-
-class SourceError(ValueError):
-    """Bad input in a click source; the message says where and how to fix it."""
+MAX_IMAGE_PATH_CHARS = 4096  # PATH_MAX on Linux: no longer path can be opened
+_AD_CHUNK_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -58,12 +73,18 @@ class FileSource:
     name: str
     max_unknown_ad_share: float = DEFAULT_MAX_UNKNOWN_AD_SHARE
     chunk_rows: int = DEFAULT_CHUNK_ROWS
+    limits: SourceLimits = field(default_factory=SourceLimits)
 
     def read_ads(self) -> AdCatalog:
-        return read_ads(self.folder, self.name)
+        return read_ads(self.folder, self.name, self.limits)
+
+    def read_ads_with_report(self) -> tuple[AdCatalog, AdReadReport]:
+        return read_ads_with_report(self.folder, self.name, self.limits)
 
     def read_clicks(self, ad_ids: np.ndarray) -> tuple[RawClicks, ClickReadReport]:
-        return read_clicks(self.folder, ad_ids, self.name, self.max_unknown_ad_share, self.chunk_rows)
+        return read_clicks(
+            self.folder, ad_ids, self.name, self.max_unknown_ad_share, self.chunk_rows, limits=self.limits
+        )
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -86,7 +107,9 @@ def click_files(source_dir: Path) -> list[Path]:
     folder = source_dir / CLICKS_DIRNAME
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CLICK_SUFFIXES and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in CLICK_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def list_sources(root: Path) -> list[str]:
@@ -110,230 +133,104 @@ def source_fingerprint(source_dir: Path) -> str:
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- low-level readers
-
-
 def _where(source: str, path: Path) -> str:
     return f"source {source!r}, file {path}"
-
-
-def _first_bad_utf8_line(path: Path) -> int:
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return number
-    return -1
-
-
-def _check_columns(columns: list[str], required: tuple[str, ...], where: str, expected: str) -> None:
-    missing = [c for c in required if c not in columns]
-    if not missing:
-        return
-    hints = []
-    normalized = {c.strip().lower().replace(" ", "_").replace("-", "_"): c for c in columns}
-    for name in missing:
-        near = normalized.get(name) or normalized.get(name.replace("_", ""))
-        if near is not None:
-            hints.append(f"rename column {near!r} to {name!r} (names are case- and space-sensitive)")
-    hint = "; ".join(hints) if hints else f"expected columns {expected}"
-    raise SourceError(f"{where}: missing column(s) {missing}; found {columns}. Fix: {hint}")
-
-
-def _refuse_repeated_columns(names: list[str], where: str, what: str) -> None:
-    """A column named twice is ambiguous (pandas would silently read it as 'name.1')."""
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise SourceError(
-            f"{where}: the {what} names column(s) {repeated} more than once ({names}); keep one column of each name"
-        )
-
-
-def _csv_chunks(path: Path, where: str, chunk_rows: int) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
-    """(line numbers, frame of strings) per chunk; empty cells are ''. Blank lines are
-    skipped but still counted, and a quoted field spanning several lines advances the count
-    by its line breaks, so each row's number is the editor line where the row starts."""
-    if path.stat().st_size == 0:
-        raise SourceError(f"{where}: the file is empty; write a header row and data, or remove it")
-    try:
-        # pandas renames a repeated column to "name.1" and reads on: catch it on the raw header.
-        with open(path, newline="", encoding="utf-8") as handle:
-            names = next((row for row in csv.reader(handle) if row), [])
-        _refuse_repeated_columns(names, where, "header")
-        reader = pd.read_csv(
-            path, dtype=str, keep_default_na=False, encoding="utf-8", chunksize=chunk_rows, skip_blank_lines=False
-        )
-        line = 2
-        for chunk in reader:
-            # Lines each row spans: 1 + the line breaks inside its (quoted) fields.
-            spans = np.ones(len(chunk), dtype=np.int64)
-            for column in chunk.columns:
-                spans += chunk[column].str.count("\n").to_numpy(dtype=np.int64)
-            ends = line + np.cumsum(spans)
-            lines = ends - spans
-            line = int(ends[-1]) if len(chunk) else line
-            blank = (chunk == "").all(axis=1).to_numpy()
-            if blank.any():
-                chunk, lines = chunk[~blank], lines[~blank]
-            yield lines, chunk
-    except UnicodeDecodeError:
-        raise SourceError(
-            f"{where}: line {_first_bad_utf8_line(path)} is not valid UTF-8; re-save the file as UTF-8"
-        ) from None
-    except pd.errors.EmptyDataError:
-        raise SourceError(f"{where}: the file has no header row; write one ({path.name})") from None
-    except pd.errors.ParserError as exc:
-        raise SourceError(f"{where}: malformed CSV ({exc}); fix the quoting or field count") from None
-
-
-def _parquet_chunks(
-    path: Path, where: str, chunk_rows: int, columns: list[str]
-) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
-    """(row numbers, frame) per batch; rows are 1-based. Integer columns with nulls stay
-    Python ints and None (not floats), so a null is reported as a null."""
-    try:
-        parquet = pq.ParquetFile(path)
-        names = parquet.schema_arrow.names
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(
-            f"{where}: not a readable parquet file ({exc}); it may be truncated or still being written — "
-            "rewrite it completely (write to a temp name, then rename into place)"
-        ) from None
-    wanted = [c for c in columns if c in names]
-    row = 1
-    try:
-        for batch in parquet.iter_batches(batch_size=chunk_rows, columns=wanted or None):
-            frame = batch.to_pandas(integer_object_nulls=True)
-            yield np.arange(row, row + len(frame)), frame
-            row += len(frame)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(f"{where}: parquet data is corrupt after row {row - 1} ({exc}); rewrite the file") from None
-
-
-def _parquet_columns(path: Path, where: str) -> list[str]:
-    try:
-        names = pq.ParquetFile(path).schema_arrow.names
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(
-            f"{where}: not a readable parquet file ({exc}); it may be truncated or still being written — "
-            "rewrite it completely (write to a temp name, then rename into place)"
-        ) from None
-    _refuse_repeated_columns(names, where, "schema")
-    return names
-
-
-def _jsonl_frame(path: Path, where: str) -> pd.DataFrame:
-    if path.stat().st_size == 0:
-        raise SourceError(f"{where}: the file is empty; write one JSON object per line")
-    records = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise SourceError(f"{where}: line {number} is not valid UTF-8; re-save the file as UTF-8") from None
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{where}: line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise SourceError(f"{where}: line {number} must be a JSON object, got {type(record).__name__}")
-            record["__line__"] = number
-            records.append(record)
-    if not records:
-        raise SourceError(f"{where}: no records; write one JSON object per line")
-    # object dtype: keep ints, strings and None exactly as written (no int -> float upcast)
-    return pd.DataFrame(records, dtype=object)
-
-
-def _is_null(value: object) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)) or value == ""
-
-
-def _id_column(values: pd.Series, name: str, where: str, row_label: str, rows: np.ndarray) -> np.ndarray:
-    """Ids as strings. Strings and integers are accepted; null or empty ids, then any other
-    type, are errors naming the row."""
-    items = values.tolist()
-    for i, value in enumerate(items):
-        if _is_null(value):
-            raise SourceError(f"{where}: {row_label} {int(rows[i])} has an empty {name}; every row needs one")
-    out = np.empty(len(items), dtype=object)
-    for i, value in enumerate(items):
-        if isinstance(value, bool) or not isinstance(value, (str, int, np.integer)):
-            raise SourceError(
-                f"{where}: {row_label} {int(rows[i])} has {name}={value!r} of type {type(value).__name__}; "
-                f"{name} must be a string (or an integer)"
-            )
-        out[i] = str(value)
-    return out
 
 
 # ----------------------------------------------------------------------------- ads
 
 
-def read_ads(source_dir: Path, source: str | None = None) -> AdCatalog:
-    """The ads file of a source as a validated :class:`AdCatalog` (image paths resolved)."""
-    source = source or source_dir.name
-    path = ads_file(source_dir)
-    where = _where(source, path)
-    expected = "ad_id, text[, image]"
-    if path.suffix == ".csv":
-        chunks = list(_csv_chunks(path, where, chunk_rows=1 << 30))
-        row_label = "line"
-    elif path.suffix == ".parquet":
-        _check_columns(_parquet_columns(path, where), AD_COLUMNS, where, expected)
-        chunks = list(_parquet_chunks(path, where, 1 << 20, ["ad_id", "text", "image"]))
-        row_label = "row"
-    else:
-        frame = _jsonl_frame(path, where)
-        chunks = [(frame.pop("__line__").to_numpy(dtype=np.int64), frame)]
-        row_label = "line"
-    frame = pd.concat([c for _, c in chunks]) if chunks else pd.DataFrame()
-    rows = np.concatenate([r for r, _ in chunks]) if chunks else np.zeros(0, dtype=np.int64)
-    _check_columns(list(frame.columns), AD_COLUMNS, where, expected)
-    if len(frame) == 0:
-        raise SourceError(f"{where}: no ads; add at least one row")
-    ad_ids = _id_column(frame["ad_id"], "ad_id", where, row_label, rows)
-    texts = frame["text"].tolist()
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            kind = "empty" if isinstance(text, str) or _is_null(text) else f"a {type(text).__name__}, not text"
-            raise SourceError(f"{where}: {row_label} {int(rows[i])} has text that is {kind}; every ad needs ad copy")
-    seen: dict[str, int] = {}
-    for i, ad_id in enumerate(ad_ids):
-        row = int(rows[i])
-        if ad_id in seen:
-            raise SourceError(
-                f"{where}: ad_id {ad_id!r} appears on {row_label}s {seen[ad_id]} and {row}; ad ids must be unique"
-            )
-        seen[ad_id] = row
-    images = frame["image"].tolist() if "image" in frame.columns else [""] * len(frame)
-    resolved = [
-        _safe_image_path(source_dir, img, where, f"{row_label} {int(rows[i])}") for i, img in enumerate(images)
-    ]
-    return AdCatalog(
-        ad_ids=np.asarray(ad_ids, dtype=str),
-        texts=np.asarray(texts, dtype=str),
-        image_paths=np.asarray(resolved, dtype=str),
-        image_root=str(source_dir.resolve()),
+def _ads_spec(path: Path, where: str, limits: SourceLimits) -> TableSpec:
+    return TableSpec(
+        path,
+        where,
+        (
+            Column(AD_ID, Kind.ID, max_chars=limits.max_id_chars, limit_name="max_id_chars"),
+            Column(TEXT, Kind.TEXT, max_chars=limits.max_text_chars, truncate=True, fix="every ad needs ad copy"),
+            Column(IMAGE, Kind.STR, required=False, max_chars=MAX_IMAGE_PATH_CHARS, rule="a relative path string"),
+        ),
     )
 
 
-def _safe_image_path(source_dir: Path, image, where: str, row: str) -> str:
+def read_ads(source_dir: Path, source: str | None = None, limits: SourceLimits | None = None) -> AdCatalog:
+    """The ads file of a source as a validated :class:`AdCatalog` (image paths resolved);
+    texts over ``limits.max_text_chars`` are cut (see :func:`read_ads_with_report`)."""
+    return read_ads_with_report(source_dir, source, limits)[0]
+
+
+def read_ads_with_report(
+    source_dir: Path, source: str | None = None, limits: SourceLimits | None = None
+) -> tuple[AdCatalog, AdReadReport]:
+    """:func:`read_ads` and what the read changed: the ad texts cut to the length limit."""
+    source = source or source_dir.name
+    limits = limits or SourceLimits()
+    path = ads_file(source_dir)
+    where = _where(source, path)
+    chunks = list(read_table(_ads_spec(path, where, limits), chunk_rows=_AD_CHUNK_ROWS))  # held whole anyway
+    if not chunks:
+        raise SourceError(f"{where}: no ads; add at least one row")
+    rows = _concat(chunks)
+    label = chunks[0].label
+    ad_ids, texts = rows.values[AD_ID], rows.values[TEXT]
+    seen: dict[str, int] = {}
+    for ad_id, number in zip(ad_ids.tolist(), rows.numbers.tolist()):
+        if ad_id in seen:
+            raise SourceError(
+                f"{where}: ad_id {ad_id!r} appears on {label}s {seen[ad_id]} and {number}; ad ids must be unique"
+            )
+        seen[ad_id] = number
+    images = rows.values.get(IMAGE, np.full(len(ad_ids), "", dtype=object))
+    root = source_dir.resolve()
+    resolved = str_array(
+        _safe_image_path(source_dir, root, image, where, f"{label} {number}")
+        for image, number in zip(images.tolist(), rows.numbers.tolist())
+    )
+    cut = rows.truncated[TEXT]
+    report = AdReadReport(
+        n_ads=len(ad_ids),
+        n_texts_truncated=int(cut.sum()),
+        max_text_chars=limits.max_text_chars,
+        truncated_examples=[
+            f"{path.name} {label} {rows.numbers[i]}: ad_id {ad_ids[i]!r}" for i in np.flatnonzero(cut)[:3]
+        ],
+    )
+    if report.n_texts_truncated:
+        log.warning(
+            "%s: %d ad texts longer than %d characters were cut to that length (e.g. %s)",
+            where, report.n_texts_truncated, limits.max_text_chars, "; ".join(report.truncated_examples),
+        )  # fmt: skip
+    catalog = AdCatalog(ad_ids=ad_ids, texts=texts, image_paths=resolved, image_root=str(root))
+    return catalog, report
+
+
+def _concat(chunks: list[Rows]) -> Rows:
+    if len(chunks) == 1:
+        return chunks[0]
+    keys = chunks[0].values.keys()
+    return Rows(
+        np.concatenate([c.numbers for c in chunks]),
+        chunks[0].label,
+        {k: np.concatenate([c.values[k] for c in chunks]) for k in keys},
+        {k: np.concatenate([c.truncated[k] for c in chunks]) for k in chunks[0].truncated},
+    )
+
+
+def _safe_image_path(source_dir: Path, root: Path, image: str, where: str, row: str) -> str:
     """Absolute path of an ad's image inside the source folder, '' for none; refuses escapes."""
-    if _is_null(image):
+    if not image:
         return ""
-    if not isinstance(image, str):
-        raise SourceError(f"{where}: {row} has image={image!r}; image must be a relative path string")
+    if "\x00" in image:
+        raise SourceError(f"{where}: {row} has an image path with a NUL character; refused: write a relative path")
     if Path(image).is_absolute():
         raise SourceError(
             f"{where}: {row} has absolute image path {image!r}; refused: use a path relative to the source folder"
         )
-    root = source_dir.resolve()
-    resolved = (source_dir / image).resolve()
+    try:
+        resolved = (source_dir / image).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long, ...
+        raise SourceError(
+            f"{where}: {row} has image path {image!r} that cannot be resolved ({exc}); fix or remove it"
+        ) from None
     if not resolved.is_relative_to(root):
         raise SourceError(
             f"{where}: {row} has image path {image!r} that resolves outside the source folder ({resolved}); "
@@ -343,6 +240,28 @@ def _safe_image_path(source_dir: Path, image, where: str, row: str) -> str:
 
 
 # ----------------------------------------------------------------------------- clicks
+
+
+def _clicks_spec(path: Path, where: str, limits: SourceLimits) -> TableSpec:
+    pseudonym_fix = (
+        "write pseudonyms exactly as `python -m adrec_assets.cli pseudonym` prints them, or put raw ids in a "
+        f"{USER_ID} column"
+    )
+    return TableSpec(
+        path,
+        where,
+        (
+            Column(USER_ID, Kind.ID, required=False, secret=True, max_chars=limits.max_id_chars,
+                   limit_name="max_id_chars"),
+            Column(USER_PSEUDONYM, Kind.PSEUDONYM, required=False, secret=True, fix=pseudonym_fix),
+            Column(AD_ID, Kind.ID, max_chars=limits.max_id_chars, limit_name="max_id_chars"),
+            Column(TIMESTAMP, Kind.INT, required=False),
+            Column(WEIGHT, Kind.POSITIVE, required=False, dtype="float32"),
+        ),  # fmt: skip
+        one_of=((USER_ID, USER_PSEUDONYM),),
+        max_rows=limits.max_click_rows_per_file,
+        max_rows_name="max_click_rows_per_file",
+    )
 
 
 class _Vocab:
@@ -359,23 +278,7 @@ class _Vocab:
         out = np.empty(len(self.codes), dtype=object)
         for key, code in self.codes.items():
             out[code] = key
-        return np.asarray(out.tolist(), dtype=str) if len(out) else np.zeros(0, dtype="<U1")
-
-
-def _numeric_column(
-    values: pd.Series, name: str, where: str, row_label: str, rows: np.ndarray, positive: bool
-) -> np.ndarray:
-    numbers = pd.to_numeric(values.replace("", np.nan) if values.dtype == object else values, errors="coerce")
-    bad = numbers.isna() | ~np.isfinite(numbers.astype(float))
-    if positive:
-        bad |= numbers.astype(float) <= 0
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        rule = "a finite number > 0" if positive else "an integer"
-        value = values.iloc[i]
-        value = value.item() if isinstance(value, np.generic) else value
-        raise SourceError(f"{where}: {row_label} {int(rows[i])} has {name}={value!r}; it must be {rule}")
-    return numbers.to_numpy(dtype=np.float64)
+        return out
 
 
 def read_clicks(
@@ -384,53 +287,47 @@ def read_clicks(
     source: str | None = None,
     max_unknown_ad_share: float = DEFAULT_MAX_UNKNOWN_AD_SHARE,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    limits: SourceLimits | None = None,
 ) -> tuple[RawClicks, ClickReadReport]:
-    """All click files of a source, validated, as integer-coded :class:`RawClicks`."""
+    """All click files of a source, validated, as integer-coded :class:`RawClicks`. Raw ids
+    and pseudonyms (``user_pseudonym`` files) get separate vocabulary entries, flagged in
+    ``RawClicks.pseudonymized``."""
     source = source or source_dir.name
+    limits = limits or SourceLimits()
     files = click_files(source_dir)
     if not files:
         raise SourceError(
             f"source {source!r}: no click files in {source_dir / CLICKS_DIRNAME}; add .csv or .parquet files "
-            "with columns user_id, ad_id[, timestamp, weight]"
+            f"with columns {USER_ID} (or {USER_PSEUDONYM}), {AD_ID}[, {TIMESTAMP}, {WEIGHT}]"
         )
-    ad_index = {str(a): i for i, a in enumerate(known_ad_ids)}
-    users = _Vocab()
-    user_parts: list[np.ndarray] = []
+    ad_vocab = str_array(known_ad_ids)
+    ad_index = {a: i for i, a in enumerate(ad_vocab.tolist())}
+    vocabs = {False: _Vocab(), True: _Vocab()}  # keyed by "pseudonymized"
+    user_parts: list[tuple[np.ndarray, bool]] = []
     ad_parts: list[np.ndarray] = []
     weight_parts: list[np.ndarray] = []
     report = ClickReadReport(n_files=len(files))
-    expected = "user_id, ad_id[, timestamp, weight]"
     for path in files:
         where = _where(source, path)
-        if path.suffix == ".csv":
-            chunks, row_label = _csv_chunks(path, where, chunk_rows), "line"
-        else:
-            _check_columns(_parquet_columns(path, where), CLICK_COLUMNS, where, expected)
-            chunks = _parquet_chunks(path, where, chunk_rows, ["user_id", "ad_id", "timestamp", "weight"])
-            row_label = "row"
         file_rows = 0
-        for rows, frame in chunks:
-            _check_columns(list(frame.columns), CLICK_COLUMNS, where, expected)
-            user_ids = _id_column(frame["user_id"], "user_id", where, row_label, rows)
-            ad_ids = _id_column(frame["ad_id"], "ad_id", where, row_label, rows)
-            if "weight" in frame.columns:
-                weights = _numeric_column(frame["weight"], "weight", where, row_label, rows, positive=True)
-            else:
-                weights = np.ones(len(frame))
-            if "timestamp" in frame.columns:
-                _numeric_column(frame["timestamp"], "timestamp", where, row_label, rows, positive=False)
+        for rows in read_table(_clicks_spec(path, where, limits), chunk_rows):
+            pseudonymized = USER_PSEUDONYM in rows.values
+            user_ids = rows.values[USER_PSEUDONYM if pseudonymized else USER_ID]
+            ad_ids = rows.values[AD_ID]
+            weights = rows.values.get(WEIGHT, np.ones(len(rows), dtype=np.float32))
             codes = np.fromiter((ad_index.get(a, -1) for a in ad_ids), dtype=np.int64, count=len(ad_ids))
             unknown = codes < 0
             if unknown.any():
                 report.n_unknown_ad_rows += int(unknown.sum())
                 for i in np.flatnonzero(unknown)[: max(0, 3 - len(report.unknown_examples))]:
-                    report.unknown_examples.append(f"{path.name} {row_label} {int(rows[i])}: ad_id {ad_ids[i]!r}")
+                    example = f"{path.name} {rows.label} {rows.numbers[i]}: ad_id {ad_ids[i]!r}"
+                    report.unknown_examples.append(example)
             keep = ~unknown
-            user_parts.append(users.encode(user_ids[keep]))
+            user_parts.append((vocabs[pseudonymized].encode(user_ids[keep]), pseudonymized))
             ad_parts.append(codes[keep])
-            weight_parts.append(weights[keep].astype(np.float32))
-            report.n_rows += len(frame)
-            file_rows += len(frame)
+            weight_parts.append(weights[keep])
+            report.n_rows += len(rows)
+            file_rows += len(rows)
         if file_rows == 0:
             raise SourceError(f"{where}: the file has a header but no click rows; add clicks or remove the file")
     if report.n_usable == 0:
@@ -446,12 +343,14 @@ def read_clicks(
             f"are not in the ads file (e.g. {'; '.join(report.unknown_examples)}), above the allowed "
             f"{max_unknown_ad_share:.1%}; add the missing ads, or raise max_unknown_ad_share to drop them"
         )
+    n_raw = len(vocabs[False].codes)
     clicks = RawClicks(
-        user_vocab=users.array(),
-        user_codes=np.concatenate(user_parts),
-        ad_vocab=np.asarray(known_ad_ids, dtype=str),
+        user_vocab=np.concatenate([vocabs[False].array(), vocabs[True].array()]),
+        user_codes=np.concatenate([codes + (n_raw if pseudo else 0) for codes, pseudo in user_parts]),
+        ad_vocab=ad_vocab,
         ad_codes=np.concatenate(ad_parts),
-        weights=np.concatenate(weight_parts),
+        weights=np.concatenate(weight_parts).astype(np.float32, copy=False),
+        pseudonymized=np.concatenate([np.zeros(n_raw, dtype=bool), np.ones(len(vocabs[True].codes), dtype=bool)]),
     )
     return clicks, report
 
@@ -459,27 +358,64 @@ def read_clicks(
 # ----------------------------------------------------------------------------- writing
 
 
-def write_source(out_dir: Path, catalog: AdCatalog, clicks: RawClicks, clicks_name: str = "clicks.csv") -> None:
-    """Write a catalogue and clicks in the folder format; images are copied into
-    ``out_dir/images/`` so the source is self-contained."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CLICKS_DIRNAME).mkdir(exist_ok=True)
-    images = []
-    for ad_id, path in zip(catalog.ad_ids, catalog.image_paths):
-        if not path:
-            images.append("")
-            continue
-        target = out_dir / "images" / f"{ad_id}{Path(path).suffix}"
-        target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(path, target)
-        images.append(str(target.relative_to(out_dir)))
-    pd.DataFrame({"ad_id": catalog.ad_ids, "text": catalog.texts, "image": images}).to_csv(
-        out_dir / "ads.csv", index=False
+def write_source(
+    out_dir: Path,
+    catalog: AdCatalog,
+    clicks: RawClicks,
+    clicks_name: str = "clicks.csv",
+    *,
+    overwrite: bool = False,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> None:
+    """Write a catalogue and clicks in the folder format, atomically (the folder appears
+    complete or not at all). Images are copied into ``out_dir/images/`` so the source is
+    self-contained; each is read with the catalogue's confinement (inside ``image_root``).
+    Clicks by raw ids go to ``clicks/<clicks_name>`` (column ``user_id``), clicks by
+    pseudonyms to ``clicks/<stem>-pseudonymized.csv`` (column ``user_pseudonym``)."""
+    access = ImageAccess(catalog.image_root or None, max_image_bytes)
+
+    def fill(folder: Path) -> None:
+        (folder / CLICKS_DIRNAME).mkdir()
+        images, used = [], set()
+        for ad_id, path in zip(catalog.ad_ids.tolist(), catalog.image_paths.tolist()):
+            if not path:
+                images.append("")
+                continue
+            name = _image_file_name(ad_id, path, used)
+            (folder / "images").mkdir(exist_ok=True)
+            (folder / "images" / name).write_bytes(access.read(path))
+            images.append(f"images/{name}")
+        pd.DataFrame({AD_ID: catalog.ad_ids, TEXT: catalog.texts, IMAGE: str_array(images)}).to_csv(
+            folder / ADS_FILENAMES[0], index=False
+        )
+        flags = clicks.pseudonymized[clicks.user_codes]
+        stem = Path(clicks_name).stem
+        for pseudonymized, column, name in (
+            (False, USER_ID, clicks_name),
+            (True, USER_PSEUDONYM, f"{stem}-pseudonymized.csv"),
+        ):
+            rows = np.flatnonzero(flags == pseudonymized)
+            if len(rows) or (not pseudonymized and not flags.any()):
+                pd.DataFrame(
+                    {
+                        column: clicks.user_vocab[clicks.user_codes[rows]],
+                        AD_ID: clicks.ad_vocab[clicks.ad_codes[rows]],
+                        WEIGHT: clicks.weights[rows],
+                    }
+                ).to_csv(folder / CLICKS_DIRNAME / name, index=False)
+
+    write_folder_atomically(Path(out_dir), fill, overwrite=overwrite)
+
+
+def _image_file_name(ad_id: str, path: str, used: set[str]) -> str:
+    """A file name for an ad's copied image that cannot leave the images folder."""
+    suffix = Path(path).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", Path(path).suffix) else ""
+    stem = ad_id if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", ad_id) else (
+        "ad-" + hashlib.sha256(ad_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     )
-    pd.DataFrame(
-        {
-            "user_id": clicks.user_vocab[clicks.user_codes],
-            "ad_id": clicks.ad_vocab[clicks.ad_codes],
-            "weight": clicks.weights,
-        }
-    ).to_csv(out_dir / CLICKS_DIRNAME / clicks_name, index=False)
+    name, n = stem + suffix, 1
+    while name.lower() in used:
+        n += 1
+        name = f"{stem}-{n}{suffix}"
+    used.add(name.lower())
+    return name

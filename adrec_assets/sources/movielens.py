@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import math
 import os
-import re
-import shutil
 import sys
 import time
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from adrec_assets.sources import SourceError
+from adrec_assets.sources.files import ADS_FILENAMES, AD_ID, CLICKS_DIRNAME, TEXT, TIMESTAMP, USER_ID
+from adrec_assets.sources.folders import check_out_dir, write_folder_atomically
+from adrec_assets.sources.tables import Column, Kind, TableSpec, read_table
 
 LAYOUT_LATEST = "ml-latest"
 LAYOUT_100K = "ml-100k"
@@ -53,13 +55,12 @@ ML100K_GENRES = (
 )  # fmt: skip
 NO_GENRES = "(no genres listed)"
 
-ADS_FILE = "ads.csv"
-CLICKS_DIR = "clicks"
 CLICKS_FILE = "ratings.csv"
+_CHUNK_ROWS = 1_000_000  # rows per read and per write: memory stays flat on ml-25m
 
 
-class MovieLensFormatError(ValueError):
-    """The input folder is not a readable MovieLens dataset; the message names file and problem."""
+class MovieLensFormatError(SourceError):
+    """The input folder is not a readable MovieLens dataset; the message names file, line and problem."""
 
 
 @dataclass(frozen=True)
@@ -82,156 +83,90 @@ class ConversionReport:
 # ---------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class _TableSpec:
-    """How to read one delimited file: column kinds are 'int', 'float', 'text' (non-empty
-    string), 'flag' (0 or 1) or 'str' (anything). Keys are header names, or 0-based positions
-    when the file has no header (then ``n_fields`` is the exact number of fields a row has)."""
-
-    path: Path
-    columns: dict[str | int, str]
-    sep: str = ","
-    encoding: str = "utf-8-sig"
-    header: bool = True
-    n_fields: int | None = None
-    quoting: int = csv.QUOTE_MINIMAL
-
-
-_PANDAS_DTYPES = {"int": "int64", "float": "float64", "flag": "int64", "text": str, "str": str}
-_INT_RE = re.compile(r"\s*[+-]?\d+\s*")
-
-
-def _read_table(spec: _TableSpec) -> pd.DataFrame:
-    """Read with explicit dtypes; on any problem, locate the first bad line for the error."""
-    path = spec.path
-    if spec.header:
-        try:
-            found = list(pd.read_csv(path, nrows=0, sep=spec.sep, encoding=spec.encoding).columns)
-        except (ValueError, pd.errors.EmptyDataError) as exc:
-            raise _diagnose(spec, exc) from exc
-        missing = [c for c in spec.columns if c not in found]
-        if missing:
-            raise MovieLensFormatError(f"{path}: missing columns {missing}; header has {found}")
+def _read_columns(spec: TableSpec) -> tuple[dict[str | int, np.ndarray], np.ndarray]:
+    """Every declared column of a MovieLens file, validated by the shared table reader, and the
+    line of each row; any problem is a :class:`MovieLensFormatError` naming file and line."""
     try:
-        frame = pd.read_csv(
-            path,
-            sep=spec.sep,
-            header=0 if spec.header else None,
-            # no usecols: with it pandas silently ignores rows with extra fields
-            dtype={c: _PANDAS_DTYPES[k] for c, k in spec.columns.items()},
-            na_filter=False,  # an empty or "nan" field is an error, not a silent NaN
-            encoding=spec.encoding,
-            quoting=spec.quoting,
+        chunks = list(read_table(spec, _CHUNK_ROWS))
+    except MovieLensFormatError:
+        raise
+    except SourceError as exc:
+        raise MovieLensFormatError(str(exc)) from None
+    if not chunks:
+        raise MovieLensFormatError(f"{spec.where}: no data rows; the file is empty or holds only a header")
+    columns = {key: np.concatenate([c.values[key] for c in chunks]) for key in chunks[0].values}
+    return columns, np.concatenate([c.numbers for c in chunks])
+
+
+def _where(path: Path) -> str:
+    return f"MovieLens file {path}"
+
+
+def _check_unique_movies(movie_ids: np.ndarray, lines: np.ndarray, path: Path) -> None:
+    order = np.argsort(movie_ids, kind="stable")
+    repeated = np.flatnonzero(movie_ids[order][1:] == movie_ids[order][:-1])
+    if len(repeated):
+        first, again = order[repeated[0]], order[repeated[0] + 1]
+        raise MovieLensFormatError(
+            f"{_where(path)}: movie id {int(movie_ids[first])} appears on lines {int(lines[first])} and "
+            f"{int(lines[again])}; movie ids must be unique"
         )
-    except (ValueError, pd.errors.EmptyDataError) as exc:  # ParserError, UnicodeDecodeError are ValueErrors
-        raise _diagnose(spec, exc) from exc
-    if not spec.header and len(frame) and frame.shape[1] != spec.n_fields:
-        raise _diagnose(spec, None)
-    for col, kind in spec.columns.items():
-        values = frame[col]
-        bad = (
-            (kind == "float" and not np.isfinite(values.to_numpy()).all())
-            or (kind == "flag" and not values.isin((0, 1)).all())
-            or (kind == "text" and (values.str.strip() == "").any())
-        )
-        if bad:
-            raise _diagnose(spec, None)
-    return frame[list(spec.columns)] if spec.header else frame
-
-
-def _value_problem(kind: str, raw: str) -> str | None:
-    if kind in ("int", "flag"):
-        if not _INT_RE.fullmatch(raw) or not -(2**63) <= int(raw) < 2**63:
-            return "is not an integer"
-        if kind == "flag" and int(raw) not in (0, 1):
-            return "is not 0 or 1"
-    elif kind == "float":
-        try:
-            if not math.isfinite(float(raw)):
-                return "is not a finite number"
-        except ValueError:
-            return "is not a number"
-    elif kind == "text" and not raw.strip():
-        return "is empty"
-    return None
-
-
-def _diagnose(spec: _TableSpec, exc: BaseException | None) -> MovieLensFormatError:
-    """Slow pass over the file (error path only) that names the first bad line."""
-    path = spec.path
-    data = path.read_bytes()
-    try:
-        text = data.decode(spec.encoding)
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        return MovieLensFormatError(f"{path}, line {line}: not valid {spec.encoding} text ({err.reason})")
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=spec.sep, quoting=spec.quoting)
-    positions: dict[str | int, int] = {}
-    n_fields = spec.n_fields
-    n_rows = 0
-    for row in reader:
-        if not row:  # blank line: pandas skips these too
-            continue
-        n_rows += 1
-        if spec.header and not positions:
-            positions = {name: row.index(name) for name in spec.columns if name in row}
-            n_fields = len(row)
-            continue
-        where = f"{path}, line {reader.line_num}"
-        if len(row) != n_fields:
-            return MovieLensFormatError(f"{where}: expected {n_fields} fields, found {len(row)}: {row!r}")
-        for col, kind in spec.columns.items():
-            raw = row[positions[col] if spec.header else col]
-            problem = _value_problem(kind, raw)
-            if problem:
-                name = col if spec.header else f"field {col + 1}"
-                return MovieLensFormatError(f"{where}: {name} {raw!r} {problem}")
-    if n_rows == 0:
-        return MovieLensFormatError(f"{path}: file is empty")
-    return MovieLensFormatError(f"{path}: could not be parsed: {exc}")
-
-
-def _check_unique_movies(movie_ids: pd.Series, path: Path) -> None:
-    dupes = sorted(int(i) for i in movie_ids[movie_ids.duplicated()].unique())
-    if dupes:
-        raise MovieLensFormatError(f"{path}: movie ids appear on more than one row: {dupes[:10]}")
 
 
 def _ad_text(title: str, genres: list[str]) -> str:
     return f"{title}. Genres: {', '.join(genres)}." if genres else f"{title}."
 
 
+def _ratings_frame(columns: dict[str | int, np.ndarray], keys: tuple[str | int, ...]) -> pd.DataFrame:
+    user, movie, rating, timestamp = (columns[k] for k in keys)
+    return pd.DataFrame({"user_id": user, "movie_id": movie, "rating": rating, "timestamp": timestamp})
+
+
 def _load_latest(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     movies_path = src_dir / "movies.csv"
-    movies = _read_table(_TableSpec(movies_path, {"movieId": "int", "title": "text", "genres": "str"}))
-    _check_unique_movies(movies["movieId"], movies_path)
+    movies, lines = _read_columns(
+        TableSpec(
+            movies_path,
+            _where(movies_path),
+            (Column("movieId", Kind.INT), Column("title", Kind.TEXT), Column("genres", Kind.STR)),
+            encoding="utf-8-sig",
+        )
+    )
+    _check_unique_movies(movies["movieId"], lines, movies_path)
     texts = []
-    for title, genres in zip(movies["title"], movies["genres"]):
+    for title, genres in zip(movies["title"].tolist(), movies["genres"].tolist()):
         names = [g.strip() for g in genres.split("|")]
         texts.append(_ad_text(title.strip(), [g for g in names if g and g != NO_GENRES]))
-    ratings = _read_table(
-        _TableSpec(
-            src_dir / "ratings.csv",
-            {"userId": "int", "movieId": "int", "rating": "float", "timestamp": "int"},
+    ratings_path = src_dir / "ratings.csv"
+    ratings, _ = _read_columns(
+        TableSpec(
+            ratings_path,
+            _where(ratings_path),
+            (
+                Column("userId", Kind.INT, secret=True),
+                Column("movieId", Kind.INT),
+                Column("rating", Kind.FLOAT),
+                Column("timestamp", Kind.INT),
+            ),
+            encoding="utf-8-sig",
         )
     )
     return (
         pd.DataFrame({"movie_id": movies["movieId"], "text": texts}),
-        ratings.rename(columns={"userId": "user_id", "movieId": "movie_id"})[
-            ["user_id", "movie_id", "rating", "timestamp"]
-        ],
+        _ratings_frame(ratings, ("userId", "movieId", "rating", "timestamp")),
     )
 
 
 def _load_100k(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     item_path = src_dir / "u.item"
     n_meta = 5  # id | title | release date | video release date | IMDb URL
-    item_columns: dict[str | int, str] = {0: "int", 1: "text"}
-    item_columns.update({n_meta + i: "flag" for i in range(len(ML100K_GENRES))})
-    items = _read_table(
-        _TableSpec(
+    item_columns = [Column(0, Kind.INT), Column(1, Kind.TEXT)]
+    item_columns += [Column(n_meta + i, Kind.FLAG) for i in range(len(ML100K_GENRES))]
+    items, lines = _read_columns(
+        TableSpec(
             item_path,
-            item_columns,
+            _where(item_path),
+            tuple(item_columns),
             sep="|",
             encoding="latin-1",
             header=False,
@@ -239,16 +174,18 @@ def _load_100k(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             quoting=csv.QUOTE_NONE,
         )
     )
-    _check_unique_movies(items[0], item_path)
-    flags = items[[n_meta + i for i in range(len(ML100K_GENRES))]].to_numpy(dtype=bool)
+    _check_unique_movies(items[0], lines, item_path)
+    flags = np.stack([items[n_meta + i] for i in range(len(ML100K_GENRES))], axis=1).astype(bool)
     texts = [
         _ad_text(title.strip(), [g for g, on in zip(ML100K_GENRES, row) if on and g != "unknown"])
-        for title, row in zip(items[1], flags)
+        for title, row in zip(items[1].tolist(), flags)
     ]
-    ratings = _read_table(
-        _TableSpec(
-            src_dir / "u.data",
-            {0: "int", 1: "int", 2: "float", 3: "int"},
+    data_path = src_dir / "u.data"
+    ratings, _ = _read_columns(
+        TableSpec(
+            data_path,
+            _where(data_path),
+            (Column(0, Kind.INT, secret=True), Column(1, Kind.INT), Column(2, Kind.FLOAT), Column(3, Kind.INT)),
             sep="\t",
             encoding="latin-1",
             header=False,
@@ -256,8 +193,7 @@ def _load_100k(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             quoting=csv.QUOTE_NONE,
         )
     )
-    ratings.columns = ["user_id", "movie_id", "rating", "timestamp"]
-    return pd.DataFrame({"movie_id": items[0], "text": texts}), ratings
+    return pd.DataFrame({"movie_id": items[0], "text": texts}), _ratings_frame(ratings, (0, 1, 2, 3))
 
 
 _LOADERS = {LAYOUT_LATEST: _load_latest, LAYOUT_100K: _load_100k}
@@ -294,54 +230,23 @@ def detect_layout(src_dir: Path) -> str:
 # ---------------------------------------------------------------------------- writing
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"output {out_dir} exists and is not a folder")
-    if any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output folder {out_dir} exists and is not empty; pass --overwrite to replace it"
-        )
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+def _write_csv(frames: Iterator[pd.DataFrame], path: Path) -> None:
     with open(path, "w", encoding="utf-8", newline="") as handle:
-        frame.to_csv(handle, index=False)
-        handle.flush()
-        os.fsync(handle.fileno())
+        for number, frame in enumerate(frames):
+            frame.to_csv(handle, index=False, header=number == 0)
 
 
-def _write_source_atomically(ads: pd.DataFrame, clicks: pd.DataFrame, out_dir: Path, overwrite: bool) -> None:
-    """Write into a hidden sibling folder, then rename it to ``out_dir``: OUT either does
-    not change or appears complete. An existing OUT (with ``overwrite``) is moved aside
-    first and deleted only once the new one is in place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
-    try:
-        (tmp / CLICKS_DIR).mkdir()
-        _write_csv(ads, tmp / ADS_FILE)
-        _write_csv(clicks, tmp / CLICKS_DIR / CLICKS_FILE)
-        _check_target(out_dir, overwrite)  # again: it may have changed while we were parsing
-        if not out_dir.exists():
-            os.rename(tmp, out_dir)
-        elif not any(out_dir.iterdir()):
-            out_dir.rmdir()
-            os.rename(tmp, out_dir)
-        else:
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _click_frames(user_ids: np.ndarray, movie_ids: np.ndarray, timestamps: np.ndarray) -> Iterator[pd.DataFrame]:
+    """The clicks table a slice at a time, so memory does not grow with the ratings file."""
+    for start in range(0, max(len(user_ids), 1), _CHUNK_ROWS):
+        part = slice(start, start + _CHUNK_ROWS)
+        yield pd.DataFrame(
+            {
+                USER_ID: "ml-user-" + pd.Series(user_ids[part]).astype(str),
+                AD_ID: "movie-" + pd.Series(movie_ids[part]).astype(str),
+                TIMESTAMP: timestamps[part].astype(np.int64),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -362,7 +267,7 @@ def convert_movielens(
         raise ValueError(f"min_rating must be a finite number, got {min_rating}")
     if out_dir.resolve() == src_dir.resolve() or out_dir.resolve() in src_dir.resolve().parents:
         raise ValueError(f"output folder {out_dir} would contain or replace the input folder {src_dir}")
-    _check_target(out_dir, overwrite)  # fail before the (slower) parse
+    check_out_dir(out_dir, overwrite)  # fail before the (slower) parse
     layout = detect_layout(src_dir)
     movies, ratings = _LOADERS[layout](src_dir)
 
@@ -374,23 +279,23 @@ def convert_movielens(
     if kept.empty:  # a click source needs at least one click to be readable
         raise ValueError(
             f"{src_dir}: no ratings left to write as clicks ({len(ratings)} read, "
-            f"{int((~known).sum())} of unknown movies, {int(known.sum())} below min rating {min_rating}); "
+            f"{int((~known).sum())} of unknown movies, {int(known.sum() - keep.sum())} below min rating {min_rating}); "
             "lower --min-rating or check the ratings file"
         )
 
-    ads = pd.DataFrame({"ad_id": "movie-" + movies["movie_id"].astype(str), "text": movies["text"]})
-    clicks = pd.DataFrame(
-        {
-            "user_id": "ml-user-" + kept["user_id"].astype(str),
-            "ad_id": "movie-" + kept["movie_id"].astype(str),
-            "timestamp": kept["timestamp"].astype("int64"),
-        }
-    )
-    _write_source_atomically(ads, clicks, out_dir, overwrite)
+    ads = pd.DataFrame({AD_ID: "movie-" + movies["movie_id"].astype(str), TEXT: movies["text"]})
+    user_ids, movie_ids, timestamps = (kept[c].to_numpy() for c in ("user_id", "movie_id", "timestamp"))
+
+    def fill(folder: Path) -> None:
+        (folder / CLICKS_DIRNAME).mkdir()
+        _write_csv(iter([ads]), folder / ADS_FILENAMES[0])
+        _write_csv(_click_frames(user_ids, movie_ids, timestamps), folder / CLICKS_DIRNAME / CLICKS_FILE)
+
+    write_folder_atomically(out_dir, fill, overwrite=overwrite)
     return ConversionReport(
         layout=layout,
         n_ads=len(ads),
-        n_clicks=len(clicks),
+        n_clicks=len(kept),
         n_users=int(kept["user_id"].nunique()),
         n_dropped_below_rating=int(known.sum() - keep.sum()),
         n_dropped_unknown_movie=int((~known).sum()),
@@ -430,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         report = convert_movielens(args.src_dir, args.out_dir, args.min_rating, args.overwrite)
-    except (ValueError, FileExistsError) as exc:  # MovieLensFormatError is a ValueError
+    except (ValueError, FileExistsError) as exc:  # MovieLensFormatError is a SourceError, a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out_dir} in {time.perf_counter() - started:.2f} s")

@@ -9,13 +9,16 @@ Everything is drawn from one seeded generator, so equal parameters give equal cl
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from adrec_assets.ml.types import AdCatalog
-from adrec_assets.sources import ClickReadReport, RawClicks
+from adrec_assets.ml.types import AdCatalog, str_array
+from adrec_assets.sources import AdReadReport, ClickReadReport, RawClicks
 from adrec_assets.sources.catalog import LabelledCatalog, load_builtin_catalog
+from adrec_assets.sources.files import click_files, read_clicks
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class SyntheticClickGenerator:
             in_cat = np.flatnonzero(cats == c)
             ads[in_cat] = rng.choice(warm_by_cat[c], size=len(in_cat), p=probs_by_cat[c])
 
-        raw_user_ids = np.asarray([f"user-{i:07d}" for i in range(p.n_users)])
+        raw_user_ids = str_array(f"user-{i:07d}" for i in range(p.n_users))
         clicks = RawClicks(
             user_vocab=raw_user_ids,
             user_codes=users.astype(np.int64),
@@ -129,25 +132,57 @@ class SyntheticClickGenerator:
 
 @dataclass(frozen=True)
 class SyntheticSource:
-    """The built-in source: the sample catalogue and seeded archetype clicks (no files)."""
+    """The built-in source: the sample catalogue and seeded archetype clicks, plus the clicks
+    the service served and wrote back into ``served_dir/clicks/`` (the loop works for the
+    built-in source too: those clicks are pseudonymized, so they join as they are)."""
 
     params: SyntheticParams = SyntheticParams()
     name: str = "synthetic"
+    served_dir: Path | None = None
 
     def read_ads(self) -> AdCatalog:
         return load_builtin_catalog().catalog
+
+    def read_ads_with_report(self) -> tuple[AdCatalog, AdReadReport]:
+        catalog = self.read_ads()
+        return catalog, AdReadReport(n_ads=len(catalog))
 
     def read_clicks(self, ad_ids: np.ndarray) -> tuple[RawClicks, ClickReadReport]:
         labelled = load_builtin_catalog()
         if list(ad_ids) != labelled.catalog.ad_ids.tolist():
             raise ValueError("the synthetic source generates clicks for the built-in catalogue only")
         clicks, _truth = SyntheticClickGenerator(labelled, self.params).generate()
-        return clicks, ClickReadReport(n_files=0, n_rows=len(clicks))
+        report = ClickReadReport(n_files=0, n_rows=len(clicks))
+        if self.served_dir is None or not click_files(self.served_dir):
+            return clicks, report
+        served, served_report = read_clicks(self.served_dir, np.asarray(ad_ids), self.name)
+        report = ClickReadReport(
+            n_files=served_report.n_files,
+            n_rows=report.n_rows + served_report.n_rows,
+            n_unknown_ad_rows=served_report.n_unknown_ad_rows,
+            unknown_examples=served_report.unknown_examples,
+        )
+        return concat_clicks(clicks, served), report
+
+
+def concat_clicks(first: RawClicks, second: RawClicks) -> RawClicks:
+    """Both sets of clicks on one catalogue (``ad_vocab`` must be equal); users keep separate
+    vocabulary entries (a raw id and a pseudonym never merge here)."""
+    if list(first.ad_vocab) != list(second.ad_vocab):
+        raise ValueError("concat_clicks: both click sets must be coded against the same catalogue")
+    return RawClicks(
+        user_vocab=np.concatenate([first.user_vocab, second.user_vocab]),
+        user_codes=np.concatenate([first.user_codes, second.user_codes + len(first.user_vocab)]),
+        ad_vocab=first.ad_vocab,
+        ad_codes=np.concatenate([first.ad_codes, second.ad_codes]),
+        weights=np.concatenate([first.weights, second.weights]).astype(np.float32),
+        pseudonymized=np.concatenate([first.pseudonymized, second.pseudonymized]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m adrec_assets.sources.synthetic OUT_DIR``: write the synthetic source in the
-    folder format, so the file path is exercised with data of known structure."""
+    folder format (atomically), so the file path is exercised with data of known structure."""
     import argparse
     from pathlib import Path
 
@@ -157,10 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--n-users", type=int, default=SyntheticParams.n_users)
     parser.add_argument("--seed", type=int, default=SyntheticParams.seed)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     args = parser.parse_args(argv)
     labelled = load_builtin_catalog()
     clicks, _ = SyntheticClickGenerator(labelled, SyntheticParams(n_users=args.n_users, seed=args.seed)).generate()
-    write_source(args.out_dir, labelled.catalog, clicks)
+    try:
+        write_source(args.out_dir, labelled.catalog, clicks, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(labelled.catalog)} ads and {len(clicks)} clicks to {args.out_dir}")
     return 0
 

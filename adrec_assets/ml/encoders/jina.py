@@ -38,6 +38,7 @@ from PIL import Image
 from adrec_assets.ml.encoders.base import (
     AD_EMBEDDING_DIM,
     EncodeResult,
+    ImageAccess,
     ImageStream,
     default_image_workers,
     l2_normalize,
@@ -353,7 +354,9 @@ class JinaClipV2Encoder:
         )
         return self._unit_rows(emb, len(images), "encode_image")
 
-    def encode(self, texts: Sequence[str], image_paths: Sequence[str | None]) -> EncodeResult:
+    def encode(
+        self, texts: Sequence[str], image_paths: Sequence[str | None], image_access: ImageAccess | None = None
+    ) -> EncodeResult:
         if len(texts) != len(image_paths):
             raise ValueError(f"encode() got {len(texts)} texts but {len(image_paths)} image paths")
         texts = [str(t) for t in texts]
@@ -367,6 +370,7 @@ class JinaClipV2Encoder:
             workers=self.image_workers,
             prefetch=2 * self.image_batch_size,
             loader=load_rgb_center_crop,
+            access=image_access,
         ) as stream:
             text_vecs = self.encode_texts(texts)
             rows: list[int] = []

@@ -24,6 +24,7 @@ import torch
 from adrec_assets.ml.encoders.base import (
     AD_EMBEDDING_DIM,
     EncodeResult,
+    ImageAccess,
     l2_normalize,
     load_images_parallel,
 )
@@ -97,12 +98,14 @@ class OfflineEncoder:
             )
         return out
 
-    def encode(self, texts: Sequence[str], image_paths: Sequence[str | None]) -> EncodeResult:
+    def encode(
+        self, texts: Sequence[str], image_paths: Sequence[str | None], image_access: ImageAccess | None = None
+    ) -> EncodeResult:
         if len(texts) != len(image_paths):
             raise ValueError(f"encode() got {len(texts)} texts but {len(image_paths)} image paths")
         texts = [str(t) for t in texts]
         text_vecs = self.encode_texts(texts)
-        images, failures = load_images_parallel(image_paths, IMAGE_SIZE)  # decode off the model thread
+        images, failures = load_images_parallel(image_paths, IMAGE_SIZE, access=image_access)  # off the model thread
         has_image = np.array([im is not None for im in images], dtype=bool)
         image_vecs = np.zeros_like(text_vecs)
         if has_image.any():
