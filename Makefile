@@ -13,8 +13,9 @@ export TRANSFORMERS_OFFLINE := 1
 export ADREC_ALLOW_DEV_KEY ?= 1
 SOURCE ?= synthetic
 UI_PORT ?= 3000
+SERVE_PORT ?= 8000
 
-.PHONY: setup system-deps run evaluate test ui bench clean
+.PHONY: setup system-deps run evaluate test ui serve bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,8 +58,12 @@ ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m adrec_assets.cli register
 	$(BIN)/dagster dev -m adrec_assets.definitions -h 127.0.0.1 -p $(UI_PORT)
 
+# The online service on 127.0.0.1:$(SERVE_PORT) over the source's published snapshot (after `make run`).
+serve: setup
+	$(PY) -m adrec_assets.serve --source $(SOURCE) --host 127.0.0.1 --port $(SERVE_PORT)
+
 bench: setup
 	$(PY) benchmarks/materialize_synthetic.py
 
 clean:
-	rm -rf data/artifacts $(DAGSTER_HOME)
+	rm -rf data/artifacts data/online $(DAGSTER_HOME)

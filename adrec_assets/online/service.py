@@ -1,0 +1,739 @@
+"""The recommendation service's logic, without HTTP (plain Python: no Dagster, no FastAPI).
+
+:class:`RecommendationService` holds the source's published snapshot as one immutable
+:class:`ModelState` and answers the four things the API offers:
+
+* ``recommend``: one inner-product search of the snapshot's ``ad_index`` with the user's
+  vector (online EMA vector > trained vector > global mean) and the policy folded into the
+  query; the served slate is remembered in the online store so that its events can be
+  checked and attributed (policy, propensity, experiment arm, model version);
+* ``record_events``: impressions and clicks of served slates; a click moves the user's
+  online vector ``u <- normalize((1 - a) u + a p_ad)`` (``a`` grows with the position-bias
+  click weight), every event is queued in the store and flushed as files into the source
+  folder, whose click files the pipeline retrains on;
+* ``add_ad`` / ``retire_ad``: ads encoded with the snapshot's encoder, projected with its
+  projector and added to the live index (kept in the store, so restarts and replicas serve
+  them); retired ads are removed and stay removed across reloads;
+* ``reload_if_changed``: a newer published snapshot is loaded completely, then swapped in
+  with one assignment, so a request is answered by exactly one model version.
+
+Every bad input raises a :class:`ServiceError` subclass carrying its HTTP status (4xx),
+checked before any state changes. Raw user ids never leave :meth:`_pseudonym`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from adrec_assets.ml.encoders.base import ImageAccess
+from adrec_assets.ml.models import TrainedProjector
+from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
+from adrec_assets.online.events import EventFlusher
+from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
+from adrec_assets.online.index import AdIndex, IndexedAds, UnknownAdError
+from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy
+from adrec_assets.online.position_bias import click_weight
+from adrec_assets.online.store import OnlineStore
+from adrec_assets.privacy import key_fingerprint, pseudonymize
+from adrec_assets.snapshots import Snapshot, SnapshotError, SnapshotStore
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("greedy", "thompson", "epsilon_greedy", "random")
+_REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what recommend() hands out
+USER_KNOWN, USER_UPDATED_ONLINE, USER_NEW = "known", "updated_online", "new"
+MAX_ID_CHARS = 256
+
+
+# ---------------------------------------------------------------------- errors
+class ServiceError(Exception):
+    """A request the service refuses; ``status`` is the HTTP status the API answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.field = message, field
+
+
+class BadRequest(ServiceError):
+    status = 422
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Unavailable(ServiceError):
+    status = 503
+
+
+# ---------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything the service is started with (``from_env`` reads ``ADREC_*`` variables)."""
+
+    source: str
+    artifacts_root: Path
+    sources_root: Path
+    store_url: str | None = None  # None: SQLite under data/online; redis://... for replicas
+    api_token: str | None = None
+    alpha: float = 0.3  # EMA step of a click at position 1 (before position-bias weighting)
+    default_policy: str = "greedy"
+    epsilon: float = 0.1
+    randomized_share: float = 0.0  # share of slates served in random order (position-bias slice)
+    experiments_path: Path | None = None
+    reload_seconds: float = 2.0
+    flush_seconds: float = 5.0
+    flush_batch: int = 5000
+    settle_seconds: float = 60.0  # impressions wait this long for their click before teaching the posterior
+    request_ttl_seconds: float = 24 * 3600.0
+    max_k: int = 1000
+    max_text_chars: int = 10_000
+    max_image_bytes: int = 5 * 1024 * 1024
+    click_weight_cap: float = 10.0
+    load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
+    seed: int | None = None  # fixes request ids and draws (tests, simulations)
+
+    @classmethod
+    def from_env(cls, source: str, **overrides: Any) -> "ServingConfig":
+        from adrec_assets.artifacts import resolve_root
+        from adrec_assets.sources.catalog import data_dir
+
+        env = os.environ
+        values: dict[str, Any] = {
+            "source": source,
+            "artifacts_root": Path(str(resolve_root())),
+            "sources_root": Path(env.get("ADREC_SOURCES_DIR") or data_dir() / "sources"),
+            "store_url": env.get("ADREC_ONLINE_STORE") or None,
+            "api_token": env.get("ADREC_API_TOKEN") or None,
+            "experiments_path": Path(env["ADREC_EXPERIMENTS"]) if env.get("ADREC_EXPERIMENTS") else None,
+        }
+        for name, cast in (("alpha", float), ("default_policy", str), ("epsilon", float), ("randomized_share", float),
+                           ("reload_seconds", float), ("flush_seconds", float), ("settle_seconds", float)):  # fmt: skip
+            raw = env.get(f"ADREC_SERVE_{name.upper()}")
+            if raw:
+                values[name] = cast(raw)
+        values.update(overrides)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha (ADREC_SERVE_ALPHA) must be in (0, 1], got {self.alpha}")
+        if self.default_policy not in POLICIES:
+            raise ValueError(f"default_policy must be one of {POLICIES}, got {self.default_policy!r}")
+        if not 0 <= self.epsilon <= 1 or not 0 <= self.randomized_share <= 1:
+            raise ValueError("epsilon and randomized_share must be in [0, 1]")
+
+
+# ---------------------------------------------------------------------- one snapshot
+@dataclass
+class ModelState:
+    """Everything one published snapshot serves with. Immutable but for the index, which
+    takes live ads and retirements (it locks internally)."""
+
+    snapshot: Snapshot
+    catalog: AdCatalog
+    users: UserEmbeddings
+    prior: GlobalMean
+    projector: TrainedProjector
+    indexed: IndexedAds
+    theta: np.ndarray  # examination probability per position (ones: no correction known)
+    posterior: LaplaceLogisticPosterior
+    live_meta: dict[str, dict[str, str]] = field(default_factory=dict)  # live ad id -> {"text", "image"}
+    catalog_row: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.snapshot.id
+
+    @property
+    def space(self) -> str:
+        return self.users.space
+
+    @property
+    def index(self) -> AdIndex:
+        return self.indexed.index
+
+    def user_vector(self, pseudonym: str, online: np.ndarray | None) -> tuple[np.ndarray, str]:
+        if online is not None:
+            return online.astype(np.float32), USER_UPDATED_ONLINE
+        row = self.users.row_of(pseudonym)
+        if row is not None:
+            return self.users.vectors[row], USER_KNOWN
+        return self.prior.vector, USER_NEW
+
+
+def _posterior_of(store: SnapshotStore, snapshot: Snapshot, dim: int) -> LaplaceLogisticPosterior:
+    if "policy_posterior" in snapshot.artifacts:
+        return store.load("policy_posterior", snapshot).posterior
+    return LaplaceLogisticPosterior.prior(dim)
+
+
+def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
+    if "position_bias" in snapshot.artifacts:
+        return np.asarray(store.load("position_bias", snapshot).theta, dtype=np.float64)
+    return np.ones(1, dtype=np.float64)
+
+
+def load_state(snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore) -> ModelState:
+    """Load ``snapshot`` completely, then apply the store's live ads and retirements."""
+    indexed = snapshots.load("ad_index", snapshot)
+    users = snapshots.load("user_embeddings", snapshot)
+    state = ModelState(
+        snapshot=snapshot,
+        catalog=snapshots.load("raw_ads", snapshot),
+        users=users,
+        prior=snapshots.load("global_mean", snapshot),
+        projector=snapshots.load("projector", snapshot),
+        indexed=indexed,
+        theta=_theta_of(snapshots, snapshot),
+        posterior=_posterior_of(snapshots, snapshot, users.dim),
+    )
+    state.catalog_row = {ad: row for row, ad in enumerate(state.catalog.ad_ids.tolist())}
+    for live in online.live_ads():
+        if live.ad_id in state.catalog_row:
+            continue  # the source itself now carries this ad: its trained projection wins
+        vector, bias = project_content(state.projector, live.content_vector[None, :])
+        state.index.add(live.ad_id, vector[0], float(bias[0]))
+        state.live_meta[live.ad_id] = dict(live.meta)
+    retired = [ad for ad in online.retired_ads() if _is_live(state.index, ad)]
+    if retired:
+        state.index.remove_many(retired)
+    return state
+
+
+def _is_live(index: AdIndex, ad_id: str) -> bool:
+    try:
+        index.slot_of(ad_id)
+        return True
+    except UnknownAdError:
+        return False
+
+
+def project_content(projector: TrainedProjector, content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit projected vectors, score biases) of content vectors: what ``ad_projected`` computes."""
+    from adrec_assets.ml.training import project, score_bias
+
+    return project(projector.model, content), score_bias(projector.model, content)
+
+
+# ---------------------------------------------------------------------- the service
+class RecommendationService:
+    """See the module docstring. Thread-safe: FastAPI calls it from its worker threads."""
+
+    def __init__(self, config: ServingConfig, online: OnlineStore) -> None:
+        from adrec_assets.privacy import resolve_key
+
+        self.config = config
+        self.online = online
+        self.snapshots = SnapshotStore(config.artifacts_root, config.source)
+        self._key = resolve_key()
+        self._state: ModelState | None = None
+        self._pinned: dict[str, ModelState] = {}  # versions experiment arms are served from
+        self._reload_lock = threading.Lock()
+        self._learn_lock = threading.Lock()
+        self._encoder: Any = None
+        self._encoder_error: str | None = "the encoder is loading"
+        self._rng_counter = 0
+        self._counter_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._unsettled: list[dict[str, Any]] = []  # impressions waiting for their click
+        self._clicked: set[tuple[str, int]] = set()
+        self.experiments = load_experiments(config.experiments_path) if config.experiments_path else ExperimentSet(())
+        self.flusher = EventFlusher(online, config.sources_root / config.source)
+        self.reloads = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, background: bool = True) -> None:
+        """Load the published snapshot (fails if there is none), then start the reload,
+        flush and encoder-loading threads."""
+        self.reload_if_changed()
+        if self._state is None:
+            raise SnapshotError(f"source {self.config.source!r} has no published snapshot")
+        self._check_key()
+        if not background:
+            return
+        if self.config.load_encoder:
+            self._spawn(self._load_encoder, "encoder")
+        else:
+            self._encoder_error = "this replica was started without an encoder (load_encoder=False)"
+        self._spawn(self._every(self.config.reload_seconds, self.refresh), "reload")
+        self._spawn(self._every(self.config.flush_seconds, self.flush), "flush")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.flush()
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=f"adrec-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _every(self, seconds: float, action: Any) -> Any:
+        def loop() -> None:
+            while not self._stop.wait(seconds):
+                try:
+                    action()
+                except Exception:  # noqa: BLE001 - a background failure is logged, never fatal
+                    log.exception("background %s failed; retrying in %.1f s", getattr(action, "__name__", action), seconds)
+
+        return loop
+
+    def _check_key(self) -> None:
+        recorded = self.state.snapshot.info.get("key_fingerprint", "")
+        if recorded and recorded != key_fingerprint(self._key):
+            raise SnapshotError(
+                f"ADREC_ID_KEY differs from the key source {self.config.source!r} was pseudonymized with "
+                f"(fingerprint {key_fingerprint(self._key)} vs {recorded}): every user would look new; "
+                "start the service with the pipeline's key"
+            )
+
+    def _load_encoder(self) -> None:
+        wanted = self.state.snapshot.info.get("encoder_id", "")
+        name = wanted.split(":", 1)[0] if wanted else "offline"
+        try:
+            encoder = shared_encoder(name)
+        except Exception as exc:  # noqa: BLE001 - the service still serves; only new ads wait
+            self._encoder_error = f"encoder {name!r} cannot be loaded here ({type(exc).__name__}: {exc})"
+            log.warning(self._encoder_error)
+            return
+        if encoder.encoder_id != wanted:
+            self._encoder_error = f"this machine's encoder is {encoder.encoder_id}, the snapshot's {wanted}"
+            return
+        encoder.encode(["warm-up"], [None])  # first call pays for lazy initialization, not a request
+        self._encoder, self._encoder_error = encoder, None
+
+    @property
+    def state(self) -> ModelState:
+        if self._state is None:
+            raise Unavailable("no published snapshot is loaded yet")
+        return self._state
+
+    def reload_if_changed(self) -> bool:
+        """Swap to the published snapshot if it is newer than the one served; True if swapped."""
+        with self._reload_lock:
+            current = self.snapshots.current_id()
+            if current is None or (self._state is not None and self._state.version == current):
+                return False
+            new = load_state(self.snapshots, self.snapshots.snapshot(current), self.online)
+            self._pinned = self._load_pinned(new)
+            old, self._state = self._state, new  # the one moment a new version starts serving
+            self.reloads += 1
+            if old is not None and old.space != new.space:
+                self.online.drop_user_space(old.space)  # online vectors of a retrained space are meaningless
+            log.info("serving snapshot %s (%d ads)", new.version, len(new.index))
+            return True
+
+    def refresh(self) -> None:
+        """What the reload thread does: a newer snapshot if there is one, else the live ads and
+        retirements other replicas recorded in the shared store."""
+        if not self.reload_if_changed():
+            self.sync_live_ads()
+
+    def sync_live_ads(self) -> int:
+        """Apply live ads and retirements recorded in the store since this state was loaded
+        (by this replica or another); returns how many changes were applied."""
+        state = self._state
+        if state is None:
+            return 0
+        changes = 0
+        for live in self.online.live_ads():
+            if live.ad_id in state.catalog_row or live.ad_id in state.live_meta or self.online.is_retired(live.ad_id):
+                continue
+            vector, bias = project_content(state.projector, live.content_vector[None, :])
+            state.index.add(live.ad_id, vector[0], float(bias[0]))
+            state.live_meta[live.ad_id] = dict(live.meta)
+            changes += 1
+        retired = [ad for ad in self.online.retired_ads() if _is_live(state.index, ad)]
+        if retired:
+            state.index.remove_many(retired)
+            changes += len(retired)
+        return changes
+
+    def _load_pinned(self, current: ModelState) -> dict[str, ModelState]:
+        wanted = {a.model_version for e in self.experiments.experiments for a in e.arms if a.model_version}
+        pinned = {}
+        for version in wanted - {current.version}:
+            try:
+                pinned[version] = self._pinned.get(version) or load_state(
+                    self.snapshots, self.snapshots.snapshot(version), self.online
+                )
+            except SnapshotError as exc:
+                log.warning("experiment arm model_version %s cannot be served: %s", version, exc)
+        return pinned
+
+    # ------------------------------------------------------------------ helpers
+    def _pseudonym(self, user_id: str) -> str:
+        if not isinstance(user_id, str) or not user_id.strip():
+            raise BadRequest("user_id must be a non-empty string", "user_id")
+        if len(user_id) > MAX_ID_CHARS:
+            raise BadRequest(f"user_id has {len(user_id)} characters, more than {MAX_ID_CHARS}", "user_id")
+        return pseudonymize(user_id, self._key)
+
+    def _next_request_id(self) -> str:
+        if self.config.seed is None:
+            return uuid.uuid4().hex
+        with self._counter_lock:
+            self._rng_counter += 1
+            return hashlib.sha256(f"{self.config.seed}:{self._rng_counter}".encode()).hexdigest()[:32]
+
+    @staticmethod
+    def _rng(request_id: str) -> np.random.Generator:
+        return np.random.default_rng(int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little"))
+
+    def _policy(self, state: ModelState, name: str) -> Any:
+        options: dict[str, Any] = {"randomized_share": self.config.randomized_share}
+        if name == "thompson":
+            options["posterior"] = state.posterior
+        if name == "epsilon_greedy":
+            options["epsilon"] = self.config.epsilon
+        return make_policy(name, **options)
+
+    def ad_info(self, state: ModelState, ad_id: str) -> dict[str, Any]:
+        row = state.catalog_row.get(ad_id)
+        if row is not None:
+            return {"text": str(state.catalog.texts[row]), "has_image": bool(state.catalog.image_paths[row]), "live": False}
+        meta = state.live_meta.get(ad_id)
+        if meta is not None:
+            return {"text": meta.get("text", ""), "has_image": meta.get("image") == "1", "live": True}
+        raise NotFound(f"ad {ad_id!r} is not in snapshot {state.version} nor among the live ads", "ad_id")
+
+    # ------------------------------------------------------------------ recommend
+    def recommend(self, user_id: str, k: int, policy: str | None = None) -> dict[str, Any]:
+        if not isinstance(k, int) or not 1 <= k <= self.config.max_k:
+            raise BadRequest(f"k must be an integer from 1 to {self.config.max_k}, got {k!r}", "k")
+        if policy is not None and policy not in POLICIES:
+            raise BadRequest(f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
+        pseudonym = self._pseudonym(user_id)
+        now = time.time()
+        assignments = self.experiments.assign(pseudonym, datetime.fromtimestamp(now, timezone.utc))
+        overrides = merge_assignments(assignments)
+        state = self.state  # one snapshot for the whole request
+        if overrides.model_version and overrides.model_version != state.version:
+            state = self._pinned.get(overrides.model_version, state)
+        chosen = policy or overrides.policy or self.config.default_policy
+        online = self.online.get_user(state.space, pseudonym)
+        vector, status = state.user_vector(pseudonym, online)
+        request_id = self._next_request_id()
+        with threadpool_limits(1, "blas"):
+            slate = self._policy(state, chosen).recommend(vector, state.index, k, self._rng(request_id))
+        served = [(int(slot), float(score), float(p)) for slot, score, p in zip(slate.slots, slate.scores, slate.propensities) if slot >= 0]
+        ad_ids = state.index.ad_ids(np.asarray([s for s, _, _ in served], dtype=np.int64)).tolist()
+        label = format_assignment_label(assignments)
+        record = {
+            "user": pseudonym,
+            "model_version": state.version,
+            "space": state.space,
+            "policy": slate.policy,
+            "randomized": bool(slate.randomized),
+            "experiments": label,
+            "ads": ad_ids,
+            "propensities": [p for _, _, p in served],
+            "scores": [s for _, s, _ in served],
+            "served_at": now,
+            "seen": [],
+        }
+        self.online.put_request(request_id, record, self.config.request_ttl_seconds)
+        items = []
+        for position, (ad_id, (_, score, propensity)) in enumerate(zip(ad_ids, served)):
+            info = self.ad_info(state, ad_id)
+            items.append({"ad_id": ad_id, "position": position, "score": score, "propensity": propensity, **info})
+        return {
+            "request_id": request_id,
+            "model_version": state.version,
+            "user_status": status,
+            "policy": slate.policy,
+            "randomized": bool(slate.randomized),
+            "experiments": [{"experiment": a.experiment, "arm": a.arm} for a in assignments],
+            "items": items,
+        }
+
+    # ------------------------------------------------------------------ events
+    def record_events(self, events: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """Validate every event first (nothing changes if one is bad), then apply them."""
+        state = self.state
+        records: dict[str, dict[str, Any]] = {}
+        accepted, duplicates = [], 0
+        batch_keys: set[str] = set()
+        for number, event in enumerate(events):
+            where = f"events[{number}]"
+            request_id = event["request_id"]
+            record = records.get(request_id) or (self.online.get_request(request_id) if _REQUEST_ID.fullmatch(request_id) else None)
+            if record is None:
+                raise NotFound(f"{where}.request_id {request_id!r} is unknown or expired: post events of served requests",
+                               f"{where}.request_id")  # fmt: skip
+            records[request_id] = record
+            if self._pseudonym(event["user_id"]) != record["user"]:
+                raise Conflict(f"{where}.user_id is not the user request {request_id} served", f"{where}.user_id")
+            position = event["position"]
+            if not 0 <= position < len(record["ads"]):
+                raise Conflict(
+                    f"{where}.position {position} is outside the {len(record['ads'])} served positions", f"{where}.position"
+                )
+            if record["ads"][position] != event["ad_id"]:
+                raise Conflict(
+                    f"{where}.ad_id {event['ad_id']!r} was not served at position {position} of request {request_id}",
+                    f"{where}.ad_id",
+                )
+            timestamp = float(event["timestamp"])
+            if not math.isfinite(timestamp) or timestamp <= 0:
+                raise BadRequest(f"{where}.timestamp must be seconds since the epoch, got {event['timestamp']!r}",
+                                 f"{where}.timestamp")  # fmt: skip
+            key = f"{position}:{event['type']}"
+            if key in record["seen"] or f"{request_id}:{key}" in batch_keys:
+                duplicates += 1
+                continue
+            batch_keys.add(f"{request_id}:{key}")
+            accepted.append((event, record, position, timestamp))
+        clicks = 0
+        rows = []
+        for event, record, position, timestamp in accepted:
+            weight = 1.0
+            if event["type"] == "click":
+                theta = theta_covering(state.theta, position + 1)
+                weight = float(click_weight(np.asarray([position]), theta, self.config.click_weight_cap)[0])
+                self._apply_click(state, record["user"], event["ad_id"], weight)
+                clicks += 1
+            rows.append(self._event_row(event, record, position, timestamp, weight))
+        self.online.append_events(rows)
+        for request_id, record in records.items():
+            keys = {f"{e['position']}:{e['type']}" for e, r, _, _ in accepted if e["request_id"] == request_id}
+            if keys:
+                record["seen"] = sorted(set(record["seen"]) | keys)
+                self.online.put_request(request_id, record, self.config.request_ttl_seconds)
+        self._learn_from(state, accepted)
+        return {"accepted": len(accepted), "duplicates": duplicates, "clicks": clicks}
+
+    def _event_row(self, event: Mapping[str, Any], record: Mapping[str, Any], position: int, timestamp: float,
+                   weight: float) -> dict[str, Any]:  # fmt: skip
+        return {
+            "event_id": f"{event['request_id']}:{position}:{event['type']}",
+            "request_id": event["request_id"],
+            "user_pseudonym": record["user"],
+            "ad_id": event["ad_id"],
+            "position": position,
+            "type": event["type"],
+            "timestamp": timestamp,
+            "served_at": record["served_at"],
+            "policy": record["policy"],
+            "propensity": record["propensities"][position],
+            "score": record["scores"][position],
+            "randomized": record["randomized"],
+            "experiments": record["experiments"],
+            "model_version": record["model_version"],
+            "weight": weight,
+        }
+
+    def _apply_click(self, state: ModelState, pseudonym: str, ad_id: str, weight: float) -> None:
+        try:
+            ad = state.index.vectors(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))[0, :-1]
+        except UnknownAdError:
+            return  # retired since it was served: the click is logged, the vector is not moved
+        alpha = 1.0 - (1.0 - self.config.alpha) ** weight  # weight clicks = that many EMA steps
+        base = state.user_vector(pseudonym, None)[0]
+
+        def ema(current: np.ndarray | None) -> np.ndarray:
+            u = base if current is None else current
+            moved = (1.0 - alpha) * u.astype(np.float64) + alpha * ad.astype(np.float64)
+            norm = np.linalg.norm(moved)
+            return (moved / norm if norm > 1e-12 else u).astype(np.float32)
+
+        self.online.update_user(state.space, pseudonym, ema)
+
+    def _learn_from(self, state: ModelState, accepted: list) -> None:
+        """Clicks teach the posterior at once; impressions wait ``settle_seconds`` for their
+        click (an impression taught as a skip before its click arrives would count twice)."""
+        now = time.time()
+        with self._learn_lock:
+            for event, record, position, _ in accepted:
+                key = (event["request_id"], position)
+                if event["type"] == "click":
+                    self._clicked.add(key)
+                else:
+                    self._unsettled.append({"key": key, "user": record["user"], "ad": event["ad_id"],
+                                            "position": position, "at": now})  # fmt: skip
+
+    def settle(self, now: float | None = None) -> int:
+        """Teach the posterior every impression older than ``settle_seconds``; returns how many."""
+        now = time.time() if now is None else now
+        with self._learn_lock:
+            ready = [i for i in self._unsettled if now - i["at"] >= self.config.settle_seconds]
+            self._unsettled = [i for i in self._unsettled if now - i["at"] < self.config.settle_seconds]
+            clicked = [i["key"] in self._clicked for i in ready]
+            self._clicked -= {i["key"] for i in ready}
+        if not ready:
+            return 0
+        state = self.state
+        users, ads, kept = [], [], []
+        for impression, was_clicked in zip(ready, clicked):
+            try:
+                slot = state.index.slot_of(impression["ad"])
+            except UnknownAdError:
+                continue
+            users.append(state.user_vector(impression["user"], None)[0])
+            ads.append(slot)
+            kept.append((impression["position"], was_clicked))
+        if not kept:
+            return 0
+        positions = np.asarray([p for p, _ in kept])
+        theta = theta_covering(state.theta, int(positions.max()) + 1)
+        with threadpool_limits(1, "blas"):
+            state.posterior.update_position_aware(
+                np.asarray(users, dtype=np.float32), state.index.vectors(np.asarray(ads, dtype=np.int64)),
+                np.asarray([c for _, c in kept], dtype=float), positions, theta,
+            )  # fmt: skip
+        return len(kept)
+
+    def flush(self) -> int:
+        """Settle impressions, then write queued events as files into the source folder."""
+        try:
+            self.settle()
+        except Unavailable:
+            pass
+        return self.flusher.flush(self.config.flush_batch, known_ads=self._catalog_ids())
+
+    def _catalog_ids(self) -> frozenset[str]:
+        state = self._state
+        return frozenset(state.catalog_row) if state is not None else frozenset()
+
+    # ------------------------------------------------------------------ ads
+    def add_ad(self, ad_id: str, text: str, image: bytes | None) -> dict[str, Any]:
+        state = self.state
+        if not isinstance(ad_id, str) or not ad_id.strip() or len(ad_id) > MAX_ID_CHARS:
+            raise BadRequest(f"ad_id must be 1 to {MAX_ID_CHARS} characters", "ad_id")
+        if not isinstance(text, str) or not text.strip():
+            raise BadRequest("text must be non-empty ad copy", "text")
+        if len(text) > self.config.max_text_chars:
+            raise BadRequest(f"text has {len(text)} characters, more than {self.config.max_text_chars}", "text")
+        if ad_id in state.catalog_row or _is_live(state.index, ad_id) or ad_id in state.live_meta:
+            raise Conflict(f"ad {ad_id!r} already exists; retire it first or choose another id", "ad_id")
+        if image is not None:
+            if len(image) > self.config.max_image_bytes:
+                raise BadRequest(f"image has {len(image)} bytes, more than {self.config.max_image_bytes}", "image_base64")
+            _check_image(image)
+        if self._encoder is None:
+            raise Unavailable(f"new ads cannot be encoded right now: {self._encoder_error}")
+        content = self._encode(ad_id, text, image)
+        vector, bias = project_content(state.projector, content[None, :])
+        meta = {"text": text, "image": "1" if image is not None else "0"}
+        if image is not None:
+            self.online.put_arrays(f"image.{_blob_name(ad_id)}", {"bytes": np.frombuffer(image, dtype=np.uint8)})
+        self.online.put_live_ad(ad_id, content, meta)
+        if self.online.is_retired(ad_id):
+            self.online.unretire_ad(ad_id)
+        state.live_meta[ad_id] = meta
+        slot = state.index.add(ad_id, vector[0], float(bias[0]))
+        return {"ad_id": ad_id, "model_version": state.version, "score_bias": float(bias[0]), "slot": slot}
+
+    def _encode(self, ad_id: str, text: str, image: bytes | None) -> np.ndarray:
+        if image is None:
+            return self._encoder.encode([text], [None]).vectors[0]
+        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"adrec-new-ad-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(mode=0o700)
+        try:
+            path = folder / "image"
+            path.write_bytes(image)
+            result = self._encoder.encode([text], [str(path)], ImageAccess(root=str(folder), max_bytes=len(image)))
+            if result.n_image_failures:
+                raise BadRequest(f"image of ad {ad_id!r} could not be decoded ({result.image_failures[0][2]})", "image_base64")
+            return result.vectors[0]
+        finally:
+            for child in folder.iterdir():
+                child.unlink()
+            folder.rmdir()
+
+    def retire_ad(self, ad_id: str) -> dict[str, Any]:
+        state = self.state
+        if not _is_live(state.index, ad_id):
+            known = ad_id in state.catalog_row or ad_id in state.live_meta
+            raise (Conflict(f"ad {ad_id!r} is already retired", "ad_id") if known
+                   else NotFound(f"ad {ad_id!r} is not in the catalogue", "ad_id"))  # fmt: skip
+        self.online.retire_ad(ad_id)
+        state.index.remove(ad_id)
+        return {"ad_id": ad_id, "retired": True, "model_version": state.version}
+
+    def ad_image(self, ad_id: str) -> bytes:
+        state = self.state
+        row = state.catalog_row.get(ad_id)
+        if row is not None and state.catalog.image_paths[row]:
+            try:
+                return ImageAccess(root=state.catalog.image_root or None,
+                                   max_bytes=self.config.max_image_bytes).read(state.catalog.image_paths[row])  # fmt: skip
+            except OSError as exc:
+                raise NotFound(f"the image of ad {ad_id!r} cannot be read ({type(exc).__name__})", "ad_id") from None
+        if ad_id in state.live_meta and state.live_meta[ad_id].get("image") == "1":
+            blob = self.online.get_arrays(f"image.{_blob_name(ad_id)}")
+            if blob is not None:
+                return blob["bytes"].tobytes()
+        raise NotFound(f"ad {ad_id!r} has no image", "ad_id")
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> dict[str, Any]:
+        state = self._state
+        return {
+            "status": "ok" if state is not None and self.online.ping() else "degraded",
+            "source": self.config.source,
+            "model_version": state.version if state else None,
+            "n_ads": len(state.index) if state else 0,
+            "index_kind": state.index.kind if state else None,
+            "store": "ok" if self.online.ping() else "unreachable",
+            "encoder": "ready" if self._encoder is not None else self._encoder_error,
+            "pending_events": len(self.online.pending_events(10_000)),
+        }
+
+
+@functools.lru_cache(maxsize=2)
+def shared_encoder(name: str) -> Any:
+    """The encoder of a name, loaded once per process (replicas in one process share it)."""
+    from adrec_assets.ml.encoders import build_encoder
+
+    return build_encoder(name)
+
+
+def theta_covering(theta: np.ndarray, n_positions: int) -> np.ndarray:
+    """Examination probabilities for ``n_positions`` positions: positions beyond the estimate
+    take its last (lowest) value, the most cautious guess for a position shown even lower."""
+    theta = np.asarray(theta, dtype=np.float64)
+    return theta if len(theta) >= n_positions else np.concatenate([theta, np.full(n_positions - len(theta), theta[-1])])
+
+
+def _blob_name(ad_id: str) -> str:
+    return hashlib.sha256(ad_id.encode()).hexdigest()[:32]
+
+
+def _check_image(data: bytes) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadRequest(f"image_base64 is not a readable image ({type(exc).__name__})", "image_base64") from None
+

@@ -1,0 +1,67 @@
+"""``python -m adrec_assets.serve --source NAME [--host H] [--port P]``: the online service.
+
+Serves the source's published snapshot (see ``adrec_assets.snapshots``) over HTTP with
+uvicorn, reloads it when a newer one is published, and writes served events back into the
+source folder. Configuration comes from the environment (``ADREC_ARTIFACTS_DIR``,
+``ADREC_SOURCES_DIR``, ``ADREC_ONLINE_STORE``, ``ADREC_API_TOKEN``, ``ADREC_ID_KEY``,
+``ADREC_EXPERIMENTS``, ``ADREC_SERVE_*``). Plain Python: the orchestrator is not imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adrec_assets.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="the click source (partition) to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--no-encoder", action="store_true", help="do not load the encoder (POST /v1/ads answers 503)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from adrec_assets.online.service import RecommendationService, ServingConfig
+    from adrec_assets.online.store import open_store
+
+    config = ServingConfig.from_env(args.source, load_encoder=not args.no_encoder)
+    if not is_loopback(args.host) and not config.api_token:
+        print(
+            f"error: refusing to listen on {args.host} without ADREC_API_TOKEN: the write endpoints would be open "
+            "to the network. Set ADREC_API_TOKEN (e.g. `openssl rand -hex 32`) or bind 127.0.0.1.",
+            file=sys.stderr,
+        )
+        return 2
+    if not config.api_token:
+        logging.getLogger("adrec.serve").warning(
+            "ADREC_API_TOKEN is not set: write endpoints accept any caller on this loopback address"
+        )
+    import uvicorn
+
+    from adrec_assets.online.app import create_app
+
+    store = open_store(config.store_url, namespace=args.source)
+    service = RecommendationService(config, store)
+    app = create_app(service)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, workers=1)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The online service through its HTTP API (FastAPI's TestClient) over the session's published
+synthetic snapshot: recommendations, online user updates, live ads, retirement, auth, bad
+input, metrics, privacy. The hot reload and the closed loop are in ``test_service_loop.py``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from adrec_assets.ml.recommender import Recommender
+from adrec_assets.online.app import create_app
+from adrec_assets.online.service import RecommendationService, ServingConfig
+from adrec_assets.online.store import SQLiteStore
+from adrec_assets.privacy import pseudonymize
+from adrec_assets.snapshots import SnapshotStore
+from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY, id_key
+
+KNOWN_USER = "user-0000005"
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def published(default_pipeline) -> Path:
+    base, result, _ = default_pipeline
+    assert result.success
+    return base
+
+
+def make_service(base: Path, tmp_path: Path, **config) -> RecommendationService:
+    settings = {"source": "synthetic", "artifacts_root": base, "sources_root": tmp_path / "sources", "seed": 7,
+                "load_encoder": False, **config}  # fmt: skip
+    with id_key():
+        return RecommendationService(ServingConfig(**settings), SQLiteStore(tmp_path / "online.sqlite", namespace="synthetic"))
+
+
+@pytest.fixture
+def api(published, tmp_path) -> Iterator[tuple[TestClient, RecommendationService]]:
+    service = make_service(published, tmp_path)
+    with id_key(), TestClient(create_app(service)) as client:
+        yield client, service
+
+
+def recommend(client: TestClient, user: str = KNOWN_USER, k: int = 10, **params) -> dict:
+    response = client.get("/v1/recommendations", params={"user_id": user, "k": k, **params})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def click(client: TestClient, served: dict, position: int, user: str = KNOWN_USER, **headers) -> dict:
+    event = {"request_id": served["request_id"], "user_id": user, "ad_id": served["items"][position]["ad_id"],
+             "position": position, "type": "click", "timestamp": time.time()}  # fmt: skip
+    response = client.post("/v1/events", json={"events": [event]}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ---------------------------------------------------------------- recommendations
+
+
+def test_a_known_user_gets_the_models_top_k_from_the_published_snapshot(api, published):
+    client, _ = api
+    body = recommend(client, k=7)
+    reference = Recommender.load(published, "synthetic")
+    pseudonym = pseudonymize(KNOWN_USER, TEST_ID_KEY.encode())
+    expected = reference.recommend(pseudonym, k=7)
+    assert body["model_version"] == SnapshotStore(published, "synthetic").current_id() == reference.version
+    assert body["user_status"] == "known" and body["policy"] == "greedy"
+    assert [i["ad_id"] for i in body["items"]] == [r.ad_id for r in expected]
+    np.testing.assert_allclose([i["score"] for i in body["items"]], [r.score for r in expected], atol=1e-5)
+    assert [i["position"] for i in body["items"]] == list(range(7)) and all(i["propensity"] == 1.0 for i in body["items"])
+    assert all(i["text"] for i in body["items"])
+
+
+def test_a_new_user_is_served_from_the_global_mean(api, published):
+    client, _ = api
+    body = recommend(client, user="never-seen-before", k=5)
+    reference = Recommender.load(published, "synthetic")
+    assert body["user_status"] == "new"
+    assert [i["ad_id"] for i in body["items"]] == [r.ad_id for r in reference.recommend(reference.prior.vector, k=5)]
+
+
+def test_a_click_moves_the_users_vector_and_the_next_response_reflects_it(api, published):
+    client, service = api
+    before = recommend(client, k=20)
+    target = before["items"][12]
+    assert click(client, before, 12) == {"accepted": 1, "duplicates": 0, "clicks": 1}
+    after = recommend(client, k=20)
+    assert after["user_status"] == "updated_online"
+    scores = {i["ad_id"]: i["score"] for i in after["items"]}
+    assert target["ad_id"] in scores and scores[target["ad_id"]] > target["score"]  # it moved up
+    # exactly the EMA: u <- normalize((1 - a) u + a p_ad), a = 0.3 at position 13 with no position bias known
+    reference = Recommender.load(published, "synthetic")
+    u = reference.user_vector(pseudonymize(KNOWN_USER, TEST_ID_KEY.encode()))[0].astype(np.float64)
+    p = reference.ads.vectors[reference.ad_rows([target["ad_id"]])[0]].astype(np.float64)
+    moved = 0.7 * u + 0.3 * p
+    moved /= np.linalg.norm(moved)
+    np.testing.assert_allclose(reference.score(moved.astype(np.float32), [target["ad_id"]])[0], scores[target["ad_id"]], atol=1e-5)
+
+
+def test_events_are_checked_against_the_served_slate_and_a_bad_batch_changes_nothing(api):
+    client, service = api
+    served = recommend(client, k=5)
+    good = {"request_id": served["request_id"], "user_id": KNOWN_USER, "ad_id": served["items"][1]["ad_id"],
+            "position": 1, "type": "click", "timestamp": time.time()}  # fmt: skip
+    bad_cases = {  # field -> (event, status): 404 for an unknown request, 409 for a mismatch with what was served
+        "request_id": ({**good, "request_id": "0" * 32}, 404),
+        "user_id": ({**good, "user_id": "someone-else"}, 409),
+        "ad_id": ({**good, "ad_id": served["items"][2]["ad_id"]}, 409),
+        "position": ({**good, "position": 7}, 409),
+    }
+    for field, (bad, status) in bad_cases.items():
+        response = client.post("/v1/events", json={"events": [good, bad]})
+        assert response.status_code == status and response.json()["field"] == f"events[1].{field}", response.text
+    assert service.online.pending_events(10) == []  # the good event of each batch was not applied either
+    assert recommend(client, k=5)["user_status"] == "known"
+    assert client.post("/v1/events", json={"events": [good, good]}).json() == {"accepted": 1, "duplicates": 1, "clicks": 1}
+    assert client.post("/v1/events", json={"events": [good]}).json()["duplicates"] == 1  # idempotent across batches
+
+
+# ---------------------------------------------------------------- live ads
+
+
+@pytest.fixture
+def api_with_encoder(published, tmp_path) -> Iterator[tuple[TestClient, RecommendationService]]:
+    service = make_service(published, tmp_path, load_encoder=True)
+    with id_key(), TestClient(create_app(service)) as client:
+        deadline = time.monotonic() + 120
+        while service._encoder is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service._encoder is not None, service._encoder_error
+        yield client, service
+
+
+def png_bytes(color=(200, 40, 40)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_new_ad_is_encoded_projected_and_recommendable_in_the_next_request(api_with_encoder):
+    client, service = api_with_encoder
+    image = base64.b64encode(png_bytes()).decode()
+    response = client.post("/v1/ads", json={"ad_id": "ad-new-1", "text": "Lightweight trail running shoes", "image_base64": image})
+    assert response.status_code == 201, response.text
+    state = service.state
+    vector = state.index.vectors(np.asarray([state.index.slot_of("ad-new-1")]))[0]
+    # a user pointing at the new ad gets it first: it is in the live index, scored like any ad
+    service.online.update_user(state.space, pseudonymize("fan", TEST_ID_KEY.encode()), lambda _: vector[:-1] / np.linalg.norm(vector[:-1]))
+    body = recommend(client, user="fan", k=3)
+    assert body["items"][0]["ad_id"] == "ad-new-1" and body["items"][0]["live"] and body["items"][0]["has_image"]
+    assert client.get("/v1/ads/ad-new-1").json() == {"ad_id": "ad-new-1", "text": "Lightweight trail running shoes",
+                                                      "has_image": True, "live": True}  # fmt: skip
+    assert client.get("/v1/ads/ad-new-1/image").content == png_bytes()
+    assert client.post("/v1/ads", json={"ad_id": "ad-new-1", "text": "again"}).status_code == 409
+    existing = state.catalog.ad_ids[0]
+    assert client.post("/v1/ads", json={"ad_id": existing, "text": "again"}).status_code == 409
+
+
+@pytest.mark.parametrize(
+    "image, field",
+    [("not base64 at all!", "image_base64"), (base64.b64encode(b"\x89PNG but truncated").decode(), "image_base64")],
+)
+def test_a_corrupt_image_is_refused_and_adds_nothing(api_with_encoder, image, field):
+    client, service = api_with_encoder
+    before = len(service.state.index)
+    response = client.post("/v1/ads", json={"ad_id": "ad-broken", "text": "x", "image_base64": image})
+    assert response.status_code == 422 and response.json()["field"] == field, response.text
+    assert len(service.state.index) == before and service.online.live_ads() == []
+
+
+def test_without_an_encoder_new_ads_wait_with_503_and_say_why(api):
+    client, _ = api
+    response = client.post("/v1/ads", json={"ad_id": "ad-x", "text": "text"})
+    assert response.status_code == 503 and "encoder" in response.json()["error"]
+
+
+def test_a_retired_ad_is_never_served_again_also_after_a_restart(published, tmp_path):
+    service = make_service(published, tmp_path)
+    with id_key(), TestClient(create_app(service)) as client:
+        top = recommend(client, k=3)["items"][0]["ad_id"]
+        assert client.delete(f"/v1/ads/{top}").json()["retired"] is True
+        assert client.delete(f"/v1/ads/{top}").status_code == 409
+        assert client.delete("/v1/ads/no-such-ad").status_code == 404
+        for _ in range(30):  # the random policy visits the whole catalogue
+            assert top not in [i["ad_id"] for i in recommend(client, k=50, policy="random")["items"]]
+    restarted = make_service(published, tmp_path)  # same store: a restart (or another replica)
+    with id_key(), TestClient(create_app(restarted)) as client:
+        assert top not in [i["ad_id"] for i in recommend(client, k=220)["items"]]
+
+
+# ---------------------------------------------------------------- bad input, auth, operations
+
+
+@pytest.mark.parametrize(
+    "call, status",
+    [
+        (lambda c: c.get("/v1/recommendations", params={"user_id": "u", "k": 0}), 422),
+        (lambda c: c.get("/v1/recommendations", params={"user_id": "u", "k": 1001}), 422),
+        (lambda c: c.get("/v1/recommendations", params={"user_id": "u", "k": "ten"}), 422),
+        (lambda c: c.get("/v1/recommendations", params={"user_id": "x" * 257}), 422),
+        (lambda c: c.get("/v1/recommendations", params={"k": 3}), 422),
+        (lambda c: c.get("/v1/recommendations", params={"user_id": "u", "policy": "best"}), 422),
+        (lambda c: c.post("/v1/events", content=b"{not json", headers={"content-type": "application/json"}), 422),
+        (lambda c: c.post("/v1/events", json={"events": []}), 422),
+        (lambda c: c.post("/v1/events", json={"events": [{"request_id": "r", "type": "view"}]}), 422),
+        (lambda c: c.post("/v1/events", json={"events": "all"}), 422),
+        (lambda c: c.post("/v1/ads", json={"ad_id": "a" * 300, "text": "t"}), 422),
+        (lambda c: c.post("/v1/ads", content=b"x" * (9 * 1024 * 1024)), 413),
+        (lambda c: c.get("/v1/ads/no-such-ad"), 404),
+        (lambda c: c.get("/v1/ads/no-such-ad/image"), 404),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_never_a_500(api, call, status):
+    client, service = api
+    before = (len(service.state.index), service.online.pending_events(10), service.online.live_ads())
+    response = call(client)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert (len(service.state.index), service.online.pending_events(10), service.online.live_ads()) == before
+
+
+def test_write_endpoints_need_the_bearer_token_when_one_is_set(published, tmp_path):
+    service = make_service(published, tmp_path, api_token=TOKEN)
+    with id_key(), TestClient(create_app(service)) as client:
+        served = recommend(client, k=3)  # reads need no token
+        event = {"request_id": served["request_id"], "user_id": KNOWN_USER, "ad_id": served["items"][0]["ad_id"],
+                 "position": 0, "type": "impression", "timestamp": time.time()}  # fmt: skip
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = client.post("/v1/events", json={"events": [event]}, headers=headers)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert client.delete(f"/v1/ads/{served['items'][0]['ad_id']}").status_code == 401
+        ok = client.post("/v1/events", json={"events": [event]}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200
+
+
+def test_health_and_prometheus_metrics(api):
+    client, service = api
+    recommend(client)
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["model_version"] == service.state.version and health["n_ads"] == 220
+    text = client.get("/metrics").text
+    assert 'adrec_requests_total{endpoint="/v1/recommendations",method="GET",status="200"} 1.0' in text
+    assert f'adrec_model_info{{model_version="{service.state.version}"}} 1.0' in text
+    assert "adrec_index_ads 220.0" in text
+    assert 'adrec_request_seconds_bucket{endpoint="/v1/recommendations",le="0.005"}' in text
+
+
+def test_nothing_the_service_writes_holds_a_raw_user_id(api, tmp_path, caplog):
+    client, service = api
+    caplog.set_level(logging.DEBUG)
+    raw = "alice@example.com"
+    served = recommend(client, user=raw, k=5)
+    click(client, served, 0, user=raw)
+    client.get("/v1/recommendations", params={"user_id": raw, "k": 0})  # an error path too
+    assert service.flush() == 1
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in written) and any(p.name.startswith("online.sqlite") for p in written)
+    for path in written:
+        assert raw.encode() not in path.read_bytes(), path
+    assert raw not in caplog.text and raw not in client.get("/metrics").text
+    assert pseudonymize(raw, TEST_ID_KEY.encode()).encode() in next(p for p in written if p.suffix == ".parquet").read_bytes()
+
+
+def test_the_openapi_document_describes_every_endpoint(api):
+    client, _ = api
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/recommendations", "/v1/events", "/v1/ads", "/v1/ads/{ad_id}", "/v1/ads/{ad_id}/image", "/healthz",
+            "/metrics"} <= set(spec["paths"])  # fmt: skip
+    assert "422" in spec["paths"]["/v1/events"]["post"]["responses"]
+
+
+# ---------------------------------------------------------------- the process: python -m adrec_assets.serve
+
+
+def test_the_serve_command_answers_on_loopback(published, tmp_path):
+    """What ``make serve`` runs: uvicorn on 127.0.0.1 over the published snapshot."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from adrec_assets_tests.service_helpers import free_port, pipeline_env, stop_process_group, wait_for_http
+
+    port = free_port()
+    env = pipeline_env(tmp_path / "home", published, tmp_path / "sources", ADREC_ID_KEY=TEST_ID_KEY,
+                       ADREC_ONLINE_STORE=str(tmp_path / "online.sqlite"))  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "adrec_assets.serve", "--source", "synthetic", "--port", str(port), "--no-encoder"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", proc, log, timeout=120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/recommendations?user_id={KNOWN_USER}&k=3") as reply:
+            body = json.loads(reply.read())
+        assert body["user_status"] == "known" and len(body["items"]) == 3
+    finally:
+        stop_process_group(proc)
+    assert KNOWN_USER not in log.read_text()  # the access log holds no query string
+
+
+def test_the_serve_command_refuses_a_public_address_without_a_token(published, tmp_path):
+    import subprocess
+    import sys
+
+    from adrec_assets_tests.service_helpers import pipeline_env
+
+    env = pipeline_env(tmp_path / "home", published, tmp_path / "sources")
+    env.pop("ADREC_API_TOKEN", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "adrec_assets.serve", "--source", "synthetic", "--host", "0.0.0.0", "--port", "1"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "refusing to listen on 0.0.0.0 without ADREC_API_TOKEN" in done.stderr
