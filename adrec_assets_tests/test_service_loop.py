@@ -20,7 +20,6 @@ from adrec_assets.online.events import read_event_log
 from adrec_assets.online.service import RecommendationService, ServingConfig
 from adrec_assets.online.store import RedisStore, SQLiteStore
 from adrec_assets.privacy import pseudonymize
-from adrec_assets.resources import ClickSourceResource
 from adrec_assets.snapshots import SnapshotStore
 from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY, id_key, materialize_pipeline
 from adrec_assets_tests.redis_server import redis_server
