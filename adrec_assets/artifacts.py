@@ -28,7 +28,9 @@ from upath import UPath
 
 import adrec_assets.ml.evaluation  # noqa: F401 - registers the evaluation report type
 import adrec_assets.ml.models  # noqa: F401 - registers the projector artifact type
+import adrec_assets.online.abstats  # noqa: F401 - registers the experiment report type
 import adrec_assets.online.index  # noqa: F401 - registers the ad index artifact type
+import adrec_assets.online.policy  # noqa: F401 - registers the policy posterior artifact type
 from adrec_assets.ml.types import ARTIFACT_FORMAT, ARTIFACT_TYPES, ArtifactError
 from adrec_assets.storage import atomic_write
 

@@ -159,3 +159,21 @@ def build_nightly_refresh_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.S
         ]
 
     return nightly_refresh
+
+
+def build_experiment_report_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name="hourly_experiment_reports",
+        job=job,
+        cron_schedule="15 * * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Re-analyses the A/B experiments of every registered source from its served log, hourly.",
+    )
+    def hourly_experiment_reports(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+        sources = context.instance.get_dynamic_partitions(click_source_partitions.name)
+        if not sources:
+            return dg.SkipReason("no click source is registered")
+        hour = context.scheduled_execution_time.strftime("%Y-%m-%dT%H")
+        return [dg.RunRequest(run_key=f"experiments:{source}:{hour}", partition_key=source) for source in sources]
+
+    return hourly_experiment_reports

@@ -16,13 +16,19 @@ from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
 from adrec_assets.assets.ad_index import MIN_RECALL, RECALL_K, ad_index
 from adrec_assets.assets.ad_projected import ad_projected
 from adrec_assets.assets.click_graph import click_graph
+from adrec_assets.assets.experiment_report import experiment_report
 from adrec_assets.assets.global_mean import global_mean
+from adrec_assets.assets.policy_posterior import policy_posterior
+from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
 from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
 from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, GlobalMean, ProjectedAds, UserEmbeddings
+from adrec_assets.online.abstats import SRM_P_THRESHOLD, ExperimentReports
 from adrec_assets.online.index import IndexedAds
+from adrec_assets.online.policy import PolicyPosterior
+from adrec_assets.online.position_bias import PositionBias
 from adrec_assets.partitions import click_source_partitions
 
 _PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$")
@@ -151,4 +157,51 @@ def ad_index_recall_is_high(ad_index: IndexedAds, ad_projected: ProjectedAds) ->
             "max_stored_row_error": max_row_error,
             "kind": index.kind,
         },
+    )
+
+
+@dg.asset_check(asset=position_bias, blocking=True, partitions_def=click_source_partitions)
+def position_bias_is_a_valid_examination_curve(position_bias: PositionBias) -> dg.AssetCheckResult:
+    """theta is finite, non-negative and normalized (theta[0] = 1): the service divides by it."""
+    theta = np.asarray(position_bias.theta, dtype=np.float64)
+    passed = bool(len(theta) and np.isfinite(theta).all() and (theta >= 0).all() and abs(theta[0] - 1.0) < 1e-9)
+    return dg.AssetCheckResult(passed=passed, metadata={"theta": dg.MetadataValue.json(theta.round(4).tolist()),
+                                                        "method": position_bias.method})  # fmt: skip
+
+
+@dg.asset_check(
+    asset=policy_posterior,
+    additional_ins={"user_embeddings": dg.AssetIn("user_embeddings")},
+    blocking=True,
+    partitions_def=click_source_partitions,
+)
+def policy_posterior_is_usable(policy_posterior: PolicyPosterior, user_embeddings: UserEmbeddings) -> dg.AssetCheckResult:
+    """The posterior lives in this run's user space, has a finite mean and a positive-definite
+    precision (every Thompson draw factors it)."""
+    mean = policy_posterior.posterior.mean()
+    precision = policy_posterior.posterior.precision()
+    try:
+        np.linalg.cholesky(precision)
+        positive_definite = True
+    except np.linalg.LinAlgError:
+        positive_definite = False
+    same_space = policy_posterior.space == user_embeddings.space
+    passed = bool(np.isfinite(mean).all() and np.isfinite(precision).all() and positive_definite and same_space)
+    return dg.AssetCheckResult(
+        passed=passed,
+        metadata={"positive_definite": positive_definite, "same_user_space": same_space,
+                  "n_impressions_learnt": policy_posterior.n_impressions},  # fmt: skip
+    )
+
+
+@dg.asset_check(asset=experiment_report, partitions_def=click_source_partitions)
+def experiment_sample_ratios_match(experiment_report: ExperimentReports) -> dg.AssetCheckResult:
+    """Fails when an experiment's users are split unlike its configured shares (χ² p < 0.001):
+    users were lost unevenly, and none of that experiment's numbers can be trusted."""
+    by_experiment = {row["experiment"]: float(row["srm_p_value"]) for row in experiment_report.figures}
+    failing = sorted(name for name, p in by_experiment.items() if p < SRM_P_THRESHOLD)
+    return dg.AssetCheckResult(
+        passed=not failing,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"srm_p_values": dg.MetadataValue.json(by_experiment), "mismatched": ", ".join(failing) or "none"},
     )

@@ -10,20 +10,28 @@ from adrec_assets.assets.ad_index import ad_index
 from adrec_assets.assets.ad_projected import ad_projected
 from adrec_assets.assets.click_graph import click_graph
 from adrec_assets.assets.evaluation import evaluation
+from adrec_assets.assets.experiment_report import experiment_report
 from adrec_assets.assets.global_mean import global_mean
+from adrec_assets.assets.policy_posterior import policy_posterior
+from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.projector import projector
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.snapshot import snapshot
 from adrec_assets.assets.user_embeddings import user_embeddings
-from adrec_assets.automation import build_click_source_sensor, build_nightly_refresh_schedule
+from adrec_assets.automation import (
+    build_click_source_sensor,
+    build_experiment_report_schedule,
+    build_nightly_refresh_schedule,
+)
 from adrec_assets.io_managers import ReportIOManager, SnapshotIOManager
 from adrec_assets.partitions import click_source_partitions
-from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, EncoderResource
+from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, EncoderResource, ExperimentsResource
 
 PIPELINE_ASSETS = [
-    raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected, ad_index, snapshot,
+    raw_ads, click_graph, ad_embeddings_raw, user_embeddings, global_mean, projector, ad_projected, ad_index,
+    position_bias, policy_posterior, snapshot,
 ]  # fmt: skip
-ALL_ASSETS = [*PIPELINE_ASSETS, evaluation]
+ALL_ASSETS = [*PIPELINE_ASSETS, evaluation, experiment_report]
 
 #: Materializes the serving lineage of one click source (pick the partition at launch).
 adrec_pipeline_job = dg.define_asset_job(
@@ -41,6 +49,14 @@ evaluation_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(evaluation),
     partitions_def=click_source_partitions,
     description="Cold-start quality report (retrains on a held-out split; minutes on real data).",
+)
+
+#: Analyses the A/B experiments of a source from its served log (hourly by schedule).
+experiment_report_job = dg.define_asset_job(
+    "adrec_experiment_report",
+    selection=dg.AssetSelection.assets(experiment_report),
+    partitions_def=click_source_partitions,
+    description="A/B experiment reports from the served event log (always-valid p-values: safe to look hourly).",
 )
 
 EXECUTOR_ENV_VAR = "ADREC_EXECUTOR"
@@ -67,15 +83,16 @@ def default_resources(artifacts: ArtifactStoreResource | None = None) -> dict[st
         "report_io_manager": ReportIOManager(artifacts=artifacts),
         "click_sources": ClickSourceResource(),
         "encoder": EncoderResource(),
+        "experiments": ExperimentsResource(),
     }
 
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=dg.load_asset_checks_from_modules([checks]),
-    jobs=[adrec_pipeline_job, evaluation_job],
+    jobs=[adrec_pipeline_job, evaluation_job, experiment_report_job],
     sensors=[build_click_source_sensor(adrec_pipeline_job)],
-    schedules=[build_nightly_refresh_schedule(adrec_pipeline_job)],
+    schedules=[build_nightly_refresh_schedule(adrec_pipeline_job), build_experiment_report_schedule(experiment_report_job)],
     resources=default_resources(),
     executor=select_executor(),
 )

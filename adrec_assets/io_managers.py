@@ -13,7 +13,6 @@ Thin Dagster wrappers over :mod:`adrec_assets.snapshots` and :mod:`adrec_assets.
 """
 
 
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -67,15 +66,12 @@ class ReportIOManager(dg.ConfigurableIOManager):
 
     artifacts: dg.ResourceDependency[ArtifactStoreResource]
 
-    def path(self, asset: str, source: str, extension: str = ".npz") -> Path:
-        return self.artifacts.store(source).folder / "reports" / f"{asset}{extension}"
-
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         asset = _asset_name(context.asset_key)
         _check_storable(asset, obj)
-        path = self.path(asset, context.partition_key, extension_of(obj))
+        path = self.artifacts.report_path(context.partition_key, asset, extension_of(obj))
         write_file(path, obj)
         context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext) -> Any:
-        return load_file(self.path(_asset_name(context.upstream_output.asset_key), context.asset_partition_key))
+        return load_file(self.artifacts.report_path(context.asset_partition_key, _asset_name(context.upstream_output.asset_key)))

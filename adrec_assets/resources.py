@@ -17,6 +17,7 @@ from adrec_assets.sources import Source
 from adrec_assets.sources.catalog import data_dir
 from adrec_assets.sources.files import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_UNKNOWN_AD_SHARE, FileSource, SourceError
 from adrec_assets.sources.limits import SourceLimits
+from adrec_assets.online.experiments import ExperimentSet, load_experiments
 from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS, DEFAULT_KEEP_SNAPSHOTS, SnapshotStore
 from adrec_assets.sources.synthetic import SyntheticParams, SyntheticSource
 
@@ -45,6 +46,20 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 
     def store(self, source: str) -> SnapshotStore:
         return SnapshotStore(self.root(), source)
+
+    def report_path(self, source: str, asset: str, extension: str = ".npz") -> Path:
+        """Where a report about ``source`` lives: beside its snapshots, not in them."""
+        return self.store(source).folder / "reports" / f"{asset}{extension}"
+
+
+class ExperimentsResource(dg.ConfigurableResource):
+    """The experiments file the service reads (TOML, :mod:`adrec_assets.online.experiments`)."""
+
+    path: str | None = Field(default=None, description="Experiments file; default $ADREC_EXPERIMENTS (none: no experiments).")
+
+    def load(self) -> ExperimentSet:
+        path = self.path or os.environ.get("ADREC_EXPERIMENTS")
+        return load_experiments(Path(path)) if path else ExperimentSet(())
 
 
 class ClickSourceResource(dg.ConfigurableResource):

@@ -28,6 +28,8 @@ ASSET_FILES = {
     "projector": "pt",
     "ad_projected": "npz",
     "ad_index": "npz",
+    "position_bias": "npz",
+    "policy_posterior": "npz",
 }
 
 

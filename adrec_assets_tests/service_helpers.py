@@ -25,7 +25,7 @@ BIN_DIR = Path(sys.executable).parent
 #: ``snapshot``, publishes the eight artifacts together.
 ARTIFACT_ASSETS = (
     "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
-    "ad_index",
+    "ad_index", "position_bias", "policy_posterior",
 )  # fmt: skip
 PIPELINE_ASSETS = (*ARTIFACT_ASSETS, "snapshot")
 PIPELINE_EDGES = (
@@ -40,6 +40,10 @@ PIPELINE_EDGES = (
     ("projector", "ad_projected"),
     ("ad_projected", "ad_index"),
     ("user_embeddings", "ad_index"),
+    ("user_embeddings", "policy_posterior"),
+    ("global_mean", "policy_posterior"),
+    ("ad_projected", "policy_posterior"),
+    ("position_bias", "policy_posterior"),
     *((asset, "snapshot") for asset in ARTIFACT_ASSETS),
 )
 #: Where tests leave files for a person to look at (git-ignored).

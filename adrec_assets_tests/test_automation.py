@@ -221,3 +221,16 @@ def test_the_instances_queue_runs_and_allow_one_run_per_source_at_a_time(config)
         "config"
     ]["tag_concurrency_limits"]
     assert settings["run_monitoring"]["enabled"] and settings["run_monitoring"]["max_runtime_seconds"] > 0
+
+
+def test_experiment_reports_are_requested_hourly_for_every_source():
+    schedule = defs.get_schedule_def("hourly_experiment_reports")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING and schedule.job_name == "adrec_experiment_report"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("click_source", ["synthetic", "shop"])
+        at = datetime(2026, 11, 26, 14, 15, tzinfo=timezone.utc)
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=at,
+                                            repository_def=defs.get_repository_def())  # fmt: skip
+        requests = schedule.evaluate_tick(context).run_requests
+        assert sorted(r.partition_key for r in requests) == ["shop", "synthetic"]
+        assert all(r.run_key.endswith("2026-11-26T14") for r in requests)

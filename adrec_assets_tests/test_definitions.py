@@ -28,10 +28,14 @@ EXPECTED_DEPS = {
     "projector": {"ad_embeddings_raw", "click_graph", "user_embeddings"},
     "ad_projected": {"ad_embeddings_raw", "projector"},
     "ad_index": {"ad_projected", "user_embeddings"},  # recall is measured on the partition's users
+    "position_bias": set(),  # reads the served event log
+    "policy_posterior": {"user_embeddings", "global_mean", "ad_projected", "position_bias"},
     "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
-                 "ad_projected", "ad_index"},  # publishes the run's artifacts together
+                 "ad_projected", "ad_index", "position_bias", "policy_posterior"},  # publishes the run's artifacts together
     "evaluation": {"click_graph", "ad_embeddings_raw", "user_embeddings", "projector"},
+    "experiment_report": set(),  # reads the served event log and the experiments file
 }
+REPORTS = {"evaluation", "experiment_report"}  # written beside the snapshots, outside the pipeline job
 
 
 def test_graph_has_the_pipeline_assets_and_the_evaluation_with_the_promised_lineage():
@@ -51,7 +55,7 @@ def test_partitions_are_dynamic_so_sources_need_no_code_change():
 
 def test_every_vector_asset_has_a_blocking_check():
     checked = {c.asset_key.to_user_string() for c in defs.resolve_asset_graph().asset_check_keys}
-    assert set(EXPECTED_DEPS) - {"projector", "evaluation", "snapshot"} <= checked
+    assert set(EXPECTED_DEPS) - {"projector", "snapshot", *REPORTS} <= checked
 
 
 def test_the_snapshot_publishes_exactly_the_pipeline_artifacts():
@@ -66,7 +70,7 @@ def test_the_pipeline_job_leaves_the_evaluation_out():
     """Serving refreshes (sensor, schedule) must not pay for the evaluation's retraining."""
     graph = defs.resolve_asset_graph()
     selected = defs.resolve_job_def("adrec_pipeline").asset_layer.selected_asset_keys
-    assert {k.to_user_string() for k in selected} == set(EXPECTED_DEPS) - {"evaluation"}
+    assert {k.to_user_string() for k in selected} == set(EXPECTED_DEPS) - REPORTS
     evaluation = defs.resolve_job_def("adrec_evaluation").asset_layer.selected_asset_keys
     assert {k.to_user_string() for k in evaluation} == {"evaluation"}
     assert graph.get(dg.AssetKey("evaluation")).group_name == "evaluation"

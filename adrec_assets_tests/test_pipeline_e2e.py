@@ -38,7 +38,7 @@ def test_all_assets_and_checks_succeed(pipeline):
     }
     assert materialized == {*ASSET_FILES, "snapshot"}
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 8 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 10 and all(e.passed for e in evaluations)
     files = published_files(base)
     assert set(files) == set(ASSET_FILES)  # one snapshot holds every artifact of the run
     for asset, ext in ASSET_FILES.items():

@@ -15,8 +15,10 @@ import pytest
 from scipy.special import expit
 
 from adrec_assets.online.position_bias import (
+    PositionBias,
     click_weight,
     estimate_from_randomized,
+    estimate_position_bias,
     estimate_regression_em,
     impression_weights,
     skip_weight,
@@ -249,3 +251,60 @@ def test_weights_reject_positions_beyond_theta_and_caps_below_one():
         impression_weights(np.array([0]), np.array([1]), np.array([1.0]), scheme="both")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="clicked: expected 0/1"):
         impression_weights(np.array([0]), np.array([3]), np.array([1.0]))
+
+
+# ---------------------------------------------------------------- what a snapshot publishes
+
+
+def _served_log(n_slates: int, theta: np.ndarray, randomized_share: float, seed: int = 0):
+    """A served event log (the service's parquet schema) from a planted PBM."""
+    import pyarrow as pa
+
+    from adrec_assets.online.events import EVENT_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_slates):
+        randomized = bool(rng.random() < randomized_share)
+        for position in range(len(theta)):
+            relevance = rng.uniform(0.05, 0.35)
+            base = {"event_id": f"r{s}:{position}", "request_id": f"r{s}", "user_pseudonym": "0" * 32,
+                    "ad_id": f"ad-{rng.integers(100)}", "position": position, "timestamp": float(s),
+                    "served_at": float(s), "policy": "greedy", "propensity": 1.0, "score": float(relevance),
+                    "randomized": randomized, "experiments": "", "model_version": "s-x", "weight": 1.0}  # fmt: skip
+            rows.append({**base, "type": "impression"})
+            if rng.random() < theta[position] * relevance:
+                rows.append({**base, "type": "click", "timestamp": float(s) + 0.5})
+    return pa.Table.from_pylist(rows, schema=EVENT_SCHEMA)
+
+
+def test_impressions_are_joined_with_their_clicks_one_row_per_served_position():
+    from adrec_assets.online.events import impressions_with_outcomes
+
+    log = _served_log(200, np.array([1.0, 0.5]), 0.0)
+    table = impressions_with_outcomes(log)
+    assert len(table) == 400 and set(table.columns) >= {"position", "clicked", "randomized", "score"}
+    clicks = log.to_pandas().query("type == 'click'")
+    assert int(table["clicked"].sum()) == len(clicks)
+    lone_click = log.slice(0, 1).to_pandas().assign(type="click", request_id="only-click")
+    import pyarrow as pa
+
+    with_lone = pa.concat_tables([log, pa.Table.from_pandas(lone_click, schema=log.schema, preserve_index=False)])
+    assert len(impressions_with_outcomes(with_lone)) == 401  # a click implies its impression
+
+
+def test_the_published_estimate_uses_the_randomized_slice_then_em_then_none():
+    from adrec_assets.online.events import impressions_with_outcomes
+
+    theta = np.array([1.0, 0.6, 0.45, 0.35, 0.3])
+    randomized = estimate_position_bias(impressions_with_outcomes(_served_log(6000, theta, 0.5)))
+    assert randomized.method.startswith("randomized")
+    em = estimate_position_bias(impressions_with_outcomes(_served_log(6000, theta, 0.0)))
+    assert em.method.startswith("regression")
+    for estimate in (randomized, em):
+        np.testing.assert_allclose(estimate.theta, theta, rtol=0.2)
+    none = estimate_position_bias(impressions_with_outcomes(_served_log(20, theta, 0.0)))
+    assert none.method.startswith("none") and none.theta.tolist() == [1.0]
+    back = PositionBias.from_arrays(randomized.to_arrays())
+    np.testing.assert_array_equal(back.theta, randomized.theta)
+    assert back.method == randomized.method

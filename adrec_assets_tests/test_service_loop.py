@@ -126,7 +126,11 @@ def test_served_clicks_flow_back_and_the_clicking_user_gets_a_trained_vector(sho
     result = run(request.run_requests[0].partition_key)
     graph_meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     assert graph_meta["click_graph"]["n_users_given_as_pseudonyms"].value == 1
-    users = SnapshotStore(base, SOURCE).load("user_embeddings")
+    published = SnapshotStore(base, SOURCE)
+    posterior = published.load("policy_posterior")  # rebuilt from the log: any replica serves the same one
+    assert (posterior.n_impressions, posterior.n_clicks) == (4, 2) and posterior.space == published.load("user_embeddings").space
+    assert published.load("position_bias").method.startswith("none")  # 2 clicks are too few to estimate theta
+    users = published.load("user_embeddings")
     row = users.row_of(pseudonym)
     assert row is not None and not users.isolated[row]  # a trained vector, learnt from the served clicks
     with id_key():

@@ -83,7 +83,7 @@ def graph_edges(nodes: list[dict], paths: list[str], tolerance: float = 15.0) ->
 
 
 def test_expected_lineage_matches_code() -> None:
-    """The lineage the browser test looks for is the code's lineage (nine assets, nineteen edges)."""
+    """The lineage the browser test looks for is the code's lineage (eleven assets, twenty-five edges)."""
     from adrec_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
@@ -148,7 +148,7 @@ def shot(page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
 
 def open_group_graph(page, url: str) -> dict:
     """Open the ``adrec`` group's lineage graph, dismiss the first-visit dialog, wait for the
-    nine nodes, and return what the SVG shows."""
+    eleven nodes, and return what the SVG shows."""
     page.goto(f"{url}/locations/{CODE_LOCATION}/asset-groups/{GROUP}", timeout=UI_TIMEOUT_MS)
     try:
         for asset in PIPELINE_ASSETS:
@@ -177,7 +177,7 @@ def test_asset_graph_shows_pipeline_and_lineage(ui_server, page, capsys) -> None
 
 
 def test_materialize_synthetic_from_ui(ui_server, page, capsys) -> None:
-    """Materialize all (the group's nine assets) for ``synthetic`` as a person would, follow
+    """Materialize all (the group's eleven assets) for ``synthetic`` as a person would, follow
     the run to Success in the UI, then cross-check the instance."""
     server, home, artifacts = ui_server
     open_group_graph(page, server.url)

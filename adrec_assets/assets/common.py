@@ -24,7 +24,7 @@ PARTITIONED = {**PARTITION_KWARGS, "group_name": ASSET_GROUP}
 #: The artifacts one pipeline run stages and the ``snapshot`` asset publishes together.
 PIPELINE_ARTIFACTS = (
     "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
-    "ad_index",
+    "ad_index", "position_bias", "policy_posterior",
 )  # fmt: skip
 
 

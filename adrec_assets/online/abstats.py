@@ -48,6 +48,8 @@ import pandas as pd
 from scipy import special, stats
 from statsmodels.stats.power import NormalIndPower
 
+from adrec_assets.ml.types import Fields, artifact_type
+
 DEFAULT_ALPHA = 0.05
 SRM_P_THRESHOLD = 0.001
 REQUIRED_COLUMNS = ("user", "arm", "impressions", "clicks", "pre_clicks")
@@ -818,3 +820,50 @@ def _with_interval(value: float, interval: tuple[float, float]) -> str:
 
 def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-4 else f"{value:.1e}"
+
+
+@artifact_type("experiment_report")
+@dataclass(eq=False)
+class ExperimentReports:
+    """The ``experiment_report`` artifact of a source: every experiment's report as markdown,
+    its per-arm figures, and the sequential design each experiment's first report fixed
+    (later reports reuse it, so that the always-valid p-value stays valid at every look)."""
+
+    markdown: str
+    designs: dict[str, SequentialDesign]
+    figures: list[dict[str, float | str]]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        import json
+        from dataclasses import asdict
+
+        return {
+            "markdown": np.asarray(self.markdown),
+            "designs": np.asarray(json.dumps({k: asdict(v) for k, v in self.designs.items()}, sort_keys=True)),
+            "figures": np.asarray(json.dumps(self.figures, sort_keys=True)),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ExperimentReports":
+        f = Fields(arrays, cls.type_tag)
+        designs = {name: SequentialDesign(**values) for name, values in f.json("designs").items()}
+        return cls(f.text("markdown"), designs, list(f.json("figures")))
+
+
+def report_figures(report: ExperimentReport) -> list[dict[str, float | str]]:
+    """Flat per-arm numbers of a report (for metadata and the stored artifact)."""
+    by_arm = {c.arm: c for c in report.comparisons}
+    out = []
+    for arm in report.arms:
+        row: dict[str, float | str] = {
+            "experiment": report.experiment, "arm": arm.arm, "users": arm.users, "impressions": arm.impressions,
+            "clicks": arm.clicks, "ctr": arm.ctr, "ctr_low": arm.ctr_ci[0], "ctr_high": arm.ctr_ci[1],
+            "srm_p_value": report.srm.p_value,
+        }  # fmt: skip
+        comparison = by_arm.get(arm.arm)
+        if comparison is not None:
+            row.update(lift=comparison.lift, lift_low=comparison.lift_ci[0], lift_high=comparison.lift_ci[1],
+                       cuped_lift=comparison.cuped_lift, p_value=comparison.p_value,
+                       always_valid_p_value=comparison.always_valid_p_value)  # fmt: skip
+        out.append(row)
+    return out

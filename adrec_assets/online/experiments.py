@@ -572,3 +572,18 @@ def _validated_pseudonyms(pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
             "pseudonym from adrec_assets.privacy, never a raw user id"
         )
     return ids
+
+
+def explode_event_log(events: "pd.DataFrame") -> "pd.DataFrame":
+    """The served log (one row per event, ``experiments`` = the request's assignment label)
+    as one row per (event, experiment): columns user, experiment, arm, type, timestamp —
+    what :func:`adrec_assets.online.abstats.per_user_table` reads."""
+    import pandas as pd
+
+    rows = []
+    for user, label, kind, timestamp in zip(
+        events["user_pseudonym"], events["experiments"], events["type"], events["timestamp"]
+    ):
+        for experiment, arm in parse_assignment_label(label).items():
+            rows.append((user, experiment, arm, kind, float(timestamp)))
+    return pd.DataFrame(rows, columns=["user", "experiment", "arm", "type", "timestamp"])

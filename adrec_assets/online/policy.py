@@ -81,6 +81,8 @@ import numpy as np
 from scipy.linalg import cho_solve, solve_triangular
 from scipy.special import expit
 
+from adrec_assets.ml.types import Fields, artifact_type
+
 from adrec_assets.online.position_bias import (
     DEFAULT_CLICK_WEIGHT_CAP,
     DEFAULT_RANDOMIZED_SHARE,
@@ -913,3 +915,52 @@ def make_policy(name: str, *, randomized_share: float = 0.0, **config: object) -
     if randomized_share == 0:
         return policy
     return RandomizedOrderPolicy(policy, randomized_share)
+
+
+@artifact_type("policy_posterior")
+@dataclass(eq=False)
+class PolicyPosterior:
+    """The ``policy_posterior`` artifact: the Thompson posterior rebuilt from every logged
+    impression with this snapshot's user space (features depend on the user and ad vectors,
+    so a posterior learnt in another space is meaningless here)."""
+
+    posterior: LaplaceLogisticPosterior
+    space: str
+    n_impressions: int
+    n_clicks: int
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            **{f"posterior__{k}": v for k, v in self.posterior.to_arrays().items()},
+            "space": np.asarray(self.space),
+            "n_impressions": np.asarray(self.n_impressions),
+            "n_clicks": np.asarray(self.n_clicks),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PolicyPosterior:
+        f = Fields(arrays, cls.type_tag)
+        posterior = LaplaceLogisticPosterior.from_arrays(
+            {k[len("posterior__"):]: v for k, v in arrays.items() if k.startswith("posterior__")}
+        )
+        return cls(posterior, f.text("space"), int(f.array("n_impressions")), int(f.array("n_clicks")))
+
+
+def replay_posterior(
+    dim: int,
+    users: np.ndarray,
+    ad_vectors: np.ndarray,
+    clicked: np.ndarray,
+    positions: np.ndarray,
+    theta: np.ndarray,
+    chunk: int = 50_000,
+) -> LaplaceLogisticPosterior:
+    """The posterior after learning logged impressions in order (sequential Laplace over
+    chunks, so memory stays bounded for long logs), from the prior whose mean ranks as greedy."""
+    posterior = LaplaceLogisticPosterior.prior(dim)
+    for start in range(0, len(users), chunk):
+        stop = start + chunk
+        posterior.update_position_aware(
+            users[start:stop], ad_vectors[start:stop], clicked[start:stop], positions[start:stop], theta
+        )
+    return posterior

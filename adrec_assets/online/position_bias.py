@@ -41,7 +41,7 @@ The service produces the randomized slice with ``policy.RandomizedOrderPolicy``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,17 +50,21 @@ import pandas as pd
 from scipy.special import expit
 from scipy.stats import norm
 
+from adrec_assets.ml.types import Fields, artifact_type
+
 DEFAULT_RANDOMIZED_SHARE = 0.02  # share of traffic whose slate order is uniformly permuted
 DEFAULT_CLICK_WEIGHT_CAP = 10.0  # 1/theta_k is capped: low positions have few, noisy clicks
 WeightScheme = Literal["examination", "ips"]
 
 
-@dataclass(frozen=True)
+@artifact_type("position_bias")
+@dataclass(frozen=True, eq=False)
 class PositionBias:
     """Estimated examination probabilities, ``theta[0] == 1``, positions 0-based.
 
     ``lower``/``upper`` are confidence bounds (randomized estimator only; NaN for EM).
     ``iterations``/``converged`` describe the EM loop (0/True for the closed-form ratio).
+    Also the ``position_bias`` artifact of a snapshot (the service weights clicks with it).
     """
 
     theta: np.ndarray  # (K,) float64
@@ -71,6 +75,32 @@ class PositionBias:
     method: str
     iterations: int = 0
     converged: bool = True
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "theta": np.asarray(self.theta, dtype=np.float64),
+            "impressions": np.asarray(self.impressions, dtype=np.int64),
+            "clicks": np.asarray(self.clicks, dtype=np.int64),
+            "lower": np.asarray(self.lower, dtype=np.float64),
+            "upper": np.asarray(self.upper, dtype=np.float64),
+            "method": np.asarray(self.method),
+            "iterations": np.asarray(self.iterations),
+            "converged": np.asarray(self.converged),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PositionBias:
+        f = Fields(arrays, cls.type_tag)
+        return cls(
+            f.array("theta"), f.array("impressions"), f.array("clicks"), f.array("lower"), f.array("upper"),
+            f.text("method"), int(f.array("iterations")), bool(f.array("converged")),
+        )  # fmt: skip
+
+    @classmethod
+    def unknown(cls, why: str) -> PositionBias:
+        """No estimate yet (no served events): every position counts as examined."""
+        one = np.ones(1)
+        return cls(one, np.zeros(1, np.int64), np.zeros(1, np.int64), one, one, f"none: {why}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,6 +124,13 @@ def _theta_at(position: np.ndarray, theta: np.ndarray) -> np.ndarray:
         )
     # A noisy estimate above theta[0] means "as examined as the top slot": clip, never > 1.
     return np.minimum(theta[position], 1.0)
+
+
+def theta_covering(theta: np.ndarray, n_positions: int) -> np.ndarray:
+    """Examination probabilities for ``n_positions`` positions: positions beyond the estimate
+    take its last (lowest) value, the most cautious guess for a position shown even lower."""
+    theta = np.asarray(theta, dtype=np.float64)
+    return theta if len(theta) >= n_positions else np.concatenate([theta, np.full(n_positions - len(theta), theta[-1])])
 
 
 def click_weight(
@@ -417,3 +454,21 @@ def estimate_regression_em(
         theta=theta, impressions=n, clicks=clicks, lower=nan, upper=nan.copy(),
         method=f"regression_em_{theta_step}_{relevance_labels}", iterations=iteration, converged=converged,
     )  # fmt: skip
+
+
+def estimate_position_bias(
+    impressions: pd.DataFrame, feature_columns: Sequence[str] = ("score",), min_clicks: int = 50
+) -> PositionBias:
+    """The estimate a snapshot publishes: the randomized slice's click-rate ratios when it has
+    clicks at the top position and ``min_clicks`` clicks in all, else regression-EM on every
+    impression when there are ``min_clicks`` clicks, else :meth:`PositionBias.unknown`."""
+    if len(impressions) == 0:
+        return PositionBias.unknown("no served impressions logged yet")
+    data = impressions.copy()
+    data["clicked"] = data["clicked"].astype(int)
+    randomized = data[data["randomized"].astype(bool)]
+    if len(randomized) and randomized["clicked"].sum() >= min_clicks and randomized.loc[randomized.position == 0, "clicked"].any():
+        return estimate_from_randomized(data)
+    if data["clicked"].sum() >= min_clicks and data.loc[data.position == 0, "clicked"].any():
+        return estimate_regression_em(data, list(feature_columns))
+    return PositionBias.unknown(f"{int(data['clicked'].sum())} clicks logged, fewer than {min_clicks}")
