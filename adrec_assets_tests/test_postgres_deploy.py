@@ -284,3 +284,24 @@ def test_k8s_isolates_sources_shares_the_encoding_cache_and_fences_the_webserver
         "component": "dagster-webserver"
     }
     assert policy["spec"]["policyTypes"] == ["Ingress"] and len(policy["spec"]["ingress"]) == 1
+
+
+def test_k8s_service_replicas_share_redis_and_only_api_clients_reach_them() -> None:
+    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "serve.yaml").read_text()) if d]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    serve = by_kind[("Deployment", "adrec-serve")]
+    assert serve["spec"]["replicas"] >= 2
+    (container,) = serve["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["ADREC_ONLINE_STORE"].startswith("redis://adrec-redis:")
+    assert ("Service", "adrec-redis") in by_kind
+    assert "--appendonly" in by_kind[("Deployment", "adrec-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"secretRef": {"name": "adrec-secrets"}} in container["envFrom"]  # ADREC_API_TOKEN for a 0.0.0.0 bind
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "secrets.example.yaml").read_text()) if d}
+    assert "ADREC_API_TOKEN" in secrets["adrec-secrets"]["stringData"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert by_kind[("Service", "adrec-serve")]["spec"]["type"] == "ClusterIP"
+    policy = by_kind[("NetworkPolicy", "adrec-serve-from-api-clients-only")]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app": "adrec-serve"}
+    nginx = (DEPLOY / "nginx" / "adrec-serve.conf").read_text()
+    assert "auth_basic_user_file" in nginx and "$request_method $uri" in nginx and "$request_uri" not in nginx
