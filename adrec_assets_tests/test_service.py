@@ -323,3 +323,20 @@ def test_the_serve_command_refuses_a_public_address_without_a_token(published, t
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and "refusing to listen on 0.0.0.0 without ADREC_API_TOKEN" in done.stderr
+
+
+def test_an_experiment_arm_sets_the_policy_and_every_event_records_the_arm(published, tmp_path):
+    toml = tmp_path / "experiments.toml"
+    toml.write_text(
+        '[[experiment]]\nname = "explore"\nsalt = "s1"\nstart = 2020-01-01T00:00:00Z\n'
+        '  [[experiment.arm]]\n  name = "thompson-arm"\n  share = 1.0\n  policy = "thompson"\n'
+    )
+    service = make_service(published, tmp_path, experiments_path=toml)
+    with id_key(), TestClient(create_app(service)) as client:
+        served = recommend(client, k=5)
+        assert served["policy"] == "thompson" and served["experiments"] == [{"experiment": "explore", "arm": "thompson-arm"}]
+        assert recommend(client, k=5, policy="greedy")["policy"] == "greedy"  # the request's own choice wins
+        click(client, served, 1)
+        (row,) = [r for _, r in service.online.pending_events(10)]
+        assert row["experiments"] == "explore=thompson-arm" and row["policy"] == "thompson"
+        assert 0 < row["propensity"] <= 1

@@ -162,3 +162,21 @@ def test_replicas_sharing_redis_see_each_others_clicks_and_retirements(shop, red
         a.retire_ad(retired)
         assert b.sync_live_ads() == 1
         assert retired not in [i["ad_id"] for i in b.recommend("shared-user", 6)["items"]]
+
+
+def test_an_experiment_arm_is_served_from_the_snapshot_it_names(shop, tmp_path):
+    root, base, run, _ = shop
+    pinned = SnapshotStore(base, SOURCE).current_id()
+    (root / SOURCE / "clicks" / "part-001.csv").write_text("user_id,ad_id\nuser-00,ad-5\nuser-01,ad-4\n")
+    run()
+    current = SnapshotStore(base, SOURCE).current_id()
+    toml = tmp_path / "experiments.toml"
+    toml.write_text(
+        '[[experiment]]\nname = "old-model"\nsalt = "s2"\nstart = 2020-01-01T00:00:00Z\n'
+        f'  [[experiment.arm]]\n  name = "previous"\n  share = 1.0\n  model_version = "{pinned}"\n'
+    )
+    service = service_for(root, base, SQLiteStore(tmp_path / "online.sqlite", namespace=SOURCE), experiments_path=toml)
+    with id_key():
+        service.start(background=False)
+        assert service.state.version == current != pinned
+        assert service.recommend("user-00", 3)["model_version"] == pinned
