@@ -15,7 +15,7 @@ SOURCE ?= synthetic
 UI_PORT ?= 3000
 SERVE_PORT ?= 8000
 
-.PHONY: setup system-deps run evaluate test ui serve bench clean
+.PHONY: setup system-deps run evaluate test ui serve demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ ui: setup $(DAGSTER_HOME)/dagster.yaml
 
 # The online service on 127.0.0.1:$(SERVE_PORT) over the source's published snapshot (after `make run`).
 serve: setup
+	$(PY) -m adrec_assets.serve --source $(SOURCE) --host 127.0.0.1 --port $(SERVE_PORT)
+
+# The same service with its demo page (choose a user, click ads, upload an ad) at /demo (after `make run`).
+demo: setup
+	@echo "adrec demo: http://127.0.0.1:$(SERVE_PORT)/demo  (the page appears once the service has loaded the snapshot)"
 	$(PY) -m adrec_assets.serve --source $(SOURCE) --host 127.0.0.1 --port $(SERVE_PORT)
 
 bench: setup

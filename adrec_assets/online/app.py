@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adrec_assets.online.demo import router as demo_router
 from adrec_assets.online.index import AdIndexError
 from adrec_assets.online.service import MAX_ID_CHARS, POLICIES, RecommendationService, ServiceError
 from adrec_assets.online.store import StoreInputError
@@ -221,6 +222,7 @@ def create_app(service: RecommendationService, *, start: bool = True) -> FastAPI
     )
     app.state.service, app.state.metrics = service, metrics
     app.add_middleware(BodyLimit)
+    app.include_router(demo_router, include_in_schema=False)  # GET /demo: a page over this API
 
     def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
         expected = service.config.api_token
