@@ -16,6 +16,11 @@ from adrec_assets.snapshots import SnapshotStore
 
 TEST_ID_KEY = "test-key-0123456789abcdef"
 ALL_CHECKS = list(defs.asset_checks or [])
+#: The checks a default pipeline run evaluates: those on the artifacts it publishes (the
+#: reports' checks, e.g. experiment_report's, run with the reports).
+PIPELINE_CHECKS = [
+    c for c in ALL_CHECKS if all(k.asset_key in {a.key for a in PIPELINE_ASSETS} for k in c.check_keys)
+]
 
 
 #: The artifacts a pipeline run publishes in one snapshot, and their file types.
