@@ -25,10 +25,13 @@ import os
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # annotations only: pandas loads where a frame is built
+    import pandas as pd
 
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.sources.files import CLICKS_DIRNAME

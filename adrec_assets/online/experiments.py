@@ -54,9 +54,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: pandas loads where a frame is built
+    import pandas as pd
 
 KNOWN_POLICIES = frozenset({"greedy", "thompson", "epsilon_greedy", "random"})
 OVERRIDABLE_PARAMETERS = ("policy", "model_version")
