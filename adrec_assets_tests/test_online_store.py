@@ -22,6 +22,8 @@ from adrec_assets.online.store import (
     InvalidKeyError,
     InvalidMetaError,
     InvalidVectorError,
+    MemoryState,
+    MemoryStore,
     OnlineStore,
     RedisStore,
     SQLiteStore,
@@ -58,12 +60,18 @@ def redis_url() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "memory"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., OnlineStore]]:
     """Factory of stores over ONE backing state per test: a second call is a reopen / another
     replica / another source (namespace)."""
     opened: list[OnlineStore] = []
-    if request.param == "redis":
+    if request.param == "memory":
+        state = MemoryState()
+
+        def make(namespace: str = "src", **kw: object) -> OnlineStore:
+            opened.append(MemoryStore(namespace, state=state, **kw))
+            return opened[-1]
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         import redis
 
@@ -306,7 +314,7 @@ def test_served_requests_are_remembered_until_they_expire(make_store):
     clock[0] += 59
     assert store.get_request("req-1") == record
     clock[0] += 2
-    if isinstance(store, SQLiteStore):  # Redis expires by its own (real) clock
+    if isinstance(store, (SQLiteStore, MemoryStore)):  # Redis expires by its own (real) clock
         assert store.get_request("req-1") is None
     with pytest.raises(StoreInputError):
         store.put_request("req-3", record, ttl_seconds=0)
