@@ -16,6 +16,7 @@ from adrec_assets.online.index import (
     IndexStateError,
     InvalidAdError,
     InvalidQueryError,
+    NumpyIndex,
     UnknownAdError,
     exact_top_k,
     recall_at_k,
@@ -423,3 +424,150 @@ def test_bad_add_or_query_raises_and_leaves_the_index_unchanged(kind):
     after = index.search(queries, 50)
     np.testing.assert_array_equal(before[1], after[1])
     assert len(index) == 50 and index.slot_of("ad-3") == 3
+
+
+# ---------------------------------------------------------------------- NumpyIndex (brute-force backend)
+def numpy_pair(n: int = 400, seed: int = 0) -> tuple[AdIndex, NumpyIndex, list[str], np.ndarray, np.ndarray]:
+    ids, vecs, bias = make_ads(n, seed=seed)
+    return AdIndex.build(ids, vecs, bias), NumpyIndex.build(ids, vecs, bias), ids, vecs, bias
+
+
+def assert_same_results(flat: AdIndex, brute: NumpyIndex, k: int = 10) -> None:
+    rng = np.random.default_rng(21)
+    exploration = np.concatenate([user_queries(10)[:, :D] * rng.uniform(0.5, 2, (10, D)), rng.uniform(0, 2, (10, 1))], axis=1)
+    for queries in (user_queries(40), exploration.astype(np.float32)):
+        want_scores, want_slots = flat.search(queries, k)
+        got_scores, got_slots = brute.search(queries, k)
+        assert got_scores.dtype == np.float32 and got_slots.dtype == np.int64 and got_slots.shape == (len(queries), k)
+        np.testing.assert_array_equal(got_slots, want_slots)
+        np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+    assert len(brute) == len(flat)
+    np.testing.assert_array_equal(brute.live_slots(), flat.live_slots())
+    live = flat.live_slots()
+    np.testing.assert_array_equal(brute.vectors(live), flat.vectors(live))
+
+
+def test_numpy_index_gives_exactly_the_flat_index_results():
+    flat, brute, ids, vecs, bias = numpy_pair()
+    assert (brute.kind, brute.dim, brute.n_tombstones) == ("numpy", D, 0)
+    assert_same_results(flat, brute)
+    assert_same_results(flat, NumpyIndex.from_index(flat))
+    want, _ = brute_force(ids, vecs, bias, user_queries(30), 10)
+    assert result_ids(brute, brute.search(user_queries(30), 10)[1]) == want
+    assert recall_at_k(brute, user_queries(30), 10) == 1.0
+    assert brute.nbytes >= 400 * (D + 1) * 4
+
+
+def test_numpy_index_live_changes_behave_like_the_flat_index():
+    flat, brute, ids, vecs, bias = numpy_pair()
+    direction = unit(np.random.default_rng(9).standard_normal(D))
+    steps = [
+        lambda ix: ix.add("fresh", direction, 0.5),
+        lambda ix: ix.add("ad-3", unit(-vecs[3]), -0.2),  # replacement: the old slot retires
+        lambda ix: ix.remove("ad-7"),
+        lambda ix: ix.remove_many([f"ad-{i}" for i in range(100, 300)]),
+        lambda ix: ix.add("ad-7", vecs[7], bias[7]),  # re-added after retirement: a new slot
+    ]
+    for step in steps:
+        assert step(flat) == step(brute)  # same slot issued
+        assert_same_results(flat, brute)
+    old_slot = 3
+    assert brute.ad_id(old_slot) == flat.ad_id(old_slot) == "ad-3"
+    assert brute.slot_of("ad-3") == flat.slot_of("ad-3") != old_slot
+    with pytest.raises(UnknownAdError, match=f"slot {old_slot}"):
+        brute.vectors([old_slot])
+    with pytest.raises(UnknownAdError, match="'nope'"):
+        brute.remove_many(["ad-1", "nope"])  # all or nothing
+    assert brute.slot_of("ad-1") == 1
+    with pytest.raises(UnknownAdError, match="not in the index"):
+        brute.remove("ad-150")
+    # built from an index with retirements: same slots, retired ones stay retired
+    assert_same_results(flat, NumpyIndex.from_index(flat))
+    scores, slots = brute.search(user_queries(3), 1000)  # more than live: padded
+    assert (slots[:, len(brute):] == -1).all() and np.isneginf(scores[:, len(brute):]).all()
+    brute.remove_many(brute.ad_ids(brute.live_slots()).tolist())
+    scores, slots = brute.search(user_queries(2), 3)
+    assert (slots == -1).all() and np.isneginf(scores).all() and len(brute) == 0
+    assert recall_at_k(brute, user_queries(2), 3) == 1.0
+
+
+def test_numpy_index_grows_past_its_spare_rows_and_keeps_every_ad():
+    ids, vecs, bias = make_ads(20)
+    brute = NumpyIndex.build(ids, vecs, bias)
+    more_ids, more_vecs, more_bias = make_ads(1500, seed=4)
+    for a, v, b in zip(more_ids, more_vecs, more_bias):
+        brute.add(f"x-{a}", v, float(b))
+    all_ids = ids + [f"x-{a}" for a in more_ids]
+    all_vecs, all_bias = np.vstack([vecs, more_vecs]), np.r_[bias, more_bias].astype(np.float32)
+    want, _ = brute_force(all_ids, all_vecs, all_bias, user_queries(20), 10)
+    assert len(brute) == 1520 and result_ids(brute, brute.search(user_queries(20), 10)[1]) == want
+
+
+def test_numpy_index_refuses_bad_inputs_like_the_flat_index():
+    ids, vecs, bias = make_ads(50)
+    with pytest.raises(DuplicateAdIdError):
+        NumpyIndex.build(ids[:2] + ids[:1], vecs[:3], bias[:3])
+    with pytest.raises(InvalidAdError):
+        NumpyIndex.build(ids, vecs, np.r_[bias[:-1], np.inf])
+    brute = NumpyIndex.build(ids, vecs, bias)
+    for ad_id, vector, b in (("", vecs[0], 0.0), ("x", vecs[0][:-1], 0.0), ("x", np.full(D, np.nan), 0.0), ("x", vecs[0], np.ones(2))):
+        with pytest.raises(InvalidAdError):
+            brute.add(ad_id, vector, b)
+    queries = user_queries(5)
+    for bad_query, k in ((queries[:, :D], 5), (np.full((1, D + 1), np.nan), 5), (queries, 0), (queries, 2.5)):
+        with pytest.raises(InvalidQueryError):
+            brute.search(bad_query, k)
+    assert len(brute) == 50
+
+
+def test_numpy_index_concurrent_searches_see_each_replacement_whole():
+    ids, vecs, bias = make_ads(300)
+    brute = NumpyIndex.build(ids, vecs, bias)
+    hot = [unit(np.ones(D, np.float32)), unit(np.arange(D, dtype=np.float32) + 1)]
+    brute.add("hot", hot[0], 5.0)
+    queries = user_queries(20)
+    stop, failures, searches = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            for row in result_ids(brute, brute.search(queries, 5)[1]):
+                if row.count("hot") != 1 or len(set(row)) != len(row):
+                    failures.append(repr(row))
+            searches[0] += 1
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for i in range(200):
+            brute.add("hot", hot[i % 2], 5.0)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert not failures, failures[:3]
+    assert searches[0] > 0 and len(brute) == 301
+
+
+def test_serving_config_chooses_the_index_backend_from_the_environment(monkeypatch):
+    from adrec_assets.online.service import ServingConfig
+
+    assert ServingConfig.from_env("synthetic").index_backend == "faiss"
+    monkeypatch.setenv("ADREC_SERVE_INDEX", "numpy")
+    assert ServingConfig.from_env("synthetic").index_backend == "numpy"
+    monkeypatch.setenv("ADREC_SERVE_INDEX", "annoy")
+    with pytest.raises(ValueError, match=r"ADREC_SERVE_INDEX.*'faiss', 'numpy'.*'annoy'"):
+        ServingConfig.from_env("synthetic")
+
+
+def test_numpy_index_is_exact_on_large_catalogues_with_retired_rows():
+    """Above a few thousand ads the top-k selection prunes by block maxima; still exact."""
+    ids, vecs, bias = make_ads(12_000, seed=5)
+    flat, brute = AdIndex.build(ids, vecs, bias), NumpyIndex.build(ids, vecs, bias)
+    retired = [ids[i] for i in np.random.default_rng(6).choice(12_000, 3000, replace=False)]
+    flat.remove_many(retired)
+    brute.remove_many(retired)
+    for k in (1, 10, 40):
+        for queries in (user_queries(2), user_queries(12)):  # block-wise scan, one matrix product
+            np.testing.assert_array_equal(brute.search(queries, k)[1], flat.search(queries, k)[1])
+    np.testing.assert_array_equal(brute.search(user_queries(12), 10, threads=2)[1], flat.search(user_queries(12), 10)[1])

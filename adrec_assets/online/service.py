@@ -33,23 +33,23 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from adrec_assets.ml.encoders.base import ImageAccess
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
-from adrec_assets.online.index import AdIndex, IndexedAds, UnknownAdError
+from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
 from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy
-from adrec_assets.online.position_bias import click_weight
+from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.privacy import key_fingerprint, pseudonymize
 from adrec_assets.snapshots import Snapshot, SnapshotError, SnapshotStore
@@ -57,6 +57,7 @@ from adrec_assets.snapshots import Snapshot, SnapshotError, SnapshotStore
 log = logging.getLogger(__name__)
 
 POLICIES = ("greedy", "thompson", "epsilon_greedy", "random")
+INDEX_BACKENDS = ("faiss", "numpy")  # numpy: exact brute force, the baseline / debugging backend
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what recommend() hands out
 USER_KNOWN, USER_UPDATED_ONLINE, USER_NEW = "known", "updated_online", "new"
 MAX_ID_CHARS = 256
@@ -115,6 +116,7 @@ class ServingConfig:
     click_weight_cap: float = 10.0
     load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
     seed: int | None = None  # fixes request ids and draws (tests, simulations)
+    index_backend: str = "faiss"  # the snapshot's FAISS index, or "numpy": exact brute force over its ads
 
     @classmethod
     def from_env(cls, source: str, **overrides: Any) -> "ServingConfig":
@@ -130,6 +132,8 @@ class ServingConfig:
             "api_token": env.get("ADREC_API_TOKEN") or None,
             "experiments_path": Path(env["ADREC_EXPERIMENTS"]) if env.get("ADREC_EXPERIMENTS") else None,
         }
+        if env.get("ADREC_SERVE_INDEX"):
+            values["index_backend"] = env["ADREC_SERVE_INDEX"]
         for name, cast in (("alpha", float), ("default_policy", str), ("epsilon", float), ("randomized_share", float),
                            ("reload_seconds", float), ("flush_seconds", float), ("settle_seconds", float)):  # fmt: skip
             raw = env.get(f"ADREC_SERVE_{name.upper()}")
@@ -147,6 +151,8 @@ class ServingConfig:
             raise ValueError(f"default_policy must be one of {POLICIES}, got {self.default_policy!r}")
         if not 0 <= self.epsilon <= 1 or not 0 <= self.randomized_share <= 1:
             raise ValueError("epsilon and randomized_share must be in [0, 1]")
+        if self.index_backend not in INDEX_BACKENDS:
+            raise ValueError(f"index_backend (ADREC_SERVE_INDEX) must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
 
 
 # ---------------------------------------------------------------------- one snapshot
@@ -199,9 +205,14 @@ def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
     return np.ones(1, dtype=np.float64)
 
 
-def load_state(snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore) -> ModelState:
-    """Load ``snapshot`` completely, then apply the store's live ads and retirements."""
+def load_state(
+    snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore, index_backend: str = "faiss"
+) -> ModelState:
+    """Load ``snapshot`` completely, then apply the store's live ads and retirements;
+    ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS."""
     indexed = snapshots.load("ad_index", snapshot)
+    if index_backend == "numpy":
+        indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
     users = snapshots.load("user_embeddings", snapshot)
     state = ModelState(
         snapshot=snapshot,
@@ -245,11 +256,12 @@ def project_content(projector: TrainedProjector, content: np.ndarray) -> tuple[n
 class RecommendationService:
     """See the module docstring. Thread-safe: FastAPI calls it from its worker threads."""
 
-    def __init__(self, config: ServingConfig, online: OnlineStore) -> None:
+    def __init__(self, config: ServingConfig, online: OnlineStore, clock: Callable[[], float] = time.time) -> None:
         from adrec_assets.privacy import resolve_key
 
         self.config = config
         self.online = online
+        self._clock = clock  # served_at, settle ages: a simulation passes its simulated clock
         self.snapshots = SnapshotStore(config.artifacts_root, config.source)
         self._key = resolve_key()
         self._state: ModelState | None = None
@@ -342,7 +354,7 @@ class RecommendationService:
             current = self.snapshots.current_id()
             if current is None or (self._state is not None and self._state.version == current):
                 return False
-            new = load_state(self.snapshots, self.snapshots.snapshot(current), self.online)
+            new = load_state(self.snapshots, self.snapshots.snapshot(current), self.online, self.config.index_backend)
             self._pinned = self._load_pinned(new)
             old, self._state = self._state, new  # the one moment a new version starts serving
             self.reloads += 1
@@ -383,7 +395,7 @@ class RecommendationService:
         for version in wanted - {current.version}:
             try:
                 pinned[version] = self._pinned.get(version) or load_state(
-                    self.snapshots, self.snapshots.snapshot(version), self.online
+                    self.snapshots, self.snapshots.snapshot(version), self.online, self.config.index_backend
                 )
             except SnapshotError as exc:
                 log.warning("experiment arm model_version %s cannot be served: %s", version, exc)
@@ -432,7 +444,7 @@ class RecommendationService:
         if policy is not None and policy not in POLICIES:
             raise BadRequest(f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
         pseudonym = self._pseudonym(user_id)
-        now = time.time()
+        now = self._clock()
         assignments = self.experiments.assign(pseudonym, datetime.fromtimestamp(now, timezone.utc))
         overrides = merge_assignments(assignments)
         state = self.state  # one snapshot for the whole request
@@ -442,7 +454,7 @@ class RecommendationService:
         online = self.online.get_user(state.space, pseudonym)
         vector, status = state.user_vector(pseudonym, online)
         request_id = self._next_request_id()
-        with threadpool_limits(1, "blas"):
+        with _one_blas_thread():
             slate = self._policy(state, chosen).recommend(vector, state.index, k, self._rng(request_id))
         served = [(int(slot), float(score), float(p)) for slot, score, p in zip(slate.slots, slate.scores, slate.propensities) if slot >= 0]
         ad_ids = state.index.ad_ids(np.asarray([s for s, _, _ in served], dtype=np.int64)).tolist()
@@ -570,7 +582,7 @@ class RecommendationService:
     def _learn_from(self, state: ModelState, accepted: list) -> None:
         """Clicks teach the posterior at once; impressions wait ``settle_seconds`` for their
         click (an impression taught as a skip before its click arrives would count twice)."""
-        now = time.time()
+        now = self._clock()
         with self._learn_lock:
             for event, record, position, _ in accepted:
                 key = (event["request_id"], position)
@@ -582,7 +594,7 @@ class RecommendationService:
 
     def settle(self, now: float | None = None) -> int:
         """Teach the posterior every impression older than ``settle_seconds``; returns how many."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         with self._learn_lock:
             ready = [i for i in self._unsettled if now - i["at"] >= self.config.settle_seconds]
             self._unsettled = [i for i in self._unsettled if now - i["at"] < self.config.settle_seconds]
@@ -604,7 +616,7 @@ class RecommendationService:
             return 0
         positions = np.asarray([p for p, _ in kept])
         theta = theta_covering(state.theta, int(positions.max()) + 1)
-        with threadpool_limits(1, "blas"):
+        with _one_blas_thread():
             state.posterior.update_position_aware(
                 np.asarray(users, dtype=np.float32), state.index.vectors(np.asarray(ads, dtype=np.int64)),
                 np.asarray([c for _, c in kept], dtype=float), positions, theta,
@@ -624,7 +636,9 @@ class RecommendationService:
         return frozenset(state.catalog_row) if state is not None else frozenset()
 
     # ------------------------------------------------------------------ ads
-    def add_ad(self, ad_id: str, text: str, image: bytes | None) -> dict[str, Any]:
+    def add_ad(self, ad_id: str, text: str, image: bytes | None, content: np.ndarray | None = None) -> dict[str, Any]:
+        """``content``: the ad's vector from the snapshot's encoder when the caller already
+        has it (simulations replaying an encoded catalogue); the API always encodes."""
         state = self.state
         if not isinstance(ad_id, str) or not ad_id.strip() or len(ad_id) > MAX_ID_CHARS:
             raise BadRequest(f"ad_id must be 1 to {MAX_ID_CHARS} characters", "ad_id")
@@ -638,9 +652,10 @@ class RecommendationService:
             if len(image) > self.config.max_image_bytes:
                 raise BadRequest(f"image has {len(image)} bytes, more than {self.config.max_image_bytes}", "image_base64")
             _check_image(image)
-        if self._encoder is None:
-            raise Unavailable(f"new ads cannot be encoded right now: {self._encoder_error}")
-        content = self._encode(ad_id, text, image)
+        if content is None:
+            if self._encoder is None:
+                raise Unavailable(f"new ads cannot be encoded right now: {self._encoder_error}")
+            content = self._encode(ad_id, text, image)
         vector, bias = project_content(state.projector, content[None, :])
         meta = {"text": text, "image": "1" if image is not None else "0"}
         if image is not None:
@@ -709,19 +724,24 @@ class RecommendationService:
         }
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> ThreadpoolController:
+    """The loaded BLAS libraries, found once: ``threadpool_limits`` scans every loaded library
+    on each call (1.3 ms here, more than the rest of a greedy request)."""
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> Any:
+    """Per-request NumPy on one BLAS thread (tiny matrices: threads only add latency)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 @functools.lru_cache(maxsize=2)
 def shared_encoder(name: str) -> Any:
     """The encoder of a name, loaded once per process (replicas in one process share it)."""
     from adrec_assets.ml.encoders import build_encoder
 
     return build_encoder(name)
-
-
-def theta_covering(theta: np.ndarray, n_positions: int) -> np.ndarray:
-    """Examination probabilities for ``n_positions`` positions: positions beyond the estimate
-    take its last (lowest) value, the most cautious guess for a position shown even lower."""
-    theta = np.asarray(theta, dtype=np.float64)
-    return theta if len(theta) >= n_positions else np.concatenate([theta, np.full(n_positions - len(theta), theta[-1])])
 
 
 def _blob_name(ad_id: str) -> str:
