@@ -20,7 +20,10 @@ import numpy as np
 from adrec_assets.privacy import pseudonymize, resolve_key
 from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
 
-ASSET_ORDER = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected")
+ASSET_ORDER = (
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
+    "ad_index", "position_bias", "policy_posterior",
+)  # fmt: skip
 
 
 def register(sources: list[str]) -> None:
@@ -40,18 +43,35 @@ def register(sources: list[str]) -> None:
     print(f"click sources registered in {instance.root_directory}: {sorted(existing | set(new))}")
 
 
-def _describe(artifact) -> str:
-    if hasattr(artifact, "model"):
+def _describe(artifact: object) -> str:
+    """One line per artifact type of a snapshot; an unknown type is named, never guessed at."""
+    from adrec_assets.ml.models import TrainedProjector
+    from adrec_assets.ml.types import AdCatalog, ClickGraph, GlobalMean
+    from adrec_assets.online.index import IndexedAds
+    from adrec_assets.online.policy import PolicyPosterior
+    from adrec_assets.online.position_bias import PositionBias
+
+    if isinstance(artifact, TrainedProjector):
         n_params = sum(p.numel() for p in artifact.model.parameters())
         return f"projector {artifact.model.architecture()} params={n_params}"
-    if hasattr(artifact, "vectors"):
+    if isinstance(artifact, IndexedAds):
+        index = artifact.index
+        return f"{index.kind} index of {len(index)} ads, dim {index.dim}+1, recall@10 {artifact.recall_at_10:.4f}"
+    if isinstance(artifact, PositionBias):
+        theta = ", ".join(f"{t:.3f}" for t in artifact.theta)
+        return f"theta [{theta}] ({artifact.method}, {int(artifact.impressions.sum())} impressions)"
+    if isinstance(artifact, PolicyPosterior):
+        return f"Thompson posterior from {artifact.n_impressions} impressions, {artifact.n_clicks} clicks"
+    if isinstance(artifact, GlobalMean):
+        return f"vector ({len(artifact.vector)},) norm {np.linalg.norm(artifact.vector):.5f}"
+    if isinstance(artifact, ClickGraph):
+        return f"{artifact.n_users} users x {artifact.n_ads} ads, {artifact.n_clicks} user-ad pairs"
+    if isinstance(artifact, AdCatalog):
+        return f"{len(artifact)} ads"
+    if hasattr(artifact, "vectors"):  # content, user and projected vectors
         norms = np.linalg.norm(artifact.vectors, axis=1)
         return f"vectors {artifact.vectors.shape} norms {norms.min():.5f}..{norms.max():.5f}"
-    if hasattr(artifact, "vector"):
-        return f"vector ({len(artifact.vector)},) norm {np.linalg.norm(artifact.vector):.5f}"
-    if hasattr(artifact, "indptr"):
-        return f"{artifact.n_users} users x {artifact.n_ads} ads, {artifact.n_clicks} user-ad pairs"
-    return f"{len(artifact)} ads"
+    return type(artifact).__name__
 
 
 def summary(source: str) -> int:

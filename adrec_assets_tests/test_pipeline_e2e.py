@@ -45,6 +45,24 @@ def test_all_assets_and_checks_succeed(pipeline):
         assert files[asset].is_file() and files[asset].suffix == f".{ext}", asset
 
 
+def test_cli_summary_describes_every_published_artifact(pipeline, tmp_path, monkeypatch, capsys):
+    """``make run`` ends with ``cli summary``: one line per artifact of the published
+    snapshot, described by its type (an index by its kind and recall, not a crash)."""
+    from adrec_assets import cli
+
+    base, _, _ = pipeline
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # an empty instance: no timings, same lines
+    monkeypatch.setenv("ADREC_ARTIFACTS_DIR", str(base))
+    assert cli.main(["summary", "synthetic"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    described = {line.split()[0]: line for line in lines if line.startswith("  ") and line.split()[0] in ASSET_FILES}
+    assert set(described) == set(ASSET_FILES)
+    assert "flat index of 220 ads, dim 128+1, recall@10 1.0000" in described["ad_index"]
+    assert "theta [1.000" in described["position_bias"]
+    assert "Thompson posterior from" in described["policy_posterior"]
+    assert "vectors (220, 128)" in described["ad_projected"]
+
+
 def test_artifact_shapes_norms_and_alignment(pipeline):
     base, _, _ = pipeline
     ads = load(base, "raw_ads")
