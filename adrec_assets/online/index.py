@@ -226,7 +226,52 @@ def exact_top_k(vectors_with_bias: np.ndarray, queries: np.ndarray, k: int) -> t
     return top.result()
 
 
-class AdIndex:
+class _SlotTable:
+    """Slot bookkeeping shared by :class:`AdIndex` and :class:`NumpyIndex`: slots are issued
+    sequentially and never reused; ``_slot_ids[slot]`` is the ad a slot was issued for,
+    ``_slot_of`` maps live ads to their slot and ``_live`` masks the live slots."""
+
+    _slot_ids: list[str]
+    _slot_of: dict[str, int]
+    _live: np.ndarray
+    _lock: _ReadWriteLock
+
+    def slot_of(self, ad_id: str) -> int:
+        """The live slot of ``ad_id``; :class:`UnknownAdError` if it is not live."""
+        try:
+            return self._slot_of[ad_id]
+        except KeyError:
+            raise UnknownAdError(f"ad {ad_id!r} is not in the index (never added or retired)") from None
+
+    def ad_id(self, slot: int) -> str:
+        """The ad id a slot was issued for (also for retired slots; see the module docstring)."""
+        slot = int(slot)
+        if not 0 <= slot < len(self._slot_ids):
+            raise UnknownAdError(f"slot {slot} was never issued by this index (0 <= slot < {len(self._slot_ids)})")
+        return self._slot_ids[slot]
+
+    def ad_ids(self, slots: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Vectorized :meth:`ad_id` keeping the shape (e.g. of search results); ``-1`` padding
+        maps to ``None``. Returns an object array of str / None."""
+        arr = np.asarray(slots, dtype=np.int64)
+        n_slots = len(self._slot_ids)
+        bad = (arr < -1) | (arr >= n_slots)
+        if bad.any():
+            raise UnknownAdError(f"slot {int(arr[bad].flat[0])} was never issued by this index (0 <= slot < {n_slots})")
+        ids = self._slot_ids
+        out = np.empty(arr.shape, dtype=object)
+        flat = out.reshape(-1)
+        for i, s in enumerate(arr.reshape(-1).tolist()):
+            flat[i] = ids[s] if s >= 0 else None
+        return out
+
+    def live_slots(self) -> np.ndarray:
+        """Slots of all live ads, ascending (int64)."""
+        with self._lock.read():
+            return np.flatnonzero(self._live[: len(self._slot_ids)]).astype(np.int64)
+
+
+class AdIndex(_SlotTable):
     """FAISS index of ads as ``[p_a, b_a]`` rows; see the module docstring for the design."""
 
     def __init__(
@@ -342,40 +387,6 @@ class AdIndex:
         return int(sum(a.nbytes for a in self.to_arrays().values()))
 
     # ------------------------------------------------------------------ slots
-    def slot_of(self, ad_id: str) -> int:
-        """The live slot of ``ad_id``; :class:`UnknownAdError` if it is not live."""
-        try:
-            return self._slot_of[ad_id]
-        except KeyError:
-            raise UnknownAdError(f"ad {ad_id!r} is not in the index (never added or retired)") from None
-
-    def ad_id(self, slot: int) -> str:
-        """The ad id a slot was issued for (also for retired slots; see the module docstring)."""
-        slot = int(slot)
-        if not 0 <= slot < len(self._slot_ids):
-            raise UnknownAdError(f"slot {slot} was never issued by this index (0 <= slot < {len(self._slot_ids)})")
-        return self._slot_ids[slot]
-
-    def ad_ids(self, slots: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Vectorized :meth:`ad_id` keeping the shape (e.g. of search results); ``-1`` padding
-        maps to ``None``. Returns an object array of str / None."""
-        arr = np.asarray(slots, dtype=np.int64)
-        n_slots = len(self._slot_ids)
-        bad = (arr < -1) | (arr >= n_slots)
-        if bad.any():
-            raise UnknownAdError(f"slot {int(arr[bad].flat[0])} was never issued by this index (0 <= slot < {n_slots})")
-        ids = self._slot_ids
-        out = np.empty(arr.shape, dtype=object)
-        flat = out.reshape(-1)
-        for i, s in enumerate(arr.reshape(-1).tolist()):
-            flat[i] = ids[s] if s >= 0 else None
-        return out
-
-    def live_slots(self) -> np.ndarray:
-        """Slots of all live ads, ascending (int64)."""
-        with self._lock.read():
-            return np.flatnonzero(self._live[: len(self._slot_ids)]).astype(np.int64)
-
     def vectors(self, slots: np.ndarray | Sequence[int]) -> np.ndarray:
         """The stored ``[p_a, b_a]`` rows of live slots, (len, d+1) float32."""
         arr = np.ascontiguousarray(np.asarray(slots, dtype=np.int64).reshape(-1))
@@ -599,7 +610,7 @@ def _blas_threads(threads: int) -> Iterator[None]:
         yield
 
 
-class NumpyIndex:
+class NumpyIndex(_SlotTable):
     """Exact brute-force search in NumPy over ``[p_a, b_a]`` rows, with :class:`AdIndex`'s
     surface (what the service and the policies use) and its readers-writer lock.
 
@@ -700,39 +711,6 @@ class NumpyIndex:
             return int(self._rows.nbytes + self._live.nbytes + ids)
 
     # ------------------------------------------------------------------ slots
-    def slot_of(self, ad_id: str) -> int:
-        """The live slot of ``ad_id``; :class:`UnknownAdError` if it is not live."""
-        try:
-            return self._slot_of[ad_id]
-        except KeyError:
-            raise UnknownAdError(f"ad {ad_id!r} is not in the index (never added or retired)") from None
-
-    def ad_id(self, slot: int) -> str:
-        """The ad id a slot was issued for (also for retired slots, as in :class:`AdIndex`)."""
-        slot = int(slot)
-        if not 0 <= slot < len(self._slot_ids):
-            raise UnknownAdError(f"slot {slot} was never issued by this index (0 <= slot < {len(self._slot_ids)})")
-        return self._slot_ids[slot]
-
-    def ad_ids(self, slots: np.ndarray | Sequence[int]) -> np.ndarray:
-        """Vectorized :meth:`ad_id` keeping the shape; ``-1`` padding maps to ``None``."""
-        arr = np.asarray(slots, dtype=np.int64)
-        n_slots = len(self._slot_ids)
-        bad = (arr < -1) | (arr >= n_slots)
-        if bad.any():
-            raise UnknownAdError(f"slot {int(arr[bad].flat[0])} was never issued by this index (0 <= slot < {n_slots})")
-        ids = self._slot_ids
-        out = np.empty(arr.shape, dtype=object)
-        flat = out.reshape(-1)
-        for i, s in enumerate(arr.reshape(-1).tolist()):
-            flat[i] = ids[s] if s >= 0 else None
-        return out
-
-    def live_slots(self) -> np.ndarray:
-        """Slots of all live ads, ascending (int64)."""
-        with self._lock.read():
-            return np.flatnonzero(self._live[: len(self._slot_ids)]).astype(np.int64)
-
     def vectors(self, slots: np.ndarray | Sequence[int]) -> np.ndarray:
         """The stored ``[p_a, b_a]`` rows of live slots, (len, d+1) float32."""
         arr = np.asarray(slots, dtype=np.int64).reshape(-1)
