@@ -304,6 +304,67 @@ def test_concurrent_appends_get_distinct_increasing_seqs(make_store):
         assert all(b == a + 1 for a, b in zip(seqs[::2], seqs[1::2]))
 
 
+# ---------------------------------------------------------------------- leases
+def test_a_lease_has_one_holder_until_it_is_released_or_expires(make_store):
+    clock = [1000.0]
+    a, b = make_store(clock=lambda: clock[0]), make_store(clock=lambda: clock[0])  # two replicas
+    ttl = 60.0 if not isinstance(a, RedisStore) else 0.3  # Redis expires by its own (real) clock
+    assert a.hold_lease("event-flush", "replica-a", ttl) is True
+    assert b.hold_lease("event-flush", "replica-b", ttl) is False
+    assert a.hold_lease("event-flush", "replica-a", ttl) is True  # the holder renews
+    assert b.hold_lease("other-chore", "replica-b", ttl) is True  # leases are independent by name
+    assert b.release_lease("event-flush", "replica-b") is False  # not its lease: nothing released
+    assert b.hold_lease("event-flush", "replica-b", ttl) is False
+    assert a.release_lease("event-flush", "replica-a") is True
+    assert b.hold_lease("event-flush", "replica-b", ttl) is True  # free at once after a release
+    if isinstance(a, RedisStore):
+        time.sleep(ttl + 0.2)
+    else:
+        clock[0] += ttl + 1
+    assert a.hold_lease("event-flush", "replica-a", ttl) is True  # a dead holder's lease expires
+    with pytest.raises(StoreInputError):
+        a.hold_lease("event-flush", "replica-a", 0)
+    with pytest.raises(InvalidKeyError):
+        a.hold_lease("event flush", "replica-a", ttl)
+
+
+def test_a_replica_cannot_flush_while_another_is_mid_flush_so_no_event_is_written_twice(make_store, tmp_path):
+    """Replica A reads the queue; before it writes, a new event arrives and replica B
+    flushes. Without the flush lease B would write events 1-4 under one name and A 1-3 under
+    another: three events twice in the log and in the training clicks."""
+    from adrec_assets.online.events import EventFlusher, read_event_log
+
+    folder = tmp_path / "source"
+    store_a, store_b = make_store(), make_store()
+    replica_a, replica_b = EventFlusher(store_a, folder), EventFlusher(store_b, folder)
+    store_a.append_events([_event_row(f"e{i}") for i in range(3)])
+    read_queue = store_a.pending_events
+    flushed_by_b: list[int] = []
+
+    def read_then_let_b_flush(limit: int) -> list:
+        pending = read_queue(limit)
+        store_b.append_events([_event_row("e3")])
+        flushed_by_b.append(replica_b.flush(100, known_ads=frozenset()))
+        return pending
+
+    store_a.pending_events = read_then_let_b_flush  # type: ignore[method-assign]
+    assert replica_a.flush(100, known_ads=frozenset()) == 3
+    assert flushed_by_b == [0]  # A held the lease
+    replica_a.release()
+    assert replica_b.flush(100, known_ads=frozenset()) == 1
+    ids = read_event_log(folder).column("event_id").to_pylist()
+    assert sorted(ids) == ["e0", "e1", "e2", "e3"]
+
+
+def _event_row(event_id: str) -> dict[str, object]:
+    from adrec_assets.online.events import EVENT_SCHEMA
+
+    row: dict[str, object] = {field.name: None for field in EVENT_SCHEMA}
+    row.update(event_id=event_id, request_id="r" * 32, type="impression", ad_id="ad-1", position=0,
+               timestamp=1.0, served_at=1.0, weight=1.0)  # fmt: skip
+    return row
+
+
 def test_served_requests_are_remembered_until_they_expire(make_store):
     clock = [1000.0]
     store = make_store(clock=lambda: clock[0])

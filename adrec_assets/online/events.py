@@ -16,6 +16,9 @@ batch's sequence range, each written to a hidden temp name and renamed into plac
 
 A crash between writing and marking the batch flushed hands the same events out again;
 the file names repeat, so a re-flush replaces the files instead of duplicating clicks.
+Replicas sharing one store flush one at a time: the flusher holds the store's
+``event-flush`` lease (60 s, renewed by every flush); when its holder dies another replica
+takes over once it expires.
 Only pseudonyms are written, never a raw user id.
 """
 
@@ -90,11 +93,24 @@ def read_event_log(source_folder: Path) -> pa.Table:
 class EventFlusher:
     """Drains the store's event queue into the source folder (see the module docstring)."""
 
-    def __init__(self, store: OnlineStore, source_folder: Path) -> None:
+    #: The store lease that lets one replica at a time flush (see :meth:`flush`).
+    LEASE = "event-flush"
+
+    def __init__(self, store: OnlineStore, source_folder: Path, *, lease_seconds: float = 60.0) -> None:
         self.store, self.folder = store, Path(source_folder)
+        self.owner = f"flusher-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.lease_seconds = float(lease_seconds)
+
+    def release(self) -> None:
+        """Hand the flush lease back (clean shutdown, after the last flush)."""
+        self.store.release_lease(self.LEASE, self.owner)
 
     def flush(self, batch: int, known_ads: frozenset[str]) -> int:
-        """Write up to ``batch`` queued events; returns how many were flushed."""
+        """Write up to ``batch`` queued events; returns how many were flushed (0 while another
+        replica holds the flush lease: two flushers reading the queue at different moments
+        would write overlapping batches under different names, i.e. duplicate events)."""
+        if not self.store.hold_lease(self.LEASE, self.owner, self.lease_seconds):
+            return 0
         pending = self.store.pending_events(batch)
         if not pending:
             return 0

@@ -302,6 +302,7 @@ class RecommendationService:
         for thread in self._threads:
             thread.join(timeout=10)
         self.flush()
+        self.flusher.release()  # another replica may flush at once, not after the lease's TTL
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=f"adrec-{name}", daemon=True)

@@ -357,6 +357,22 @@ class OnlineStore(ABC):
             raise StoreInputError(f"up_to_seq must be an int sequence number, got {up_to_seq!r}")
         return self._mark_flushed(int(up_to_seq))
 
+    # -- leases (one replica at a time does a chore)
+    def hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the lease ``name`` for ``owner``, or extend it if ``owner`` holds it; False
+        while another owner holds an unexpired one. Replicas use it so that only one of them
+        flushes the shared event queue (two flushing at once could write overlapping batches,
+        i.e. duplicate events). A holder that dies loses the lease after ``ttl_seconds``."""
+        name, owner = _check_token(name, "lease name"), _check_token(owner, "lease owner")
+        if not (isinstance(ttl_seconds, (int, float)) and not isinstance(ttl_seconds, bool) and ttl_seconds > 0):
+            raise StoreInputError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+        return self._hold_lease(name, owner, float(ttl_seconds))
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        """Give the lease back if ``owner`` holds it (a replica shutting down cleanly), so
+        another can take it at once instead of after the TTL; False if it did not hold it."""
+        return self._release_lease(_check_token(name, "lease name"), _check_token(owner, "lease owner"))
+
     # -- served requests (what a slate was, so its events can be attributed)
     def put_request(self, request_id: str, record: Mapping[str, Any], ttl_seconds: float) -> None:
         """Remember what request ``request_id`` served (a JSON-serializable dict) for
@@ -439,6 +455,12 @@ class OnlineStore(ABC):
     def _mark_flushed(self, up_to_seq: int) -> int: ...
 
     @abstractmethod
+    def _hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool: ...
+
+    @abstractmethod
+    def _release_lease(self, name: str, owner: str) -> bool: ...
+
+    @abstractmethod
     def _put_request(self, request_id: str, payload: str, ttl_seconds: float) -> None: ...
 
     @abstractmethod
@@ -475,6 +497,9 @@ CREATE TABLE IF NOT EXISTS requests (
     namespace TEXT NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (namespace, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_by_expiry ON requests (expires);
+CREATE TABLE IF NOT EXISTS leases (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (namespace, name)) WITHOUT ROWID;
 """
 
 
@@ -631,6 +656,20 @@ class SQLiteStore(OnlineStore):
         with self._write() as c:
             return c.execute("DELETE FROM events WHERE namespace=? AND seq<=?", (self.namespace, up_to_seq)).rowcount
 
+    def _hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        now = float(self._clock())
+        with self._write() as c:
+            row = c.execute("SELECT owner, expires FROM leases WHERE namespace=? AND name=?", (self.namespace, name)).fetchone()
+            if row is not None and row[0] != owner and row[1] > now:
+                return False
+            c.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)", (self.namespace, name, owner, now + ttl_seconds))
+            return True
+
+    def _release_lease(self, name: str, owner: str) -> bool:
+        with self._write() as c:
+            q = "DELETE FROM leases WHERE namespace=? AND name=? AND owner=?"
+            return c.execute(q, (self.namespace, name, owner)).rowcount > 0
+
     def _put_request(self, request_id: str, payload: str, ttl_seconds: float) -> None:
         now = float(self._clock())
         with self._write() as c:
@@ -681,6 +720,22 @@ end
 return first
 """
 
+# Lease: take it when free or expired, extend it when the caller already holds it.
+_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 class RedisStore(OnlineStore):
     """Store in Redis so several replicas share one state. Keys are
@@ -713,6 +768,8 @@ class RedisStore(OnlineStore):
         self._prefix = f"adrec:{{{self.namespace}}}:"
         self._max_retries = int(max_update_retries)
         self._append = self._client.register_script(_APPEND_LUA)
+        self._lease = self._client.register_script(_LEASE_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -807,6 +864,13 @@ class RedisStore(OnlineStore):
         # exact trim (approximate=False): entries <= up_to_seq must never be handed out again
         return int(self._r.xtrim(self._key("events"), minid=f"{up_to_seq + 1}-0", approximate=False))
 
+    def _hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        return bool(self._lease(keys=[self._key("lease", name)], args=[owner, ttl_ms], client=self._r))
+
+    def _release_lease(self, name: str, owner: str) -> bool:
+        return bool(self._release(keys=[self._key("lease", name)], args=[owner], client=self._r))
+
     def _put_request(self, request_id: str, payload: str, ttl_seconds: float) -> None:
         self._r.set(self._key("request", request_id), payload, px=max(1, int(ttl_seconds * 1000)))
 
@@ -853,6 +917,7 @@ class MemoryState:
         self.last_seq = 0  # shared by all namespaces, like SQLite's AUTOINCREMENT: never reused
         self.requests: dict[tuple[str, str], tuple[str, float]] = {}
         self.request_expiry: list[tuple[float, tuple[str, str]]] = []  # heap of (expires, key)
+        self.leases: dict[tuple[str, str], tuple[str, float]] = {}  # (namespace, name) -> (owner, expires)
 
 
 class MemoryStore(OnlineStore):
@@ -969,6 +1034,25 @@ class MemoryStore(OnlineStore):
                 queue.popleft()
                 dropped += 1
         return dropped
+
+    def _hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        state = self._open()
+        now = float(self._clock())
+        with state.lock:
+            holder = state.leases.get((self.namespace, name))
+            if holder is not None and holder[0] != owner and holder[1] > now:
+                return False
+            state.leases[(self.namespace, name)] = (owner, now + ttl_seconds)
+            return True
+
+    def _release_lease(self, name: str, owner: str) -> bool:
+        state = self._open()
+        with state.lock:
+            holder = state.leases.get((self.namespace, name))
+            if holder is None or holder[0] != owner:
+                return False
+            del state.leases[(self.namespace, name)]
+            return True
 
     def _put_request(self, request_id: str, payload: str, ttl_seconds: float) -> None:
         state = self._open()
