@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import sys
+from typing import Any
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -33,10 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--no-encoder", action="store_true", help="do not load the encoder (POST /v1/ads answers 503)")
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="server processes on this port (each loads the snapshot; they share the online store)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from adrec_assets.online.service import RecommendationService, ServingConfig
+    from adrec_assets.online.service import ServingConfig
     from adrec_assets.online.store import open_store
 
     config = ServingConfig.from_env(args.source, load_encoder=not args.no_encoder)
@@ -53,14 +61,42 @@ def main(argv: list[str] | None = None) -> int:
         )
     import uvicorn
 
-    from adrec_assets.online.app import create_app
-
+    if args.workers > 1:
+        # uvicorn's supervisor starts each worker from an import string: hand the settings over
+        # in the environment the workers inherit.
+        os.environ[SOURCE_ENV], os.environ[NO_ENCODER_ENV] = args.source, "1" if args.no_encoder else ""
+        uvicorn.run(
+            "adrec_assets.serve:app_from_env", factory=True, host=args.host, port=args.port, access_log=False,
+            log_level=args.log_level, workers=args.workers,
+        )  # fmt: skip
+        return 0
     store = open_store(config.store_url, namespace=args.source)
-    service = RecommendationService(config, store)
-    app = create_app(service)
+    app = _app(config, store)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, workers=1)
     store.close()
     return 0
+
+
+SOURCE_ENV, NO_ENCODER_ENV = "ADREC_SERVE_SOURCE", "ADREC_SERVE_NO_ENCODER"
+
+
+def _app(config: Any, store: Any) -> Any:
+    from adrec_assets.online.app import create_app
+    from adrec_assets.online.service import RecommendationService
+
+    return create_app(RecommendationService(config, store))
+
+
+def app_from_env() -> Any:
+    """One worker's app (``--workers`` > 1): its own service and store connection over the
+    shared store; live ads and retirements reach the other workers by the store's sync."""
+    from adrec_assets.online.service import ServingConfig
+    from adrec_assets.online.store import open_store
+
+    source = os.environ[SOURCE_ENV]
+    config = ServingConfig.from_env(source, load_encoder=not os.environ.get(NO_ENCODER_ENV))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _app(config, open_store(config.store_url, namespace=source))
 
 
 if __name__ == "__main__":

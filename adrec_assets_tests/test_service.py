@@ -253,6 +253,14 @@ def test_health_and_prometheus_metrics(api):
     assert f'adrec_model_info{{model_version="{service.state.version}"}} 1.0' in text
     assert "adrec_index_ads 220.0" in text
     assert 'adrec_request_seconds_bucket{endpoint="/v1/recommendations",le="0.005"}' in text
+    # Refusals are counted under their route template and status, unknown paths as "unmatched".
+    assert client.get("/v1/recommendations", params={"user_id": "u", "k": 0}).status_code == 422
+    assert client.get("/v1/ads/no-such-ad").status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+    text = client.get("/metrics").text
+    assert 'adrec_requests_total{endpoint="/v1/recommendations",method="GET",status="422"} 1.0' in text
+    assert 'adrec_requests_total{endpoint="/v1/ads/{ad_id}",method="GET",status="404"} 1.0' in text
+    assert 'adrec_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
 
 
 def test_nothing_the_service_writes_holds_a_raw_user_id(api, tmp_path, caplog):
@@ -308,6 +316,61 @@ def test_the_serve_command_answers_on_loopback(published, tmp_path):
     finally:
         stop_process_group(proc)
     assert KNOWN_USER not in log.read_text()  # the access log holds no query string
+
+
+def test_serve_with_two_workers_keeps_them_consistent_through_the_shared_store(published, tmp_path):
+    """``--workers 2``: two worker processes under uvicorn's supervisor on one port, each with
+    its own service over the shared online store; a retirement is honoured by the answers that
+    follow. (Which worker takes a connection is the kernel's choice, so the cross-replica sync
+    itself is tested with two services over one store in ``test_service_loop.py``.)"""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path as FsPath
+
+    from adrec_assets_tests.service_helpers import free_port, pipeline_env, stop_process_group, wait_for_http
+
+    port = free_port()
+    env = pipeline_env(tmp_path / "home", published, tmp_path / "sources", ADREC_ID_KEY=TEST_ID_KEY,
+                       ADREC_ONLINE_STORE=str(tmp_path / "online.sqlite"), ADREC_SERVE_RELOAD_SECONDS="0.5")  # fmt: skip
+    env.pop("ADREC_API_TOKEN", None)  # loopback: write endpoints without a token
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "adrec_assets.serve", "--source", "synthetic", "--port", str(port), "--no-encoder",
+             "--workers", "2"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def slate() -> list[str]:  # a fresh connection each time, so both workers answer some
+        with urllib.request.urlopen(f"{base}/v1/recommendations?user_id={KNOWN_USER}&k=220", timeout=30) as reply:
+            return [item["ad_id"] for item in json.loads(reply.read())["items"]]
+
+    try:
+        wait_for_http(f"{base}/healthz", proc, log, timeout=180)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # both workers up: a run of answers without a refusal
+            try:
+                answers = [slate() for _ in range(20)]
+                break
+            except OSError:
+                time.sleep(0.5)
+        workers = [p for p in FsPath("/proc").glob("[0-9]*/stat")
+                   if p.read_text().rsplit(")", 1)[1].split()[2] == str(proc.pid) and p.parent.name != str(proc.pid)]  # fmt: skip
+        assert len(workers) >= 2, f"expected 2 worker processes in the server's group:\n{log.read_text()[-3000:]}"
+        retired = answers[0][0]
+        request = urllib.request.Request(f"{base}/v1/ads/{retired}", method="DELETE")
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            assert reply.status == 200
+        deadline, clean_in_a_row = time.monotonic() + 30, 0
+        while clean_in_a_row < 20 and time.monotonic() < deadline:
+            clean_in_a_row = clean_in_a_row + 1 if retired not in slate() else 0
+        assert clean_in_a_row == 20, f"the retired ad {retired!r} is still served"
+    finally:
+        stop_process_group(proc)
 
 
 def test_the_serve_command_refuses_a_public_address_without_a_token(published, tmp_path):

@@ -230,8 +230,9 @@ def free_port() -> int:
 class Server:
     """``python -m adrec_assets.serve`` in its own process group; :meth:`stop` ends the group."""
 
-    def __init__(self, work: Path, source: str, backend: str, log_level: str, store_dir: Path | None = None) -> None:
-        self.source, self.port = source, free_port()
+    def __init__(self, work: Path, source: str, backend: str, log_level: str, store_dir: Path | None = None,
+                 workers: int = 1, store_url: str | None = None) -> None:  # fmt: skip
+        self.source, self.port, self.workers = source, free_port(), workers
         store = (store_dir or work / "online") / f"{source}-{backend}.sqlite3"
         for path in store.parent.glob(f"{store.name}*"):
             path.unlink()
@@ -242,7 +243,7 @@ class Server:
             **os.environ,
             "ADREC_ARTIFACTS_DIR": str(work / "artifacts"),
             "ADREC_SOURCES_DIR": str(work / "sources"),
-            "ADREC_ONLINE_STORE": str(store),
+            "ADREC_ONLINE_STORE": store_url or str(store),
             "ADREC_ID_KEY": BENCH_KEY,
             "ADREC_SERVE_INDEX": "numpy" if backend == "numpy" else "faiss",
             "HF_HUB_OFFLINE": "1",
@@ -253,7 +254,7 @@ class Server:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adrec_assets.serve", "--source", source, "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", log_level],
+             "--log-level", log_level, "--workers", str(workers)],
             cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.pid = self.proc.pid
@@ -269,9 +270,28 @@ class Server:
                 status, body = get(self.port, "/healthz")
                 health = json.loads(body)
                 if status == 200 and health.get("encoder") != "the encoder is loading":
-                    return time.perf_counter() - self.started, health
+                    if self.workers == 1 or self._all_workers_ready():
+                        return time.perf_counter() - self.started, health
             time.sleep(0.25)
         raise RuntimeError(f"server for {self.source} not ready after {timeout:.0f} s (last health {health}):\n{self.log_tail()}")
+
+    def _all_workers_ready(self, answers: int = 40) -> bool:
+        """Several workers share the port and the kernel spreads new connections over them:
+        ready when ``answers`` fresh connections in a row find a worker with its encoder."""
+        for _ in range(answers):
+            status, body = get(self.port, "/healthz")
+            if status != 200 or json.loads(body).get("encoder") == "the encoder is loading":
+                return False
+        return True
+
+    def _group(self) -> list[int]:
+        """The server's processes: the uvicorn supervisor and its workers (one process group)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == self.pid:
+                    pids.append(int(stat.parent.name))
+        return pids or [self.pid]
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -279,16 +299,23 @@ class Server:
         return ""
 
     def rss_gib(self) -> float:
-        """Resident memory of the server process now."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2**20
-        return float("nan")
+        """Resident memory of the server's processes now (summed over workers)."""
+        total = 0
+        for pid in self._group():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total / 2**20 if total else float("nan")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server process (all its threads), from /proc."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU of the server's processes (all threads, all workers), from /proc."""
+        ticks = 0
+        for pid in self._group():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -304,8 +331,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(work: Path, source: str, backend: str, log_level: str, store_dir: Path | None) -> Iterator[Server]:
-    server = Server(work, source, backend, log_level, store_dir)
+def running(work: Path, source: str, backend: str, log_level: str, store_dir: Path | None,
+            workers: int = 1, store_url: str | None = None) -> Iterator[Server]:  # fmt: skip
+    server = Server(work, source, backend, log_level, store_dir, workers, store_url)
     try:
         yield server
     finally:
@@ -352,8 +380,12 @@ class Histogram:
         return lower
 
 
-def server_histogram(port: int, endpoint: str) -> Histogram:
-    _, body = get(port, "/metrics")
+def server_histogram(server: Server, endpoint: str) -> Histogram:
+    """The server's histogram now; empty with several workers (each answers /metrics with its
+    own series, so differences between two scrapes would mix workers)."""
+    if server.workers > 1:
+        return Histogram()
+    _, body = get(server.port, "/metrics")
     hist = Histogram()
     label = f'endpoint="{endpoint}"'
     for line in body.decode().splitlines():
@@ -439,7 +471,7 @@ def drive(server: Server, paths: Sequence[str], clients: int, max_requests: int,
     threads = [threading.Thread(target=client, args=(slot,), daemon=True) for slot in range(clients)]
     for thread in threads:
         thread.start()
-    before_hist = server_histogram(server.port, endpoint)
+    before_hist = server_histogram(server, endpoint)
     before_server, before_client = server.cpu_seconds(), _own_cpu()
     with contextlib.suppress(threading.BrokenBarrierError):
         start_gate.wait(timeout=60)
@@ -450,7 +482,7 @@ def drive(server: Server, paths: Sequence[str], clients: int, max_requests: int,
     wall = time.perf_counter() - began
     server_cores = (server.cpu_seconds() - before_server) / wall
     client_cores = (_own_cpu() - before_client) / wall
-    hist = server_histogram(server.port, endpoint) - before_hist
+    hist = server_histogram(server, endpoint) - before_hist
     if failures:
         raise RuntimeError(f"a client failed: {failures[0]!r}\n{server.log_tail()}") from failures[0]
     done = sorted(x for r in results for x in r)
@@ -582,7 +614,7 @@ class Result:
 
 def measure(work: Path, built: Built, backend: str, ref: ExactReference, result: Result, args: argparse.Namespace) -> None:
     label = f"{size_label(built.n_ads)} {backend}"
-    with running(work, built.source, backend, args.log_level, args.store_dir) as server:
+    with running(work, built.source, backend, args.log_level, args.store_dir, args.workers, args.store_url) as server:
         result.start_s, health = server.wait_ready(args.start_timeout)
         result.rss_gib = server.rss_gib()
         print(f"  [{label}] ready in {result.start_s:.1f} s (index {health['index_kind']}, {health['n_ads']:,} ads, "
@@ -640,7 +672,7 @@ def _print_phase(label: str, what: str, phase: Phase) -> None:
 def print_report(results: list[Result], args: argparse.Namespace, wall: float, load_before: tuple[float, ...]) -> None:
     c = args.clients
     print(f"\n## serve_latency: {os.cpu_count()} cores, load average {load_before[0]:.2f} before / "
-          f"{os.getloadavg()[0]:.2f} after; --requests {args.requests} --seconds {args.seconds:g}; wall {wall:.0f} s\n")
+          f"{os.getloadavg()[0]:.2f} after; --requests {args.requests} --seconds {args.seconds:g} --workers {args.workers}; wall {wall:.0f} s\n")
     print(f"| ads | backend | kind | build s | index MB | p50 ms (1) | p99 ms (1) | QPS (1) | p99 ms ({c}) | QPS ({c}) | recall@10 |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -695,6 +727,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per load phase (all clients together)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time limit per load phase")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the second phase")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes (serve --workers); /metrics figures are then one worker's")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=200, help="warm-up requests (also bounded by --warmup-seconds)")
     parser.add_argument("--warmup-seconds", type=float, default=3.0)
     parser.add_argument("--recall-users", type=int, default=200, help="known users whose answers are checked against exact")
@@ -710,6 +744,7 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--work", type=Path, default=REPO / "data" / "bench" / "serve")
     parser.add_argument("--store-dir", type=Path, help="folder of the servers' SQLite online stores (default <work>/online)")
+    parser.add_argument("--store-url", help="serve from this online store instead (e.g. redis://127.0.0.1:6390/0)")
     parser.add_argument("--build-only", action="store_true", help="build (or check) the cached snapshots, then exit")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()

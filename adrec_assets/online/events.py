@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,7 @@ class EventFlusher:
         """Hand the flush lease back (clean shutdown, after the last flush)."""
         self.store.release_lease(self.LEASE, self.owner)
 
-    def flush(self, batch: int, known_ads: frozenset[str]) -> int:
+    def flush(self, batch: int, known_ads: Container[str]) -> int:
         """Write up to ``batch`` queued events; returns how many were flushed (0 while another
         replica holds the flush lease: two flushers reading the queue at different moments
         would write overlapping batches under different names, i.e. duplicate events)."""

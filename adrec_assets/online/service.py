@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -632,9 +632,11 @@ class RecommendationService:
             pass
         return self.flusher.flush(self.config.flush_batch, known_ads=self._catalog_ids())
 
-    def _catalog_ids(self) -> frozenset[str]:
+    def _catalog_ids(self) -> Container[str]:
+        """The served snapshot's catalogue ids, for membership tests (its own mapping: a
+        frozenset copy of a 1M-ad catalogue held the GIL ~76 ms on every flush)."""
         state = self._state
-        return frozenset(state.catalog_row) if state is not None else frozenset()
+        return state.catalog_row.keys() if state is not None else frozenset()
 
     # ------------------------------------------------------------------ ads
     def add_ad(self, ad_id: str, text: str, image: bytes | None, content: np.ndarray | None = None) -> dict[str, Any]:

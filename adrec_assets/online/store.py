@@ -531,6 +531,7 @@ class SQLiteStore(OnlineStore):
         self._synchronous = synchronous
         self._busy_ms = int(busy_timeout_s * 1000)
         self._local = threading.local()
+        self._write_lock = (os.getpid(), threading.Lock())  # see _Write; a forked child makes its own
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
@@ -568,20 +569,37 @@ class SQLiteStore(OnlineStore):
         return conn
 
     class _Write:
-        """``with store._write() as conn``: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error."""
+        """``with store._write() as conn``: BEGIN IMMEDIATE ... COMMIT, ROLLBACK on error.
 
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
+        Threads of one process queue on ``lock`` first: SQLite's own wait for a busy write
+        lock sleeps in growing steps (up to 100 ms), which under 8 concurrent requests put a
+        ~135 ms p99 on every size of catalogue; a Python lock wakes the next writer at once.
+        Processes still meet at SQLite's file lock."""
+
+        def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
+            self.conn, self.lock = conn, lock
 
         def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.lock.acquire()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.lock.release()
+                raise
             return self.conn
 
         def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            try:
+                self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            finally:
+                self.lock.release()
 
     def _write(self) -> SQLiteStore._Write:
-        return SQLiteStore._Write(self._conn())
+        pid, lock = self._write_lock
+        if pid != os.getpid():  # after a fork: the parent's lock may have been held by another thread
+            self._write_lock = (os.getpid(), threading.Lock())
+            lock = self._write_lock[1]
+        return SQLiteStore._Write(self._conn(), lock)
 
     def _get_users(self, space: str, pseudonyms: list[str]) -> list[UserState | None]:
         found: dict[str, UserState] = {}
