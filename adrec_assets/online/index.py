@@ -226,6 +226,26 @@ def exact_top_k(vectors_with_bias: np.ndarray, queries: np.ndarray, k: int) -> t
     return top.result()
 
 
+def _checked_ads(
+    ad_ids: Sequence[str], vectors: np.ndarray, score_bias: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The inputs of a build, validated: unique ids, (n, d) finite float32 vectors, (n,) biases."""
+    ids = [_check_ad_id(a) for a in ad_ids]
+    vecs = _as_float32(vectors, "vectors")
+    if vecs.ndim != 2 or vecs.shape[1] < 1:
+        raise InvalidAdError(f"vectors: expected (n, d) with d >= 1, got shape {vecs.shape}")
+    bias = _as_float32(score_bias, "score_bias")
+    if bias.shape != (len(vecs),) or len(ids) != len(vecs):
+        raise InvalidAdError(
+            f"ad_ids ({len(ids)}), vectors {vecs.shape} and score_bias {bias.shape} must describe the same n ads"
+        )
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(a for a in ids if a in seen or seen.add(a))  # type: ignore[func-returns-value]
+        raise DuplicateAdIdError(f"ad id {dup!r} appears more than once; ad ids must be unique")
+    return ids, vecs, bias
+
+
 class _SlotTable:
     """Slot bookkeeping shared by :class:`AdIndex` and :class:`NumpyIndex`: slots are issued
     sequentially and never reused; ``_slot_ids[slot]`` is the ad a slot was issued for,
@@ -316,19 +336,7 @@ class AdIndex(_SlotTable):
         ``seed`` fixes HNSW's level draws; the graph itself is only bit-reproducible with one
         OpenMP thread (parallel insertion order varies), ``from_arrays`` always is exact.
         """
-        ids = [_check_ad_id(a) for a in ad_ids]
-        vecs = _as_float32(vectors, "vectors")
-        if vecs.ndim != 2 or vecs.shape[1] < 1:
-            raise InvalidAdError(f"vectors: expected (n, d) with d >= 1, got shape {vecs.shape}")
-        bias = _as_float32(score_bias, "score_bias")
-        if bias.shape != (len(vecs),) or len(ids) != len(vecs):
-            raise InvalidAdError(
-                f"ad_ids ({len(ids)}), vectors {vecs.shape} and score_bias {bias.shape} must describe the same n ads"
-            )
-        if len(set(ids)) != len(ids):
-            seen: set[str] = set()
-            dup = next(a for a in ids if a in seen or seen.add(a))  # type: ignore[func-returns-value]
-            raise DuplicateAdIdError(f"ad id {dup!r} appears more than once; ad ids must be unique")
+        ids, vecs, bias = _checked_ads(ad_ids, vectors, score_bias)
         limits = (("exact_max_ads", exact_max_ads, 0), ("hnsw_m", hnsw_m, 2), ("ef_construction", ef_construction, 1),
                   ("ef_search", ef_search, 1))
         for name, value, low in limits:
@@ -651,19 +659,7 @@ class NumpyIndex(_SlotTable):
     @classmethod
     def build(cls, ad_ids: Sequence[str], vectors: np.ndarray, score_bias: np.ndarray) -> NumpyIndex:
         """Index ``n`` ads, ``vectors`` (n, d) and ``score_bias`` (n,) finite: slots 0..n-1."""
-        ids = [_check_ad_id(a) for a in ad_ids]
-        vecs = _as_float32(vectors, "vectors")
-        if vecs.ndim != 2 or vecs.shape[1] < 1:
-            raise InvalidAdError(f"vectors: expected (n, d) with d >= 1, got shape {vecs.shape}")
-        bias = _as_float32(score_bias, "score_bias")
-        if bias.shape != (len(vecs),) or len(ids) != len(vecs):
-            raise InvalidAdError(
-                f"ad_ids ({len(ids)}), vectors {vecs.shape} and score_bias {bias.shape} must describe the same n ads"
-            )
-        if len(set(ids)) != len(ids):
-            seen: set[str] = set()
-            dup = next(a for a in ids if a in seen or seen.add(a))  # type: ignore[func-returns-value]
-            raise DuplicateAdIdError(f"ad id {dup!r} appears more than once; ad ids must be unique")
+        ids, vecs, bias = _checked_ads(ad_ids, vectors, score_bias)
         d = int(vecs.shape[1])
         rows, live = cls._allocate(len(ids), d)
         rows[: len(ids), :d], rows[: len(ids), d], live[: len(ids)] = vecs, bias, True
