@@ -82,8 +82,9 @@ SOURCE_ENV, NO_ENCODER_ENV = "ADREC_SERVE_SOURCE", "ADREC_SERVE_NO_ENCODER"
 
 def _app(config: Any, store: Any) -> Any:
     from adrec_assets.online.app import create_app
-    from adrec_assets.online.service import RecommendationService
+    from adrec_assets.online.service import RecommendationService, pin_blas_to_one_thread
 
+    pin_blas_to_one_thread()  # this process only serves
     return create_app(RecommendationService(config, store))
 
 

@@ -23,6 +23,7 @@ checked before any state changes. Raw user ids never leave :meth:`_pseudonym`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -734,9 +735,21 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+_BLAS_PINNED = False
+
+
+def pin_blas_to_one_thread() -> None:
+    """For serving processes (``python -m adrec_assets.serve``): NumPy's BLAS on one thread for
+    the process's lifetime, so requests skip the per-call limit below (~55 µs each). Not
+    called by the library itself: it changes a process-wide setting."""
+    global _BLAS_PINNED
+    _blas_controller().limit(limits=1, user_api="blas")  # applies at once; never restored
+    _BLAS_PINNED = True
+
+
 def _one_blas_thread() -> Any:
     """Per-request NumPy on one BLAS thread (tiny matrices: threads only add latency)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+    return contextlib.nullcontext() if _BLAS_PINNED else _blas_controller().limit(limits=1, user_api="blas")
 
 
 @functools.lru_cache(maxsize=2)
