@@ -278,7 +278,10 @@ class RecommendationService:
         self._unsettled: list[dict[str, Any]] = []  # impressions waiting for their click
         self._clicked: set[tuple[str, int]] = set()
         self.experiments = load_experiments(config.experiments_path) if config.experiments_path else ExperimentSet(())
-        self.flusher = EventFlusher(online, config.sources_root / config.source)
+        # The lease outlives several flush periods, so a live holder never loses it between flushes.
+        self.flusher = EventFlusher(
+            online, config.sources_root / config.source, lease_seconds=max(60.0, 3 * config.flush_seconds)
+        )
         self.reloads = 0
 
     # ------------------------------------------------------------------ lifecycle
