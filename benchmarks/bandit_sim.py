@@ -40,7 +40,6 @@ under ``--work``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -48,7 +47,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,20 +238,6 @@ class SimClock:
         return self.now
 
 
-@contextlib.contextmanager
-def pseudonym_key(value: str) -> Iterator[None]:
-    """``ADREC_ID_KEY`` for the service being built (it reads the key once, at start-up)."""
-    previous = os.environ.get("ADREC_ID_KEY")
-    os.environ["ADREC_ID_KEY"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("ADREC_ID_KEY", None)
-        else:
-            os.environ["ADREC_ID_KEY"] = previous
-
-
 def start_service(
     world: World, settings: SimSettings, folder: Path, clock: SimClock, service_seed: int
 ) -> RecommendationService:
@@ -271,9 +256,8 @@ def start_service(
     )
     config.validate()
     store = MemoryStore(world.source, user_dim=world.user_dim, content_dim=world.content_dim, clock=clock)
-    with pseudonym_key(world.id_key):
-        service = RecommendationService(config, store, clock=clock)
-        service.start(background=False)
+    service = RecommendationService(config, store, clock=clock, id_key=world.id_key)
+    service.start(background=False)
     return service
 
 

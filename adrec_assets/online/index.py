@@ -57,6 +57,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -246,7 +247,7 @@ def _checked_ads(
     return ids, vecs, bias
 
 
-class _SlotTable:
+class _SlotTable(ABC):
     """Slot bookkeeping shared by :class:`AdIndex` and :class:`NumpyIndex`: slots are issued
     sequentially and never reused; ``_slot_ids[slot]`` is the ad a slot was issued for,
     ``_slot_of`` maps live ads to their slot and ``_live`` masks the live slots."""
@@ -255,6 +256,26 @@ class _SlotTable:
     _slot_of: dict[str, int]
     _live: np.ndarray
     _lock: _ReadWriteLock
+    _dim: int
+
+    @abstractmethod
+    def remove_many(self, ad_ids: Iterable[str]) -> None:
+        """Retire several ads in one change, all or nothing."""
+
+    def remove(self, ad_id: str) -> None:
+        """Retire ``ad_id``: no later search returns it. :class:`UnknownAdError` if not live."""
+        self.remove_many([ad_id])
+
+    def _checked_ad(self, ad_id: str, vector: np.ndarray, score_bias: float) -> tuple[str, np.ndarray, np.ndarray]:
+        """A live add's inputs, validated: the id, a (d,) finite float32 vector, a scalar bias."""
+        ad_id = _check_ad_id(ad_id)
+        vec = _as_float32(vector, f"vector of ad {ad_id!r}")
+        if vec.shape != (self._dim,):
+            raise InvalidAdError(f"vector of ad {ad_id!r}: expected shape ({self._dim},), got {vec.shape}")
+        bias = _as_float32(score_bias, f"score_bias of ad {ad_id!r}")
+        if bias.shape != ():
+            raise InvalidAdError(f"score_bias of ad {ad_id!r}: expected a scalar, got shape {bias.shape}")
+        return ad_id, vec, bias
 
     def slot_of(self, ad_id: str) -> int:
         """The live slot of ``ad_id``; :class:`UnknownAdError` if it is not live."""
@@ -470,13 +491,7 @@ class AdIndex(_SlotTable):
     def add(self, ad_id: str, vector: np.ndarray, score_bias: float) -> int:
         """Make ``ad_id`` recommendable from the next search on; re-adding a live id replaces
         it (its old slot is retired). Returns the new slot."""
-        ad_id = _check_ad_id(ad_id)
-        vec = _as_float32(vector, f"vector of ad {ad_id!r}")
-        if vec.shape != (self._dim,):
-            raise InvalidAdError(f"vector of ad {ad_id!r}: expected shape ({self._dim},), got {vec.shape}")
-        bias = _as_float32(score_bias, f"score_bias of ad {ad_id!r}")
-        if bias.shape != ():
-            raise InvalidAdError(f"score_bias of ad {ad_id!r}: expected a scalar, got shape {bias.shape}")
+        ad_id, vec, bias = self._checked_ad(ad_id, vector, score_bias)
         row = np.ascontiguousarray(np.append(vec, bias)[None, :], dtype=np.float32)
         with self._lock.write():
             old = self._slot_of.get(ad_id)
@@ -495,10 +510,6 @@ class AdIndex(_SlotTable):
             self._slot_of[ad_id] = slot
             self._refresh_selector()
         return slot
-
-    def remove(self, ad_id: str) -> None:
-        """Retire ``ad_id``: no later search returns it. :class:`UnknownAdError` if not live."""
-        self.remove_many([ad_id])
 
     def remove_many(self, ad_ids: Iterable[str]) -> None:
         """Retire several ads in one change (one O(n) pass, e.g. the retired set loaded from
@@ -760,13 +771,7 @@ class NumpyIndex(_SlotTable):
     def add(self, ad_id: str, vector: np.ndarray, score_bias: float) -> int:
         """Make ``ad_id`` recommendable from the next search on; re-adding a live id replaces
         it (its old slot is retired). Returns the new slot."""
-        ad_id = _check_ad_id(ad_id)
-        vec = _as_float32(vector, f"vector of ad {ad_id!r}")
-        if vec.shape != (self._dim,):
-            raise InvalidAdError(f"vector of ad {ad_id!r}: expected shape ({self._dim},), got {vec.shape}")
-        bias = _as_float32(score_bias, f"score_bias of ad {ad_id!r}")
-        if bias.shape != ():
-            raise InvalidAdError(f"score_bias of ad {ad_id!r}: expected a scalar, got shape {bias.shape}")
+        ad_id, vec, bias = self._checked_ad(ad_id, vector, score_bias)
         with self._lock.write():
             old = self._slot_of.get(ad_id)
             if old is not None:
@@ -780,10 +785,6 @@ class NumpyIndex(_SlotTable):
             self._slot_ids.append(ad_id)
             self._slot_of[ad_id] = slot
         return slot
-
-    def remove(self, ad_id: str) -> None:
-        """Retire ``ad_id``: no later search returns it. :class:`UnknownAdError` if not live."""
-        self.remove_many([ad_id])
 
     def remove_many(self, ad_ids: Iterable[str]) -> None:
         """Retire several ads in one change; all or nothing, as :meth:`AdIndex.remove_many`."""

@@ -257,14 +257,18 @@ def project_content(projector: TrainedProjector, content: np.ndarray) -> tuple[n
 class RecommendationService:
     """See the module docstring. Thread-safe: FastAPI calls it from its worker threads."""
 
-    def __init__(self, config: ServingConfig, online: OnlineStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: ServingConfig, online: OnlineStore, clock: Callable[[], float] = time.time,
+        id_key: str | None = None,
+    ) -> None:  # fmt: skip
+        """``id_key``: the pseudonym key, else ``$ADREC_ID_KEY`` (:func:`~adrec_assets.privacy.resolve_key`)."""
         from adrec_assets.privacy import resolve_key
 
         self.config = config
         self.online = online
         self._clock = clock  # served_at, settle ages: a simulation passes its simulated clock
         self.snapshots = SnapshotStore(config.artifacts_root, config.source)
-        self._key = resolve_key()
+        self._key = resolve_key(id_key)
         self._state: ModelState | None = None
         self._pinned: dict[str, ModelState] = {}  # versions experiment arms are served from
         self._reload_lock = threading.Lock()
