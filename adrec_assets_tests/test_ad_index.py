@@ -543,3 +543,91 @@ def test_numpy_index_is_exact_on_large_catalogues_with_retired_rows():
         for queries in (user_queries(2), user_queries(12)):  # block-wise scan, one matrix product
             np.testing.assert_array_equal(brute.search(queries, k)[1], flat.search(queries, k)[1])
     np.testing.assert_array_equal(brute.search(user_queries(12), 10, threads=2)[1], flat.search(user_queries(12), 10)[1])
+
+
+# ---------------------------------------------------------------------- the pinned (new-user) query
+def any_index(kind: str, ids: list[str], vecs: np.ndarray, bias: np.ndarray, **kw: object) -> AdIndex | NumpyIndex:
+    return NumpyIndex.build(ids, vecs, bias) if kind == "numpy" else build(kind, ids, vecs, bias, **kw)
+
+
+def mean_query(vecs: np.ndarray) -> np.ndarray:
+    """What new users are served with: the (short) mean of many users, then 1 for the bias."""
+    return np.append(vecs.mean(axis=0) * 0.3, 1.0).astype(np.float32)
+
+
+def live_brute_force(index: AdIndex | NumpyIndex, query: np.ndarray, k: int) -> list[str]:
+    live = index.live_slots()
+    rows = index.vectors(live)
+    return brute_force(list(index.ad_ids(live)), rows[:, :-1], rows[:, -1], query[None, :], k)[0][0]
+
+
+def test_a_pinned_query_is_answered_exactly_where_hnsw_alone_is_not():
+    ids, vecs, bias = make_ads(3000, d=32)
+    index = build("hnsw", ids, vecs, bias, hnsw_m=4, ef_construction=16, ef_search=10)
+    query = mean_query(unit(np.random.default_rng(3).standard_normal((500, 32))))
+    want = live_brute_force(index, query, 50)
+    assert result_ids(index, index.search(query[None, :], 50)[1])[0] != want  # HNSW alone misses some
+    others = user_queries(20, d=32)
+    before = index.search(others, 10)
+    index.pin_query(query, depth=100)
+    scores, slots = index.search(query[None, :], 50)
+    assert result_ids(index, slots)[0] == want
+    assert (np.diff(scores[0]) <= 0).all()
+    for got, expected in zip(index.search(others, 10), before):  # other queries: unchanged
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "numpy"])
+def test_the_pinned_answer_stays_exact_through_live_adds_and_removals(kind):
+    ids, vecs, bias = make_ads(400)
+    index = any_index(kind, ids, vecs, bias, ef_search=400)  # a full beam: HNSW's fallback is exact too
+    query = mean_query(vecs)
+    index.pin_query(query, depth=30)
+    rng = np.random.default_rng(5)
+    direction = unit(query[:-1])
+    for step in range(40):
+        if step % 3 == 0:  # a strong new ad, then a weak one: only the first enters the list
+            index.add(f"new-{step}", unit(direction + 0.3 * rng.standard_normal(D).astype(np.float32)), 0.5)
+            index.add(f"weak-{step}", unit(-direction), -0.5)
+        elif step % 3 == 1:  # retire one of today's best
+            best = result_ids(index, index.search(query[None, :], 3)[1])[0]
+            index.remove(best[int(rng.integers(len(best)))])
+        else:  # re-add a live ad with a new vector: its old slot retires
+            index.add(ids[int(rng.integers(200, 400))], unit(rng.standard_normal(D)), 0.0)
+        for k in (1, 10, 25):
+            assert result_ids(index, index.search(query[None, :], k)[1])[0] == live_brute_force(index, query, k), (step, k)
+
+
+@pytest.mark.parametrize("kind", ["flat", "numpy"])
+def test_a_pinned_list_short_of_k_after_removals_falls_back_to_a_real_search(kind):
+    ids, vecs, bias = make_ads(200)
+    index = any_index(kind, ids, vecs, bias)
+    query = mean_query(vecs)
+    index.pin_query(query, depth=12)
+    top = result_ids(index, index.search(query[None, :], 12)[1])[0]
+    index.remove_many(top[:8])  # 4 left in the list
+    assert result_ids(index, index.search(query[None, :], 4)[1])[0] == live_brute_force(index, query, 4)
+    assert result_ids(index, index.search(query[None, :], 10)[1])[0] == live_brute_force(index, query, 10)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "numpy"])
+def test_a_pinned_list_holding_the_whole_catalogue_takes_every_add_and_pads(kind):
+    ids, vecs, bias = make_ads(5)
+    index = any_index(kind, ids, vecs, bias)
+    query = mean_query(vecs)
+    index.pin_query(query, depth=8)
+    index.add("low", unit(-query[:-1]), -3.0)  # the worst ad of all still belongs to the list
+    scores, slots = index.search(query[None, :], 10)
+    assert result_ids(index, slots)[0] == live_brute_force(index, query, 10) and result_ids(index, slots)[0][-1] == "low"
+    assert (slots[0, 6:] == -1).all() and np.isneginf(scores[0, 6:]).all()
+    for i in range(5):
+        index.add(f"more-{i}", unit(np.random.default_rng(i).standard_normal(D)), 0.0)
+    assert result_ids(index, index.search(query[None, :], 8)[1])[0] == live_brute_force(index, query, 8)
+    assert result_ids(index, index.search(query[None, :], 10)[1])[0] == live_brute_force(index, query, 10)
+
+
+def test_pin_query_refuses_a_query_of_the_wrong_width():
+    ids, vecs, bias = make_ads(20)
+    index = build("flat", ids, vecs, bias)
+    with pytest.raises(InvalidQueryError):
+        index.pin_query(np.ones(D, np.float32), depth=5)

@@ -87,6 +87,27 @@ def test_a_new_user_is_served_from_the_global_mean(api, published):
     assert [i["ad_id"] for i in body["items"]] == [r.ad_id for r in reference.recommend(reference.prior.vector, k=5)]
 
 
+def test_new_users_are_answered_from_the_exact_list_pinned_at_load_not_by_searching(api, published, monkeypatch):
+    """Every new user shares the prior query: the index answers it from the exact list pinned
+    when the snapshot loaded, with no index search (for HNSW: exact, where a search is not)."""
+    client, service = api
+    reference = Recommender.load(published, "synthetic")
+    faiss_index = service.state.index._index
+
+    class NoSearch:
+        def __getattr__(self, name):
+            if name == "search":
+                raise AssertionError("the new user's query reached the faiss index")
+            return getattr(faiss_index, name)
+
+    monkeypatch.setattr(service.state.index, "_index", NoSearch())
+    body = recommend(client, user="another-new-user", k=30)
+    assert body["user_status"] == "new"
+    assert [i["ad_id"] for i in body["items"]] == [r.ad_id for r in reference.recommend(reference.prior.vector, k=30)]
+    with pytest.raises(AssertionError, match="reached the faiss index"):
+        recommend(client, k=5)  # a known user: a real search
+
+
 def test_a_click_moves_the_users_vector_and_the_next_response_reflects_it(api, published):
     client, service = api
     before = recommend(client, k=20)

@@ -247,16 +247,93 @@ def _checked_ads(
     return ids, vecs, bias
 
 
+@dataclass
+class _PinnedQuery:
+    """The exact answer to one pinned query: ``slots`` / ``scores`` are the exact top
+    ``len(slots)`` live ads, best first (``complete``: they are every live ad)."""
+
+    query: np.ndarray  # (d+1,) float32
+    depth: int
+    slots: np.ndarray  # int64
+    scores: np.ndarray  # float32
+    complete: bool
+
+
 class _SlotTable(ABC):
     """Slot bookkeeping shared by :class:`AdIndex` and :class:`NumpyIndex`: slots are issued
     sequentially and never reused; ``_slot_ids[slot]`` is the ad a slot was issued for,
-    ``_slot_of`` maps live ads to their slot and ``_live`` masks the live slots."""
+    ``_slot_of`` maps live ads to their slot and ``_live`` masks the live slots.
+
+    It also keeps the exact answer to one *pinned* query (:meth:`pin_query`)."""
 
     _slot_ids: list[str]
     _slot_of: dict[str, int]
     _live: np.ndarray
     _lock: _ReadWriteLock
     _dim: int
+    _pinned: _PinnedQuery | None = None
+
+    @abstractmethod
+    def _exact_top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Under a lock the caller holds: the exact top-k live ads of the query rows ``q``
+        (scores float32, slots int64, padded with -inf / -1)."""
+
+    def pin_query(self, query: np.ndarray, depth: int) -> None:
+        """Answer ``query`` (d+1,) exactly, from a cached top-``depth``, from now on.
+
+        Why: every new user is served from the same prior query ``[global_mean, 1]``; an HNSW
+        search for it costs as much as any other and, the mean being unlike any one user,
+        finds only part of its true top-k. One exact scan when the snapshot loads answers all
+        of them exactly; live adds and removals keep the cached list exact (an add that beats
+        the list's last score enters it; a removal leaves the exact top of the rest). A search
+        for exactly this query with ``k`` up to the list's length is answered from it; a
+        longer one (after many removals) searches the index as usual. One query at a time:
+        pinning another replaces it.
+        """
+        q = _check_queries(np.asarray(query, dtype=np.float32).reshape(1, -1), self._dim + 1)
+        depth = _check_k(depth)
+        with self._lock.write():
+            scores, slots = self._exact_top(q, depth)
+            keep = slots[0] >= 0
+            self._pinned = _PinnedQuery(
+                q[0].copy(), depth, slots[0][keep].astype(np.int64), scores[0][keep].astype(np.float32),
+                complete=int(keep.sum()) == len(self._slot_of),
+            )
+
+    def _pinned_answer(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Under the read lock: the cached exact answer to ``q``, or None if it cannot give one."""
+        pinned = self._pinned
+        if pinned is None or len(q) != 1 or (k > len(pinned.slots) and not pinned.complete):
+            return None
+        if not np.array_equal(q[0], pinned.query):
+            return None
+        take = min(k, len(pinned.slots))
+        scores = np.full((1, k), -np.inf, dtype=np.float32)
+        slots = np.full((1, k), -1, dtype=np.int64)
+        scores[0, :take], slots[0, :take] = pinned.scores[:take], pinned.slots[:take]
+        return scores, slots
+
+    def _pinned_add(self, slot: int, row: np.ndarray) -> None:
+        """Under the write lock, after ``slot`` went live with stored ``row`` (d+1,)."""
+        pinned = self._pinned
+        if pinned is None:
+            return
+        score = np.float32(np.dot(row.astype(np.float32), pinned.query))
+        if not pinned.complete and (len(pinned.slots) == 0 or not score > pinned.scores[-1]):
+            return  # an ad outside the list may score higher: the list stays the exact top it is
+        at = int(np.searchsorted(-pinned.scores, -score, side="right"))
+        slots = np.insert(pinned.slots, at, slot)
+        scores = np.insert(pinned.scores, at, score)
+        complete = pinned.complete and len(slots) <= pinned.depth
+        self._pinned = _PinnedQuery(pinned.query, pinned.depth, slots[: pinned.depth], scores[: pinned.depth], complete)
+
+    def _pinned_remove(self, slots: np.ndarray) -> None:
+        """Under the write lock, after ``slots`` were retired."""
+        pinned = self._pinned
+        if pinned is None:
+            return
+        keep = ~np.isin(pinned.slots, slots)
+        self._pinned = _PinnedQuery(pinned.query, pinned.depth, pinned.slots[keep], pinned.scores[keep], pinned.complete)
 
     @abstractmethod
     def remove_many(self, ad_ids: Iterable[str]) -> None:
@@ -455,6 +532,9 @@ class AdIndex(_SlotTable):
         with self._lock.read():
             if not self._slot_of:
                 return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+            cached = self._pinned_answer(q, k)
+            if cached is not None:
+                return cached
             if self._kind == HNSW:
                 scores, slots = self._index.search(q, k, params=self._hnsw_params(k))
                 short = np.flatnonzero((slots >= 0).sum(axis=1) < min(k, len(self._slot_of)))
@@ -464,6 +544,18 @@ class AdIndex(_SlotTable):
                     scores[short], slots[short] = storage.search(q[short], k, params=params)
             else:
                 scores, slots = self._index.search(q, k)
+        scores[slots < 0] = -np.inf
+        return scores, slots
+
+    def _exact_top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self._slot_of:
+            return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+        if self._kind == HNSW:  # an exact scan of the stored rows, tombstones masked
+            storage = faiss.downcast_index(self._index.storage)
+            params = faiss.SearchParameters(sel=self._selector) if self._selector is not None else None
+            scores, slots = storage.search(q, k, params=params)
+        else:
+            scores, slots = self._index.search(q, k)
         scores[slots < 0] = -np.inf
         return scores, slots
 
@@ -509,6 +601,7 @@ class AdIndex(_SlotTable):
             self._live[slot] = True
             self._slot_of[ad_id] = slot
             self._refresh_selector()
+            self._pinned_add(slot, row[0])
         return slot
 
     def remove_many(self, ad_ids: Iterable[str]) -> None:
@@ -530,6 +623,7 @@ class AdIndex(_SlotTable):
             self._n_tombstones += len(slots)
         else:
             self._index.remove_ids(slots)
+        self._pinned_remove(slots)
 
     # ------------------------------------------------------------------ persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -734,16 +828,22 @@ class NumpyIndex(_SlotTable):
         int64)``, best first, padded with -1 / -inf. ``threads``: BLAS threads for the product."""
         q = _check_queries(queries, self._dim + 1)
         k = _check_k(k)
+        with self._lock.read():
+            cached = self._pinned_answer(q, k)
+            if cached is not None:
+                return cached
+            with _blas_threads(threads):
+                return self._exact_top(q, k)
+
+    def _exact_top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         out_slots = np.full((len(q), k), -1, dtype=np.int64)
-        with self._lock.read():
-            n, n_live = len(self._slot_ids), len(self._slot_of)
-            if n_live == 0 or len(q) == 0:
-                return out_scores, out_slots
-            with _blas_threads(threads):
-                scores = self._scores(q, n)
-            if len(self._dead):
-                scores[:, self._dead] = -np.inf
+        n, n_live = len(self._slot_ids), len(self._slot_of)
+        if n_live == 0 or len(q) == 0:
+            return out_scores, out_slots
+        scores = self._scores(q, n)
+        if len(self._dead):
+            scores[:, self._dead] = -np.inf
         top = min(k, n_live)  # retired rows score -inf, so the top `top` are all live
         if top < n:
             slots = _top_unordered(scores, top)
@@ -784,6 +884,7 @@ class NumpyIndex(_SlotTable):
             self._live[slot] = True
             self._slot_ids.append(ad_id)
             self._slot_of[ad_id] = slot
+            self._pinned_add(slot, self._rows[slot])
         return slot
 
     def remove_many(self, ad_ids: Iterable[str]) -> None:
@@ -801,6 +902,7 @@ class NumpyIndex(_SlotTable):
         self._live[slots] = False
         self._rows[slots] = 0.0
         self._dead = np.union1d(self._dead, slots).astype(np.int64)
+        self._pinned_remove(slots)
 
     def _grow(self, needed: int) -> None:
         """Under the write lock: room for ``needed`` slots and spare rows again."""

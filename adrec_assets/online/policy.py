@@ -512,10 +512,16 @@ def _eligible_live(index: InnerProductIndex, excluded: np.ndarray) -> np.ndarray
     return live[~np.isin(live, excluded)] if len(excluded) else live
 
 
+def todays_query(user: np.ndarray) -> np.ndarray:
+    """Today's score as an index query: ``[u, 1]`` (d+1,) float32, bit for bit what the
+    greedy policy searches with (so an index can pin it, :meth:`AdIndex.pin_query`)."""
+    return np.concatenate([np.asarray(user, dtype=np.float64), [1.0]]).astype(np.float32)
+
+
 def _mean_query(posterior: LaplaceLogisticPosterior | None, user: np.ndarray) -> np.ndarray:
     """Greedy query: the posterior mean folded, or today's ``[u, 1]`` without a posterior."""
     if posterior is None:
-        return np.concatenate([user, [1.0]]).astype(np.float32)[None, :]
+        return todays_query(user)[None, :]
     if posterior.dim != len(user):
         raise ValueError(f"posterior: {posterior.dim}-d posterior for a {len(user)}-d index")
     return fold_queries(posterior.mean(), user)

@@ -49,7 +49,7 @@ from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
-from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy
+from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy, todays_query
 from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.privacy import key_fingerprint, pseudonymize
@@ -207,10 +207,15 @@ def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
 
 
 def load_state(
-    snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore, index_backend: str = "faiss"
+    snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore, index_backend: str = "faiss",
+    prior_depth: int = 1000,
 ) -> ModelState:
     """Load ``snapshot`` completely, then apply the store's live ads and retirements;
-    ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS."""
+    ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS.
+
+    The new users' query ``[global_mean, 1]`` is pinned in the index (exact top
+    ``prior_depth``, :meth:`AdIndex.pin_query`): they all share it, so one exact scan
+    serves every one of them exactly instead of an approximate search each."""
     indexed = snapshots.load("ad_index", snapshot)
     if index_backend == "numpy":
         indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
@@ -226,6 +231,7 @@ def load_state(
         posterior=_posterior_of(snapshots, snapshot, users.dim),
     )
     state.catalog_row = {ad: row for row, ad in enumerate(state.catalog.ad_ids.tolist())}
+    state.index.pin_query(todays_query(state.prior.vector), prior_depth)
     for live in online.live_ads():
         if live.ad_id in state.catalog_row:
             continue  # the source itself now carries this ad: its trained projection wins
@@ -363,7 +369,9 @@ class RecommendationService:
             current = self.snapshots.current_id()
             if current is None or (self._state is not None and self._state.version == current):
                 return False
-            new = load_state(self.snapshots, self.snapshots.snapshot(current), self.online, self.config.index_backend)
+            new = load_state(
+                self.snapshots, self.snapshots.snapshot(current), self.online, self.config.index_backend, self.config.max_k
+            )
             self._pinned = self._load_pinned(new)
             old, self._state = self._state, new  # the one moment a new version starts serving
             self.reloads += 1
@@ -404,7 +412,8 @@ class RecommendationService:
         for version in wanted - {current.version}:
             try:
                 pinned[version] = self._pinned.get(version) or load_state(
-                    self.snapshots, self.snapshots.snapshot(version), self.online, self.config.index_backend
+                    self.snapshots, self.snapshots.snapshot(version), self.online, self.config.index_backend,
+                    self.config.max_k,
                 )
             except SnapshotError as exc:
                 log.warning("experiment arm model_version %s cannot be served: %s", version, exc)
