@@ -762,7 +762,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[10_000, 100_000, 1_000_000], help="e.g. 10k 100k 1m")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
-    parser.add_argument("--requests", type=int, default=2000, help="requests per load phase (all clients together)")
+    parser.add_argument("--requests", type=int, default=10000, help="requests per load phase (all clients together)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time limit per load phase")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the second phase")
     parser.add_argument("--workers", type=int, default=1,
