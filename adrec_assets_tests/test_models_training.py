@@ -13,7 +13,9 @@ from adrec_assets.ml.training import (
     TrainingDataError,
     fit_popularity_head,
     planned_epochs,
+    planned_steps,
     project,
+    refresh_steps,
     score_bias,
     train_projector,
     train_user_embeddings,
@@ -289,6 +291,41 @@ def test_planned_epochs_raise_small_sources_to_the_step_floor():
     assert planned_epochs(20, 0, n_pairs=100, batch_size=10) == 20
     assert planned_epochs(0, 2000, n_pairs=100, batch_size=10) == 0  # explicit "no training"
     assert planned_epochs(1, 25, n_pairs=101, batch_size=10) == 3  # 11 steps per epoch, ceil
+
+
+def test_the_step_cap_bounds_large_sources_but_never_cuts_the_user_table_below_one_pass():
+    # ml-latest-small's user space: 391 steps per pass, 20 passes capped at 4,000 steps
+    assert planned_steps(20, 2000, 4000, n_pairs=200_000, batch_size=512, at_least_one_pass=True) == 4000
+    # a million users: one pass (19,532 steps) is more than the cap, and every user needs a visit
+    assert planned_steps(20, 2000, 4000, n_pairs=10_000_000, batch_size=512, at_least_one_pass=True) == 19_532
+    # the projector is one shared MLP: the cap is its schedule at any size
+    assert planned_steps(10, 1500, 4000, n_pairs=10_000_000, batch_size=128, at_least_one_pass=False) == 4000
+    # small sources: the floor still raises them; 0 = no cap; 0 epochs = no training
+    assert planned_steps(20, 2000, 4000, n_pairs=100, batch_size=10, at_least_one_pass=True) == 2000
+    assert planned_steps(20, 2000, 0, n_pairs=200_000, batch_size=512, at_least_one_pass=True) == 20 * 391
+    assert planned_steps(0, 2000, 4000, n_pairs=100, batch_size=10, at_least_one_pass=True) == 0
+
+
+def test_a_refresh_is_its_passes_or_the_same_share_of_a_capped_full_schedule():
+    # uncapped: 2 of 20 passes
+    assert refresh_steps(20 * 391, 2, 20, n_pairs=200_000, batch_size=512) == 2 * 391
+    # capped full schedule (4,000 steps = 10 passes): a refresh is 2/20 of it, not 2 full passes
+    assert refresh_steps(4000, 2, 20, n_pairs=200_000, batch_size=512) == 400
+    assert refresh_steps(4000, 2, 10, n_pairs=1_000_000, batch_size=128) == 800
+
+
+def test_training_stops_at_the_step_cap_mid_pass():
+    params = UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0, max_steps=0)
+    full = train_user_embeddings(GRAPH, params)
+    per_pass = full.history.steps // 50
+    capped = train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0,
+                                                             max_steps=3 * per_pass + 2))
+    assert capped.history.steps == 3 * per_pass + 2 and len(capped.history.epoch_losses) == 4
+    once = train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0, max_steps=1))
+    assert once.history.steps == per_pass  # never below one pass over the users' clicks
+    proj = train_projector(GRAPH, _content(), full.vectors, ProjectorParams(hidden_dim=16, epochs=50, batch_size=32,
+                                                                         min_steps=0, max_steps=7))
+    assert proj.history.steps == 7 and proj.history.pairs <= 7 * 32 < 50 * GRAPH.n_clicks
 
 
 def test_user_training_runs_at_least_min_steps():

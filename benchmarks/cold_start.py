@@ -58,7 +58,7 @@ def overrides(pairs: list[str], cls: type) -> dict:
         key, _, value = pair.partition("=")
         if key not in types:
             raise SystemExit(f"unknown {cls.__name__} field {key!r}; choose from {sorted(types)}")
-        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[str(types[key])](value)
+        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[str(types[key])](value) if str(types[key]) != "str" else value
     return out
 
 

@@ -23,6 +23,9 @@ class UserTrainingParams:
     temperature: float = setting(0.07, "InfoNCE temperature.")
     epochs: int = setting(20, "Passes over the co-clicked pairs (at least).")
     min_steps: int = setting(2000, "Raise the epochs until at least this many optimizer steps run.")
+    max_steps: int = setting(
+        4000, "Cap the optimizer steps (0 = no cap), but never below one pass: each user's row must be visited."
+    )
     batch_size: int = setting(512, "Pairs per step (in-batch negatives).")
     lr: float = setting(3e-3, "SparseAdam learning rate.")
     weight_decay: float = setting(0.0, "L2 penalty on the rows of each batch.")
@@ -46,4 +49,5 @@ class ProjectorParams:
         0.25, "Weight of the content-predicted popularity z-score added to the cosine (0 = pure cosine)."
     )
     min_steps: int = setting(1500, "Raise the epochs until at least this many optimizer steps run.")
+    max_steps: int = setting(4000, "Cap the optimizer steps (0 = no cap): one MLP shared by all ads.")
     seed: int = setting(0, "Seeds init, dropout and sampling.")

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,19 +106,51 @@ def planned_epochs(epochs: int, min_steps: int, n_pairs: int, batch_size: int) -
     return max(epochs, -(-min_steps // steps_per_epoch))
 
 
+def planned_steps(
+    epochs: int, min_steps: int, max_steps: int, n_pairs: int, batch_size: int, at_least_one_pass: bool
+) -> int:
+    """Optimizer steps of a full training: :func:`planned_epochs`' steps, capped at ``max_steps``
+    (0: no cap) and, with ``at_least_one_pass``, never below one pass over the pairs.
+
+    Why a cap: what a model needs is a number of updates, not of passes. On ml-latest-small
+    (100k clicks) 2,300-3,900 steps matched the 7,800 of 20 + 10 passes (cold-start
+    Recall@20, ``benchmarks/README.md``), while at 10M clicks 20 passes are 390k steps
+    (hours). The projector is one MLP shared by all ads, so a step budget is its whole
+    schedule; the user table has a row per user, which learns only when its user is in a
+    batch, so it gets at least one pass however large the source.
+    """
+    steps_per_epoch = max(1, -(-n_pairs // batch_size))
+    steps = planned_epochs(epochs, min_steps, n_pairs, batch_size) * steps_per_epoch
+    if max_steps > 0:
+        steps = min(steps, max(max_steps, steps_per_epoch if at_least_one_pass else 0))
+    return steps
+
+
+def refresh_steps(full_steps: int, refresh_epochs: int, epochs: int, n_pairs: int, batch_size: int) -> int:
+    """Steps of a warm-start refresh: ``refresh_epochs`` passes, but at most the same share of
+    the full schedule (``refresh_epochs / epochs`` of ``full_steps``), so that a refresh stays
+    a fixed fraction of a full retrain when the step cap shortens the full one."""
+    steps_per_epoch = max(1, -(-n_pairs // batch_size))
+    return min(refresh_epochs * steps_per_epoch, -(-full_steps * refresh_epochs // max(epochs, 1)))
+
+
 def fit_epochs(
     epochs: int,
     batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
     batch_loss: Callable[[np.ndarray, np.ndarray], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     progress: ProgressFn | None,
+    max_steps: int | None = None,
 ) -> TrainingHistory:
-    """The loop both trainers share: one optimizer step per batch, mean loss per epoch."""
+    """The loop both trainers share: one optimizer step per batch, mean loss per epoch;
+    ``max_steps`` ends the run after that many steps (the last epoch may be partial)."""
     history = TrainingHistory()
     started = time.perf_counter()
     for epoch in range(epochs):
         total, count = 0.0, 0
         for left, right in batches():
+            if max_steps is not None and history.steps >= max_steps:
+                break
             loss = batch_loss(left, right)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,12 +158,22 @@ def fit_epochs(
             total += loss.detach().item() * len(left)
             count += len(left)
             history.steps += 1
+        if count == 0:
+            break
         history.pairs += count
         history.epoch_losses.append(total / max(count, 1))
         if progress:
             progress(epoch + 1, epochs, history.epoch_losses[-1])
     history.seconds = time.perf_counter() - started
     return history
+
+
+def _schedule(params: Any, n_pairs: int, refresh_epochs: int | None, at_least_one_pass: bool) -> tuple[int, int]:
+    """(epochs to iterate, steps to run) of a full training or, with ``refresh_epochs``, a refresh."""
+    full = planned_steps(params.epochs, params.min_steps, params.max_steps, n_pairs, params.batch_size, at_least_one_pass)
+    steps = full if refresh_epochs is None else refresh_steps(full, refresh_epochs, params.epochs, n_pairs, params.batch_size)
+    steps_per_epoch = max(1, -(-n_pairs // params.batch_size))
+    return -(-steps // steps_per_epoch), steps
 
 
 def normalized_mean(vectors: np.ndarray) -> tuple[np.ndarray, float]:
@@ -160,9 +203,12 @@ def train_user_embeddings(
     the trained users (the same cold-start prior a new user gets) and are flagged in
     ``isolated``.
 
-    ``init`` (n_users, dim) replaces the random initialization (a warm start from the
-    previous materialization) and ``epochs`` then replaces the planned schedule: the
-    step floor is for a random start, not for refining a converged one.
+    The schedule is :func:`planned_steps` (passes raised to ``min_steps``, capped at
+    ``max_steps`` but never below one pass). ``init`` (n_users, dim) replaces the random
+    initialization (a warm start from the previous materialization) and ``epochs`` then
+    makes it a refresh of that many passes, at most that share of the full schedule
+    (:func:`refresh_steps`): the step floor is for a random start, not for refining a
+    converged one.
     """
     _check_common(params.batch_size, params.epochs, params.temperature, params.lr)
     if init is not None and init.shape != (graph.n_users, params.dim):
@@ -191,9 +237,8 @@ def train_user_embeddings(
                 loss = loss + params.weight_decay * 0.5 * (left.pow(2).sum(-1) + right.pow(2).sum(-1)).mean()
             return loss
 
-        if epochs is None:
-            epochs = planned_epochs(params.epochs, params.min_steps, sampler.n_anchors, params.batch_size)
-        history = fit_epochs(epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress)
+        n_epochs, steps = _schedule(params, sampler.n_anchors, epochs, at_least_one_pass=True)
+        history = fit_epochs(n_epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress, steps)
         vectors = torch.nn.functional.normalize(table.weight.detach(), dim=-1).numpy().astype(np.float32)
     isolated = sampler.isolated_users
     if isolated.any():
@@ -224,9 +269,11 @@ def train_projector(
     clicker; other clickers in the batch are negatives) + ``centroid_weight`` x squared
     distance between the projected ad and the mean vector of all its clickers.
 
-    ``init_state`` (a previous projector's state dict, same spec) warm-starts the weights
-    and ``epochs`` then replaces the planned schedule; the popularity head is refitted
-    in closed form either way.
+    The schedule is :func:`planned_steps` (passes raised to ``min_steps``, capped at
+    ``max_steps``). ``init_state`` (a previous projector's state dict, same spec)
+    warm-starts the weights and ``epochs`` then makes it a refresh of that many passes, at
+    most that share of the full schedule (:func:`refresh_steps`); the popularity head is
+    refitted in closed form either way.
     """
     _check_common(params.batch_size, params.epochs, params.temperature, params.lr)
     if len(ad_content) != graph.n_ads or len(user_vectors) != graph.n_users:
@@ -258,9 +305,8 @@ def train_projector(
             loss = info_nce(projected, users[u], params.temperature, a, u)
             return loss + params.centroid_weight * centroid_mse(projected, centroids[a])
 
-        if epochs is None:
-            epochs = planned_epochs(params.epochs, params.min_steps, graph.n_clicks, params.batch_size)
-        history = fit_epochs(epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress)
+        n_epochs, steps = _schedule(params, graph.n_clicks, epochs, at_least_one_pass=False)
+        history = fit_epochs(n_epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress, steps)
     fit_popularity_head(model, graph, ad_content, params.seed)
     model.eval()
     return ProjectorTrainingResult(
