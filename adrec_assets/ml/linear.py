@@ -36,9 +36,14 @@ def ridge_fit(
     cut = max(1, len(x1) // 10)
     val, fit = order[:cut], order[cut:]
 
-    def solve(rows: np.ndarray, alpha: float) -> np.ndarray:
-        gram = x1[rows].T @ x1[rows] + alpha * np.eye(x1.shape[1])
-        return np.linalg.solve(gram, x1[rows].T @ y[rows])
+    def normal_equations(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x1[rows].T @ x1[rows], x1[rows].T @ y[rows]
 
-    errors = [float(((x1[val] @ solve(fit, alpha) - y[val]) ** 2).sum(axis=-1).mean()) for alpha in alphas]
-    return solve(np.arange(len(x1)), alphas[int(np.argmin(errors))])
+    def solve(system: tuple[np.ndarray, np.ndarray], alpha: float) -> np.ndarray:
+        gram, xty = system
+        return np.linalg.solve(gram + alpha * np.eye(x1.shape[1]), xty)
+
+    # one Gram matrix for all the alphas (each costs n x d^2: ~1 s at 50k ads x 768)
+    on_fit = normal_equations(fit)
+    errors = [float(((x1[val] @ solve(on_fit, alpha) - y[val]) ** 2).sum(axis=-1).mean()) for alpha in alphas]
+    return solve(normal_equations(np.arange(len(x1))), alphas[int(np.argmin(errors))])
