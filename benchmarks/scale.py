@@ -114,6 +114,8 @@ def generate_source(folder: Path, n_users: int, clicks_per_user: float, n_ads: i
     stamp = {"users": n_users, "clicks_per_user": clicks_per_user, "ads": n_ads, "seed": seed}
     stamp_file = folder / "generated.json"
     if stamp_file.exists() and json.loads(stamp_file.read_text()).get("base") == stamp:
+        for appended in (folder / "clicks").glob("new-*.parquet"):
+            appended.unlink()  # a previous --refresh run's clicks: the full run must not see them
         return json.loads(stamp_file.read_text())
     import shutil
 
