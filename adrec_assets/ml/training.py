@@ -93,6 +93,11 @@ def _check_common(batch_size: int, epochs: int, temperature: float, lr: float) -
         raise ValueError(f"need epochs >= 0, temperature > 0, lr > 0; got {epochs}, {temperature}, {lr}")
 
 
+def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over ``n_pairs`` (at least 1)."""
+    return max(1, -(-n_pairs // batch_size))
+
+
 def planned_epochs(epochs: int, min_steps: int, n_pairs: int, batch_size: int) -> int:
     """``epochs``, raised until the run makes at least ``min_steps`` optimizer steps.
 
@@ -102,8 +107,7 @@ def planned_epochs(epochs: int, min_steps: int, n_pairs: int, batch_size: int) -
     """
     if epochs == 0:
         return 0
-    steps_per_epoch = max(1, -(-n_pairs // batch_size))
-    return max(epochs, -(-min_steps // steps_per_epoch))
+    return max(epochs, -(-min_steps // steps_per_epoch(n_pairs, batch_size)))
 
 
 def planned_steps(
@@ -119,10 +123,10 @@ def planned_steps(
     schedule; the user table has a row per user, which learns only when its user is in a
     batch, so it gets at least one pass however large the source.
     """
-    steps_per_epoch = max(1, -(-n_pairs // batch_size))
-    steps = planned_epochs(epochs, min_steps, n_pairs, batch_size) * steps_per_epoch
+    one_pass = steps_per_epoch(n_pairs, batch_size)
+    steps = planned_epochs(epochs, min_steps, n_pairs, batch_size) * one_pass
     if max_steps > 0:
-        steps = min(steps, max(max_steps, steps_per_epoch if at_least_one_pass else 0))
+        steps = min(steps, max(max_steps, one_pass if at_least_one_pass else 0))
     return steps
 
 
@@ -130,8 +134,8 @@ def refresh_steps(full_steps: int, refresh_epochs: int, epochs: int, n_pairs: in
     """Steps of a warm-start refresh: ``refresh_epochs`` passes, but at most the same share of
     the full schedule (``refresh_epochs / epochs`` of ``full_steps``), so that a refresh stays
     a fixed fraction of a full retrain when the step cap shortens the full one."""
-    steps_per_epoch = max(1, -(-n_pairs // batch_size))
-    return min(refresh_epochs * steps_per_epoch, -(-full_steps * refresh_epochs // max(epochs, 1)))
+    passes = refresh_epochs * steps_per_epoch(n_pairs, batch_size)
+    return min(passes, -(-full_steps * refresh_epochs // max(epochs, 1)))
 
 
 def fit_epochs(
@@ -172,8 +176,7 @@ def _schedule(params: Any, n_pairs: int, refresh_epochs: int | None, at_least_on
     """(epochs to iterate, steps to run) of a full training or, with ``refresh_epochs``, a refresh."""
     full = planned_steps(params.epochs, params.min_steps, params.max_steps, n_pairs, params.batch_size, at_least_one_pass)
     steps = full if refresh_epochs is None else refresh_steps(full, refresh_epochs, params.epochs, n_pairs, params.batch_size)
-    steps_per_epoch = max(1, -(-n_pairs // params.batch_size))
-    return -(-steps // steps_per_epoch), steps
+    return -(-steps // steps_per_epoch(n_pairs, params.batch_size)), steps
 
 
 def normalized_mean(vectors: np.ndarray) -> tuple[np.ndarray, float]:

@@ -204,8 +204,7 @@ class _TopK:
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         n, have = self.scores.shape
         order = np.lexsort((self.rows, -self.scores), axis=1) if have else np.zeros((n, 0), dtype=np.int64)
-        scores = np.full((n, self.k), -np.inf, dtype=np.float32)
-        rows = np.full((n, self.k), -1, dtype=np.int64)
+        scores, rows = _no_results(n, self.k)
         scores[:, :have] = np.take_along_axis(self.scores, order, axis=1)
         rows[:, :have] = np.take_along_axis(self.rows, order, axis=1)
         return scores, rows
@@ -245,6 +244,11 @@ def _checked_ads(
         dup = next(a for a in ids if a in seen or seen.add(a))  # type: ignore[func-returns-value]
         raise DuplicateAdIdError(f"ad id {dup!r} appears more than once; ad ids must be unique")
     return ids, vecs, bias
+
+
+def _no_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``search``'s padding for ``n_queries`` rows: scores -inf (float32), slots -1 (int64)."""
+    return np.full((n_queries, k), -np.inf, dtype=np.float32), np.full((n_queries, k), -1, dtype=np.int64)
 
 
 @dataclass
@@ -308,8 +312,7 @@ class _SlotTable(ABC):
         if not np.array_equal(q[0], pinned.query):
             return None
         take = min(k, len(pinned.slots))
-        scores = np.full((1, k), -np.inf, dtype=np.float32)
-        slots = np.full((1, k), -1, dtype=np.int64)
+        scores, slots = _no_results(1, k)
         scores[0, :take], slots[0, :take] = pinned.scores[:take], pinned.slots[:take]
         return scores, slots
 
@@ -531,25 +534,22 @@ class AdIndex(_SlotTable):
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock.read():
             if not self._slot_of:
-                return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+                return _no_results(len(q), k)
             cached = self._pinned_answer(q, k)
             if cached is not None:
                 return cached
-            if self._kind == HNSW:
-                scores, slots = self._index.search(q, k, params=self._hnsw_params(k))
-                short = np.flatnonzero((slots >= 0).sum(axis=1) < min(k, len(self._slot_of)))
-                if len(short):  # beam starved by tombstones: exact scan of live rows instead
-                    storage = faiss.downcast_index(self._index.storage)
-                    params = faiss.SearchParameters(sel=self._selector) if self._selector is not None else None
-                    scores[short], slots[short] = storage.search(q[short], k, params=params)
-            else:
-                scores, slots = self._index.search(q, k)
+            if self._kind != HNSW:
+                return self._exact_top(q, k)
+            scores, slots = self._index.search(q, k, params=self._hnsw_params(k))
+            short = np.flatnonzero((slots >= 0).sum(axis=1) < min(k, len(self._slot_of)))
+            if len(short):  # beam starved by tombstones: exact scan of live rows instead
+                scores[short], slots[short] = self._exact_top(q[short], k)
         scores[slots < 0] = -np.inf
         return scores, slots
 
     def _exact_top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self._slot_of:
-            return np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+            return _no_results(len(q), k)
         if self._kind == HNSW:  # an exact scan of the stored rows, tombstones masked
             storage = faiss.downcast_index(self._index.storage)
             params = faiss.SearchParameters(sel=self._selector) if self._selector is not None else None
@@ -836,8 +836,7 @@ class NumpyIndex(_SlotTable):
                 return self._exact_top(q, k)
 
     def _exact_top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        out_slots = np.full((len(q), k), -1, dtype=np.int64)
+        out_scores, out_slots = _no_results(len(q), k)
         n, n_live = len(self._slot_ids), len(self._slot_of)
         if n_live == 0 or len(q) == 0:
             return out_scores, out_slots
