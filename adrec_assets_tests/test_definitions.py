@@ -25,14 +25,14 @@ EXPECTED_DEPS = {
     "ad_embeddings_raw": {"raw_ads"},
     "user_embeddings": {"click_graph"},
     "global_mean": {"user_embeddings"},
-    "projector": {"ad_embeddings_raw", "click_graph", "user_embeddings"},
-    "ad_projected": {"ad_embeddings_raw", "projector"},
+    "projector": {"raw_ads", "ad_embeddings_raw", "click_graph", "user_embeddings"},  # raw_ads: the ad fields
+    "ad_projected": {"raw_ads", "ad_embeddings_raw", "projector"},
     "ad_index": {"ad_projected", "user_embeddings"},  # recall is measured on the partition's users
     "position_bias": set(),  # reads the served event log
     "policy_posterior": {"user_embeddings", "global_mean", "ad_projected", "position_bias"},
     "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
                  "ad_projected", "ad_index", "position_bias", "policy_posterior"},  # publishes the run's artifacts together
-    "evaluation": {"click_graph", "ad_embeddings_raw", "user_embeddings", "projector"},
+    "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector"},
     "experiment_report": set(),  # reads the served event log and the experiments file
 }
 REPORTS = {"evaluation", "experiment_report"}  # written beside the snapshots, outside the pipeline job

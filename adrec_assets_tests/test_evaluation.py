@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,10 @@ from adrec_assets.ml.evaluation import (
     PIPELINE,
     EvaluationError,
     EvaluationParams,
+    EvaluationReport,
+    MethodResult,
     cold_split,
+    combine_seeds,
     compare_refresh,
     content_knn_scores,
     evaluate_cold_start,
@@ -190,7 +195,7 @@ def test_evaluate_cold_start_reports_every_method_and_learns_content():
         ProjectorParams(hidden_dim=32, epochs=15, batch_size=64, lr=3e-3, min_steps=0),
         EvaluationParams(seed=0, k=10),
     )
-    assert list(report.results) == list(METHOD_ORDER)
+    assert list(report.results) == [m for m in METHOD_ORDER if m != "ridge_als_fields"]  # no fields declared
     cold_ids = set(graph.ad_ids[cold_split(graph, EvaluationParams(seed=0, k=10)).cold_ads])
     assert report.n_eval_users == len({u for u, a in click_set(graph) if a in cold_ids})
     # 20 cold ads, 10 per cluster: a user's held-out clicks should fill its top 10 (random
@@ -201,7 +206,7 @@ def test_evaluate_cold_start_reports_every_method_and_learns_content():
     assert report.results[PIPELINE].auc > 0.7 > report.results["random"].auc + 0.15
     assert report.results["ridge_als"].recall > 0.95  # ALS factors separate the two communities too
     table = report.markdown()
-    assert "Recall@10" in table and table.count("\n") == 1 + len(METHOD_ORDER)
+    assert "Recall@10" in table and table.count("\n") == 1 + len(METHOD_ORDER) - 1  # one row per method
 
 
 def test_compare_refresh_warm_starts_from_the_stale_model_and_scores_all_three():
@@ -230,3 +235,38 @@ def test_compare_refresh_warm_starts_from_the_stale_model_and_scores_all_three()
     assert "warm-start refresh" in result.markdown(10)
     with pytest.raises(EvaluationError, match="is_new_click"):
         compare_refresh(graph, is_new[:-1], content, user_params, projector_params, params)
+
+
+def _report(seed: int, recalls: dict[str, float]) -> EvaluationReport:
+    results = {name: MethodResult(r, r / 2, 0.5 + r, 10, 20) for name, r in recalls.items()}
+    settings = json.dumps({"evaluation": {"seed": seed}})
+    return EvaluationReport(k=20, results=results, n_cold_ads=20, n_eval_users=10, seconds=1.0, settings=settings,
+                            seeds=[seed], per_seed={n: np.asarray([[r.recall, r.ndcg, r.auc]]) for n, r in results.items()})  # fmt: skip
+
+
+def test_seeds_combine_into_means_with_each_seeds_numbers_and_a_headline_against_the_stronger_als_baseline():
+    reports = [
+        _report(0, {"random": 0.1, "ridge_als": 0.20, "ridge_als_fields": 0.22, PIPELINE: 0.30}),
+        _report(3, {"random": 0.1, "ridge_als": 0.10, "ridge_als_fields": 0.12, PIPELINE: 0.10}),
+    ]
+    combined = combine_seeds(reports)
+    assert combined.seeds == [0, 3] and combined.seconds == 2.0
+    assert combined.results[PIPELINE].recall == pytest.approx(0.20)
+    np.testing.assert_allclose(combined.per_seed[PIPELINE][:, 0], [0.30, 0.10])
+    assert combined.als_baseline() == ("ridge_als_fields", pytest.approx(0.17))
+    ratio, per_seed = combined.headline()
+    assert ratio == pytest.approx(0.20 / 0.17)  # the ratio of the means, not the mean of the ratios
+    np.testing.assert_allclose(per_seed, [0.30 / 0.22, 0.10 / 0.12])
+    again = EvaluationReport.from_arrays(combined.to_arrays())
+    assert again.seeds == [0, 3] and again.headline()[0] == pytest.approx(ratio)
+    np.testing.assert_array_equal(again.per_seed["ridge_als"], combined.per_seed["ridge_als"])
+    assert "0.2000 ± 0.1000" in combined.markdown()  # the pipeline's recall over the two seeds
+
+
+def test_the_evaluation_plot_draws_every_seed():
+    from adrec_assets.assets.evaluation import report_plot_markdown
+
+    three = combine_seeds([_report(s, {"random": 0.1 + s / 100, "ridge_als": 0.2, PIPELINE: 0.3}) for s in range(3)])
+    one = report_plot_markdown(combine_seeds([_report(0, {"random": 0.1, "ridge_als": 0.2, PIPELINE: 0.3})]))
+    assert one.startswith("![cold-start evaluation](data:image/png;base64,")
+    assert len(report_plot_markdown(three)) > len(one)  # the dots and error bars of three seeds

@@ -42,14 +42,17 @@ def test_evaluation_materializes_with_the_full_table(evaluation_run):
     for label in ("random", "content-kNN", "ridge content -> user space", "ALS item factors", "global-mean", "**pipeline**"):
         assert label in table, label
     assert "warm reference" not in table  # switched off by the config
-    assert table.count("\n") == 1 + len(METHOD_ORDER) - 1
+    assert table.count("\n") == 1 + len(METHOD_ORDER) - 2  # header rule; no warm reference, no ad fields declared
     assert meta["plot"].value.startswith("![cold-start evaluation](data:image/png;base64,")
-    for method in (m for m in METHOD_ORDER if m != "warm_reference"):  # numeric metadata: the UI plots these
+    for method in (m for m in METHOD_ORDER if m not in ("warm_reference", "ridge_als_fields")):  # the UI plots these
         assert 0.0 <= meta[f"{method}_recall_at_{K}"].value <= 1.0
         assert 0.0 <= meta[f"{method}_ndcg_at_{K}"].value <= 1.0
         assert 0.0 <= meta[f"{method}_auc"].value <= 1.0
     ratio = meta[f"{PIPELINE}_recall_at_{K}"].value / meta[f"ridge_als_recall_at_{K}"].value
-    assert meta["pipeline_vs_ridge_als"].value == pytest.approx(ratio, rel=1e-3)
+    assert meta["pipeline_vs_ridge_als"].value == pytest.approx(ratio, rel=1e-3)  # the headline
+    assert meta["pipeline_vs_ridge_als_min_seed"].value == pytest.approx(ratio, rel=1e-3)  # one seed
+    assert meta["ridge_als_baseline"].value == "ridge_als"
+    assert meta["headline"].value.startswith(f"pipeline / ridge_als Recall@{K} = {ratio:.3f} over seeds [0]")
     settings = meta["settings"].value
     assert settings["evaluation"]["cold_share"] == 0.2
     assert settings["evaluation"]["k"] == K and settings["evaluation"]["warm_reference"] is False

@@ -10,14 +10,23 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
+from fastapi.testclient import TestClient
 
+from adrec_assets.ml.fields import CATEGORICAL, NUMERIC, FieldSpec
+from adrec_assets.ml.training import project
 from adrec_assets.ml.types import ContentEmbeddings
+from adrec_assets.online.app import create_app
+from adrec_assets.online.service import RecommendationService, ServingConfig
+from adrec_assets.online.store import SQLiteStore
 from adrec_assets.snapshots import SnapshotStore
+from adrec_assets.sources.files import write_field_specs
 from adrec_assets_tests.pipeline_fixtures import (
     PIPELINE_CHECKS,
     ASSET_FILES,
     failure_message,
+    id_key,
     load_artifact,
     materialize_pipeline,
     published_files,
@@ -34,15 +43,25 @@ from adrec_assets_tests.test_file_sources import (
 
 # ---------------------------------------------------------------- pipeline runs on file sources
 
+SHOP_FIELDS = {"category": ["running", "running", "finance", "finance", "food", "food"],
+               "price": ["120", "95", "", "0", "12.5", "20"]}  # fmt: skip
+
+
+def declare_shop_fields(folder: Path) -> None:
+    """Give a source written by ``write_valid_source`` two declared ad fields."""
+    ads = pd.read_csv(folder / "ads.csv", dtype=str, keep_default_na=False)
+    pd.DataFrame({**ads, **SHOP_FIELDS}).to_csv(folder / "ads.csv", index=False)
+    write_field_specs(folder, (FieldSpec("category", CATEGORICAL), FieldSpec("price", NUMERIC)))
+
 
 @pytest.fixture(scope="module")
 def good_runs(tmp_path_factory, encoder):
     """Two file sources materialized end to end into one artifacts folder: "other" (with a good,
-    a corrupt and a missing image) first, then "shop" (no images)."""
+    a corrupt and a missing image) first, then "shop" (no images, two declared ad fields)."""
     root = tmp_path_factory.mktemp("sources")
     base = tmp_path_factory.mktemp("artifacts")
     _source_with_bad_images(root, "other")
-    write_valid_source(root, "shop")
+    declare_shop_fields(write_valid_source(root, "shop"))
     with dg.instance_for_test() as instance:
         results = {}
         for partition in ("other", "shop"):
@@ -109,6 +128,51 @@ def test_good_file_sources_materialize_all_assets_and_checks(good_runs):
     assert raw.has_image.tolist() == [True] + [False] * 5
 
 
+def test_declared_ad_fields_reach_the_projector_and_every_projected_ad(good_runs):
+    base = good_runs["base"]
+    meta = {e.materialization.asset_key.to_user_string(): e.materialization.metadata
+            for e in good_runs["results"]["shop"].get_asset_materialization_events()}  # fmt: skip
+    assert meta["projector"]["ad_fields"].value == "category (categorical, 3 columns), price (numeric, 11 columns)"
+    projector = load_artifact(base, "projector", "shop")
+    assert projector.model.fields.names == ("category", "price")
+    catalog = load_artifact(base, "raw_ads", "shop")
+    assert {name: cells.tolist() for name, cells in catalog.fields.cells.items()} == SHOP_FIELDS
+    content = load_artifact(base, "ad_embeddings_raw", "shop").vectors
+    projected = load_artifact(base, "ad_projected", "shop").vectors
+    np.testing.assert_allclose(projected, project(projector.model, content, catalog.fields.cells), atol=1e-6)
+    assert not np.allclose(projected, project(projector.model, content), atol=1e-3)  # the fields count
+    assert load_artifact(base, "projector", "other").model.fields.width == 0  # declares none
+
+
+def test_the_service_projects_a_new_ads_fields_and_refuses_undeclared_or_malformed_ones(good_runs, tmp_path, encoder):
+    config = ServingConfig(source="shop", artifacts_root=good_runs["base"], sources_root=good_runs["root"], seed=7,
+                           load_encoder=False)  # fmt: skip
+    store_path = tmp_path / "online.sqlite"
+    with id_key():
+        service = RecommendationService(config, SQLiteStore(store_path, namespace="shop"))
+        with TestClient(create_app(service)) as client:
+            for fields, field in (({"colour": "red"}, "fields.colour"), ({"price": "cheap"}, "fields.price"),
+                                  ({"category": True}, "fields.category")):  # fmt: skip
+                response = client.post("/v1/ads", json={"ad_id": "ad-new", "text": "Racing flats", "fields": fields})
+                assert response.status_code == 422 and response.json()["field"] == field, response.text
+            assert service.online.live_ads() == []
+            content = encoder.encode(["Carbon racing flats"], [None]).vectors[0]
+            service.add_ad("ad-new", "Carbon racing flats", None, content=content, fields={"category": "running", "price": 150})
+            info = client.get("/v1/ads/ad-new").json()
+            assert info["fields"] == {"category": "running", "price": "150"} and info["live"]
+            assert client.get("/v1/ads/ad-3").json()["fields"] == {"category": "finance", "price": "0"}
+            state = service.state
+            added = state.index.vectors(np.asarray([state.index.slot_of("ad-new")]))[0]
+            model = state.projector.model
+            cells = {"category": ["running"], "price": ["150"]}
+            np.testing.assert_allclose(added[:-1], project(model, content[None], cells)[0], atol=1e-6)
+            assert not np.allclose(added[:-1], project(model, content[None])[0], atol=1e-3)
+        restarted = RecommendationService(config, SQLiteStore(store_path, namespace="shop"))
+        with TestClient(create_app(restarted)):  # loads the snapshot and re-projects the live ads
+            index = restarted.state.index
+            np.testing.assert_allclose(index.vectors(np.asarray([index.slot_of("ad-new")]))[0], added, atol=1e-6)
+
+
 def _nan_ad_embeddings(base: Path, partition: str) -> None:
     """Publish, unchecked, a snapshot whose ad_embeddings_raw has a NaN row (e.g. a hand edit)."""
     raw = load_artifact(base, "ad_embeddings_raw", partition)
@@ -172,6 +236,7 @@ def test_pipeline_run_on_a_source_without_usable_clicks_fails_naming_it(good_run
 
 def _break_with_duplicate_ad(root: Path) -> tuple[str, ...]:
     (root / "shop" / "ads.csv").write_text(GOOD_ADS_CSV + "ad-2,A second ad-2\n")
+    (root / "shop" / "ad_fields.json").unlink()  # the new ads file has no field columns
     return ("source 'shop'", "ads.csv", "ad_id 'ad-2' appears on lines 4 and 8")
 
 

@@ -77,9 +77,9 @@ def test_checkpoint_wrong_format_raises():
     tp = _trained(Projector(4, 2, ProjectorParams(hidden_dim=4)))
     ck = tp.to_checkpoint()
     ck["format"] = "something.else"
-    with pytest.raises(ArtifactError, match="not a adrec.projector.v3 projector checkpoint"):
+    with pytest.raises(ArtifactError, match="not a adrec.projector.v4 projector checkpoint"):
         TrainedProjector.from_checkpoint(ck)
-    ck["format"] = "adrec.projector.v2"  # before typed provenance: must be re-trained
+    ck["format"] = "adrec.projector.v3"  # before the structured-field encoding: must be re-trained
     with pytest.raises(ArtifactError, match="re-materialize the projector"):
         TrainedProjector.from_checkpoint(ck)
     with pytest.raises(ArtifactError):

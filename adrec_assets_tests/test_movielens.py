@@ -38,12 +38,13 @@ LATEST_RATINGS = """userId,movieId,rating,timestamp
 3,2,1.0,1004
 3,999,4.5,1005
 """
-LATEST_ADS = [
-    ("movie-1", "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy."),
-    ("movie-2", "American President, The (1995). Genres: Comedy, Drama, Romance."),
-    ("movie-3", "Some Documentary (2015)."),
-    ("movie-4", "Unrated Film (2001). Genres: Drama."),
-]
+LATEST_ADS = [  # ad_id, text, and the structured fields year and genres
+    ("movie-1", "Toy Story (1995). Genres: Adventure, Animation, Children, Comedy, Fantasy.", "1995",
+     "Adventure|Animation|Children|Comedy|Fantasy"),
+    ("movie-2", "American President, The (1995). Genres: Comedy, Drama, Romance.", "1995", "Comedy|Drama|Romance"),
+    ("movie-3", "Some Documentary (2015).", "2015", ""),
+    ("movie-4", "Unrated Film (2001). Genres: Drama.", "2001", "Drama"),
+]  # fmt: skip
 
 
 def _u_item_line(movie_id: int, title: str, genres: set[str], release: str = "01-Jan-1995") -> str:
@@ -69,11 +70,11 @@ U_DATA = "".join(
         (7, 99, 4, 881250953),  # movie 99 is not in u.item
     ]
 )
-ML100K_ADS = [
-    ("movie-1", "Toy Story (1995). Genres: Animation, Children's, Comedy."),
-    ("movie-2", "Café Society (1995). Genres: Drama."),
-    ("movie-3", "unknown."),
-    ("movie-4", "GoldenEye (1995). Genres: Action, Adventure, Thriller."),
+ML100K_ADS = [  # the year from the release date ("" when it is missing)
+    ("movie-1", "Toy Story (1995). Genres: Animation, Children's, Comedy.", "1995", "Animation|Children's|Comedy"),
+    ("movie-2", "Café Society (1995). Genres: Drama.", "1995", "Drama"),
+    ("movie-3", "unknown.", "", ""),
+    ("movie-4", "GoldenEye (1995). Genres: Action, Adventure, Thriller.", "1995", "Action|Adventure|Thriller"),
 ]
 
 
@@ -97,6 +98,7 @@ def ml100k_dir(tmp_path: Path) -> Path:
 
 def _read_source(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "ad_fields.json",
         "ads.csv",
         "clicks",
         "clicks/ratings.csv",
@@ -105,7 +107,7 @@ def _read_source(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     clicks = pd.read_csv(
         out / "clicks/ratings.csv", dtype={"user_id": str, "ad_id": str, "timestamp": "int64"}
     )
-    assert list(ads.columns) == ["ad_id", "text"]
+    assert list(ads.columns) == ["ad_id", "text", "year", "genres"]
     assert list(clicks.columns) == ["user_id", "ad_id", "timestamp"]
     return ads, clicks
 
@@ -195,7 +197,10 @@ def test_converted_output_is_read_back_by_the_file_source(latest_dir: Path, tmp_
     out = tmp_path / "sources" / "ml"
     convert_movielens(latest_dir, out)
     catalog = read_ads(out)
-    assert catalog.ad_ids.tolist() == [ad_id for ad_id, _ in LATEST_ADS]
+    assert catalog.ad_ids.tolist() == [row[0] for row in LATEST_ADS]
+    assert catalog.fields.specs == movielens.MOVIE_FIELDS  # declared in ad_fields.json
+    assert catalog.fields.cells["year"].tolist() == [row[2] for row in LATEST_ADS]
+    assert catalog.fields.cells["genres"].tolist() == [row[3] for row in LATEST_ADS]
     clicks, report = read_clicks(out, catalog.ad_ids)
     assert report.n_rows == len(clicks) == 5
     assert sorted(clicks.user_vocab.tolist()) == ["ml-user-1", "ml-user-2", "ml-user-3"]

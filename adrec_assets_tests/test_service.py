@@ -180,7 +180,7 @@ def test_a_new_ad_is_encoded_projected_and_recommendable_in_the_next_request(api
     body = recommend(client, user="fan", k=3)
     assert body["items"][0]["ad_id"] == "ad-new-1" and body["items"][0]["live"] and body["items"][0]["has_image"]
     assert client.get("/v1/ads/ad-new-1").json() == {"ad_id": "ad-new-1", "text": "Lightweight trail running shoes",
-                                                      "has_image": True, "live": True}  # fmt: skip
+                                                      "has_image": True, "live": True, "fields": {}}  # fmt: skip
     assert client.get("/v1/ads/ad-new-1/image").content == png_bytes()
     assert client.post("/v1/ads", json={"ad_id": "ad-new-1", "text": "again"}).status_code == 409
     existing = state.catalog.ad_ids[0]

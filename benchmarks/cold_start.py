@@ -42,9 +42,11 @@ from adrec_assets.ml.evaluation import (  # noqa: E402
     PIPELINE,
     EvaluationParams,
     EvaluationReport,
+    combine_seeds,
     compare_refresh,
     evaluate_cold_start,
 )
+from adrec_assets.ml.fields import AdFields
 from adrec_assets.ml.params import ProjectorParams, UserTrainingParams  # noqa: E402
 from adrec_assets.ml.types import AdCatalog, ClickGraph, align_rows  # noqa: E402
 from adrec_assets.sources.files import FileSource  # noqa: E402
@@ -62,8 +64,11 @@ def overrides(pairs: list[str], cls: type) -> dict:
     return out
 
 
-def load_content(args: argparse.Namespace, graph: ClickGraph, catalog: AdCatalog) -> tuple[np.ndarray, str, float]:
-    """Content rows aligned with ``graph.ad_ids``, the encoder id, and the encoding seconds."""
+def load_content(
+    args: argparse.Namespace, graph: ClickGraph, catalog: AdCatalog
+) -> tuple[np.ndarray, AdFields, str, float]:
+    """Content rows and the ads' structured fields aligned with ``graph.ad_ids`` (no fields
+    with ``--no-fields``), the encoder id, and the encoding seconds."""
     started = time.perf_counter()
     if args.embeddings:
         stored = load_file(args.embeddings)
@@ -73,19 +78,20 @@ def load_content(args: argparse.Namespace, graph: ClickGraph, catalog: AdCatalog
         result = encoder.encode(list(catalog.texts), [p or None for p in catalog.image_paths])
         ids, vectors, encoder_id = catalog.ad_ids, result.vectors, encoder.encoder_id
     rows = align_rows(ids, graph.ad_ids, "clicked ads missing from the embeddings")
-    return vectors[rows], encoder_id, time.perf_counter() - started
+    fields = AdFields() if args.no_fields else catalog.fields.take(align_rows(catalog.ad_ids, graph.ad_ids, "ads"))
+    return vectors[rows], fields, encoder_id, time.perf_counter() - started
 
 
 def run_seed(job: tuple) -> EvaluationReport:
     """One seed's protocol; prints its table as soon as it is done."""
-    graph, content, user_params, projector_params, params, threads = job
+    graph, content, fields, user_params, projector_params, params, threads = job
     if threads:
         torch.set_num_threads(threads)
-    result = evaluate_cold_start(graph, content, user_params, projector_params, params)
-    best, best_recall = result.best_baseline()
+    result = evaluate_cold_start(graph, content, user_params, projector_params, params, fields=fields)
+    best, best_recall = result.als_baseline()
     print(
         f"seed {params.seed}: pipeline Recall@{params.k} {result.results[PIPELINE].recall:.4f}, "
-        f"best content baseline {best} {best_recall:.4f}, {result.seconds:.0f} s\n{result.markdown()}\n",
+        f"{best} {best_recall:.4f}, {result.seconds:.0f} s\n{result.markdown()}\n",
         flush=True,
     )
     return result
@@ -93,11 +99,11 @@ def run_seed(job: tuple) -> EvaluationReport:
 
 def run_refresh_seed(job: tuple) -> dict:
     """Warm-start refresh vs full retrain on one seed's split (see compare_refresh)."""
-    graph, content, user_params, projector_params, params, threads, share, refresh_epochs = job
+    graph, content, fields, user_params, projector_params, params, threads, share, refresh_epochs = job
     if threads:
         torch.set_num_threads(threads)
     is_new = np.random.default_rng([params.seed, 7]).random(graph.n_clicks) < share
-    result = compare_refresh(graph, is_new, content, user_params, projector_params, params, refresh_epochs)
+    result = compare_refresh(graph, is_new, content, user_params, projector_params, params, refresh_epochs, fields=fields)
     print(f"seed {params.seed}: {result.n_new_clicks} new clicks ({share:.1%})\n{result.markdown(params.k)}\n", flush=True)
     return {"seed": params.seed, "full": asdict(result.full), "refreshed": asdict(result.refreshed),
             "stale": asdict(result.stale), "full_seconds": result.full_seconds,
@@ -113,6 +119,7 @@ def main() -> None:
     parser.add_argument("--user", nargs="*", default=[], metavar="K=V", help="UserTrainingParams overrides")
     parser.add_argument("--projector", nargs="*", default=[], metavar="K=V", help="ProjectorParams overrides")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm reference (halves the time)")
+    parser.add_argument("--no-fields", action="store_true", help="ignore the source's structured ad fields")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (use --threads 1)")
@@ -131,14 +138,15 @@ def main() -> None:
     catalog = source.read_ads()
     clicks, _ = source.read_clicks(catalog.ad_ids)
     graph = ClickGraph.from_codes(clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
-    content, encoder_id, encode_seconds = load_content(args, graph, catalog)
+    content, fields, encoder_id, encode_seconds = load_content(args, graph, catalog)
     user_overrides = overrides(args.user, UserTrainingParams)
     projector_overrides = overrides(args.projector, ProjectorParams)
     print(f"source {args.source}: {graph.n_users} users, {graph.n_ads} clicked ads, {graph.n_clicks} user-ad pairs")
-    print(f"encoder {encoder_id} ({encode_seconds:.1f} s); torch threads {torch.get_num_threads()}")
+    print(f"encoder {encoder_id} ({encode_seconds:.1f} s); torch threads {torch.get_num_threads()}; "
+          f"ad fields {[f'{spec.name} ({spec.kind})' for spec in fields.specs] or 'none'}")  # fmt: skip
 
     jobs = [
-        (graph, content, UserTrainingParams(**{**user_overrides, "seed": seed}),
+        (graph, content, fields, UserTrainingParams(**{**user_overrides, "seed": seed}),
          ProjectorParams(**{**projector_overrides, "seed": seed}),
          EvaluationParams(seed=seed, k=args.k, warm_reference=not args.no_warm), args.threads)
         for seed in args.seeds
@@ -172,21 +180,24 @@ def main() -> None:
         per_seed = [run_seed(job) for job in jobs]
 
     k = args.k
+    combined = combine_seeds(per_seed)
     print(f"\n{len(args.seeds)} seeds {args.seeds}; {per_seed[0].n_cold_ads} cold ads, "
           f"{per_seed[0].n_eval_users} users evaluated (seed {args.seeds[0]})\n")  # fmt: skip
-    print(f"| method | Recall@{k} | NDCG@{k} | AUC |\n|---|---:|---:|---:|")
+    print(f"| method | Recall@{k} | NDCG@{k} | AUC | Recall@{k} per seed |\n|---|---:|---:|---:|---|")
     for name in METHOD_ORDER:
-        if name not in per_seed[0].results:
+        if name not in combined.per_seed:
             continue
-        cells = []
-        for metric in ("recall", "ndcg", "auc"):
-            values = np.array([getattr(r.results[name], metric) for r in per_seed])
-            cells.append(f"{values.mean():.4f} ± {values.std():.4f}")
-        print(f"| {METHOD_LABELS[name]} | " + " | ".join(cells) + " |")
+        values = combined.per_seed[name]
+        cells = [f"{values[:, i].mean():.4f} ± {values[:, i].std():.4f}" for i in range(3)]
+        print(f"| {METHOD_LABELS[name]} | " + " | ".join(cells) + f" | {', '.join(f'{v:.4f}' for v in values[:, 0])} |")
+    ratio, per_seed_ratio = combined.headline()
+    als_name = combined.als_baseline()[0]
+    print(f"\n**pipeline / {als_name} Recall@{k}: {ratio:.3f}** (ratio of the means; per seed "
+          f"{np.round(per_seed_ratio, 3).tolist()}, min {per_seed_ratio.min():.3f}, spread ± {per_seed_ratio.std():.3f}); "
+          f"NDCG@{k} {combined.results[PIPELINE].ndcg:.4f} vs {combined.results[als_name].ndcg:.4f}")
     ratios = np.array([r.results[PIPELINE].recall / r.best_baseline()[1] for r in per_seed])
-    print(f"\npipeline / best of (content-kNN, ridge) Recall@{k}: {ratios.mean():.3f} (per seed {np.round(ratios, 3).tolist()})")
-    als_ratios = np.array([r.results[PIPELINE].recall / r.results["ridge_als"].recall for r in per_seed])
-    print(f"pipeline / ridge -> ALS item factors Recall@{k}: {als_ratios.mean():.3f} (per seed {np.round(als_ratios, 3).tolist()})")
+    print(f"pipeline / best of (content-kNN, ridge into user space) Recall@{k}: {ratios.mean():.3f} "
+          f"(per seed {np.round(ratios, 3).tolist()})")
     print(f"user params {asdict(UserTrainingParams(**user_overrides))}")
     print(f"projector params {asdict(ProjectorParams(**projector_overrides))}")
     print(f"wall time {time.perf_counter() - wall:.1f} s (encoding {encode_seconds:.1f} s, "

@@ -6,24 +6,33 @@ import numpy as np
 from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.training import project, score_bias
-from adrec_assets.ml.types import ArtifactError, ContentEmbeddings, ProjectedAds, check_unit_rows
+from adrec_assets.ml.types import AdCatalog, ArtifactError, ContentEmbeddings, ProjectedAds, align_rows, check_unit_rows
 
 
 @dg.asset(kinds={"numpy", "pytorch"}, **PARTITIONED)
 def ad_projected(
-    context: dg.AssetExecutionContext, ad_embeddings_raw: ContentEmbeddings, projector: TrainedProjector
+    context: dg.AssetExecutionContext,
+    raw_ads: AdCatalog,
+    ad_embeddings_raw: ContentEmbeddings,
+    projector: TrainedProjector,
 ) -> dg.Output[ProjectedAds]:
     """(n_ads, 128) unit vectors plus a per-ad ``score_bias`` (popularity_weight x the
-    content-predicted popularity z-score); score = cos(user, projected ad) + score_bias."""
+    content-predicted popularity z-score); score = cos(user, projected ad) + score_bias.
+    Inputs: each ad's content vector and its structured fields (from ``raw_ads``)."""
     if projector.encoder_id != ad_embeddings_raw.encoder_id:
         raise ArtifactError(
             f"ad_projected[{context.partition_key}]: projector was trained on encoder "
             f"{projector.encoder_id!r} but ad_embeddings_raw comes from {ad_embeddings_raw.encoder_id!r}; "
             "re-materialize projector so both use the same encoder"
         )
+    rows = align_rows(
+        raw_ads.ad_ids, ad_embeddings_raw.ids,
+        f"ad_projected[{context.partition_key}]: ads of ad_embeddings_raw missing from raw_ads; re-materialize ad_embeddings_raw",
+    )  # fmt: skip
+    cells = raw_ads.fields.take(rows).cells
     with stopwatch() as timing:
-        vectors = project(projector.model, ad_embeddings_raw.vectors)
-        bias = score_bias(projector.model, ad_embeddings_raw.vectors)
+        vectors = project(projector.model, ad_embeddings_raw.vectors, cells)
+        bias = score_bias(projector.model, ad_embeddings_raw.vectors, cells)
     check_unit_rows(vectors, f"ad_projected[{context.partition_key}]", dim=projector.model.out_dim)
     if not np.isfinite(bias).all():
         raise ArtifactError(f"ad_projected[{context.partition_key}]: non-finite score_bias; re-materialize projector")

@@ -22,11 +22,12 @@ from adrec_assets.ml.evaluation import (
     PIPELINE,
     EvaluationParams,
     EvaluationReport,
+    combine_seeds,
     evaluate_cold_start,
 )
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.params import UserTrainingParams
-from adrec_assets.ml.types import ClickGraph, ContentEmbeddings, UserEmbeddings, align_rows
+from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, UserEmbeddings, align_rows
 
 _D = EvaluationParams()
 
@@ -37,13 +38,18 @@ class EvaluationConfig(dg.Config):
     cold_share: float = Field(default=_D.cold_share, description="Share of clicked ads held out as cold.")
     n_strata: int = Field(default=_D.n_strata, description="Popularity strata the cold ads are drawn from.")
     k: int = Field(default=_D.k, description="Cut-off of Recall@k and NDCG@k.")
-    seed: int = Field(default=_D.seed, description="Seeds the split, tie-breaking and the random baseline.")
+    seeds: list[int] = Field(
+        default=[_D.seed],
+        description="One split per seed (split, tie-breaking, random baseline): metrics are means over the seeds "
+        "and the chart shows each seed. Each seed retrains the pipeline once (twice with the warm reference).",
+    )
     warm_reference: bool = Field(
         default=_D.warm_reference, description="Also retrain with half of each cold ad's clicks visible."
     )
 
-    def to_params(self) -> EvaluationParams:
-        return EvaluationParams(**self.model_dump())
+    def to_params(self) -> list[EvaluationParams]:
+        common = self.model_dump(exclude={"seeds"})
+        return [EvaluationParams(**common, seed=seed) for seed in self.seeds]
 
 
 def recall_ratio(recall: float, baseline: float) -> float:
@@ -52,7 +58,8 @@ def recall_ratio(recall: float, baseline: float) -> float:
 
 
 def report_plot_markdown(report: EvaluationReport) -> str:
-    """Bar chart of Recall@k and NDCG@k per method, as an inline PNG the UI renders."""
+    """Recall@k and NDCG@k per method (mean over seeds, each seed a dot) and, beside it, the
+    pipeline / ridge -> ALS ratio per seed against the 1.0 line: an inline PNG the UI renders."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,12 +67,26 @@ def report_plot_markdown(report: EvaluationReport) -> str:
 
     names = [m for m in METHOD_ORDER if m in report.results]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=90)
-    ax.bar(x - 0.2, [report.results[m].recall for m in names], 0.4, label=f"Recall@{report.k}")
-    ax.bar(x + 0.2, [report.results[m].ndcg for m in names], 0.4, label=f"NDCG@{report.k}")
-    ax.set_xticks(x, [METHOD_LABELS[m].replace("*", "").split(" (")[0] for m in names], rotation=20, ha="right")
-    ax.set_title(f"Cold-ad ranking: {report.n_cold_ads} cold ads, {report.n_eval_users} users")
+    fig, (ax, ratio_ax) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=90, gridspec_kw={"width_ratios": [3, 1]})
+    for offset, column, label in ((-0.2, 0, f"Recall@{report.k}"), (0.2, 1, f"NDCG@{report.k}")):
+        values = np.stack([report.per_seed[m][:, column] for m in names])  # (methods, seeds)
+        bars = ax.bar(x + offset, values.mean(axis=1), 0.4, label=label)
+        if values.shape[1] > 1:
+            ax.errorbar(x + offset, values.mean(axis=1), yerr=values.std(axis=1), fmt="none", ecolor="black", capsize=2)
+            for i in range(values.shape[1]):
+                ax.scatter(x + offset, values[:, i], s=6, color="black", zorder=3)
+        bars.set_label(label)
+    ax.set_xticks(x, [METHOD_LABELS[m].replace("*", "").split(" (")[0] for m in names], rotation=25, ha="right")
+    seeds = f"{len(report.seeds)} seeds" if len(report.seeds) > 1 else f"seed {report.seeds[0] if report.seeds else 0}"
+    ax.set_title(f"Cold-ad ranking: {report.n_cold_ads} cold ads, {report.n_eval_users} users, {seeds}")
     ax.legend()
+    ratio, per_seed = report.headline()
+    ratio_ax.bar(np.arange(len(per_seed)), per_seed, color="tab:green")
+    ratio_ax.axhline(1.0, color="black", linewidth=0.8)
+    ratio_ax.axhline(ratio, color="tab:green", linestyle="--", linewidth=0.8)
+    ratio_ax.set_xticks(np.arange(len(per_seed)), [str(s) for s in report.seeds])
+    ratio_ax.set_xlabel("seed")
+    ratio_ax.set_title(f"pipeline / {report.als_baseline()[0]}: {ratio:.3f}")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -79,27 +100,35 @@ def report_plot_markdown(report: EvaluationReport) -> str:
 def evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
+    raw_ads: AdCatalog,
     click_graph: ClickGraph,
     ad_embeddings_raw: ContentEmbeddings,
     user_embeddings: UserEmbeddings,
     projector: TrainedProjector,
 ) -> dg.Output[EvaluationReport]:
     """Cold-ad Recall@k / NDCG@k / AUC of the pipeline against random, content-kNN, the
-    global-mean user, ridge into user space, ridge into ALS item factors and a warm
-    reference, all on one seeded split."""
-    content = ad_embeddings_raw.vectors[
-        align_rows(ad_embeddings_raw.ids, click_graph.ad_ids, f"evaluation[{context.partition_key}]: clicked ads")
-    ]
-    report = evaluate_cold_start(
-        click_graph,
-        content,
-        UserTrainingParams(**user_embeddings.provenance.params),
-        projector.params,
-        config.to_params(),
-        log=context.log.info,
-    )
+    global-mean user, ridge into user space, ridge into ALS item factors (with the ad fields
+    too, when the source declares them) and a warm reference, on one seeded split per seed.
+    The headline is the pipeline's ratio to the stronger ridge -> ALS baseline."""
+    where = f"evaluation[{context.partition_key}]: clicked ads"
+    content = ad_embeddings_raw.vectors[align_rows(ad_embeddings_raw.ids, click_graph.ad_ids, where)]
+    fields = raw_ads.fields.take(align_rows(raw_ads.ad_ids, click_graph.ad_ids, where))
+    report = combine_seeds([
+        evaluate_cold_start(
+            click_graph,
+            content,
+            UserTrainingParams(**user_embeddings.provenance.params),
+            projector.params,
+            params,
+            log=context.log.info,
+            fields=fields,
+        )
+        for params in config.to_params()
+    ])  # fmt: skip
     pipeline = report.results[PIPELINE]
     best_name, best_recall = report.best_baseline()
+    headline, per_seed = report.headline()
+    als_name = report.als_baseline()[0]
     numeric: dict[str, dg.RawMetadataValue] = {}
     for name, result in report.results.items():
         numeric[f"{name}_recall_at_{report.k}"] = dg.MetadataValue.float(round(result.recall, 5))
@@ -108,14 +137,16 @@ def evaluation(
     return dg.Output(
         report,
         metadata={
+            "pipeline_vs_ridge_als": dg.MetadataValue.float(round(headline, 4)),
+            "headline": f"pipeline / {als_name} Recall@{report.k} = {headline:.3f} over seeds {report.seeds} "
+            f"(per seed {', '.join(f'{r:.3f}' for r in per_seed)})",
             "results": dg.MetadataValue.md(report.markdown()),
             "plot": dg.MetadataValue.md(report_plot_markdown(report)),
             **numeric,
             "pipeline_vs_best_content_baseline": dg.MetadataValue.float(recall_ratio(pipeline.recall, best_recall)),
             "best_content_baseline": best_name,
-            "pipeline_vs_ridge_als": dg.MetadataValue.float(
-                recall_ratio(pipeline.recall, report.results["ridge_als"].recall)
-            ),
+            "ridge_als_baseline": als_name,
+            "pipeline_vs_ridge_als_min_seed": dg.MetadataValue.float(round(float(np.nanmin(per_seed)), 4)),
             "n_cold_ads": report.n_cold_ads,
             "n_eval_users": report.n_eval_users,
             "n_train_clicks": report.n_train_clicks,

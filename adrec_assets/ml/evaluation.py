@@ -29,7 +29,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from adrec_assets.ml.als import AlsParams, fit_als
+from adrec_assets.ml.als import AlsFactors, AlsParams, fit_als
+from adrec_assets.ml.fields import AdFields
 from adrec_assets.ml.linear import ridge_fit, ridge_predict
 from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
 from adrec_assets.ml.sampling import clicker_centroids
@@ -48,12 +49,18 @@ LogFn = Callable[[str], None]
 
 PIPELINE = "pipeline"
 METHOD_ORDER = (
-    "random", "content_knn", "popularity", "global_mean", "ridge", "ridge_als", "cosine_only", PIPELINE,
-    "warm_reference",
+    "random", "content_knn", "popularity", "global_mean", "ridge", "ridge_als", "ridge_als_fields", "cosine_only",
+    PIPELINE, "warm_reference",
 )  # fmt: skip
-# The issue's bar: the pipeline against content-kNN and ridge into its own user space.
-# ridge_als (a different, collaborative-filtering target space) is reported beside it.
+# The headline bar: the classic content -> collaborative-filtering map, ridge into ALS item
+# factors, given the structured fields too when the source declares them (the stronger of
+# the two counts). Content-kNN and ridge into the pipeline's own user space are the weaker,
+# same-space baselines.
+ALS_BASELINES = ("ridge_als", "ridge_als_fields")
 CONTENT_BASELINES = ("content_knn", "ridge")
+#: the fields' scale beside the content for ridge -> ALS: its best of 0.25 / 0.5 / 1.0 on
+#: ml-latest-small (benchmarks/README.md), so the baseline gets the fields at their best too
+BASELINE_FIELD_SCALE = 0.25
 METHOD_LABELS = {
     "random": "random",
     "content_knn": "content-kNN (raw content)",
@@ -61,6 +68,7 @@ METHOD_LABELS = {
     "global_mean": "global-mean user x projected ad (+ popularity)",
     "ridge": "ridge content -> user space",
     "ridge_als": "ridge content -> ALS item factors (dot)",
+    "ridge_als_fields": "ridge content + ad fields -> ALS item factors (dot)",
     "cosine_only": "projector cosine only (popularity_weight 0)",
     PIPELINE: "**pipeline** (cosine + popularity, cold ads)",
     "warm_reference": "warm reference (half the clicks seen)",
@@ -191,12 +199,15 @@ def ridge_scores(split: ColdSplit, content: np.ndarray, user_vectors: np.ndarray
     return user_vectors[split.eval_users].astype(np.float64) @ ridge_predict(content[split.cold_ads], weights).T
 
 
-def ridge_als_scores(split: ColdSplit, content: np.ndarray, params: AlsParams) -> np.ndarray:
-    """user factor . ridge(content): ALS on the training clicks, then ridge from a clicked
-    ad's content to its ALS item factor. Unnormalized factors carry popularity in their
-    norm, so this baseline scores popularity and taste in one dot product."""
+def ridge_als_scores(
+    split: ColdSplit, content: np.ndarray, params: AlsParams, factors: AlsFactors | None = None
+) -> np.ndarray:
+    """user factor . ridge(content): ALS on the training clicks (or the given ``factors`` of
+    them), then ridge from a clicked ad's content to its ALS item factor. Unnormalized factors
+    carry popularity in their norm, so this baseline scores popularity and taste in one dot
+    product."""
     train = split.train
-    factors = fit_als(train, params)
+    factors = fit_als(train, params) if factors is None else factors
     clicked = np.flatnonzero(train.ad_degrees() > 0)
     weights = ridge_fit(content[clicked], factors.ads[clicked], np.random.default_rng([params.seed, 6]))
     return factors.users[split.eval_users].astype(np.float64) @ ridge_predict(content[split.cold_ads], weights).T
@@ -225,11 +236,14 @@ def train_pipeline_on(
     train: ClickGraph | None = None,
     warm_from: TrainedOnSplit | None = None,
     refresh_epochs: tuple[int, int] = (2, 2),
+    fields: AdFields = AdFields(),
 ) -> TrainedOnSplit:
     """The pipeline's own training code on the split's training clicks (or on ``train``,
     a graph over the same user/ad indices). With ``warm_from`` it is a warm-start refresh:
     user vectors and projector weights start from that model and train ``refresh_epochs``
-    (users, projector) epochs, as the assets do after new clicks arrive."""
+    (users, projector) epochs, as the assets do after new clicks arrive. ``fields`` (rows
+    aligned with ``content``) are the ads' structured fields; as in the ``projector`` asset
+    their encoding is fitted on every ad's cells (ad properties, no clicks)."""
     started = time.perf_counter()
     train = split.train if train is None else train
     users = train_user_embeddings(
@@ -247,14 +261,16 @@ def train_pipeline_on(
         projector_params,
         init_state=None if warm_from is None else warm_from.projector_state,
         epochs=None if warm_from is None else refresh_epochs[1],
+        fields=fields.fit(projector_params.field_scale),
+        field_cells=fields.cells,
     ).model
-    cold_content = content[split.cold_ads]
+    cold_content, cold_cells = content[split.cold_ads], fields.take(split.cold_ads).cells
     with torch.inference_mode():
-        popularity = model.popularity_z(torch.from_numpy(np.ascontiguousarray(cold_content, dtype=np.float32)))
+        popularity = model.popularity_z(torch.from_numpy(model.inputs(cold_content, cold_cells)))
     return TrainedOnSplit(
         users.vectors,
-        project(model, cold_content),
-        score_bias(model, cold_content),
+        project(model, cold_content, cold_cells),
+        score_bias(model, cold_content, cold_cells),
         popularity.numpy(),
         time.perf_counter() - started,
         {k: v.clone() for k, v in model.state_dict().items()},
@@ -273,7 +289,8 @@ class MethodResult:
 @artifact_type("evaluation_report")
 @dataclass
 class EvaluationReport:
-    """Metrics of every method on one split; stored as the ``evaluation`` artifact."""
+    """Metrics of every method on one split, or their means over several seeds' splits
+    (``per_seed`` keeps each seed's Recall, NDCG and AUC); stored as the ``evaluation`` artifact."""
 
     k: int
     results: dict[str, MethodResult] = field(default_factory=dict)
@@ -283,6 +300,8 @@ class EvaluationReport:
     n_held_out_clicks: int = 0
     seconds: float = 0.0
     settings: str = ""  # JSON of the evaluation and training params used
+    seeds: list[int] = field(default_factory=list)
+    per_seed: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (n_seeds, 3) recall, ndcg, auc
 
     _COUNTS: ClassVar[tuple[str, ...]] = ("n_cold_ads", "n_eval_users", "n_train_clicks", "n_held_out_clicks")
 
@@ -296,6 +315,10 @@ class EvaluationReport:
             "k": np.asarray(self.k),
             "seconds": np.asarray(self.seconds),
             "settings": np.asarray(self.settings),
+            "seeds": np.asarray(self.seeds, dtype=np.int64),
+            "seed_metrics": np.asarray([self.per_seed[n] for n in names], dtype=np.float64).reshape(
+                len(names), len(self.seeds), 3
+            ),
         }
         out.update({name: np.asarray(getattr(self, name)) for name in self._COUNTS})
         return out
@@ -303,15 +326,30 @@ class EvaluationReport:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "EvaluationReport":
         f = Fields(arrays, cls.type_tag)
+        names = [str(name) for name in f.strings("methods")]
         results = {
-            str(name): MethodResult(float(m[0]), float(m[1]), float(m[2]), int(m[3]), int(m[4]))
-            for name, m in zip(f.strings("methods"), f.array("metrics"))
+            name: MethodResult(float(m[0]), float(m[1]), float(m[2]), int(m[3]), int(m[4]))
+            for name, m in zip(names, f.array("metrics"))
         }
         counts = {name: int(f.array(name)) for name in cls._COUNTS}
         return cls(
             k=int(f.array("k")), results=results, seconds=float(f.array("seconds")),
-            settings=f.text("settings"), **counts,
-        )
+            settings=f.text("settings"), **counts, seeds=[int(s) for s in f.array("seeds")],
+            per_seed=dict(zip(names, f.array("seed_metrics"))),
+        )  # fmt: skip
+
+    def headline(self) -> tuple[float, np.ndarray]:
+        """Pipeline / the stronger ridge -> ALS baseline, Recall@k: the ratio of the means over
+        seeds, and each seed's own ratio."""
+        name, baseline = self.als_baseline()
+        pipeline = self.per_seed[PIPELINE][:, 0]
+        per_seed = pipeline / np.where(self.per_seed[name][:, 0] > 0, self.per_seed[name][:, 0], np.nan)
+        return (self.results[PIPELINE].recall / baseline if baseline > 0 else float("nan")), per_seed
+
+    def als_baseline(self) -> tuple[str, float]:
+        """The stronger ridge -> ALS baseline by recall: the headline's denominator."""
+        name = max((m for m in ALS_BASELINES if m in self.results), key=lambda m: self.results[m].recall)
+        return name, self.results[name].recall
 
     def best_baseline(self) -> tuple[str, float]:
         """The stronger of content-kNN and ridge into user space by recall (the bar the
@@ -320,15 +358,40 @@ class EvaluationReport:
         return name, self.results[name].recall
 
     def markdown(self) -> str:
+        """The table; over several seeds each cell is mean ± std across them."""
         k = self.k
         lines = [f"| method | Recall@{k} | NDCG@{k} | AUC | users | cold ads |", "|---|---:|---:|---:|---:|---:|"]
         for name in METHOD_ORDER:
             if name in self.results:
                 r = self.results[name]
-                lines.append(
-                    f"| {METHOD_LABELS[name]} | {r.recall:.4f} | {r.ndcg:.4f} | {r.auc:.4f} | {r.n_users} | {r.n_cold_ads} |"
-                )
+                spread = self.per_seed.get(name)
+                cells = [f"{v:.4f}" for v in (r.recall, r.ndcg, r.auc)]
+                if spread is not None and len(spread) > 1:
+                    cells = [f"{c} ± {spread[:, i].std():.4f}" for i, c in enumerate(cells)]
+                lines.append(f"| {METHOD_LABELS[name]} | {' | '.join(cells)} | {r.n_users} | {r.n_cold_ads} |")
         return "\n".join(lines)
+
+
+def combine_seeds(reports: list[EvaluationReport]) -> EvaluationReport:
+    """One report of several seeds' splits: each method's metrics averaged over the seeds,
+    counts from the first split, seconds summed, ``per_seed`` the seeds' own numbers."""
+    if not reports:
+        raise EvaluationError("no seed was evaluated")
+    first = reports[0]
+    methods = [m for m in first.results if all(m in r.results for r in reports)]
+    per_seed = {m: np.asarray([[r.results[m].recall, r.results[m].ndcg, r.results[m].auc] for r in reports]) for m in methods}
+    results = {
+        m: MethodResult(*map(float, per_seed[m].mean(axis=0)), first.results[m].n_users, first.results[m].n_cold_ads)
+        for m in methods
+    }
+    settings = json.loads(first.settings) if first.settings else {}
+    seeds = [int(json.loads(r.settings)["evaluation"]["seed"]) if r.settings else i for i, r in enumerate(reports)]
+    settings["seeds"] = seeds
+    counts = {name: getattr(first, name) for name in EvaluationReport._COUNTS}
+    return EvaluationReport(
+        k=first.k, results=results, seconds=sum(r.seconds for r in reports), settings=json.dumps(settings, sort_keys=True),
+        seeds=seeds, per_seed=per_seed, **counts,
+    )  # fmt: skip
 
 
 def score_metrics(scores: np.ndarray, split: ColdSplit, k: int, seed: int) -> MethodResult:
@@ -351,8 +414,9 @@ def evaluate_cold_start(
     projector_params: ProjectorParams,
     params: EvaluationParams = EvaluationParams(),
     log: LogFn | None = None,
+    fields: AdFields = AdFields(),
 ) -> EvaluationReport:
-    """Run the whole protocol; ``content`` rows align with ``graph.ad_ids``."""
+    """Run the whole protocol; ``content`` rows (and ``fields``' cells) align with ``graph.ad_ids``."""
     if len(content) != graph.n_ads:
         raise EvaluationError(f"content has {len(content)} rows for {graph.n_ads} ads in the click graph")
     started = time.perf_counter()
@@ -380,20 +444,27 @@ def evaluate_cold_start(
 
     record("random", rng.random(split.relevant.shape))
     record("content_knn", content_knn_scores(split, content))
-    trained = train_pipeline_on(split, content, user_params, projector_params, log)
+    trained = train_pipeline_on(split, content, user_params, projector_params, log, fields=fields)
     n_eval = len(split.eval_users)
     record("popularity", np.tile(trained.popularity_cold, (n_eval, 1)))
     prior = normalized_mean(trained.user_vectors)[0]
     record("global_mean", np.tile(trained.projected_cold @ prior + trained.bias_cold, (n_eval, 1)))
     record("ridge", ridge_scores(split, content, trained.user_vectors, params.seed))
-    record("ridge_als", ridge_als_scores(split, content, AlsParams(seed=params.seed)))
+    als_params = AlsParams(seed=params.seed)
+    factors = fit_als(split.train, als_params)
+    record("ridge_als", ridge_als_scores(split, content, als_params, factors))
+    if fields.specs:
+        encoded = fields.fit(BASELINE_FIELD_SCALE).transform(fields.cells, graph.n_ads)
+        record("ridge_als_fields", ridge_als_scores(split, np.hstack([content, encoded]), als_params, factors))
     record("cosine_only", trained.user_vectors[split.eval_users] @ trained.projected_cold.T)
     record(PIPELINE, trained.scores(split.eval_users))
     if params.warm_reference:
         warm = warm_split(graph, split.cold_ads, params.seed)
-        warm_trained = train_pipeline_on(warm, content, user_params, projector_params, log)
+        warm_trained = train_pipeline_on(warm, content, user_params, projector_params, log, fields=fields)
         record("warm_reference", warm_trained.scores(warm.eval_users), warm)
     report.seconds = time.perf_counter() - started
+    report.seeds = [params.seed]
+    report.per_seed = {name: np.asarray([[r.recall, r.ndcg, r.auc]]) for name, r in report.results.items()}
     return report
 
 
@@ -425,6 +496,7 @@ def compare_refresh(
     params: EvaluationParams = EvaluationParams(),
     refresh_epochs: tuple[int, int] = (2, 2),
     log: LogFn | None = None,
+    fields: AdFields = AdFields(),
 ) -> RefreshComparison:
     """Does a warm-start refresh lose cold-start quality against a full retrain?
 
@@ -439,11 +511,12 @@ def compare_refresh(
     split = cold_split(graph, params)
     is_cold_click = np.isin(graph.indices, split.cold_ads)
     old_train = _keep_clicks(graph, ~is_cold_click & ~is_new_click)
-    full = train_pipeline_on(split, content, user_params, projector_params, log)
-    stale = train_pipeline_on(split, content, user_params, projector_params, log, train=old_train)
+    full = train_pipeline_on(split, content, user_params, projector_params, log, fields=fields)
+    stale = train_pipeline_on(split, content, user_params, projector_params, log, train=old_train, fields=fields)
     refreshed = train_pipeline_on(
-        split, content, user_params, projector_params, log, warm_from=stale, refresh_epochs=refresh_epochs
-    )
+        split, content, user_params, projector_params, log, warm_from=stale, refresh_epochs=refresh_epochs,
+        fields=fields,
+    )  # fmt: skip
     metric = lambda trained: score_metrics(trained.scores(split.eval_users), split, params.k, params.seed)  # noqa: E731
     return RefreshComparison(
         full=metric(full),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from adrec_assets.ml.fields import FieldEncoder
 from adrec_assets.ml.params import ProjectorParams
 from adrec_assets.ml.types import ArtifactError, TrainingProvenance, artifact_type
 
@@ -27,25 +31,44 @@ class Projector(nn.Module):
 
     The architecture comes from the training settings (``hidden_dim``, ``dropout``,
     ``popularity_weight``), so a checkpoint rebuilds it from its recorded provenance.
+
+    ``in_dim`` is the content encoder's width; ``fields`` (fitted on the training catalogue)
+    encodes the ad's declared structured fields into ``fields.width`` more input columns,
+    appended by :meth:`inputs`. The projector keeps it so a brand-new ad's fields are
+    encoded exactly as its training ads' were.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams()) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(), fields: FieldEncoder = FieldEncoder()
+    ) -> None:
         super().__init__()
-        self.in_dim, self.out_dim, self.params = in_dim, out_dim, params
+        self.in_dim, self.out_dim, self.params, self.fields = in_dim, out_dim, params, fields
+        width = in_dim + fields.width
         self.net = nn.Sequential(
-            nn.Linear(in_dim, params.hidden_dim),
+            nn.Linear(width, params.hidden_dim),
             nn.LayerNorm(params.hidden_dim),
             nn.GELU(),
             nn.Dropout(params.dropout),
             nn.Linear(params.hidden_dim, out_dim),
         )
-        self.popularity = nn.Linear(in_dim, 1)
+        self.popularity = nn.Linear(width, 1)
         nn.init.zeros_(self.popularity.weight)  # an unfitted head predicts "average" for every ad
         nn.init.zeros_(self.popularity.bias)
         self.popularity.requires_grad_(False)
 
-    def forward(self, content: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(content), dim=-1)
+    def inputs(self, content: np.ndarray, field_cells: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+        """(n, in_dim + fields.width) float32: content vectors with their encoded fields
+        appended (a field missing from ``field_cells``, or all of them, encodes as zeros)."""
+        content = np.asarray(content, dtype=np.float32)
+        if content.ndim != 2 or content.shape[1] != self.in_dim:
+            raise ValueError(f"projector expects (n, {self.in_dim}) content vectors, got {content.shape}")
+        if not self.fields.fields:
+            return np.ascontiguousarray(content)
+        return np.hstack([content, self.fields.transform(field_cells or {}, len(content))])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features``: rows of :meth:`inputs`."""
+        return F.normalize(self.net(features), dim=-1)
 
     def popularity_z(self, content: torch.Tensor) -> torch.Tensor:
         """Predicted standardized log click count (0 = a typical training ad), shape (n,)."""
@@ -62,10 +85,11 @@ class Projector(nn.Module):
             "out_dim": self.out_dim,
             "dropout": self.params.dropout,
             "popularity_weight": self.params.popularity_weight,
+            "field_columns": self.fields.width,
         }
 
 
-CHECKPOINT_FORMAT = "adrec.projector.v3"  # v3: typed provenance; the architecture comes from its params
+CHECKPOINT_FORMAT = "adrec.projector.v4"  # v4: the fitted structured-field encoding; v3: typed provenance
 
 
 @artifact_type("projector", codec="pt")
@@ -94,6 +118,7 @@ class TrainedProjector:
             "format": CHECKPOINT_FORMAT,
             "in_dim": self.model.in_dim,
             "out_dim": self.model.out_dim,
+            "fields": self.model.fields.to_json(),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "encoder_id": self.encoder_id,
             "user_space": self.user_space,
@@ -108,7 +133,7 @@ class TrainedProjector:
                 f"{origin}: not a {CHECKPOINT_FORMAT} projector checkpoint (format={found!r}); it was written by "
                 "an older adrec: re-materialize the projector asset for this source"
             )
-        missing = [k for k in ("in_dim", "out_dim", "state_dict", "encoder_id", "user_space", "provenance")
+        missing = [k for k in ("in_dim", "out_dim", "fields", "state_dict", "encoder_id", "user_space", "provenance")
                    if k not in checkpoint]  # fmt: skip
         if missing:
             raise ArtifactError(f"{origin}: checkpoint lacks {missing}; re-materialize the projector")
@@ -117,7 +142,11 @@ class TrainedProjector:
             params = ProjectorParams(**provenance.params)
         except TypeError as exc:
             raise ArtifactError(f"{origin}: recorded settings do not fit ProjectorParams ({exc})") from None
-        model = Projector(int(checkpoint["in_dim"]), int(checkpoint["out_dim"]), params)
+        try:
+            fields = FieldEncoder.from_json(str(checkpoint["fields"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{origin}: stored field encoding is malformed ({exc}); re-materialize the projector") from None
+        model = Projector(int(checkpoint["in_dim"]), int(checkpoint["out_dim"]), params, fields)
         model.load_state_dict(checkpoint["state_dict"])
         model.eval()
         return cls(model, str(checkpoint["encoder_id"]), str(checkpoint["user_space"]), provenance)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from adrec_assets.ml.fields import FieldEncoder
 from adrec_assets.ml.training import normalized_mean
 from adrec_assets.ml.types import FULL_RETRAIN, WARM_START, ClickGraph, TrainingProvenance, UserEmbeddings
 
@@ -103,11 +104,19 @@ def known_users(graph: ClickGraph, previous: UserEmbeddings) -> Precondition:
     return Precondition(True, f"settings unchanged, {known:.1%} of users known: refining the previous vectors")
 
 
-def projector_continues(previous_encoder: str, encoder_id: str, previous_space: str, users: UserEmbeddings) -> Precondition:
-    """Projector's warm-start precondition: same encoder, and a user space refined from the one
-    the previous projector maps into (a retrained user space is unrelated to it)."""
+def projector_continues(
+    previous_encoder: str, encoder_id: str, previous_space: str, users: UserEmbeddings,
+    previous_fields: FieldEncoder = FieldEncoder(), fields: FieldEncoder = FieldEncoder(),
+) -> Precondition:  # fmt: skip
+    """Projector's warm-start precondition: same encoder, the same declared structured fields
+    (a refresh keeps the previous fitted encoding: its input width is the model's), and a user
+    space refined from the one the previous projector maps into (a retrained user space is
+    unrelated to it)."""
     if previous_encoder != encoder_id:
         return Precondition(False, f"encoder changed ({previous_encoder} -> {encoder_id})")
+    before, now = [f.spec for f in previous_fields.fields], [f.spec for f in fields.fields]
+    if before != now:
+        return Precondition(False, f"declared ad fields changed ({[s.name for s in before]} -> {[s.name for s in now]})")
     if users.provenance.warm_started_from != previous_space:
         return Precondition(False, "the user space was retrained, not refined from the one the previous projector maps into")
     return Precondition(True, "settings and encoder unchanged, user space refined: continuing training")
@@ -126,8 +135,13 @@ def user_warm_init(user_ids: np.ndarray, previous: UserEmbeddings) -> tuple[np.n
     return init.astype(np.float32), int(known.sum())
 
 
-def projector_inputs_fingerprint(graph: ClickGraph, content: np.ndarray, encoder_id: str, users: UserEmbeddings) -> str:
-    """Everything the projector learns from: clicks, content (and its encoder), user vectors."""
+def projector_inputs_fingerprint(
+    graph: ClickGraph, content: np.ndarray, encoder_id: str, users: UserEmbeddings, fields: np.ndarray | None = None
+) -> str:
+    """Everything the projector learns from: clicks, content (and its encoder), the encoded
+    structured fields of the same ads, user vectors."""
+    extra = () if fields is None or fields.shape[1] == 0 else (fields,)
     return fingerprint(
-        np.asarray(graph_fingerprint(graph)), np.asarray(encoder_id), content, users.vectors, np.asarray(users.space)
-    )
+        np.asarray(graph_fingerprint(graph)), np.asarray(encoder_id), content, *extra, users.vectors,
+        np.asarray(users.space),
+    )  # fmt: skip

@@ -8,7 +8,7 @@ kernels (the caller's global RNG state and settings are restored afterwards).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from adrec_assets.ml.fields import FieldEncoder
 from adrec_assets.ml.linear import ridge_fit
 from adrec_assets.ml.losses import centroid_mse, info_nce
 from adrec_assets.ml.models import Projector
@@ -264,11 +265,15 @@ def train_projector(
     progress: ProgressFn | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
     epochs: int | None = None,
+    fields: FieldEncoder = FieldEncoder(),
+    field_cells: Mapping[str, Sequence[str]] | None = None,
 ) -> ProjectorTrainingResult:
     """Fit content -> user space on clicked ads.
 
     ``ad_content`` rows align with ``graph.ad_ids`` and ``user_vectors`` rows with
-    ``graph.user_ids``. Loss per batch of (ad, clicker) pairs = InfoNCE(projected ad, its
+    ``graph.user_ids``; ``field_cells`` (name -> one cell per ``ad_content`` row) are the ads'
+    structured fields, encoded by ``fields`` (:func:`~adrec_assets.ml.fields.fit_field_encoder`)
+    and appended to the content, which the model keeps for new ads. Loss per batch of (ad, clicker) pairs = InfoNCE(projected ad, its
     clicker; other clickers in the batch are negatives) + ``centroid_weight`` x squared
     distance between the projected ad and the mean vector of all its clickers.
 
@@ -288,11 +293,12 @@ def train_projector(
         raise TrainingDataError(f"need at least 2 clicks to train the projector, got {graph.n_clicks}")
     rng = np.random.default_rng(params.seed)
     sampler = AdClickerPairSampler(graph, rng)
-    content = torch.from_numpy(np.ascontiguousarray(ad_content, dtype=np.float32))
     users = torch.from_numpy(np.ascontiguousarray(user_vectors, dtype=np.float32))
     centroids = torch.from_numpy(clicker_centroids(graph, user_vectors))
     with seeded_and_deterministic(params.seed):
-        model = Projector(content.shape[1], users.shape[1], params)
+        model = Projector(ad_content.shape[1], users.shape[1], params, fields)
+        features = model.inputs(ad_content, field_cells)
+        content = torch.from_numpy(features)
         if init_state is not None:
             model.load_state_dict(init_state)
         opt = torch.optim.AdamW(
@@ -310,7 +316,7 @@ def train_projector(
 
         n_epochs, steps = _schedule(params, graph.n_clicks, epochs, at_least_one_pass=False)
         history = fit_epochs(n_epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress, steps)
-    fit_popularity_head(model, graph, ad_content, params.seed)
+    fit_popularity_head(model, graph, features, params.seed)
     model.eval()
     return ProjectorTrainingResult(
         model=model, history=history, n_trained_ads=int((graph.ad_degrees() > 0).sum())
@@ -318,7 +324,7 @@ def train_projector(
 
 
 def fit_popularity_head(model: Projector, graph: ClickGraph, ad_content: np.ndarray, seed: int) -> None:
-    """Ridge from content to the ad's standardized log(1 + number of clickers), over the
+    """Ridge from the model's inputs (:meth:`Projector.inputs`) to the ad's standardized log(1 + number of clickers), over the
     clicked ads. The target is standardized, the prediction is not: where content explains
     little of popularity, predictions shrink towards 0 and the score bias stays small
     instead of being inflated into noise. Fewer than 10 clicked ads leave the head at zero."""
@@ -335,19 +341,32 @@ def fit_popularity_head(model: Projector, graph: ClickGraph, ad_content: np.ndar
         model.popularity.bias.fill_(float(weights[-1, 0]))
 
 
+def _chunk_cells(field_cells: Mapping[str, Sequence[str]] | None, begin: int, end: int) -> dict[str, Sequence[str]]:
+    return {name: cells[begin:end] for name, cells in (field_cells or {}).items()}
+
+
 @torch.inference_mode()
-def score_bias(model: Projector, content: np.ndarray) -> np.ndarray:
+def score_bias(
+    model: Projector, content: np.ndarray, field_cells: Mapping[str, Sequence[str]] | None = None
+) -> np.ndarray:
     """``popularity_weight * popularity_z`` per ad, (n,) float32: added to the cosine."""
     model.eval()
-    return model.score_bias(torch.from_numpy(np.ascontiguousarray(content, dtype=np.float32))).numpy()
+    return model.score_bias(torch.from_numpy(model.inputs(content, field_cells))).numpy()
 
 
 @torch.inference_mode()
-def project(model: Projector, content: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Map content vectors into user space (eval mode: no dropout), (n, out_dim) unit rows."""
+def project(
+    model: Projector,
+    content: np.ndarray,
+    field_cells: Mapping[str, Sequence[str]] | None = None,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """Map content vectors (and the ads' structured fields, one cell per row) into user
+    space (eval mode: no dropout), (n, out_dim) unit rows."""
     model.eval()
     out = np.empty((len(content), model.out_dim), dtype=np.float32)
     for begin in range(0, len(content), batch_size):
-        chunk = torch.from_numpy(np.ascontiguousarray(content[begin : begin + batch_size], dtype=np.float32))
-        out[begin : begin + len(chunk)] = model(chunk).numpy()
+        end = begin + batch_size
+        chunk = model.inputs(content[begin:end], _chunk_cells(field_cells, begin, end))
+        out[begin : begin + len(chunk)] = model(torch.from_numpy(chunk)).numpy()
     return out

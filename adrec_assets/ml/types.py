@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
+
+from adrec_assets.ml.fields import AdFields, FieldError, FieldSpec
 
 #: Stored in every artifact file; bumped when a stored layout changes, so a file written by
 #: an older adrec fails to load with an instruction instead of being misread.
@@ -214,6 +216,8 @@ class AdCatalog:
     texts: np.ndarray  # (n,) str
     image_paths: np.ndarray  # (n,) str, absolute path inside image_root, or "" when the ad has no image
     image_root: str  # absolute folder every image must stay inside ("" when no ad has an image)
+    #: structured fields the source declares (``ad_fields.json``) with their cells, one per ad
+    fields: AdFields = field(default_factory=AdFields)
 
     def __post_init__(self) -> None:
         for name in ("ad_ids", "texts", "image_paths"):
@@ -233,22 +237,37 @@ class AdCatalog:
                 f"AdCatalog image paths must lie inside image_root {self.image_root!r}; "
                 f"{len(outside)} do not (e.g. {outside[0]!r})"
             )
+        try:
+            fields = AdFields(self.fields.specs, {k: str_array(v) for k, v in self.fields.cells.items()})
+        except FieldError as exc:
+            raise ArtifactError(f"AdCatalog: {exc}") from None
+        _coerce(self, "fields", fields)
+        for name, values in fields.cells.items():
+            _check_aligned("AdCatalog", f"field {name!r}", values, n)
 
     def __len__(self) -> int:
         return len(self.ad_ids)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {
+        out = {
             **pack_strings("ad_ids", self.ad_ids),
             **pack_strings("texts", self.texts),
             **pack_strings("image_paths", self.image_paths),
             "image_root": np.asarray(self.image_root),
+            "fields": np.asarray(json.dumps([asdict(spec) for spec in self.fields.specs])),
         }
+        for i, spec in enumerate(self.fields.specs):
+            out.update(pack_strings(f"field_{i}", self.fields.cells[spec.name]))
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "AdCatalog":
         f = Fields(arrays, cls.type_tag)
-        return cls(f.strings("ad_ids"), f.strings("texts"), f.strings("image_paths"), f.text("image_root"))
+        specs = tuple(FieldSpec(**spec) for spec in f.json("fields"))
+        values = {spec.name: f.strings(f"field_{i}") for i, spec in enumerate(specs)}
+        return cls(
+            f.strings("ad_ids"), f.strings("texts"), f.strings("image_paths"), f.text("image_root"), AdFields(specs, values)
+        )
 
 
 @artifact_type("click_graph")

@@ -13,7 +13,7 @@ import binascii
 import hmac
 import logging
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -91,6 +91,12 @@ class NewAd(BaseModel):
     ad_id: IdText
     text: str = Field(min_length=1, max_length=10_000)
     image_base64: str | None = Field(default=None, max_length=7_000_000, description="PNG/JPEG/... bytes, base64")
+    fields: dict[str, Any] = Field(  # each value checked by the service (a string or a number)
+        default_factory=dict,
+        max_length=64,
+        description="Structured fields the source declares (ad_fields.json), e.g. {\"year\": 1995, "
+        "\"genres\": \"Comedy|Drama\"}; a declared field left out counts as unknown",
+    )
 
 
 class AdAdded(BaseModel):
@@ -111,6 +117,7 @@ class AdInfo(BaseModel):
     text: str
     has_image: bool
     live: bool
+    fields: dict[str, str] = Field(default_factory=dict, description="the ad's structured fields")
 
 
 class Health(BaseModel):
@@ -319,7 +326,7 @@ def create_app(service: RecommendationService, *, start: bool = True) -> FastAPI
                 image = base64.b64decode(ad.image_base64, validate=True)
             except (binascii.Error, ValueError):
                 raise ServiceErrorResponse(422, "image_base64 is not valid base64", "image_base64") from None
-        return service.add_ad(ad.ad_id, ad.text, image)
+        return service.add_ad(ad.ad_id, ad.text, image, fields=ad.fields)
 
     @app.delete("/v1/ads/{ad_id}", response_model=AdRetired, tags=["ads"], dependencies=[Depends(require_token)])
     def retire_ad(ad_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)]) -> dict:

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from adrec_assets.ml.encoders.base import ImageAccess
+from adrec_assets.ml.fields import MAX_FIELD_CHARS, NUMERIC, parse_number
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.events import EventFlusher
@@ -235,7 +237,7 @@ def load_state(
     for live in online.live_ads():
         if live.ad_id in state.catalog_row:
             continue  # the source itself now carries this ad: its trained projection wins
-        vector, bias = project_content(state.projector, live.content_vector[None, :])
+        vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
         state.index.add(live.ad_id, vector[0], float(bias[0]))
         state.live_meta[live.ad_id] = dict(live.meta)
     retired = [ad for ad in online.retired_ads() if _is_live(state.index, ad)]
@@ -252,11 +254,19 @@ def _is_live(index: AdIndex, ad_id: str) -> bool:
         return False
 
 
-def project_content(projector: TrainedProjector, content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unit projected vectors, score biases) of content vectors: what ``ad_projected`` computes."""
+def project_content(
+    projector: TrainedProjector, content: np.ndarray, field_cells: Mapping[str, Sequence[str]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(unit projected vectors, score biases) of content vectors and their ads' structured
+    fields: what ``ad_projected`` computes."""
     from adrec_assets.ml.training import project, score_bias
 
-    return project(projector.model, content), score_bias(projector.model, content)
+    return project(projector.model, content, field_cells), score_bias(projector.model, content, field_cells)
+
+
+def live_fields(meta: Mapping[str, str]) -> dict[str, list[str]]:
+    """A live ad's structured fields (stored as JSON in its meta) as one-row cells."""
+    return {name: [value] for name, value in json.loads(meta.get("fields", "{}")).items()}
 
 
 # ---------------------------------------------------------------------- the service
@@ -396,7 +406,7 @@ class RecommendationService:
         for live in self.online.live_ads():
             if live.ad_id in state.catalog_row or live.ad_id in state.live_meta or self.online.is_retired(live.ad_id):
                 continue
-            vector, bias = project_content(state.projector, live.content_vector[None, :])
+            vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
             state.index.add(live.ad_id, vector[0], float(bias[0]))
             state.live_meta[live.ad_id] = dict(live.meta)
             changes += 1
@@ -449,10 +459,13 @@ class RecommendationService:
     def ad_info(self, state: ModelState, ad_id: str) -> dict[str, Any]:
         row = state.catalog_row.get(ad_id)
         if row is not None:
-            return {"text": str(state.catalog.texts[row]), "has_image": bool(state.catalog.image_paths[row]), "live": False}
+            fields = {name: str(cells[row]) for name, cells in state.catalog.fields.cells.items()}
+            return {"text": str(state.catalog.texts[row]), "has_image": bool(state.catalog.image_paths[row]),
+                    "live": False, "fields": fields}  # fmt: skip
         meta = state.live_meta.get(ad_id)
         if meta is not None:
-            return {"text": meta.get("text", ""), "has_image": meta.get("image") == "1", "live": True}
+            fields = {name: cells[0] for name, cells in live_fields(meta).items()}
+            return {"text": meta.get("text", ""), "has_image": meta.get("image") == "1", "live": True, "fields": fields}
         raise NotFound(f"ad {ad_id!r} is not in snapshot {state.version} nor among the live ads", "ad_id")
 
     # ------------------------------------------------------------------ recommend
@@ -656,10 +669,15 @@ class RecommendationService:
         return state.catalog_row.keys() if state is not None else frozenset()
 
     # ------------------------------------------------------------------ ads
-    def add_ad(self, ad_id: str, text: str, image: bytes | None, content: np.ndarray | None = None) -> dict[str, Any]:
+    def add_ad(
+        self, ad_id: str, text: str, image: bytes | None, content: np.ndarray | None = None,
+        fields: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """``content``: the ad's vector from the snapshot's encoder when the caller already
-        has it (simulations replaying an encoded catalogue); the API always encodes."""
+        has it (simulations replaying an encoded catalogue); the API always encodes.
+        ``fields``: its structured fields, each one the snapshot's projector declares."""
         state = self.state
+        cells = self._check_fields(state, fields or {})
         if not isinstance(ad_id, str) or not ad_id.strip() or len(ad_id) > MAX_ID_CHARS:
             raise BadRequest(f"ad_id must be 1 to {MAX_ID_CHARS} characters", "ad_id")
         if not isinstance(text, str) or not text.strip():
@@ -676,8 +694,8 @@ class RecommendationService:
             if self._encoder is None:
                 raise Unavailable(f"new ads cannot be encoded right now: {self._encoder_error}")
             content = self._encode(ad_id, text, image)
-        vector, bias = project_content(state.projector, content[None, :])
-        meta = {"text": text, "image": "1" if image is not None else "0"}
+        vector, bias = project_content(state.projector, content[None, :], {k: [v] for k, v in cells.items()})
+        meta = {"text": text, "image": "1" if image is not None else "0", "fields": json.dumps(cells, sort_keys=True)}
         if image is not None:
             self.online.put_arrays(f"image.{_blob_name(ad_id)}", {"bytes": np.frombuffer(image, dtype=np.uint8)})
         self.online.put_live_ad(ad_id, content, meta)
@@ -686,6 +704,28 @@ class RecommendationService:
         state.live_meta[ad_id] = meta
         slot = state.index.add(ad_id, vector[0], float(bias[0]))
         return {"ad_id": ad_id, "model_version": state.version, "score_bias": float(bias[0]), "slot": slot}
+
+    @staticmethod
+    def _check_fields(state: ModelState, fields: Mapping[str, Any]) -> dict[str, str]:
+        """Declared fields as text cells (a JSON number as its decimal text); an undeclared
+        name, a value that is neither a string nor a number, or a numeric field that is no
+        number is a 422 naming ``fields.<name>``."""
+        declared = {f.spec.name: f.spec for f in state.projector.model.fields.fields}
+        cells = {}
+        for name, value in fields.items():
+            spec = declared.get(name)
+            if spec is None:
+                known = sorted(declared) or "none: this source declares no ad fields"
+                raise BadRequest(f"{name!r} is not a declared ad field (declared: {known})", f"fields.{name}")
+            ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            cell = value if isinstance(value, str) else str(value)
+            if not ok or len(cell) > MAX_FIELD_CHARS:
+                raise BadRequest(f"field {name!r} must be a string of at most {MAX_FIELD_CHARS} characters or a number",
+                                 f"fields.{name}")  # fmt: skip
+            if spec.kind == NUMERIC and cell.strip() and parse_number(cell) is None:
+                raise BadRequest(f"field {name!r} is numeric; {cell[:40]!r} is not a finite number", f"fields.{name}")
+            cells[name] = cell
+        return cells
 
     def _encode(self, ad_id: str, text: str, image: bytes | None) -> np.ndarray:
         if image is None:

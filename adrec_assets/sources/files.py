@@ -3,7 +3,12 @@
 Layout of one source, ``<root>/<source>/``::
 
     ads.csv | ads.parquet | ads.jsonl   ad_id (string), text (string), optional image
-                                        (path relative to the source folder)
+                                        (path relative to the source folder), and the
+                                        structured fields ad_fields.json declares
+    ad_fields.json                      optional: {"<column>": {"kind": "categorical" |
+                                        "numeric"[, "separator": "|"]}, ...}: ad properties
+                                        (category, advertiser, year, price) the projector
+                                        reads beside the encoder's vector
     clicks/*.csv | clicks/*.parquet     user_id or user_pseudonym, ad_id, optional timestamp,
                                         optional weight
 
@@ -29,6 +34,7 @@ only redacted. Policies:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from adrec_assets.ml.encoders.base import DEFAULT_MAX_IMAGE_BYTES, ImageAccess
+from adrec_assets.ml.fields import MAX_FIELD_CHARS, AdFields, FieldError, FieldSpec
 from adrec_assets.ml.types import AdCatalog, str_array
 from adrec_assets.sources import AdReadReport, ClickReadReport, RawClicks, SourceError
 from adrec_assets.sources.folders import write_folder_atomically
@@ -53,6 +60,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ADS_FILENAMES = ("ads.csv", "ads.parquet", "ads.jsonl")
+FIELDS_FILENAME = "ad_fields.json"
 CLICKS_DIRNAME = "clicks"
 CLICK_SUFFIXES = (".csv", ".parquet")
 AD_ID, TEXT, IMAGE = "ad_id", "text", "image"
@@ -124,9 +132,9 @@ def list_sources(root: Path) -> list[str]:
 
 
 def source_fingerprint(source_dir: Path) -> str:
-    """Changes whenever an ads or click file is added, removed, or rewritten (size/mtime)."""
+    """Changes whenever an ads, fields or click file is added, removed, or rewritten (size/mtime)."""
     entries = []
-    for path in [*(source_dir / n for n in ADS_FILENAMES), *click_files(source_dir)]:
+    for path in [*(source_dir / n for n in (*ADS_FILENAMES, FIELDS_FILENAME)), *click_files(source_dir)]:
         if path.is_file():
             stat = path.stat()
             entries.append(f"{path.relative_to(source_dir)}:{stat.st_size}:{stat.st_mtime_ns}")
@@ -140,7 +148,7 @@ def _where(source: str, path: Path) -> str:
 # ----------------------------------------------------------------------------- ads
 
 
-def _ads_spec(path: Path, where: str, limits: SourceLimits) -> TableSpec:
+def _ads_spec(path: Path, where: str, limits: SourceLimits, fields: tuple[FieldSpec, ...] = ()) -> TableSpec:
     return TableSpec(
         path,
         where,
@@ -148,8 +156,41 @@ def _ads_spec(path: Path, where: str, limits: SourceLimits) -> TableSpec:
             Column(AD_ID, Kind.ID, max_chars=limits.max_id_chars, limit_name="max_id_chars"),
             Column(TEXT, Kind.TEXT, max_chars=limits.max_text_chars, truncate=True, fix="every ad needs ad copy"),
             Column(IMAGE, Kind.STR, required=False, max_chars=MAX_IMAGE_PATH_CHARS, rule="a relative path string"),
+            *(Column(spec.name, Kind.CELL, max_chars=MAX_FIELD_CHARS, rule=f"a {spec.kind} value") for spec in fields),
         ),
     )
+
+
+def write_field_specs(folder: Path, fields: tuple[FieldSpec, ...]) -> None:
+    """``ad_fields.json`` declaring ``fields`` (what :func:`read_field_specs` reads back)."""
+    declared = {f.name: {"kind": f.kind, **({"separator": f.separator} if f.separator else {})} for f in fields}
+    (folder / FIELDS_FILENAME).write_text(json.dumps(declared, indent=1) + "\n", encoding="utf-8")
+
+
+def read_field_specs(source_dir: Path, source: str | None = None) -> tuple[FieldSpec, ...]:
+    """The structured fields ``ad_fields.json`` declares (none without the file), in file order."""
+    path = source_dir / FIELDS_FILENAME
+    if not path.is_file():
+        return ()
+    where = _where(source or source_dir.name, path)
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{where}: not valid UTF-8 JSON ({exc}); fix it or remove the file") from None
+    if not isinstance(declared, dict) or not all(isinstance(v, dict) for v in declared.values()):
+        raise SourceError(f'{where}: expected an object like {{"year": {{"kind": "numeric"}}}}, one entry per column')
+    specs = []
+    for name, entry in declared.items():
+        if name in (AD_ID, TEXT, IMAGE) or not name.strip():
+            raise SourceError(f"{where}: {name!r} cannot be a structured field (reserved or empty column name)")
+        unknown = sorted(set(entry) - {"kind", "separator"})
+        if unknown:
+            raise SourceError(f"{where}: field {name!r} has unknown keys {unknown}; use 'kind' and 'separator'")
+        try:
+            specs.append(FieldSpec(name, str(entry.get("kind", "")), str(entry.get("separator", ""))))
+        except FieldError as exc:
+            raise SourceError(f"{where}: {exc}") from None
+    return tuple(specs)
 
 
 def read_ads(source_dir: Path, source: str | None = None, limits: SourceLimits | None = None) -> AdCatalog:
@@ -166,7 +207,8 @@ def read_ads_with_report(
     limits = limits or SourceLimits()
     path = ads_file(source_dir)
     where = _where(source, path)
-    chunks = list(read_table(_ads_spec(path, where, limits), chunk_rows=_AD_CHUNK_ROWS))  # held whole anyway
+    fields = read_field_specs(source_dir, source)
+    chunks = list(read_table(_ads_spec(path, where, limits, fields), chunk_rows=_AD_CHUNK_ROWS))  # held whole anyway
     if not chunks:
         raise SourceError(f"{where}: no ads; add at least one row")
     rows = _concat(chunks)
@@ -199,7 +241,10 @@ def read_ads_with_report(
             "%s: %d ad texts longer than %d characters were cut to that length (e.g. %s)",
             where, report.n_texts_truncated, limits.max_text_chars, "; ".join(report.truncated_examples),
         )  # fmt: skip
-    catalog = AdCatalog(ad_ids=ad_ids, texts=texts, image_paths=resolved, image_root=str(root))
+    catalog = AdCatalog(
+        ad_ids=ad_ids, texts=texts, image_paths=resolved, image_root=str(root),
+        fields=AdFields(fields, {spec.name: rows.values[spec.name] for spec in fields}),
+    )  # fmt: skip
     return catalog, report
 
 
@@ -385,9 +430,10 @@ def write_source(
             (folder / "images").mkdir(exist_ok=True)
             (folder / "images" / name).write_bytes(access.read(path))
             images.append(f"images/{name}")
-        pd.DataFrame({AD_ID: catalog.ad_ids, TEXT: catalog.texts, IMAGE: str_array(images)}).to_csv(
-            folder / ADS_FILENAMES[0], index=False
-        )
+        columns = {AD_ID: catalog.ad_ids, TEXT: catalog.texts, IMAGE: str_array(images)}
+        pd.DataFrame({**columns, **catalog.fields.cells}).to_csv(folder / ADS_FILENAMES[0], index=False)
+        if catalog.fields.specs:
+            write_field_specs(folder, catalog.fields.specs)
         flags = clicks.pseudonymized[clicks.user_codes]
         stem = Path(clicks_name).stem
         for pseudonymized, column, name in (

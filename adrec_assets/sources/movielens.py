@@ -12,9 +12,11 @@ converted output or the dataset itself::
 
 Two layouts are detected automatically: ``ml-latest`` (``movies.csv`` + ``ratings.csv``,
 also ml-latest-small, ml-20m, ml-25m) and ``ml-100k`` (``u.item`` + ``u.data``, latin-1).
-Output: ``OUT/ads.csv`` (``ad_id``, ``text``) and ``OUT/clicks/ratings.csv`` (``user_id``,
-``ad_id``, ``timestamp``), written into a hidden sibling folder and renamed into place, so
-a watcher of OUT never sees a half-written source.
+Output: ``OUT/ads.csv`` (``ad_id``, ``text``, and the structured fields ``year`` and
+``genres``), ``OUT/ad_fields.json`` declaring them (``year`` numeric, ``genres`` categorical
+with ``|`` between values) and ``OUT/clicks/ratings.csv`` (``user_id``, ``ad_id``,
+``timestamp``), written into a hidden sibling folder and renamed into place, so a watcher of
+OUT never sees a half-written source.
 
 By default every rating is a click: rating a movie means having watched it, which is the
 interest signal a click carries, low ratings included. ``--min-rating R`` keeps only ratings
@@ -27,6 +29,7 @@ import argparse
 import csv
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from adrec_assets.sources import SourceError
-from adrec_assets.sources.files import ADS_FILENAMES, AD_ID, CLICKS_DIRNAME, TEXT, TIMESTAMP, USER_ID
+from adrec_assets.ml.fields import CATEGORICAL, NUMERIC, FieldSpec
+from adrec_assets.sources.files import ADS_FILENAMES, AD_ID, CLICKS_DIRNAME, TEXT, TIMESTAMP, USER_ID, write_field_specs
 from adrec_assets.sources.folders import check_out_dir, write_folder_atomically
 from adrec_assets.sources.tables import Column, Kind, TableSpec, read_table
 
@@ -117,6 +121,19 @@ def _ad_text(title: str, genres: list[str]) -> str:
     return f"{title}. Genres: {', '.join(genres)}." if genres else f"{title}."
 
 
+_YEAR = re.compile(r"\((\d{4})(?:[-–]\d{0,4})?\)\s*$")
+
+
+def _year(title: str) -> str:
+    """The release year a MovieLens title ends with ("Heat (1995)"), or "" when it has none."""
+    found = _YEAR.search(title.strip())
+    return found.group(1) if found else ""
+
+
+#: the structured ad fields a converted source declares (``ad_fields.json``)
+MOVIE_FIELDS = (FieldSpec("year", NUMERIC), FieldSpec("genres", CATEGORICAL, separator="|"))
+
+
 def _ratings_frame(columns: dict[str | int, np.ndarray], keys: tuple[str | int, ...]) -> pd.DataFrame:
     user, movie, rating, timestamp = (columns[k] for k in keys)
     return pd.DataFrame({"user_id": user, "movie_id": movie, "rating": rating, "timestamp": timestamp})
@@ -133,10 +150,11 @@ def _load_latest(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     )
     _check_unique_movies(movies["movieId"], lines, movies_path)
-    texts = []
+    texts, genre_cells = [], []
     for title, genres in zip(movies["title"].tolist(), movies["genres"].tolist()):
-        names = [g.strip() for g in genres.split("|")]
-        texts.append(_ad_text(title.strip(), [g for g in names if g and g != NO_GENRES]))
+        names = [g for g in (g.strip() for g in genres.split("|")) if g and g != NO_GENRES]
+        texts.append(_ad_text(title.strip(), names))
+        genre_cells.append("|".join(names))
     ratings_path = src_dir / "ratings.csv"
     ratings, _ = _read_columns(
         TableSpec(
@@ -151,8 +169,9 @@ def _load_latest(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             encoding="utf-8-sig",
         )
     )
+    years = [_year(title) for title in movies["title"].tolist()]
     return (
-        pd.DataFrame({"movie_id": movies["movieId"], "text": texts}),
+        pd.DataFrame({"movie_id": movies["movieId"], "text": texts, "year": years, "genres": genre_cells}),
         _ratings_frame(ratings, ("userId", "movieId", "rating", "timestamp")),
     )
 
@@ -160,7 +179,7 @@ def _load_latest(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _load_100k(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     item_path = src_dir / "u.item"
     n_meta = 5  # id | title | release date | video release date | IMDb URL
-    item_columns = [Column(0, Kind.INT), Column(1, Kind.TEXT)]
+    item_columns = [Column(0, Kind.INT), Column(1, Kind.TEXT), Column(2, Kind.STR)]
     item_columns += [Column(n_meta + i, Kind.FLAG) for i in range(len(ML100K_GENRES))]
     items, lines = _read_columns(
         TableSpec(
@@ -176,10 +195,11 @@ def _load_100k(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
     _check_unique_movies(items[0], lines, item_path)
     flags = np.stack([items[n_meta + i] for i in range(len(ML100K_GENRES))], axis=1).astype(bool)
-    texts = [
-        _ad_text(title.strip(), [g for g, on in zip(ML100K_GENRES, row) if on and g != "unknown"])
-        for title, row in zip(items[1].tolist(), flags)
-    ]
+    genres = [[g for g, on in zip(ML100K_GENRES, row) if on and g != "unknown"] for row in flags]
+    texts = [_ad_text(title.strip(), names) for title, names in zip(items[1].tolist(), genres)]
+    # release date "01-Jan-1995"; the title's "(1995)" when the date is missing
+    years = [date.strip()[-4:] if date.strip()[-4:].isdigit() else _year(title)
+             for date, title in zip(items[2].tolist(), items[1].tolist())]  # fmt: skip
     data_path = src_dir / "u.data"
     ratings, _ = _read_columns(
         TableSpec(
@@ -193,7 +213,8 @@ def _load_100k(src_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             quoting=csv.QUOTE_NONE,
         )
     )
-    return pd.DataFrame({"movie_id": items[0], "text": texts}), _ratings_frame(ratings, (0, 1, 2, 3))
+    ads = pd.DataFrame({"movie_id": items[0], "text": texts, "year": years, "genres": ["|".join(g) for g in genres]})
+    return ads, _ratings_frame(ratings, (0, 1, 2, 3))
 
 
 _LOADERS = {LAYOUT_LATEST: _load_latest, LAYOUT_100K: _load_100k}
@@ -283,12 +304,14 @@ def convert_movielens(
             "lower --min-rating or check the ratings file"
         )
 
-    ads = pd.DataFrame({AD_ID: "movie-" + movies["movie_id"].astype(str), TEXT: movies["text"]})
+    ads = pd.DataFrame({AD_ID: "movie-" + movies["movie_id"].astype(str), TEXT: movies["text"],
+                        **{spec.name: movies[spec.name] for spec in MOVIE_FIELDS}})  # fmt: skip
     user_ids, movie_ids, timestamps = (kept[c].to_numpy() for c in ("user_id", "movie_id", "timestamp"))
 
     def fill(folder: Path) -> None:
         (folder / CLICKS_DIRNAME).mkdir()
         _write_csv(iter([ads]), folder / ADS_FILENAMES[0])
+        write_field_specs(folder, MOVIE_FIELDS)
         _write_csv(_click_frames(user_ids, movie_ids, timestamps), folder / CLICKS_DIRNAME / CLICKS_FILE)
 
     write_folder_atomically(out_dir, fill, overwrite=overwrite)

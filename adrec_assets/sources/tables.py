@@ -45,6 +45,7 @@ class Kind(enum.Enum):
     PSEUDONYM = "pseudonym"  # PSEUDONYM_HEX_CHARS lowercase hex characters
     TEXT = "text"  # string that is not blank
     STR = "str"  # any string; an empty or null cell is ""
+    CELL = "cell"  # a string or a number, kept as its text (structured ad fields); null is ""
     INT = "int"  # integer within int64
     FLAG = "flag"  # 0 or 1
     FLOAT = "float"  # finite number, still finite in the stored dtype
@@ -469,7 +470,7 @@ def _validate(
 
 
 def _check(column: Column, cells: pd.Series, text_cells: bool) -> _Checked:
-    if column.kind in (Kind.ID, Kind.PSEUDONYM, Kind.TEXT, Kind.STR):
+    if column.kind in (Kind.ID, Kind.PSEUDONYM, Kind.TEXT, Kind.STR, Kind.CELL):
         return _check_strings(column, cells, text_cells)
     if column.kind in (Kind.INT, Kind.FLAG):
         return _check_integers(column, cells, text_cells)
@@ -516,13 +517,15 @@ def _check_strings(column: Column, cells: pd.Series, text_cells: bool) -> _Check
                 strings[i] = str(value)
             elif kind is Kind.ID and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
                 strings[i] = str(value)
+            elif kind is Kind.CELL and isinstance(value, (int, float, np.integer, np.floating)):
+                strings[i] = str(value)
             else:
                 wrong_type[i] = True
     strings[null | wrong_type] = ""
     lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
     if kind is Kind.TEXT:
         empty = np.fromiter((not s.strip() for s in strings), dtype=bool, count=n)
-    elif kind is Kind.STR:
+    elif kind in (Kind.STR, Kind.CELL):
         empty = np.zeros(n, dtype=bool)
     else:
         empty = lengths == 0
@@ -544,7 +547,7 @@ def _check_strings(column: Column, cells: pd.Series, text_cells: bool) -> _Check
         if wrong_type[i]:
             if kind is Kind.TEXT:
                 return f"has {name} that is a {type(value).__name__}, not text; {column.fix or 'write text'}"
-            if kind is Kind.STR:
+            if kind in (Kind.STR, Kind.CELL):
                 return f"has {name}={_shown(value, column)}; {name} must be {column.rule or 'a string'}"
             allowed = "a string (or an integer)" if kind is Kind.ID else "a string"
             return f"has {name}={_shown(value, column)} of type {type(value).__name__}; {name} must be {allowed}"
