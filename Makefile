@@ -12,6 +12,8 @@ export TRANSFORMERS_OFFLINE := 1
 # secret ADREC_ID_KEY and leaves this unset, so a missing key is an error there.
 export ADREC_ALLOW_DEV_KEY ?= 1
 SOURCE ?= synthetic
+# evaluation splits, comma-separated: make evaluate SOURCE=ml-latest-small EVAL_SEEDS=0,1,2,3,4
+EVAL_SEEDS ?= 0
 UI_PORT ?= 3000
 SERVE_PORT ?= 8000
 
@@ -38,7 +40,8 @@ run: setup $(DAGSTER_HOME)/dagster.yaml
 # Cold-start quality report of an already materialized source (retrains twice on a split).
 evaluate: setup $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m adrec_assets.cli register $(SOURCE)
-	time $(BIN)/dagster asset materialize -m adrec_assets.definitions --select evaluation --partition $(SOURCE)
+	time $(BIN)/dagster asset materialize -m adrec_assets.definitions --select evaluation --partition $(SOURCE) \
+		--config-json '{"ops": {"evaluation": {"config": {"seeds": [$(EVAL_SEEDS)]}}}}'
 
 # Debian's Chromium, PostgreSQL and Redis servers for the browser, PostgreSQL and Redis tests (as root via
 # apt-get; a no-op when present). Where they cannot be installed those tests skip, saying why.

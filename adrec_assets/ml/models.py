@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -70,13 +69,14 @@ class Projector(nn.Module):
         """``features``: rows of :meth:`inputs`."""
         return F.normalize(self.net(features), dim=-1)
 
-    def popularity_z(self, content: torch.Tensor) -> torch.Tensor:
-        """Predicted standardized log click count (0 = a typical training ad), shape (n,)."""
-        return self.popularity(content).squeeze(-1)
+    def popularity_z(self, features: torch.Tensor) -> torch.Tensor:
+        """Predicted standardized log click count (0 = a typical training ad) from rows of
+        :meth:`inputs`, shape (n,)."""
+        return self.popularity(features).squeeze(-1)
 
-    def score_bias(self, content: torch.Tensor) -> torch.Tensor:
+    def score_bias(self, features: torch.Tensor) -> torch.Tensor:
         """The additive, user-independent part of the score, shape (n,)."""
-        return self.params.popularity_weight * self.popularity_z(content)
+        return self.params.popularity_weight * self.popularity_z(features)
 
     def architecture(self) -> dict[str, int | float]:
         return {

@@ -49,7 +49,7 @@ class ProjectorParams:
         0.25, "Weight of the content-predicted popularity z-score added to the cosine (0 = pure cosine)."
     )
     field_scale: float = setting(
-        1.0, "Scale of the encoded structured ad fields (ad_fields.json) beside the unit content vector (0 = ignore them)."
+        6.0, "Scale of the encoded structured ad fields (ad_fields.json) beside the unit content vector (0 = ignore them)."
     )
     min_steps: int = setting(1500, "Raise the epochs until at least this many optimizer steps run.")
     max_steps: int = setting(4000, "Cap the optimizer steps (0 = no cap): one MLP shared by all ads.")
