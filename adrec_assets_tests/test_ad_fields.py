@@ -208,3 +208,17 @@ def test_a_projector_without_fields_is_what_it_was():
     assert model.inputs(content, {"year": ["1990"] * 3}).shape == (3, 16)  # nothing declared: cells ignored
     with torch.inference_mode():
         np.testing.assert_array_equal(project(model, content), model(torch.from_numpy(content)).numpy())
+
+
+def test_a_written_source_keeps_its_declared_fields(tmp_path: Path):
+    from adrec_assets.sources import RawClicks
+    from adrec_assets.sources.files import write_source
+
+    fields = AdFields((GENRES, YEAR), cells(genres=["A|B", "", "B"], year=["1990", "2000", ""]))
+    catalog = AdCatalog(np.asarray(["a", "b", "c"]), np.asarray(["x", "y", "z"]), np.asarray([""] * 3), "", fields)
+    clicks = RawClicks(user_vocab=np.asarray(["u"]), user_codes=np.asarray([0, 0]), ad_vocab=np.asarray(["a", "b"]),
+                       ad_codes=np.asarray([0, 1]), weights=np.ones(2, dtype=np.float32))  # fmt: skip
+    write_source(tmp_path / "out", catalog, clicks)
+    back = read_ads(tmp_path / "out")
+    assert back.fields.specs == (GENRES, YEAR)
+    assert {n: v.tolist() for n, v in back.fields.cells.items()} == {n: v.tolist() for n, v in fields.cells.items()}

@@ -53,8 +53,8 @@ from adrec_assets.sources.tables import Column, Kind, Rows, TableSpec, read_tabl
 
 __all__ = [
     "AdReadReport", "ClickReadReport", "FileSource", "RawClicks", "SourceError", "SourceLimits", "ads_file",
-    "click_files", "list_sources", "read_ads", "read_ads_with_report", "read_clicks", "source_fingerprint",
-    "write_source",
+    "click_files", "list_sources", "read_ads", "read_ads_with_report", "read_clicks", "read_field_specs",
+    "source_fingerprint", "write_field_specs", "write_source",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
