@@ -14,7 +14,6 @@ training ads' were. Everything here is plain numpy and JSON (no pickles).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
@@ -129,11 +128,6 @@ class FieldEncoder:
             for f in data["fields"]
         )  # fmt: skip
         return cls(fields, float(data["scale"]))
-
-    @property
-    def fingerprint(self) -> str:
-        """Short id of the fitted encoding ("" when no field is declared)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12] if self.fields else ""
 
 
 def _encode_block(fitted: FittedField, cells: Sequence[str], block: np.ndarray) -> None:
