@@ -43,6 +43,7 @@ from adrec_assets.ml.training import (
     train_user_embeddings,
 )
 from adrec_assets.ml.recommender import score_matrix
+from adrec_assets.ml.user_refit import refit_users
 from adrec_assets.ml.types import ClickGraph, Fields, artifact_type, pack_strings
 
 LogFn = Callable[[str], None]
@@ -50,7 +51,7 @@ LogFn = Callable[[str], None]
 PIPELINE = "pipeline"
 METHOD_ORDER = (
     "random", "content_knn", "popularity", "global_mean", "ridge", "ridge_als", "ridge_als_fields", "cosine_only",
-    PIPELINE, "warm_reference",
+    PIPELINE, "user_refit", "warm_reference",
 )  # fmt: skip
 # The headline bar: the classic content -> collaborative-filtering map, ridge into ALS item
 # factors, given the structured fields too when the source declares them (the stronger of
@@ -71,6 +72,7 @@ METHOD_LABELS = {
     "ridge_als_fields": "ridge content + ad fields -> ALS item factors (dot)",
     "cosine_only": "projector cosine only (popularity_weight 0)",
     PIPELINE: "**pipeline** (cosine + popularity, cold ads)",
+    "user_refit": "pipeline, users refitted against the projected ads (diagnostic, not served)",
     "warm_reference": "warm reference (half the clicks seen)",
 }
 
@@ -219,6 +221,7 @@ class TrainedOnSplit:
     projected_cold: np.ndarray  # (n_cold, d) unit rows
     bias_cold: np.ndarray  # (n_cold,) the score's popularity term
     popularity_cold: np.ndarray  # (n_cold,) the popularity head's z-score
+    projected: np.ndarray  # (n_ads, d) every ad of the graph, for the user refit
     seconds: float
     projector_state: dict[str, torch.Tensor] = field(default_factory=dict)  # for a warm start
 
@@ -272,6 +275,7 @@ def train_pipeline_on(
         project(model, cold_content, cold_cells),
         score_bias(model, cold_content, cold_cells),
         popularity.numpy(),
+        project(model, content, fields.cells),
         time.perf_counter() - started,
         {k: v.clone() for k, v in model.state_dict().items()},
     )
@@ -458,6 +462,9 @@ def evaluate_cold_start(
         record("ridge_als_fields", ridge_als_scores(split, np.hstack([content, encoded]), als_params, factors))
     record("cosine_only", trained.user_vectors[split.eval_users] @ trained.projected_cold.T)
     record(PIPELINE, trained.scores(split.eval_users))
+    known_ads = np.setdiff1d(np.arange(graph.n_ads), split.cold_ads)  # the cold ads do not exist yet
+    refitted = refit_users(split.train, trained.user_vectors, trained.projected, split.eval_users, known_ads)
+    record("user_refit", score_matrix(refitted, trained.projected_cold, trained.bias_cold))
     if params.warm_reference:
         warm = warm_split(graph, split.cold_ads, params.seed)
         warm_trained = train_pipeline_on(warm, content, user_params, projector_params, log, fields=fields)
