@@ -5,7 +5,7 @@ import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.training import project, score_bias
+from adrec_assets.ml.training import project_with_bias
 from adrec_assets.ml.types import AdCatalog, ArtifactError, ContentEmbeddings, ProjectedAds, align_rows, check_unit_rows
 
 
@@ -31,8 +31,7 @@ def ad_projected(
     )  # fmt: skip
     cells = raw_ads.fields.take(rows).cells
     with stopwatch() as timing:
-        vectors = project(projector.model, ad_embeddings_raw.vectors, cells)
-        bias = score_bias(projector.model, ad_embeddings_raw.vectors, cells)
+        vectors, bias = project_with_bias(projector.model, ad_embeddings_raw.vectors, cells)
     check_unit_rows(vectors, f"ad_projected[{context.partition_key}]", dim=projector.model.out_dim)
     if not np.isfinite(bias).all():
         raise ArtifactError(f"ad_projected[{context.partition_key}]: non-finite score_bias; re-materialize projector")

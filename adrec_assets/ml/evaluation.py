@@ -37,8 +37,7 @@ from adrec_assets.ml.sampling import clicker_centroids
 from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
 from adrec_assets.ml.training import (
     normalized_mean,
-    project,
-    score_bias,
+    project_with_bias,
     train_projector,
     train_user_embeddings,
 )
@@ -267,15 +266,16 @@ def train_pipeline_on(
         fields=fields.fit(projector_params.field_scale),
         field_cells=fields.cells,
     ).model
-    cold_content, cold_cells = content[split.cold_ads], fields.take(split.cold_ads).cells
+    projected, bias = project_with_bias(model, content, fields.cells)  # every ad, once: the refit reads them all
+    cold_inputs = model.inputs(content[split.cold_ads], fields.take(split.cold_ads).cells)
     with torch.inference_mode():
-        popularity = model.popularity_z(torch.from_numpy(model.inputs(cold_content, cold_cells)))
+        popularity = model.popularity_z(torch.from_numpy(cold_inputs))
     return TrainedOnSplit(
         users.vectors,
-        project(model, cold_content, cold_cells),
-        score_bias(model, cold_content, cold_cells),
+        projected[split.cold_ads],
+        bias[split.cold_ads],
         popularity.numpy(),
-        project(model, content, fields.cells),
+        projected,
         time.perf_counter() - started,
         {k: v.clone() for k, v in model.state_dict().items()},
     )
@@ -389,7 +389,7 @@ def combine_seeds(reports: list[EvaluationReport]) -> EvaluationReport:
         for m in methods
     }
     settings = json.loads(first.settings) if first.settings else {}
-    seeds = [int(json.loads(r.settings)["evaluation"]["seed"]) if r.settings else i for i, r in enumerate(reports)]
+    seeds = [seed for r in reports for seed in r.seeds]
     settings["seeds"] = seeds
     counts = {name: getattr(first, name) for name in EvaluationReport._COUNTS}
     return EvaluationReport(

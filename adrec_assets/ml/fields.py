@@ -89,10 +89,10 @@ class FieldEncoder:
 
     fields: tuple[FittedField, ...] = ()
     scale: float = 1.0
-    names: tuple[str, ...] = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "names", tuple(f.spec.name for f in self.fields))
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.spec.name for f in self.fields)
 
     @property
     def width(self) -> int:

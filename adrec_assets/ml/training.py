@@ -25,6 +25,7 @@ from adrec_assets.ml.sampling import AdClickerPairSampler, CoClickPairSampler, c
 from adrec_assets.ml.types import ClickGraph
 
 ProgressFn = Callable[[int, int, float], None]  # (epoch, planned epochs, mean loss)
+Cells = Mapping[str, Sequence[str]]  # an ad field's name -> one cell per ad
 
 
 @contextmanager
@@ -266,7 +267,7 @@ def train_projector(
     init_state: dict[str, torch.Tensor] | None = None,
     epochs: int | None = None,
     fields: FieldEncoder = FieldEncoder(),
-    field_cells: Mapping[str, Sequence[str]] | None = None,
+    field_cells: Cells | None = None,
 ) -> ProjectorTrainingResult:
     """Fit content -> user space on clicked ads.
 
@@ -341,32 +342,46 @@ def fit_popularity_head(model: Projector, graph: ClickGraph, ad_content: np.ndar
         model.popularity.bias.fill_(float(weights[-1, 0]))
 
 
-def _chunk_cells(field_cells: Mapping[str, Sequence[str]] | None, begin: int, end: int) -> dict[str, Sequence[str]]:
-    return {name: cells[begin:end] for name, cells in (field_cells or {}).items()}
+def _input_chunks(model: Projector, content: np.ndarray, field_cells: Cells | None, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, the model's inputs) per chunk of ``batch_size`` ads: content plus encoded
+    fields, built once per chunk whatever is computed from them."""
+    for begin in range(0, len(content), batch_size):
+        end = begin + batch_size
+        cells = {name: values[begin:end] for name, values in (field_cells or {}).items()}
+        yield begin, torch.from_numpy(model.inputs(content[begin:end], cells))
 
 
 @torch.inference_mode()
-def score_bias(
-    model: Projector, content: np.ndarray, field_cells: Mapping[str, Sequence[str]] | None = None
-) -> np.ndarray:
+def project_with_bias(
+    model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`project` and :func:`score_bias` in one pass over the ads: what ``ad_projected``
+    and the service compute for every ad."""
+    model.eval()
+    vectors = np.empty((len(content), model.out_dim), dtype=np.float32)
+    bias = np.empty(len(content), dtype=np.float32)
+    for begin, features in _input_chunks(model, content, field_cells, batch_size):
+        vectors[begin : begin + len(features)] = model(features).numpy()
+        bias[begin : begin + len(features)] = model.score_bias(features).numpy()
+    return vectors, bias
+
+
+@torch.inference_mode()
+def score_bias(model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096) -> np.ndarray:
     """``popularity_weight * popularity_z`` per ad, (n,) float32: added to the cosine."""
     model.eval()
-    return model.score_bias(torch.from_numpy(model.inputs(content, field_cells))).numpy()
+    bias = np.empty(len(content), dtype=np.float32)
+    for begin, features in _input_chunks(model, content, field_cells, batch_size):
+        bias[begin : begin + len(features)] = model.score_bias(features).numpy()
+    return bias
 
 
 @torch.inference_mode()
-def project(
-    model: Projector,
-    content: np.ndarray,
-    field_cells: Mapping[str, Sequence[str]] | None = None,
-    batch_size: int = 4096,
-) -> np.ndarray:
+def project(model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096) -> np.ndarray:
     """Map content vectors (and the ads' structured fields, one cell per row) into user
     space (eval mode: no dropout), (n, out_dim) unit rows."""
     model.eval()
     out = np.empty((len(content), model.out_dim), dtype=np.float32)
-    for begin in range(0, len(content), batch_size):
-        end = begin + batch_size
-        chunk = model.inputs(content[begin:end], _chunk_cells(field_cells, begin, end))
-        out[begin : begin + len(chunk)] = model(torch.from_numpy(chunk)).numpy()
+    for begin, features in _input_chunks(model, content, field_cells, batch_size):
+        out[begin : begin + len(features)] = model(features).numpy()
     return out

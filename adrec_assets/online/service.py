@@ -259,9 +259,9 @@ def project_content(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(unit projected vectors, score biases) of content vectors and their ads' structured
     fields: what ``ad_projected`` computes."""
-    from adrec_assets.ml.training import project, score_bias
+    from adrec_assets.ml.training import project_with_bias
 
-    return project(projector.model, content, field_cells), score_bias(projector.model, content, field_cells)
+    return project_with_bias(projector.model, content, field_cells)
 
 
 def live_fields(meta: Mapping[str, str]) -> dict[str, list[str]]:
