@@ -21,6 +21,7 @@ from adrec_assets.assets.global_mean import global_mean
 from adrec_assets.assets.policy_posterior import policy_posterior
 from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.raw_ads import raw_ads
+from adrec_assets.assets.served_users import served_users
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
 from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
@@ -65,6 +66,12 @@ def ad_embeddings_are_unit_768(ad_embeddings_raw: ContentEmbeddings) -> dg.Asset
 def user_embeddings_are_unit(user_embeddings: UserEmbeddings) -> dg.AssetCheckResult:
     """Every user has a finite, unit-length vector and a unique pseudonym."""
     return unit_rows_result(user_embeddings.vectors, None, user_embeddings.ids)
+
+
+@dg.asset_check(asset=served_users, blocking=True, partitions_def=click_source_partitions)
+def served_users_are_unit(served_users: UserEmbeddings) -> dg.AssetCheckResult:
+    """Every served user has a finite, unit-length vector and a unique pseudonym."""
+    return unit_rows_result(served_users.vectors, None, served_users.ids)
 
 
 @dg.asset_check(asset=ad_projected, blocking=True, partitions_def=click_source_partitions)
@@ -171,11 +178,11 @@ def position_bias_is_a_valid_examination_curve(position_bias: PositionBias) -> d
 
 @dg.asset_check(
     asset=policy_posterior,
-    additional_ins={"user_embeddings": dg.AssetIn("user_embeddings")},
+    additional_ins={"served_users": dg.AssetIn("served_users")},
     blocking=True,
     partitions_def=click_source_partitions,
 )
-def policy_posterior_is_usable(policy_posterior: PolicyPosterior, user_embeddings: UserEmbeddings) -> dg.AssetCheckResult:
+def policy_posterior_is_usable(policy_posterior: PolicyPosterior, served_users: UserEmbeddings) -> dg.AssetCheckResult:
     """The posterior lives in this run's user space, has a finite mean and a positive-definite
     precision (every Thompson draw factors it)."""
     mean = policy_posterior.posterior.mean()
@@ -185,7 +192,7 @@ def policy_posterior_is_usable(policy_posterior: PolicyPosterior, user_embedding
         positive_definite = True
     except np.linalg.LinAlgError:
         positive_definite = False
-    same_space = policy_posterior.space == user_embeddings.space
+    same_space = policy_posterior.space == served_users.space
     passed = bool(np.isfinite(mean).all() and np.isfinite(precision).all() and positive_definite and same_space)
     return dg.AssetCheckResult(
         passed=passed,

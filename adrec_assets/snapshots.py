@@ -399,8 +399,8 @@ def check_consistency(load: Callable[[str], Any], assets: list[str], required: t
         return asset, getattr(got[asset], attr) if asset in got else None
 
     same("ad ids", field("raw_ads", "ad_ids"), field("ad_embeddings_raw", "ids"), field("ad_projected", "ids"))
-    same("user ids", field("click_graph", "user_ids"), field("user_embeddings", "ids"))
-    same("user spaces", field("user_embeddings", "space"), field("global_mean", "space"),
+    same("user ids", field("click_graph", "user_ids"), field("user_embeddings", "ids"), field("served_users", "ids"))
+    same("user spaces", field("user_embeddings", "space"), field("served_users", "space"), field("global_mean", "space"),
          field("projector", "user_space"), field("ad_projected", "space"), field("ad_index", "space"),
          field("policy_posterior", "space"))  # fmt: skip
     same("encoders", field("ad_embeddings_raw", "encoder_id"), field("projector", "encoder_id"),

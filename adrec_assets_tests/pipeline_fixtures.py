@@ -32,6 +32,7 @@ ASSET_FILES = {
     "global_mean": "npz",
     "projector": "pt",
     "ad_projected": "npz",
+    "served_users": "npz",
     "ad_index": "npz",
     "position_bias": "npz",
     "policy_posterior": "npz",

@@ -22,10 +22,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 #: Pipeline assets of group "adrec" and their lineage (upstream -> downstream); the last,
-#: ``snapshot``, publishes the eight artifacts together.
+#: ``snapshot``, publishes the eleven artifacts together.
 ARTIFACT_ASSETS = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
-    "ad_index", "position_bias", "policy_posterior",
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users",
+    "global_mean", "ad_index", "position_bias", "policy_posterior",
 )  # fmt: skip
 PIPELINE_ASSETS = (*ARTIFACT_ASSETS, "snapshot")
 PIPELINE_EDGES = (
@@ -36,13 +36,16 @@ PIPELINE_EDGES = (
     ("raw_ads", "projector"),
     ("ad_embeddings_raw", "projector"),
     ("user_embeddings", "projector"),
-    ("user_embeddings", "global_mean"),
     ("ad_embeddings_raw", "ad_projected"),
     ("raw_ads", "ad_projected"),
     ("projector", "ad_projected"),
+    ("click_graph", "served_users"),
+    ("user_embeddings", "served_users"),
+    ("ad_projected", "served_users"),
+    ("served_users", "global_mean"),
     ("ad_projected", "ad_index"),
-    ("user_embeddings", "ad_index"),
-    ("user_embeddings", "policy_posterior"),
+    ("served_users", "ad_index"),
+    ("served_users", "policy_posterior"),
     ("global_mean", "policy_posterior"),
     ("ad_projected", "policy_posterior"),
     ("position_bias", "policy_posterior"),

@@ -24,15 +24,16 @@ EXPECTED_DEPS = {
     "click_graph": {"raw_ads"},  # the clicks are read against the catalogue raw_ads holds
     "ad_embeddings_raw": {"raw_ads"},
     "user_embeddings": {"click_graph"},
-    "global_mean": {"user_embeddings"},
+    "served_users": {"click_graph", "user_embeddings", "ad_projected"},  # users refitted to the projected ads
+    "global_mean": {"served_users"},
     "projector": {"raw_ads", "ad_embeddings_raw", "click_graph", "user_embeddings"},  # raw_ads: the ad fields
     "ad_projected": {"raw_ads", "ad_embeddings_raw", "projector"},
-    "ad_index": {"ad_projected", "user_embeddings"},  # recall is measured on the partition's users
+    "ad_index": {"ad_projected", "served_users"},  # recall is measured on the partition's users
     "position_bias": set(),  # reads the served event log
-    "policy_posterior": {"user_embeddings", "global_mean", "ad_projected", "position_bias"},
+    "policy_posterior": {"served_users", "global_mean", "ad_projected", "position_bias"},
     "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
-                 "ad_projected", "ad_index", "position_bias", "policy_posterior"},  # publishes the run's artifacts together
-    "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector"},
+                 "ad_projected", "served_users", "ad_index", "position_bias", "policy_posterior"},  # published together
+    "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "served_users"},
     "experiment_report": set(),  # reads the served event log and the experiments file
 }
 REPORTS = {"evaluation", "experiment_report"}  # written beside the snapshots, outside the pipeline job

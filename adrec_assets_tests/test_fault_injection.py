@@ -207,7 +207,7 @@ def test_two_overlapping_runs_of_one_source_end_consistent(work, forked):
     current, files = _state(base)
     assert current != old[0] and set(files) == set(STEPS)
     _assert_complete_and_loadable(base)
-    users = SnapshotStore(base, SOURCE).load("user_embeddings")
+    users = SnapshotStore(base, SOURCE).load("served_users")
     assert np.isfinite(users.vectors).all()
 
 

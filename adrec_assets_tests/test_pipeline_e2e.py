@@ -38,7 +38,7 @@ def test_all_assets_and_checks_succeed(pipeline):
     }
     assert materialized == {*ASSET_FILES, "snapshot"}
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 10 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 11 and all(e.passed for e in evaluations)
     files = published_files(base)
     assert set(files) == set(ASSET_FILES)  # one snapshot holds every artifact of the run
     for asset, ext in ASSET_FILES.items():
@@ -83,6 +83,30 @@ def test_artifact_shapes_norms_and_alignment(pipeline):
     assert (users.ids == graph.user_ids).all()
     assert raw.encoder_id == projected.encoder_id != ""
     assert projected.space == users.space
+
+
+def test_served_users_are_the_user_space_refitted_to_the_projected_ads_and_the_prior_averages_them(pipeline):
+    base, result, _ = pipeline
+    from adrec_assets.ml.params import UserRefitParams
+    from adrec_assets.ml.recommender import Recommender
+    from adrec_assets.ml.training import normalized_mean
+    from adrec_assets.ml.user_refit import refit_users
+
+    graph, users, projected = load(base, "click_graph"), load(base, "user_embeddings"), load(base, "ad_projected")
+    served = load(base, "served_users")
+    assert (served.ids == users.ids).all() and served.space == users.space and served.provenance.params == {
+        "alpha": 5.0, "regularization": 10.0, "mix": 1.0
+    }
+    rows = [list(projected.ids).index(ad) for ad in graph.ad_ids]
+    expected = refit_users(graph, users.vectors, projected.vectors[rows], UserRefitParams())
+    np.testing.assert_allclose(served.vectors, expected, atol=1e-6)
+    moved = np.einsum("ij,ij->i", served.vectors, users.vectors)
+    metadata = next(e.materialization.metadata for e in result.get_asset_materialization_events()
+                    if e.materialization.asset_key.to_user_string() == "served_users")  # fmt: skip
+    assert moved.max() < 0.9999 and metadata["n_users_refitted"].value == graph.n_users
+    np.testing.assert_allclose(load(base, "global_mean").vector, normalized_mean(served.vectors)[0], atol=1e-6)
+    recommender = Recommender.load(base, "synthetic")  # what `cli recommend` (and the service) rank with
+    np.testing.assert_array_equal(recommender.user_vector(served.ids[3])[0], served.vectors[3])
 
 
 def test_projector_checkpoint_loads_weights_only_and_reproduces_ad_projected(pipeline):

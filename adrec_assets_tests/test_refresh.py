@@ -199,11 +199,11 @@ def test_rematerializing_unchanged_inputs_reuses_the_artifacts(shop):
         assert torch.equal(tensor, projector_after.model.state_dict()[name]), name
 
 
-def test_new_clicks_warm_start_and_new_users_begin_at_the_global_mean(shop):
+def test_new_clicks_warm_start_and_new_users_begin_at_the_previous_spaces_mean(shop):
     root, base, run = shop
     run()
     old_users = load_artifact(base, "user_embeddings", "shop")
-    old_mean = load_artifact(base, "global_mean", "shop").vector
+    old_mean = normalized_mean(old_users.trained_vectors())[0]
     add_clicks(root)
     result = run({"ops": {op: {"config": {"min_steps": 0, "refresh_epochs": 0}} for op in ("user_embeddings", "projector")}})
     users_meta, projector_meta = meta(result, "user_embeddings"), meta(result, "projector")
@@ -212,7 +212,7 @@ def test_new_clicks_warm_start_and_new_users_begin_at_the_global_mean(shop):
     assert users_meta["n_users_warm_started"] == len(old_users)
     assert users_meta["epochs_run"] == 0
     new_users = load_artifact(base, "user_embeddings", "shop")
-    # zero refresh epochs: known users keep their vectors, the new one is the old global mean
+    # zero refresh epochs: known users keep their vectors, the new one is the old space's mean
     for row, user in enumerate(new_users.ids):
         if user in set(old_users.ids):
             np.testing.assert_allclose(new_users.vectors[row], old_users.vectors[list(old_users.ids).index(user)], atol=1e-6)

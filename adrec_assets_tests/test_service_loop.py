@@ -91,7 +91,7 @@ def test_requests_across_a_rematerialization_never_fail_and_each_names_one_versi
     for version in (old, new):
         snapshot = store.snapshot(version)
         reference[version] = Recommender(
-            store.load("user_embeddings", snapshot), store.load("global_mean", snapshot),
+            store.load("served_users", snapshot), store.load("global_mean", snapshot),
             store.load("ad_projected", snapshot), version,
         )  # fmt: skip
     for user, _, body in answers:
@@ -128,7 +128,7 @@ def test_served_clicks_flow_back_and_the_clicking_user_gets_a_trained_vector(sho
     assert graph_meta["click_graph"]["n_users_given_as_pseudonyms"].value == 1
     published = SnapshotStore(base, SOURCE)
     posterior = published.load("policy_posterior")  # rebuilt from the log: any replica serves the same one
-    assert (posterior.n_impressions, posterior.n_clicks) == (4, 2) and posterior.space == published.load("user_embeddings").space
+    assert (posterior.n_impressions, posterior.n_clicks) == (4, 2) and posterior.space == published.load("served_users").space
     assert published.load("position_bias").method.startswith("none")  # 2 clicks are too few to estimate theta
     users = published.load("user_embeddings")
     row = users.row_of(pseudonym)

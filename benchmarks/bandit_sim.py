@@ -448,7 +448,7 @@ def model_class_ceiling(world: World, pairs_per_user: int = 200, k: int = 5) -> 
     from adrec_assets.snapshots import SnapshotStore
 
     store = SnapshotStore(world.artifacts_root, world.source)
-    users, projected, prior = (store.load(a) for a in ("user_embeddings", "ad_projected", "global_mean"))
+    users, projected, prior = (store.load(a) for a in ("served_users", "ad_projected", "global_mean"))
     key = world.id_key.encode()
     rows = [users.row_of(pseudonymize(u, key)) for u in world.user_ids]
     vectors = np.array([prior.vector if r is None else users.vectors[r] for r in rows], dtype=np.float64)
@@ -590,7 +590,7 @@ def _train_snapshot(
     """The pipeline's training code on the clicks of the ads not held out; the snapshot
     catalogue is ``catalog_rows`` of the source catalogue. Returns facts to print."""
     from adrec_assets.ml.models import TrainedProjector
-    from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
+    from adrec_assets.ml.params import ProjectorParams, UserRefitParams, UserTrainingParams
     from adrec_assets.ml.refresh import FULL_RETRAIN
     from adrec_assets.ml.training import normalized_mean, project, score_bias, train_projector, train_user_embeddings
     from adrec_assets.ml.types import (
@@ -604,6 +604,7 @@ def _train_snapshot(
         align_rows,
         vectors_fingerprint,
     )
+    from adrec_assets.ml.user_refit import refit_users
     from adrec_assets.online.index import AdIndex, IndexedAds, recall_at_k
     from adrec_assets.privacy import key_fingerprint, pseudonymize_many
 
@@ -623,10 +624,16 @@ def _train_snapshot(
         training.user_ids, trained_users.vectors, space, trained_users.isolated,
         TrainingProvenance(asdict(user_params), inputs, FULL_RETRAIN),
     )  # fmt: skip
-    prior_vector, norm = normalized_mean(trained_users.vectors)
-    prior = GlobalMean(prior_vector, len(user_embeddings), norm, space)
     content_rows = align_rows(content.ids, training.ad_ids, "clicked ads missing from the content vectors")
     trained = train_projector(training, content.vectors[content_rows], trained_users.vectors, projector_params)
+    refit_params = UserRefitParams()
+    served = refit_users(training, trained_users.vectors, project(trained.model, content.vectors[content_rows]), refit_params)
+    served_users = UserEmbeddings(
+        training.user_ids, served, space, trained_users.isolated,
+        TrainingProvenance(asdict(refit_params), inputs, FULL_RETRAIN),
+    )  # fmt: skip
+    prior_vector, norm = normalized_mean(served)
+    prior = GlobalMean(prior_vector, len(served_users), norm, space)
     projector = TrainedProjector.trained(trained.model, content.encoder_id, space, inputs, FULL_RETRAIN)
     ads = AdCatalog(catalog.ad_ids[catalog_rows], catalog.texts[catalog_rows], catalog.image_paths[catalog_rows],
                     catalog.image_root)  # fmt: skip
@@ -636,11 +643,11 @@ def _train_snapshot(
     bias = score_bias(trained.model, ad_content.vectors).astype(np.float32)
     projected = ProjectedAds(ads.ad_ids, vectors, space, content.encoder_id, bias)
     index = AdIndex.build(ads.ad_ids.tolist(), vectors, bias, seed=seed)
-    sample = user_embeddings.trained_vectors()[:500]
+    sample = served_users.trained_vectors()[:500]
     recall = recall_at_k(index, np.hstack([sample, np.ones((len(sample), 1), np.float32)]), 10)
     snapshot = _publish_snapshot(root, source, {
         "raw_ads": ads, "click_graph": training, "ad_embeddings_raw": ad_content, "user_embeddings": user_embeddings,
-        "global_mean": prior, "projector": projector, "ad_projected": projected,
+        "global_mean": prior, "projector": projector, "ad_projected": projected, "served_users": served_users,
         "ad_index": IndexedAds(index, space, content.encoder_id, round(float(recall), 6)),
     })  # fmt: skip
     return {"snapshot": snapshot, "train_seconds": round(time.perf_counter() - began, 1),
@@ -682,7 +689,7 @@ def movielens_world(
     source = f"bandit-{source_dir.name}-s{seed}"
     root = work / "artifacts"
     settings = {"seed": seed, "unseen_share": unseen_share, "held_out": held_out.tolist(), "new": new_columns.tolist(),
-                "content": content.encoder_id, "clicks": graph.n_clicks, "format": 1}  # fmt: skip
+                "content": content.encoder_id, "clicks": graph.n_clicks, "format": 2}  # fmt: skip
     record_path = work / f"{source}.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     if record.get("settings") != _fingerprint(settings) or SnapshotStore(root, source).current_id() != record.get(
@@ -781,6 +788,7 @@ def synthetic_world(
         "ad_embeddings_raw": ContentEmbeddings(ad_ids[in_snapshot], content[in_snapshot], encoder_id,
                                                np.zeros(len(in_snapshot), dtype=bool)),
         "user_embeddings": embeddings,
+        "served_users": embeddings,  # the world's given user vectors: nothing to refit them against
         "global_mean": GlobalMean(prior_vector, n_users, norm, space),
         "projector": TrainedProjector.trained(model, encoder_id, space, provenance.inputs_fingerprint, FULL_RETRAIN),
         "ad_projected": ProjectedAds(ad_ids[in_snapshot], vectors[in_snapshot], space, encoder_id, bias[in_snapshot]),

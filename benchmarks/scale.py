@@ -35,7 +35,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PIPELINE = ("raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected")
+PIPELINE = (
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users",
+    "global_mean",
+)  # fmt: skip
 N_TOPICS = 50
 TOPICS = [
     "running shoes", "trail gear", "yoga mats", "road bikes", "camping tents", "fishing rods", "golf clubs",

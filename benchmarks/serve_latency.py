@@ -151,7 +151,7 @@ def build_snapshots(work: Path, n_ads: int, args: argparse.Namespace) -> dict[st
 
     artifacts = work / "artifacts"
     wanted = {"data_version": DATA_VERSION, "n_ads": n_ads, "n_users": args.users, "seed": args.seed, "dim": DIM,
-              "clusters": N_CLUSTERS}  # fmt: skip
+              "clusters": N_CLUSTERS, "snapshot_layout": 2}  # 2: users published as served_users  # fmt: skip
     kinds = {"flat": {"exact_max_ads": n_ads},
              "hnsw": {"exact_max_ads": 0, "hnsw_m": args.hnsw_m, "ef_construction": args.ef_construction,
                       "ef_search": args.ef_search}}  # fmt: skip
@@ -196,13 +196,13 @@ def build_snapshots(work: Path, n_ads: int, args: argparse.Namespace) -> dict[st
             recall = recall_at_k(index, queries, 10, threads=args.build_threads)
             store = SnapshotStore(artifacts, source)
             run_id = "serve-latency-build"
-            for asset, obj in (("raw_ads", catalog), ("user_embeddings", users), ("global_mean", prior),
+            for asset, obj in (("raw_ads", catalog), ("served_users", users), ("global_mean", prior),
                                ("projector", projector), ("ad_index", IndexedAds(index, users.space, encoder_id, recall))):  # fmt: skip
                 store.stage(run_id, asset, obj)
             del index
 
             def validate(load: Any, assets: list[str]) -> dict[str, str]:
-                info = check_consistency(load, assets, ("raw_ads", "user_embeddings", "global_mean", "projector", "ad_index"))
+                info = check_consistency(load, assets, ("raw_ads", "served_users", "global_mean", "projector", "ad_index"))
                 return {**info, "encoder_id": encoder_id, "key_fingerprint": key_fingerprint(key)}
 
             snapshot = store.publish(run_id, validate)

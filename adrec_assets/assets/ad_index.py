@@ -25,16 +25,16 @@ class AdIndexConfig(dg.Config):
 
 @dg.asset(kinds={"faiss"}, **PARTITIONED)
 def ad_index(
-    context: dg.AssetExecutionContext, config: AdIndexConfig, ad_projected: ProjectedAds, user_embeddings: UserEmbeddings
+    context: dg.AssetExecutionContext, config: AdIndexConfig, ad_projected: ProjectedAds, served_users: UserEmbeddings
 ) -> dg.Output[IndexedAds]:
     """Each ad stored as ``[p_a, score_bias_a]``, so the query ``[u, 1]`` scores
     ``u . p_a + score_bias_a`` (and an exploration policy's folded query ``[theta_u * u, theta_b]``
     its own score) in one inner-product search. Recall@10 is measured on a seeded sample of
     the partition's own users against exact search."""
-    if ad_projected.space != user_embeddings.space:
+    if ad_projected.space != served_users.space:
         raise ArtifactError(
-            f"ad_index[{context.partition_key}]: ad_projected lives in {ad_projected.space!r} but user_embeddings "
-            f"in {user_embeddings.space!r}; re-materialize the pipeline so both come from one run"
+            f"ad_index[{context.partition_key}]: ad_projected lives in {ad_projected.space!r} but served_users "
+            f"in {served_users.space!r}; re-materialize the pipeline so both come from one run"
         )
     with stopwatch() as timing:
         index = AdIndex.build(
@@ -47,7 +47,7 @@ def ad_index(
             ef_search=config.ef_search,
             seed=config.seed,
         )
-    trained = user_embeddings.trained_vectors()
+    trained = served_users.trained_vectors()
     rng = np.random.default_rng(config.seed)
     sample = trained[rng.choice(len(trained), size=min(config.recall_users, len(trained)), replace=False)]
     queries = np.concatenate([sample, np.ones((len(sample), 1), np.float32)], axis=1).astype(np.float32)

@@ -23,8 +23,8 @@ PARTITION_KWARGS = {"partitions_def": click_source_partitions}
 PARTITIONED = {**PARTITION_KWARGS, "group_name": ASSET_GROUP}
 #: The artifacts one pipeline run stages and the ``snapshot`` asset publishes together.
 PIPELINE_ARTIFACTS = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector", "ad_projected",
-    "ad_index", "position_bias", "policy_posterior",
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users",
+    "global_mean", "ad_index", "position_bias", "policy_posterior",
 )  # fmt: skip
 
 
@@ -96,11 +96,11 @@ class RefreshConfig(dg.Config):
     refresh_epochs: int = pydantic.Field(default=2, description="Epochs of a warm-start refresh.")
 
 
-def params_config(params_cls: type, name: str) -> type[RefreshConfig]:
+def params_config(params_cls: type, name: str, base: type[dg.Config] = RefreshConfig) -> type[dg.Config]:
     """A Dagster ``Config`` with one launchpad field per field of a core params dataclass
-    (same name, type, default and description) plus :class:`RefreshConfig`'s switches, and a
-    ``to_params()`` that builds the dataclass back: the settings are declared once, in
-    :mod:`adrec_assets.ml.params`."""
+    (same name, type, default and description) plus ``base``'s fields (by default
+    :class:`RefreshConfig`'s switches), and a ``to_params()`` that builds the dataclass back:
+    the settings are declared once, in :mod:`adrec_assets.ml.params`."""
     hints = typing.get_type_hints(params_cls)
     fields = {
         f.name: (hints[f.name], pydantic.Field(default=f.default, description=f.metadata.get("help")))
@@ -111,6 +111,6 @@ def params_config(params_cls: type, name: str) -> type[RefreshConfig]:
     def to_params(self: dg.Config) -> Any:
         return params_cls(**self.model_dump(include=names))
 
-    config = pydantic.create_model(name, __base__=RefreshConfig, __doc__=params_cls.__doc__, **fields)
+    config = pydantic.create_model(name, __base__=base, __doc__=params_cls.__doc__, **fields)
     config.to_params = to_params
     return config

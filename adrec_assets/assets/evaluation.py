@@ -1,8 +1,8 @@
 """evaluation: item cold-start quality of this partition's pipeline, next to the baselines.
 
 The protocol lives in :mod:`adrec_assets.ml.evaluation` (no Dagster); this asset runs it
-with the training settings the partition's ``user_embeddings`` and ``projector`` were
-materialized with (read from their artifacts), so the numbers describe the pipeline that is
+with the settings the partition's ``user_embeddings``, ``projector`` and ``served_users``
+were materialized with (read from their artifacts), so the numbers describe the pipeline that is
 actually serving, and publishes the table, a plot and numeric metadata the UI charts
 across materializations.
 """
@@ -26,7 +26,7 @@ from adrec_assets.ml.evaluation import (
     evaluate_cold_start,
 )
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.params import UserTrainingParams
+from adrec_assets.ml.params import UserRefitParams, UserTrainingParams
 from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, UserEmbeddings, align_rows
 
 _D = EvaluationParams()
@@ -105,6 +105,7 @@ def evaluation(
     ad_embeddings_raw: ContentEmbeddings,
     user_embeddings: UserEmbeddings,
     projector: TrainedProjector,
+    served_users: UserEmbeddings,
 ) -> dg.Output[EvaluationReport]:
     """Cold-ad Recall@k / NDCG@k / AUC of the pipeline against random, content-kNN, the
     global-mean user, ridge into user space, ridge into ALS item factors (with the ad fields
@@ -122,6 +123,7 @@ def evaluation(
             params,
             log=context.log.info,
             fields=fields,
+            refit_params=UserRefitParams(**served_users.provenance.params),
         )
         for params in config.to_params()
     ])  # fmt: skip

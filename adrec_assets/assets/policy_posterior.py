@@ -15,7 +15,7 @@ from adrec_assets.resources import ClickSourceResource
 def policy_posterior(
     context: dg.AssetExecutionContext,
     click_sources: ClickSourceResource,
-    user_embeddings: UserEmbeddings,
+    served_users: UserEmbeddings,
     global_mean: GlobalMean,
     ad_projected: ProjectedAds,
     position_bias: PositionBias,
@@ -31,19 +31,19 @@ def policy_posterior(
         known = impressions[impressions["ad_id"].map(lambda a: a in ad_row)] if len(impressions) else impressions
         users = np.stack(
             [
-                user_embeddings.vectors[row] if (row := user_embeddings.row_of(u)) is not None else global_mean.vector
+                served_users.vectors[row] if (row := served_users.row_of(u)) is not None else global_mean.vector
                 for u in known["user_pseudonym"].tolist()
             ]
-        ) if len(known) else np.zeros((0, user_embeddings.dim), np.float32)  # fmt: skip
+        ) if len(known) else np.zeros((0, served_users.dim), np.float32)  # fmt: skip
         rows = np.asarray([ad_row[a] for a in known["ad_id"].tolist()], dtype=np.int64)
         ads = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
         positions = known["position"].to_numpy(dtype=np.int64) if len(known) else np.zeros(0, np.int64)
         theta = theta_covering(position_bias.theta, int(positions.max()) + 1 if len(positions) else 1)
         posterior = replay_posterior(
-            user_embeddings.dim, users.astype(np.float32), ads.astype(np.float32),
+            served_users.dim, users.astype(np.float32), ads.astype(np.float32),
             known["clicked"].to_numpy(dtype=float) if len(known) else np.zeros(0), positions, theta,
         )  # fmt: skip
-    artifact = PolicyPosterior(posterior, user_embeddings.space, len(known), int(known["clicked"].sum()) if len(known) else 0)
+    artifact = PolicyPosterior(posterior, served_users.space, len(known), int(known["clicked"].sum()) if len(known) else 0)
     return dg.Output(
         artifact,
         metadata={

@@ -6,7 +6,8 @@ Protocol (plain numpy/torch, no Dagster, so the asset and the benchmark run the 
    popularity strata (ads sorted by click count, cut into ``n_strata`` bins, the same share
    drawn from each) so the cold set is not just the long tail. Every click on a cold ad is
    removed from training.
-2. **Train** the user space and the projector on the remaining clicks with the given params.
+2. **Train** the user space and the projector on the remaining clicks with the given params,
+   and refit the users against the projected ads, as the serving pipeline does.
 3. **Score.** For every user with at least one click on a cold ad, rank *all* cold ads;
    Recall@k, NDCG@k and AUC with ties broken at random (ids may correlate with popularity).
 4. **Compare** on the same split: random, content-kNN (mean raw content of the user's
@@ -34,7 +35,7 @@ from adrec_assets.ml.fields import AdFields
 from adrec_assets.ml.linear import ridge_fit, ridge_predict
 from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
 from adrec_assets.ml.sampling import clicker_centroids
-from adrec_assets.ml.params import ProjectorParams, UserTrainingParams
+from adrec_assets.ml.params import ProjectorParams, UserRefitParams, UserTrainingParams
 from adrec_assets.ml.training import (
     normalized_mean,
     project_with_bias,
@@ -50,7 +51,7 @@ LogFn = Callable[[str], None]
 PIPELINE = "pipeline"
 METHOD_ORDER = (
     "random", "content_knn", "popularity", "global_mean", "ridge", "ridge_als", "ridge_als_fields", "cosine_only",
-    PIPELINE, "user_refit", "warm_reference",
+    PIPELINE, "infonce_users", "warm_reference",
 )  # fmt: skip
 # The headline bar: the classic content -> collaborative-filtering map, ridge into ALS item
 # factors, given the structured fields too when the source declares them (the stronger of
@@ -70,8 +71,8 @@ METHOD_LABELS = {
     "ridge_als": "ridge content -> ALS item factors (dot)",
     "ridge_als_fields": "ridge content + ad fields -> ALS item factors (dot)",
     "cosine_only": "projector cosine only (popularity_weight 0)",
-    PIPELINE: "**pipeline** (cosine + popularity, cold ads)",
-    "user_refit": "pipeline, users refitted against the projected ads (diagnostic, not served)",
+    PIPELINE: "**pipeline** (served users x projected ad + popularity, cold ads)",
+    "infonce_users": "pipeline with the InfoNCE user vectors, no refit (refit mix 0)",
     "warm_reference": "warm reference (half the clicks seen)",
 }
 
@@ -216,17 +217,17 @@ def ridge_als_scores(
 
 @dataclass
 class TrainedOnSplit:
-    user_vectors: np.ndarray
+    user_vectors: np.ndarray  # the InfoNCE space (what the projector learns and a refresh starts from)
+    served_vectors: np.ndarray  # refitted against the projected ads: what the service ranks with
     projected_cold: np.ndarray  # (n_cold, d) unit rows
     bias_cold: np.ndarray  # (n_cold,) the score's popularity term
     popularity_cold: np.ndarray  # (n_cold,) the popularity head's z-score
-    projected: np.ndarray  # (n_ads, d) every ad of the graph, for the user refit
     seconds: float
     projector_state: dict[str, torch.Tensor] = field(default_factory=dict)  # for a warm start
 
     def scores(self, eval_users: np.ndarray) -> np.ndarray:
-        """What serving computes: cos(user, projected ad) + popularity bias."""
-        return score_matrix(self.user_vectors[eval_users], self.projected_cold, self.bias_cold)
+        """What serving computes: cos(served user, projected ad) + popularity bias."""
+        return score_matrix(self.served_vectors[eval_users], self.projected_cold, self.bias_cold)
 
 
 def train_pipeline_on(
@@ -239,13 +240,16 @@ def train_pipeline_on(
     warm_from: TrainedOnSplit | None = None,
     refresh_epochs: tuple[int, int] = (2, 2),
     fields: AdFields = AdFields(),
+    refit_params: UserRefitParams = UserRefitParams(),
 ) -> TrainedOnSplit:
     """The pipeline's own training code on the split's training clicks (or on ``train``,
     a graph over the same user/ad indices). With ``warm_from`` it is a warm-start refresh:
     user vectors and projector weights start from that model and train ``refresh_epochs``
     (users, projector) epochs, as the assets do after new clicks arrive. ``fields`` (rows
     aligned with ``content``) are the ads' structured fields; as in the ``projector`` asset
-    their encoding is fitted on every ad's cells (ad properties, no clicks)."""
+    their encoding is fitted on every ad's cells (ad properties, no clicks). Users are then
+    refitted against the projected ads (``refit_params``), as ``served_users`` does; the cold
+    ads have no training click, so they do not enter the refit."""
     started = time.perf_counter()
     train = split.train if train is None else train
     users = train_user_embeddings(
@@ -267,15 +271,16 @@ def train_pipeline_on(
         field_cells=fields.cells,
     ).model
     projected, bias = project_with_bias(model, content, fields.cells)  # every ad, once: the refit reads them all
+    served = refit_users(train, users.vectors, projected, refit_params)
     cold_inputs = model.inputs(content[split.cold_ads], fields.take(split.cold_ads).cells)
     with torch.inference_mode():
         popularity = model.popularity_z(torch.from_numpy(cold_inputs))
     return TrainedOnSplit(
         users.vectors,
+        served,
         projected[split.cold_ads],
         bias[split.cold_ads],
         popularity.numpy(),
-        projected,
         time.perf_counter() - started,
         {k: v.clone() for k, v in model.state_dict().items()},
     )
@@ -419,6 +424,7 @@ def evaluate_cold_start(
     params: EvaluationParams = EvaluationParams(),
     log: LogFn | None = None,
     fields: AdFields = AdFields(),
+    refit_params: UserRefitParams = UserRefitParams(),
 ) -> EvaluationReport:
     """Run the whole protocol; ``content`` rows (and ``fields``' cells) align with ``graph.ad_ids``."""
     if len(content) != graph.n_ads:
@@ -434,7 +440,8 @@ def evaluate_cold_start(
         n_train_clicks=split.train.n_clicks,
         n_held_out_clicks=int(split.relevant.sum()),
         settings=json.dumps(
-            {"evaluation": asdict(params), "user": asdict(user_params), "projector": asdict(projector_params)},
+            {"evaluation": asdict(params), "user": asdict(user_params), "projector": asdict(projector_params),
+             "refit": asdict(refit_params)},
             sort_keys=True,
         ),
     )
@@ -448,10 +455,11 @@ def evaluate_cold_start(
 
     record("random", rng.random(split.relevant.shape))
     record("content_knn", content_knn_scores(split, content))
-    trained = train_pipeline_on(split, content, user_params, projector_params, log, fields=fields)
+    trained = train_pipeline_on(split, content, user_params, projector_params, log, fields=fields,
+                                refit_params=refit_params)  # fmt: skip
     n_eval = len(split.eval_users)
     record("popularity", np.tile(trained.popularity_cold, (n_eval, 1)))
-    prior = normalized_mean(trained.user_vectors)[0]
+    prior = normalized_mean(trained.served_vectors)[0]
     record("global_mean", np.tile(trained.projected_cold @ prior + trained.bias_cold, (n_eval, 1)))
     record("ridge", ridge_scores(split, content, trained.user_vectors, params.seed))
     als_params = AlsParams(seed=params.seed)
@@ -460,14 +468,14 @@ def evaluate_cold_start(
     if fields.specs:
         encoded = fields.fit(BASELINE_FIELD_SCALE).transform(fields.cells, graph.n_ads)
         record("ridge_als_fields", ridge_als_scores(split, np.hstack([content, encoded]), als_params, factors))
-    record("cosine_only", trained.user_vectors[split.eval_users] @ trained.projected_cold.T)
+    record("cosine_only", trained.served_vectors[split.eval_users] @ trained.projected_cold.T)
     record(PIPELINE, trained.scores(split.eval_users))
-    known_ads = np.setdiff1d(np.arange(graph.n_ads), split.cold_ads)  # the cold ads do not exist yet
-    refitted = refit_users(split.train, trained.user_vectors, trained.projected, split.eval_users, known_ads)
-    record("user_refit", score_matrix(refitted, trained.projected_cold, trained.bias_cold))
+    record("infonce_users", score_matrix(trained.user_vectors[split.eval_users], trained.projected_cold, trained.bias_cold))
     if params.warm_reference:
         warm = warm_split(graph, split.cold_ads, params.seed)
-        warm_trained = train_pipeline_on(warm, content, user_params, projector_params, log, fields=fields)
+        warm_trained = train_pipeline_on(
+            warm, content, user_params, projector_params, log, fields=fields, refit_params=refit_params
+        )
         record("warm_reference", warm_trained.scores(warm.eval_users), warm)
     report.seconds = time.perf_counter() - started
     report.seeds = [params.seed]
@@ -504,6 +512,7 @@ def compare_refresh(
     refresh_epochs: tuple[int, int] = (2, 2),
     log: LogFn | None = None,
     fields: AdFields = AdFields(),
+    refit_params: UserRefitParams = UserRefitParams(),
 ) -> RefreshComparison:
     """Does a warm-start refresh lose cold-start quality against a full retrain?
 
@@ -518,12 +527,12 @@ def compare_refresh(
     split = cold_split(graph, params)
     is_cold_click = np.isin(graph.indices, split.cold_ads)
     old_train = _keep_clicks(graph, ~is_cold_click & ~is_new_click)
-    full = train_pipeline_on(split, content, user_params, projector_params, log, fields=fields)
-    stale = train_pipeline_on(split, content, user_params, projector_params, log, train=old_train, fields=fields)
+    common = {"log": log, "fields": fields, "refit_params": refit_params}
+    full = train_pipeline_on(split, content, user_params, projector_params, **common)
+    stale = train_pipeline_on(split, content, user_params, projector_params, train=old_train, **common)
     refreshed = train_pipeline_on(
-        split, content, user_params, projector_params, log, warm_from=stale, refresh_epochs=refresh_epochs,
-        fields=fields,
-    )  # fmt: skip
+        split, content, user_params, projector_params, warm_from=stale, refresh_epochs=refresh_epochs, **common
+    )
     metric = lambda trained: score_metrics(trained.scores(split.eval_users), split, params.k, params.seed)  # noqa: E731
     return RefreshComparison(
         full=metric(full),

@@ -1,4 +1,4 @@
-"""Training settings of the two learnt models, declared once.
+"""Training settings of the learnt models (user space, projector, user refit), declared once.
 
 These dataclasses are the only place a setting, its default and its description live: the
 trainers take them, the artifacts record them (``TrainingProvenance.params``), the projector
@@ -54,3 +54,15 @@ class ProjectorParams:
     min_steps: int = setting(1500, "Raise the epochs until at least this many optimizer steps run.")
     max_steps: int = setting(4000, "Cap the optimizer steps (0 = no cap): one MLP shared by all ads.")
     seed: int = setting(0, "Seeds init, dropout and sampling.")
+
+
+@dataclass(frozen=True)
+class UserRefitParams:
+    """One implicit-ALS user step against the projected ads (``adrec_assets.ml.user_refit``):
+    how strongly a click counts, how far the fit is pulled to zero, how much of it is served."""
+
+    alpha: float = setting(5.0, "Confidence of a click: a clicked ad counts 1 + alpha x its click weight.")
+    regularization: float = setting(10.0, "L2 penalty (lambda) of the user step.")
+    mix: float = setting(
+        1.0, "Served vector = normalize(InfoNCE vector + mix x unit refit); 0 serves the InfoNCE vectors unchanged."
+    )

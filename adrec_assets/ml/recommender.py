@@ -50,7 +50,7 @@ class Recommender:
     """
 
     def __init__(self, users: UserEmbeddings, prior: GlobalMean, ads: ProjectedAds, version: str = "") -> None:
-        spaces = {"user_embeddings": users.space, "global_mean": prior.space, "ad_projected": ads.space}
+        spaces = {"served_users": users.space, "global_mean": prior.space, "ad_projected": ads.space}
         if len(set(spaces.values())) != 1:
             raise ArtifactError(
                 f"artifacts of different user spaces cannot be combined ({spaces}); "
@@ -69,7 +69,7 @@ class Recommender:
         store = SnapshotStore(artifacts_root, source)
         snapshot = store.current()
         return cls(
-            store.load("user_embeddings", snapshot),
+            store.load("served_users", snapshot),
             store.load("global_mean", snapshot),
             store.load("ad_projected", snapshot),
             snapshot.id,

@@ -124,8 +124,8 @@ def projector_continues(
 
 def user_warm_init(user_ids: np.ndarray, previous: UserEmbeddings) -> tuple[np.ndarray, int]:
     """(n_users, dim) starting table and the number of known users. Known users start from
-    their previous vector; new users from the previous global mean (the normalized mean
-    of the previously trained, non-isolated users: what ``global_mean`` holds)."""
+    their previous vector; new users from the previous space's mean (the normalized mean of
+    its trained, non-isolated users; ``global_mean`` averages the served, refitted users)."""
     prior = normalized_mean(previous.trained_vectors())[0]
     init = np.tile(prior, (len(user_ids), 1))
     rows = np.fromiter((-1 if (r := previous.row_of(u)) is None else r for u in user_ids.tolist()), np.int64,

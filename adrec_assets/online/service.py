@@ -221,7 +221,7 @@ def load_state(
     indexed = snapshots.load("ad_index", snapshot)
     if index_backend == "numpy":
         indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
-    users = snapshots.load("user_embeddings", snapshot)
+    users = snapshots.load("served_users", snapshot)
     state = ModelState(
         snapshot=snapshot,
         catalog=snapshots.load("raw_ads", snapshot),
