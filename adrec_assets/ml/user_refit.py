@@ -17,6 +17,7 @@ of systems at once; a user with few clicks costs an m x m solve (m clicks), not 
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from adrec_assets.ml.params import UserRefitParams
 from adrec_assets.ml.types import ClickGraph
@@ -51,12 +52,13 @@ def refit_users(
     order = np.argsort(degrees, kind="stable")
     order = order[degrees[order] > 0]
     begin = 0
-    while begin < len(order):
-        longest = int(degrees[order[min(begin + MAX_BATCH_USERS, len(order)) - 1]])
-        end = min(begin + max(1, batch_rows // longest), begin + MAX_BATCH_USERS, len(order))
-        rows = order[begin:end]
-        out[rows] += params.mix * _unit_fits(graph, p, gram, inverse, starts[rows], degrees[rows], params.alpha)
-        begin = end
+    with threadpool_limits(limits=1, user_api="blas"):  # many small systems: threads only contend
+        while begin < len(order):
+            longest = int(degrees[order[min(begin + MAX_BATCH_USERS, len(order)) - 1]])
+            end = min(begin + max(1, batch_rows // longest), begin + MAX_BATCH_USERS, len(order))
+            rows = order[begin:end]
+            out[rows] += params.mix * _unit_fits(graph, p, gram, inverse, starts[rows], degrees[rows], params.alpha)
+            begin = end
     return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
@@ -83,12 +85,12 @@ def _unit_fits(
     targets = np.einsum("bw,bwd->bd", (1.0 + alpha * weights) * real, clicked)
     scaled = clicked * np.sqrt(alpha * weights)[..., None]
     if 2 * width > gram.shape[0]:
-        systems = gram + np.matmul(np.swapaxes(scaled, 1, 2), scaled)
+        systems = gram + np.matmul(np.ascontiguousarray(np.swapaxes(scaled, 1, 2)), scaled)  # contiguous: BLAS
         fitted = np.linalg.solve(systems, targets[..., None])[..., 0]
     else:
         b, d = len(degrees), gram.shape[0]
         scaled_h = (scaled.reshape(-1, d) @ inverse).reshape(b, width, d)  # S H
-        inner = np.eye(width) + np.matmul(scaled_h, np.swapaxes(scaled, 1, 2))  # I + S H Sᵀ
+        inner = np.eye(width) + np.matmul(scaled_h, np.ascontiguousarray(np.swapaxes(scaled, 1, 2)))  # I + S H Sᵀ
         h_targets = targets @ inverse
         correction = np.linalg.solve(inner, np.einsum("bwd,bd->bw", scaled, h_targets)[..., None])[..., 0]
         fitted = h_targets - np.einsum("bw,bwd->bd", correction, scaled_h)
