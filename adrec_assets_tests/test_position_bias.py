@@ -22,6 +22,7 @@ from adrec_assets.online.position_bias import (
     estimate_regression_em,
     impression_weights,
     skip_weight,
+    theta_given_relevance,
 )
 
 PLANTED_THETA = np.array([1.0, 0.6, 0.45, 0.35, 0.3])
@@ -118,6 +119,23 @@ def test_regression_em_recovers_planted_theta_within_10_percent_at_1e5_impressio
     assert estimate.converged and estimate.iterations < 500
     relative_error = np.abs(estimate.theta / PLANTED_THETA - 1)
     assert relative_error.max() <= 0.10, (estimate.theta, relative_error)
+
+
+def test_theta_given_the_true_relevance_recovers_the_planted_theta_and_reads_that_relevance():
+    """The simulator's floor: with each impression's relevance known, theta is a 1-d MLE per position."""
+    rng = np.random.default_rng(11)
+    n = 100_000
+    position = rng.integers(0, SLATE, size=n)
+    relevance = expit(rng.normal(-1.0, 1.0, size=n))
+    logs = pd.DataFrame({"position": position, "clicked": (rng.random(n) < PLANTED_THETA[position] * relevance).astype(int),
+                         "randomized": np.zeros(n, dtype=bool)})  # fmt: skip
+    estimate = theta_given_relevance(logs, relevance)
+    assert estimate.method == "known_relevance" and estimate.theta[0] == 1.0
+    assert np.abs(estimate.theta / PLANTED_THETA - 1).max() <= 0.05, estimate.theta
+    halved = theta_given_relevance(logs, relevance * np.where(position == 0, 1.0, 0.5))  # relevance misstated low
+    assert (halved.theta[1:] > 1.5 * PLANTED_THETA[1:]).all()
+    with pytest.raises(ValueError, match="one per impression"):
+        theta_given_relevance(logs, relevance[:-1])
 
 
 def test_regression_em_closed_form_and_conditional_mle_theta_steps_reach_the_same_fixed_point():

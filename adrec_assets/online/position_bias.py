@@ -365,6 +365,26 @@ def _conditional_theta(
     return theta
 
 
+def theta_given_relevance(impressions: pd.DataFrame, relevance: np.ndarray) -> PositionBias:
+    """The PBM's maximum-likelihood ``theta`` when each impression's relevance is *known*.
+
+    Only a simulator knows it; there this is the floor that click noise alone sets for any
+    estimator on the same log (regression-EM cannot beat an estimator told the relevance)."""
+    data = _validate(impressions)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    if relevance.shape != data.position.shape or not ((relevance > 0) & (relevance < 1)).all():
+        raise ValueError(f"relevance: {len(data.position)} probabilities in (0, 1) expected, one per impression")
+    n, clicks = _counts(data.position, data.clicked, data.n_positions, "logged")
+    if clicks[0] == 0:
+        raise ValueError("impressions: no clicks at position 0; theta is undefined, collect more")
+    start = np.clip(clicks / np.maximum(n, 1) / (clicks[0] / n[0]), 1e-3, 0.9)
+    start[0] = 1.0
+    theta = _conditional_theta(data.position, data.clicked.astype(np.float64), relevance, start, clicks)
+    nan = np.full(len(n), np.nan)
+    return PositionBias(theta=theta, impressions=n, clicks=clicks, lower=nan, upper=nan.copy(),
+                        method="known_relevance", iterations=1, converged=True)  # fmt: skip
+
+
 def estimate_regression_em(
     impressions: pd.DataFrame,
     feature_columns: Sequence[str],
