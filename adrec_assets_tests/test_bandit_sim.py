@@ -127,3 +127,14 @@ def test_the_known_relevance_floor_reads_each_logged_impressions_true_relevance(
     halved = sim.estimate_theta([results["greedy"]], lambda frame: 0.5 * sim.true_relevance(world)(frame))
     wrong = [e for e in halved if e.method == "known_relevance"][0].estimate.theta
     assert (wrong[1:] >= np.minimum(1.0, 1.5 * truth[1:]) - 1e-9).all(), wrong
+
+
+def test_the_model_class_ceiling_ranks_by_the_fitted_models_and_per_ad_intercepts_only_add(runs):
+    """The ceiling the closing notes quote: regret per round of today's score, of the best
+    shared parameters and of those plus a per-ad intercept, all fitted to the truth. In the
+    synthetic world the shared model can represent the truth's error, so fitting it must
+    beat today's score, and per-ad intercepts must not undo that."""
+    world, _ = runs
+    ceiling = sim.model_class_ceiling(world)
+    assert 0 < ceiling.best and 0 <= ceiling.per_ad <= ceiling.fitted + 0.02 * ceiling.best
+    assert ceiling.fitted < 0.8 * ceiling.greedy, ceiling
