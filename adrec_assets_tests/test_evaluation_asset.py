@@ -62,13 +62,14 @@ def test_evaluation_materializes_with_the_full_table(evaluation_run):
 
 
 def test_evaluation_uses_the_partitions_training_settings(evaluation_run):
-    """The retraining inside the evaluation uses what user_embeddings/projector were run with."""
+    """The retraining inside the evaluation uses what user_embeddings/projector/served_users were run with."""
     base, result = evaluation_run
     settings = json.loads(load_artifact(base, "evaluation").settings)
     stored_users = load_artifact(base, "user_embeddings").provenance.params
     stored_projector = load_artifact(base, "projector").provenance.params
     assert settings["user"] == stored_users
     assert settings["projector"] == stored_projector
+    assert settings["refit"] == load_artifact(base, "served_users").provenance.params
 
 
 def test_pipeline_beats_the_baselines_on_synthetic(evaluation_run):
