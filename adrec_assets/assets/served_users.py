@@ -34,7 +34,7 @@ def served_users(
     """Each user's InfoNCE vector mixed with one implicit-ALS step fitted to the projections
     of the ads they clicked (``adrec_assets.ml.user_refit``): cold ads exist only as
     projections, so users fitted to that space rank them better. Same users, same space;
-    recomputed in closed form on every run (about 34 s for 1M users on two cores)."""
+    recomputed in closed form on every run (about 30 s for 1M users and 10M clicks on two cores)."""
     key = context.partition_key
     if len(user_embeddings) != click_graph.n_users or (user_embeddings.ids != click_graph.user_ids).any():
         raise ArtifactError(
