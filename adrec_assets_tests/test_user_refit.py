@@ -43,6 +43,10 @@ def test_mix_zero_keeps_the_vectors_and_shapes_are_checked():
     np.testing.assert_allclose(refit_users(graph, users, ads, UserRefitParams(mix=0.0)), users, rtol=1e-6)
     with pytest.raises(ValueError, match="4 ad rows for 5 ads"):
         refit_users(graph, users, ads[:4])
+    with pytest.raises(ValueError, match=r"regularization 0\.0 out of range"):
+        refit_users(graph, users, ads, UserRefitParams(regularization=0.0))
+    with pytest.raises(ValueError, match="alpha -1.0, mix nan"):
+        refit_users(graph, users, ads, UserRefitParams(alpha=-1.0, mix=float("nan")))
 
 
 def test_batched_refit_equals_one_user_at_a_time_whatever_the_batch_size():

@@ -41,6 +41,11 @@ def refit_users(
     if len(ad_vectors) != graph.n_ads or len(user_vectors) != graph.n_users:
         raise ValueError(f"refit_users: {len(ad_vectors)} ad rows for {graph.n_ads} ads, "
                          f"{len(user_vectors)} user rows for {graph.n_users} users")  # fmt: skip
+    bad = [f"{name} {value!r}" for name, value, ok in (
+        ("alpha", params.alpha, params.alpha >= 0), ("regularization", params.regularization, params.regularization > 0),
+        ("mix", params.mix, params.mix >= 0)) if not (ok and np.isfinite(value))]  # fmt: skip
+    if bad:
+        raise ValueError(f"UserRefitParams: {', '.join(bad)} out of range (alpha >= 0, regularization > 0, mix >= 0)")
     users = np.arange(graph.n_users) if users is None else np.asarray(users, dtype=np.int64)
     p = np.asarray(ad_vectors, dtype=np.float64)
     d = p.shape[1]
