@@ -628,7 +628,7 @@ def _train_snapshot(
     from adrec_assets.ml.models import TrainedProjector
     from adrec_assets.ml.params import ProjectorParams, UserRefitParams, UserTrainingParams
     from adrec_assets.ml.refresh import FULL_RETRAIN
-    from adrec_assets.ml.training import normalized_mean, project, score_bias, train_projector, train_user_embeddings
+    from adrec_assets.ml.training import normalized_mean, project_with_bias, train_projector, train_user_embeddings
     from adrec_assets.ml.types import (
         AdCatalog,
         ClickGraph,
@@ -662,8 +662,14 @@ def _train_snapshot(
     )  # fmt: skip
     content_rows = align_rows(content.ids, training.ad_ids, "clicked ads missing from the content vectors")
     trained = train_projector(training, content.vectors[content_rows], trained_users.vectors, projector_params)
+    ads = AdCatalog(catalog.ad_ids[catalog_rows], catalog.texts[catalog_rows], catalog.image_paths[catalog_rows],
+                    catalog.image_root)  # fmt: skip
+    ad_content = ContentEmbeddings(ads.ad_ids, content.vectors[catalog_rows], content.encoder_id,
+                                   content.has_image[catalog_rows])  # fmt: skip
+    vectors, bias = project_with_bias(trained.model, ad_content.vectors)
     refit_params = UserRefitParams()
-    served = refit_users(training, trained_users.vectors, project(trained.model, content.vectors[content_rows]), refit_params)
+    clicked_rows = align_rows(ads.ad_ids, training.ad_ids, "clicked ads missing from the snapshot catalogue")
+    served = refit_users(training, trained_users.vectors, vectors[clicked_rows], refit_params)
     served_users = UserEmbeddings(
         training.user_ids, served, space, trained_users.isolated,
         TrainingProvenance(asdict(refit_params), inputs, FULL_RETRAIN),
@@ -671,12 +677,6 @@ def _train_snapshot(
     prior_vector, norm = normalized_mean(served)
     prior = GlobalMean(prior_vector, len(served_users), norm, space)
     projector = TrainedProjector.trained(trained.model, content.encoder_id, space, inputs, FULL_RETRAIN)
-    ads = AdCatalog(catalog.ad_ids[catalog_rows], catalog.texts[catalog_rows], catalog.image_paths[catalog_rows],
-                    catalog.image_root)  # fmt: skip
-    ad_content = ContentEmbeddings(ads.ad_ids, content.vectors[catalog_rows], content.encoder_id,
-                                   content.has_image[catalog_rows])  # fmt: skip
-    vectors = project(trained.model, ad_content.vectors)
-    bias = score_bias(trained.model, ad_content.vectors).astype(np.float32)
     projected = ProjectedAds(ads.ad_ids, vectors, space, content.encoder_id, bias)
     index = AdIndex.build(ads.ad_ids.tolist(), vectors, bias, seed=seed)
     sample = served_users.trained_vectors()[:500]
@@ -778,7 +778,7 @@ def synthetic_world(
     from adrec_assets.ml.models import Projector, TrainedProjector
     from adrec_assets.ml.params import ProjectorParams
     from adrec_assets.ml.refresh import FULL_RETRAIN
-    from adrec_assets.ml.training import normalized_mean, project, score_bias
+    from adrec_assets.ml.training import normalized_mean, project_with_bias
     from adrec_assets.ml.types import AdCatalog, ContentEmbeddings, GlobalMean, ProjectedAds, TrainingProvenance, UserEmbeddings
     from adrec_assets.online.index import AdIndex, IndexedAds
     from adrec_assets.privacy import pseudonymize_many
@@ -792,7 +792,7 @@ def synthetic_world(
         model = Projector(content_dim, dim, params)
         with torch.no_grad():
             model.popularity.weight.copy_(torch.from_numpy(rng.standard_normal((1, content_dim)).astype(np.float32)))
-    vectors, bias = project(model, content), score_bias(model, content).astype(np.float32)
+    vectors, bias = project_with_bias(model, content)
     users = rng.standard_normal((n_users, dim)).astype(np.float32)
     users /= np.linalg.norm(users, axis=1, keepdims=True)
     weights = np.ones(dim)

@@ -379,10 +379,12 @@ def theta_given_relevance(impressions: pd.DataFrame, relevance: np.ndarray) -> P
         raise ValueError("impressions: no clicks at position 0; theta is undefined, collect more")
     start = np.clip(clicks / np.maximum(n, 1) / (clicks[0] / n[0]), 1e-3, 0.9)
     start[0] = 1.0
-    theta = _conditional_theta(data.position, data.clicked.astype(np.float64), relevance, start, clicks)
+    clicked = data.clicked.astype(np.float64)
+    theta = _conditional_theta(data.position, clicked, relevance, start, clicks)
+    again = _conditional_theta(data.position, clicked, relevance, theta.copy(), clicks)  # a fixed point stays put
     nan = np.full(len(n), np.nan)
-    return PositionBias(theta=theta, impressions=n, clicks=clicks, lower=nan, upper=nan.copy(),
-                        method="known_relevance", iterations=1, converged=True)  # fmt: skip
+    return PositionBias(theta=theta, impressions=n, clicks=clicks, lower=nan, upper=nan.copy(), method="known_relevance",
+                        iterations=1, converged=bool(np.max(np.abs(again - theta)) < 1e-9))  # fmt: skip
 
 
 def estimate_regression_em(
