@@ -45,6 +45,7 @@ PIPELINE_EDGES = (
     ("served_users", "global_mean"),
     ("ad_projected", "ad_index"),
     ("served_users", "ad_index"),
+    ("click_graph", "policy_posterior"),
     ("served_users", "policy_posterior"),
     ("global_mean", "policy_posterior"),
     ("ad_projected", "policy_posterior"),

@@ -30,7 +30,7 @@ EXPECTED_DEPS = {
     "ad_projected": {"raw_ads", "ad_embeddings_raw", "projector"},
     "ad_index": {"ad_projected", "served_users"},  # recall is measured on the partition's users
     "position_bias": set(),  # reads the served event log
-    "policy_posterior": {"served_users", "global_mean", "ad_projected", "position_bias"},
+    "policy_posterior": {"click_graph", "served_users", "global_mean", "ad_projected", "position_bias"},
     "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
                  "ad_projected", "served_users", "ad_index", "position_bias", "policy_posterior"},  # published together
     "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "served_users"},

@@ -219,6 +219,50 @@ def test_a_retired_ad_is_never_served_again_also_after_a_restart(published, tmp_
         assert top not in [i["ad_id"] for i in recommend(client, k=220)["items"]]
 
 
+def test_thompson_learns_a_live_ads_own_effect_from_its_skips_and_forgets_it_when_retired(published, tmp_path):
+    """A live ad gets a random effect (prior sd 2): Thompson explores it, its skipped
+    impressions lower its mean and shrink its uncertainty, retirement removes it."""
+    service = make_service(published, tmp_path, default_policy="thompson", fresh_prior_sd=2.0, settle_seconds=0.0)
+    with id_key():
+        service.start(background=False)
+        state = service.state
+        content = service.snapshots.load("ad_embeddings_raw", state.snapshot).vectors[0]
+        service.add_ad("ad-live-fresh", "A brand-new ad", None, content=content)
+        assert state.fresh.view().ad_ids.tolist() == ["ad-live-fresh"]
+        events = []
+        for number in range(400):
+            user = f"user-{number % 40:07d}"
+            served = service.recommend(user, 5)
+            events += [{"request_id": served["request_id"], "user_id": user, "ad_id": item["ad_id"],
+                        "position": item["position"], "type": "impression", "timestamp": time.time()}
+                       for item in served["items"]]  # fmt: skip
+        shown = sum(event["ad_id"] == "ad-live-fresh" for event in events)
+        assert shown >= 5
+        service.record_events(events)
+        service.settle(now=time.time() + 1)
+        view = state.fresh.view()
+        assert view.mean[0] < 0 and view.precision[0] > 1 / 2.0**2
+        service.retire_ad("ad-live-fresh")
+        assert state.fresh.view().count == 0
+
+
+def test_the_untrained_scope_gives_every_click_less_catalogue_ad_an_effect(published, tmp_path):
+    service = make_service(published, tmp_path, fresh_scope="untrained")
+    with id_key():
+        service.start(background=False)
+        graph = service.snapshots.load("click_graph", service.state.snapshot)
+    clicks = np.bincount(graph.indices, minlength=len(graph.ad_ids))
+    clicked = set(graph.ad_ids[clicks > 0].tolist())
+    expected = sorted(ad for ad in service.state.catalog.ad_ids.tolist() if ad not in clicked)
+    assert sorted(service.state.fresh.view().ad_ids.tolist()) == expected
+
+
+@pytest.mark.parametrize("setting, match", [({"fresh_scope": "all"}, "fresh_scope"), ({"fresh_prior_sd": -1.0}, "fresh_prior_sd")])
+def test_fresh_ad_settings_out_of_range_are_refused_by_name(published, tmp_path, setting, match):
+    with pytest.raises(ValueError, match=match):
+        ServingConfig(source="synthetic", artifacts_root=published, sources_root=tmp_path, **setting).validate()
+
+
 # ---------------------------------------------------------------- bad input, auth, operations
 
 

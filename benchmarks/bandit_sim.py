@@ -62,6 +62,7 @@ import pandas as pd  # noqa: E402
 from scipy.special import expit  # noqa: E402
 
 from adrec_assets.online.events import impressions_with_outcomes, read_event_log  # noqa: E402
+from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD  # noqa: E402
 from adrec_assets.online.position_bias import (  # noqa: E402
     PositionBias,
     estimate_from_randomized,
@@ -191,6 +192,8 @@ class SimSettings:
     settle_every: int = 500  # rounds between settle(now=...) + flush of the event log
     round_seconds: float = 1.0  # simulated seconds per round
     settle_seconds: float = 60.0  # service config: impressions wait this long for their click
+    fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD  # service config: thompson's fresh-ad effects (0: none)
+    fresh_scope: str = "live"  # service config: which ads carry one ("live" or "untrained")
 
     def __post_init__(self) -> None:
         if self.policy not in (*SERVICE_POLICIES, ORACLE):
@@ -250,6 +253,8 @@ def start_service(
         artifacts_root=world.artifacts_root,
         sources_root=folder / "sources",
         randomized_share=settings.randomized_share,
+        fresh_prior_sd=settings.fresh_prior_sd,
+        fresh_scope=settings.fresh_scope,
         settle_seconds=settings.settle_seconds,
         flush_batch=1_000_000,
         load_encoder=False,  # new ads arrive with their content vectors (add_ad(content=...))
@@ -758,7 +763,7 @@ def synthetic_world(
     root: Path, *, seed: int = 0, n_users: int = 150, n_ads: int = 300, n_new: int = 8, rounds: int = 3000,
     dim: int = 8, content_dim: int = 16, arrival_window: int = 1000, theta: Sequence[float] = DEFAULT_THETA,
     weak_share: float = 0.5, weak_weight: float = 0.2, scale: float = 6.0, bias_weight: float = -4.0, intercept: float = -3.0,
-    new_ad_min_fans: int = 2, new_ad_margin: float = 0.02,
+    new_ad_min_fans: int = 2, new_ad_margin: float = 0.02, new_ads_anywhere: bool = False,
 ) -> World:  # fmt: skip
     """A tiny world without MovieLens or an encoder (the tests' and a quick smoke run's).
 
@@ -769,9 +774,10 @@ def synthetic_world(
     rest, and popularity counted against the ad: the starting model is deliberately wrong, in
     a way the contextual posterior (features ``[u * p, b, 1]``) can learn. ``n_new`` ads, each
     the favourite of at least ``new_ad_min_fans`` users by ``new_ad_margin`` in click
-    probability over their second best (ads a good policy must find: the posterior has no
-    per-ad uncertainty, so an ad merely tied with others is rightly left unshown), are left
-    out of the snapshot and arrive before ``rounds - arrival_window``.
+    probability over their second best (ads a good policy must find), are left out of the
+    snapshot and arrive before ``rounds - arrival_window``. ``new_ads_anywhere``: the new ads
+    are drawn from all ads instead, favourites or not (only a fresh ad's own random effect
+    gets most of them shown).
     """
     import torch
 
@@ -805,6 +811,8 @@ def synthetic_world(
     clear = ranked[:, -1] - ranked[:, -2] >= new_ad_margin  # users whose favourite clearly stands out
     fans = np.bincount(probability.argmax(axis=1)[clear], minlength=n_ads)
     worth_showing = np.flatnonzero(fans >= new_ad_min_fans)
+    if new_ads_anywhere:
+        worth_showing = np.arange(n_ads)
     if n_new > len(worth_showing):
         raise ValueError(f"n_new {n_new}: only {len(worth_showing)} ads are the clear favourite of {new_ad_min_fans} users")
     new_columns = np.sort(rng.choice(worth_showing, size=n_new, replace=False))
@@ -985,6 +993,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--best-ctr", type=float, default=0.2, help="mean P(click|examined) of users' best 5 ads")
     parser.add_argument("--mean-ctr", type=float, default=0.005, help="mean P(click|examined) over all pairs")
     parser.add_argument("--randomized-share", type=float, default=0.05, help="service: share of slates permuted")
+    parser.add_argument("--fresh-prior-sd", type=float, default=DEFAULT_FRESH_PRIOR_SD,
+                        help="service: prior sd of a fresh ad's logit offset under thompson (0: none)")
+    parser.add_argument("--fresh-scope", choices=["live", "untrained"], default="live",
+                        help="service: fresh ads are the live-added ones, or also the snapshot's click-less ads")
     parser.add_argument("--settle-every", type=int, default=500, help="rounds between settle() calls")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--figure", type=Path, default=Path("benchmarks/figures/bandit_regret.png"))
@@ -1010,6 +1022,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if folder.exists():
                 shutil.rmtree(folder)  # a previous run's event files
             settings = SimSettings(policy, seed, args.rounds, randomized_share=args.randomized_share,
+                                   fresh_prior_sd=args.fresh_prior_sd, fresh_scope=args.fresh_scope,
                                    settle_every=args.settle_every)  # fmt: skip
             jobs.append((worlds[seed], settings, folder))
     if args.jobs > 1:

@@ -66,6 +66,7 @@ TOPICS = ["running shoes", "espresso machines", "city breaks", "board games", "h
 HOOKS = ["sale", "new arrivals", "free delivery", "bundle deal", "limited offer", "top rated"]
 BACKENDS = ("numpy", "flat", "hnsw")  # numpy serves the flat snapshot through NumpyIndex
 POLICY_SIZE = 100_000
+FRESH_ADS = 1_000  # live ads with random effects in the in-process policy check
 
 
 # ----------------------------------------------------------------------------- data
@@ -606,13 +607,21 @@ def in_process_search_ms(index: Any, queries: np.ndarray, seconds: float) -> tup
 
 
 def in_process_policy_ms(index: Any, users: np.ndarray, seconds: float) -> dict[str, np.ndarray]:
-    """Seconds per ``policy.recommend(user, index, 10, rng)`` for greedy and thompson (prior
-    posterior), alternating for the same users on one BLAS thread, as the service calls them."""
+    """Seconds per ``policy.recommend(user, index, 10, rng)`` for greedy, thompson (prior
+    posterior) and thompson with ``FRESH_ADS`` fresh ads carrying random effects (their exact
+    scan beside the index search), alternating for the same users on one BLAS thread, as the
+    service calls them."""
     from threadpoolctl import ThreadpoolController
 
+    from adrec_assets.online.fresh_ads import FreshAdEffects
     from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy
 
-    policies = {"greedy": make_policy("greedy"), "thompson": make_policy("thompson", posterior=LaplaceLogisticPosterior.prior(DIM))}
+    posterior = LaplaceLogisticPosterior.prior(DIM)
+    fresh = FreshAdEffects(DIM)
+    slots = np.sort(np.random.default_rng(0).choice(index.live_slots(), size=FRESH_ADS, replace=False))
+    fresh.register([f"fresh-{s}" for s in slots.tolist()], slots, index.vectors(slots))
+    policies = {"greedy": make_policy("greedy"), "thompson": make_policy("thompson", posterior=posterior),
+                "thompson_fresh": make_policy("thompson", posterior=posterior, fresh=fresh)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in policies}
     deadline = time.perf_counter() + seconds
     with ThreadpoolController().limit(limits=1, user_api="blas"):
@@ -746,10 +755,14 @@ def print_report(results: list[Result], args: argparse.Namespace, wall: float, l
         print("| ads | backend | measured | pairs | greedy p50 / p99 ms | thompson p50 / p99 ms | difference p50 / p99 ms "
               "| median paired difference ms |\n|---|---|---|---:|---|---|---|---:|")
         for r, where, timings in policy:
-            g, t = timings["greedy"] * 1e3, timings["thompson"] * 1e3
-            g50, g99, t50, t99 = np.percentile(g, 50), np.percentile(g, 99), np.percentile(t, 50), np.percentile(t, 99)
-            print(f"| {size_label(r.n_ads)} | {r.backend} | {where} | {len(g)} | {g50:.2f} / {g99:.2f} | {t50:.2f} / {t99:.2f} | "
-                  f"{t50 - g50:+.2f} / {t99 - g99:+.2f} | {np.median(t - g):+.2f} |")
+            for variant in ("thompson", "thompson_fresh"):
+                if variant not in timings:
+                    continue
+                g, t = timings["greedy"] * 1e3, timings[variant] * 1e3
+                g50, g99, t50, t99 = np.percentile(g, 50), np.percentile(g, 99), np.percentile(t, 50), np.percentile(t, 99)
+                label = where if variant == "thompson" else f"{where}, {FRESH_ADS:,} fresh ads"
+                print(f"| {size_label(r.n_ads)} | {r.backend} | {label} | {len(g)} | {g50:.2f} / {g99:.2f} | "
+                      f"{t50:.2f} / {t99:.2f} | {t50 - g50:+.2f} / {t99 - g99:+.2f} | {np.median(t - g):+.2f} |")
 
 
 def _server(phase: Phase) -> str:

@@ -4,8 +4,9 @@ import dagster as dg
 import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, stopwatch
-from adrec_assets.ml.types import GlobalMean, ProjectedAds, UserEmbeddings
+from adrec_assets.ml.types import ClickGraph, GlobalMean, ProjectedAds, UserEmbeddings
 from adrec_assets.online.events import impressions_with_outcomes, read_event_log
+from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects
 from adrec_assets.online.policy import PolicyPosterior, replay_posterior
 from adrec_assets.online.position_bias import PositionBias, theta_covering
 from adrec_assets.resources import ClickSourceResource
@@ -15,6 +16,7 @@ from adrec_assets.resources import ClickSourceResource
 def policy_posterior(
     context: dg.AssetExecutionContext,
     click_sources: ClickSourceResource,
+    click_graph: ClickGraph,
     served_users: UserEmbeddings,
     global_mean: GlobalMean,
     ad_projected: ProjectedAds,
@@ -24,7 +26,9 @@ def policy_posterior(
     logged impressions with this run's user and ad vectors (position-bias aware). Every
     replica and every restart serves this same posterior; the service then refines it online
     from the events it receives. Ads no longer in the catalogue are skipped; users not in
-    the user space are represented by the global mean, as the service does."""
+    the user space are represented by the global mean, as the service does. The catalogue
+    ads without a training click in ``click_graph`` are the fresh ads: their random effects
+    (prior sd ``DEFAULT_FRESH_PRIOR_SD``, the service's default) learn from the same replay."""
     with stopwatch() as timing:
         impressions = impressions_with_outcomes(read_event_log(click_sources.sources_root() / context.partition_key))
         ad_row = {ad: row for row, ad in enumerate(ad_projected.ids.tolist())}
@@ -39,11 +43,14 @@ def policy_posterior(
         ads = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
         positions = known["position"].to_numpy(dtype=np.int64) if len(known) else np.zeros(0, np.int64)
         theta = theta_covering(position_bias.theta, int(positions.max()) + 1 if len(positions) else 1)
+        fresh = _fresh_effects(click_graph, ad_projected, served_users.dim)
         posterior = replay_posterior(
             served_users.dim, users.astype(np.float32), ads.astype(np.float32),
             known["clicked"].to_numpy(dtype=float) if len(known) else np.zeros(0), positions, theta,
+            ad_rows=rows, fresh=fresh,
         )  # fmt: skip
-    artifact = PolicyPosterior(posterior, served_users.space, len(known), int(known["clicked"].sum()) if len(known) else 0)
+    n_clicks = int(known["clicked"].sum()) if len(known) else 0
+    artifact = PolicyPosterior(posterior, served_users.space, len(known), n_clicks, fresh.learnt(), fresh.prior_sd)
     return dg.Output(
         artifact,
         metadata={
@@ -51,6 +58,19 @@ def policy_posterior(
             "n_clicks_learnt": artifact.n_clicks,
             "n_impressions_skipped_unknown_ad": len(impressions) - len(known),
             "user_space": artifact.space,
+            "n_fresh_ads": fresh.view().count,
+            "n_fresh_ads_learnt": len(artifact.fresh),
             "replay_seconds": round(timing["seconds"], 3),
         },
     )
+
+
+def _fresh_effects(click_graph: ClickGraph, ad_projected: ProjectedAds, dim: int) -> FreshAdEffects:
+    """Prior effects for the projected ads without a training click, numbered by their row."""
+    clicks = np.bincount(click_graph.indices, minlength=len(click_graph.ad_ids))
+    clicked = set(click_graph.ad_ids[clicks > 0].tolist())
+    rows = np.asarray([row for row, ad in enumerate(ad_projected.ids.tolist()) if ad not in clicked], dtype=np.int64)
+    fresh = FreshAdEffects(dim, DEFAULT_FRESH_PRIOR_SD)
+    stored = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
+    fresh.register(ad_projected.ids[rows].tolist(), rows, stored)
+    return fresh

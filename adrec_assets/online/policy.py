@@ -23,6 +23,10 @@ product, never a factorization per request. (Rank-one Sherman-Morrison updates c
 ``O(p^2)`` per impression but are exact only for the Gaussian model; batches make the Newton
 step both exact and cheap.)
 
+**Fresh ads** (:mod:`adrec_assets.online.fresh_ads`): the shared model has no per-ad
+uncertainty, so ads the snapshot learnt from no click get a per-ad random effect on top of
+it under Thompson; see :class:`ThompsonPolicy` for how the slate stays exact.
+
 **Folding the draw into the query.** For a draw ``theta~ = [theta~_u, theta~_b, theta~_0]``::
 
     theta~ . phi(u, a) = (theta~_u * u) . p_a + theta~_b b_a + theta~_0
@@ -73,7 +77,7 @@ index state, inputs and generator state give the same slate and propensities.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from math import comb
 from typing import ClassVar, NamedTuple, Protocol
 
@@ -82,6 +86,13 @@ from scipy.linalg import cho_solve, solve_triangular
 from scipy.special import expit
 
 from adrec_assets.ml.types import Fields, artifact_type
+from adrec_assets.online.fresh_ads import (
+    DEFAULT_FRESH_PRIOR_SD,
+    FreshAdEffects,
+    FreshView,
+    effects_from_arrays,
+    effects_to_arrays,
+)
 
 from adrec_assets.online.position_bias import (
     DEFAULT_CLICK_WEIGHT_CAP,
@@ -747,6 +758,14 @@ class ThompsonPolicy(_BasePolicy):
     draw puts there is floored at ``1 / (M + 1)`` (it *was* shown, so its propensity is
     positive). ``exploration_scale`` multiplies the posterior's spread (0: the mean, i.e.
     greedy).
+
+    ``fresh`` (:class:`~adrec_assets.online.fresh_ads.FreshAdEffects`): ads without training
+    clicks carry their own logit offset ``r_a``, drawn per request. The index then returns
+    the draw's top-k among the trained ads (searched deeper while fresh ads fill its
+    results), every fresh ad is scored exactly (``q~ . [p_a, b_a] + r~_a``, one small
+    product), and the slate is the top-k of the union: still the exact Thompson top-k. The
+    propensity candidates add the fresh ads' top N by an optimistic score (mean effect plus
+    two standard deviations), each drawing its own effect in every Monte Carlo draw.
     """
 
     name: ClassVar[str] = "thompson"
@@ -754,6 +773,7 @@ class ThompsonPolicy(_BasePolicy):
     exploration_scale: float = 1.0
     propensity_draws: int = DEFAULT_PROPENSITY_DRAWS
     propensity_candidates: int = DEFAULT_PROPENSITY_CANDIDATES
+    fresh: FreshAdEffects | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.posterior, LaplaceLogisticPosterior):
@@ -796,33 +816,111 @@ class ThompsonPolicy(_BasePolicy):
         posterior = self._check_dim(user)
         draw = posterior.sample(rng, self.exploration_scale)
         queries = np.vstack([fold_queries(draw, user), fold_queries(posterior.mean(), user)])
-        slots, mean_top = _top_filtered(index, queries, [k, self.propensity_candidates], excluded)
+        fresh = self._fresh_view(excluded)
+        if fresh is None:
+            slots, mean_top = _top_filtered(index, queries, [k, self.propensity_candidates], excluded)
+        else:
+            slots, mean_top = self._top_with_fresh(index, queries, k, excluded, fresh, rng)
         if len(slots) == 0:
             return _nothing_served(index)
-        extra = mean_top[~(mean_top[:, None] == slots[None, :]).any(axis=1)]
-        candidates = np.concatenate([slots, extra])  # the served ads first: rows 0..k-1
+        candidates = np.concatenate([slots, _not_in(mean_top, slots)])  # the served ads first: rows 0..k-1
+        if fresh is not None:
+            candidates = np.concatenate([candidates, _not_in(self._fresh_candidates(fresh, queries[1]), candidates)])
         vectors = np.asarray(index.vectors(candidates))
-        positions = _served_position_shares(self._sampled_scores(posterior, user, vectors, rng), len(slots))
+        sampled = self._candidate_scores(posterior, user, candidates, vectors, fresh, rng)
+        positions = _served_position_shares(sampled, len(slots))
         served = np.arange(len(slots))
         positions[served, served] = np.maximum(positions[served, served], 1.0 / (self.propensity_draws + 1))
         return _Served(slots, vectors[: len(slots)], positions)
 
+    def _fresh_view(self, excluded: np.ndarray) -> FreshView | None:
+        """The fresh ads' effects without the excluded ones; None when there are none."""
+        if self.fresh is None:
+            return None
+        view = self.fresh.view()
+        if len(excluded) and view.count:
+            keep = ~np.isin(view.slots, excluded)
+            view = FreshView(*(array[keep] for array in view))
+        return view if view.count else None
+
+    def _top_with_fresh(
+        self, index: InnerProductIndex, queries: np.ndarray, k: int, excluded: np.ndarray, fresh: FreshView,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """(exact Thompson top-k, the mean's top-N) when fresh ads carry a random effect.
+
+        Trained ads: the folded draw's top-k among them from the index (fetched deeper until
+        k of the results are trained ads, so fresh ads in the results never crowd one out).
+        Fresh ads: every one scored exactly, ``q~ . [p_a, b_a] + r~_a`` with ``r~_a`` drawn
+        per request. The top-k of the union is the exact Thompson top-k of the catalogue."""
+        depth = 2 * k
+        while True:
+            row, mean_top = _top_filtered(index, queries, [depth, self.propensity_candidates], excluded)
+            trained = _not_in(row, fresh.slots)
+            if len(trained) >= k or len(row) < depth:
+                break
+            depth *= 4
+        trained = trained[:k]
+        draw_query = queries[0]
+        effects = fresh.mean + self.exploration_scale * fresh.sd() * rng.standard_normal(fresh.count)
+        scores = np.concatenate([
+            np.asarray(index.vectors(trained)) @ draw_query, fresh.vectors @ draw_query + effects.astype(np.float32),
+        ])  # fmt: skip
+        pooled = np.concatenate([trained, fresh.slots])
+        return pooled[np.argsort(-scores, kind="stable")[:k]], mean_top
+
+    def _fresh_candidates(self, fresh: FreshView, mean_query: np.ndarray) -> np.ndarray:
+        """The fresh ads most likely to reach a slate: the top N by an optimistic mean score
+        (two standard deviations of their effect above its mean)."""
+        optimistic = fresh.vectors @ mean_query + fresh.mean + 2 * self.exploration_scale * fresh.sd()
+        count = min(self.propensity_candidates, fresh.count)
+        return fresh.slots[np.argpartition(-optimistic, count - 1)[:count]]
+
+    def _candidate_scores(
+        self, posterior: LaplaceLogisticPosterior, user: np.ndarray, candidates: np.ndarray, vectors: np.ndarray,
+        fresh: FreshView | None, rng: np.random.Generator,
+    ) -> np.ndarray:  # fmt: skip
+        """(N', M) sampled logits of the candidates: the shared draws, plus each fresh
+        candidate's own random effect drawn independently per draw."""
+        sampled = self._sampled_scores(posterior, user, vectors, rng)
+        if fresh is None:
+            return sampled
+        order = np.argsort(fresh.slots)
+        where = np.minimum(np.searchsorted(fresh.slots[order], candidates), fresh.count - 1)
+        rows = np.flatnonzero(fresh.slots[order][where] == candidates)
+        if len(rows):
+            effect = order[where[rows]]
+            noise = rng.standard_normal((len(rows), sampled.shape[1]), dtype=np.float32)
+            sd = (self.exploration_scale * fresh.sd()[effect]).astype(np.float32)
+            sampled[rows] += fresh.mean[effect].astype(np.float32)[:, None] + sd[:, None] * noise
+        return sampled
+
     def position_distribution(
         self, user: np.ndarray, index: InnerProductIndex, k: int, rng: np.random.Generator, exclude: Iterable[int] = ()
     ) -> PositionDistribution:
-        """MC distribution over the mean's top-N candidates (columns sum to 1 when N' >= k)."""
+        """MC distribution over the mean's top-N candidates (and the fresh ads' top N by an
+        optimistic score); columns sum to 1 when there are at least k candidates."""
         user, excluded = _check_request(user, index, k, exclude)
         posterior = self._check_dim(user)
         mean_query = fold_queries(posterior.mean(), user)
         candidates = _top_filtered(index, mean_query, [self.propensity_candidates], excluded)[0]
+        fresh = self._fresh_view(excluded)
+        if fresh is not None:
+            candidates = np.concatenate([candidates, _not_in(self._fresh_candidates(fresh, mean_query[0]), candidates)])
         width = min(k, len(candidates))
         if width == 0:
             return PositionDistribution(candidates, np.zeros((len(candidates), 0)))
-        sampled = self._sampled_scores(posterior, user, np.asarray(index.vectors(candidates)), rng)
+        vectors = np.asarray(index.vectors(candidates))
+        sampled = self._candidate_scores(posterior, user, candidates, vectors, fresh, rng)
         order = np.argsort(-sampled, axis=0, kind="stable")[:width]  # (width, M): candidate at position j
         counts = np.zeros((len(candidates), width))
         np.add.at(counts, (order, np.broadcast_to(np.arange(width)[:, None], order.shape)), 1.0)
         return PositionDistribution(candidates, counts / self.propensity_draws)
+
+
+def _not_in(slots: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """``slots`` without those in ``others``, order kept."""
+    return slots[~np.isin(slots, others)] if len(others) else slots
 
 
 def _served_position_shares(sampled: np.ndarray, served: int) -> np.ndarray:
@@ -928,16 +1026,20 @@ def make_policy(name: str, *, randomized_share: float = 0.0, **config: object) -
 class PolicyPosterior:
     """The ``policy_posterior`` artifact: the Thompson posterior rebuilt from every logged
     impression with this snapshot's user space (features depend on the user and ad vectors,
-    so a posterior learnt in another space is meaningless here)."""
+    so a posterior learnt in another space is meaningless here), and the random effects of
+    the fresh ads that have impressions (ad id -> (mean, precision), prior ``fresh_prior_sd``)."""
 
     posterior: LaplaceLogisticPosterior
     space: str
     n_impressions: int
     n_clicks: int
+    fresh: dict[str, tuple[float, float]] = field(default_factory=dict)
+    fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             **{f"posterior__{k}": v for k, v in self.posterior.to_arrays().items()},
+            **{f"fresh__{k}": v for k, v in effects_to_arrays(self.fresh, self.fresh_prior_sd).items()},
             "space": np.asarray(self.space),
             "n_impressions": np.asarray(self.n_impressions),
             "n_clicks": np.asarray(self.n_clicks),
@@ -949,7 +1051,11 @@ class PolicyPosterior:
         posterior = LaplaceLogisticPosterior.from_arrays(
             {k[len("posterior__"):]: v for k, v in arrays.items() if k.startswith("posterior__")}
         )
-        return cls(posterior, f.text("space"), int(f.array("n_impressions")), int(f.array("n_clicks")))
+        fresh: dict[str, tuple[float, float]] = {}
+        prior_sd = DEFAULT_FRESH_PRIOR_SD
+        if "fresh__ad_ids" in arrays:  # artifacts written before fresh-ad effects have none
+            fresh, prior_sd = effects_from_arrays({k[len("fresh__"):]: v for k, v in arrays.items() if k.startswith("fresh__")})
+        return cls(posterior, f.text("space"), int(f.array("n_impressions")), int(f.array("n_clicks")), fresh, prior_sd)
 
 
 def replay_posterior(
@@ -960,13 +1066,22 @@ def replay_posterior(
     positions: np.ndarray,
     theta: np.ndarray,
     chunk: int = 50_000,
+    *,
+    ad_rows: np.ndarray | None = None,
+    fresh: FreshAdEffects | None = None,
 ) -> LaplaceLogisticPosterior:
     """The posterior after learning logged impressions in order (sequential Laplace over
-    chunks, so memory stays bounded for long logs), from the prior whose mean ranks as greedy."""
+    chunks, so memory stays bounded for long logs), from the prior whose mean ranks as greedy.
+
+    ``fresh`` (registered with ``ad_rows``' numbering as its slots) learns its ads' effects
+    from the same chunks, after each posterior step, as the service does per batch."""
     posterior = LaplaceLogisticPosterior.prior(dim)
     for start in range(0, len(users), chunk):
         stop = start + chunk
         posterior.update_position_aware(
             users[start:stop], ad_vectors[start:stop], clicked[start:stop], positions[start:stop], theta
         )
+        if fresh is not None and ad_rows is not None and fresh.enabled:
+            offsets = ad_features(users[start:stop], ad_vectors[start:stop]) @ posterior.mean()
+            fresh.update_position_aware(ad_rows[start:stop], offsets, clicked[start:stop], positions[start:stop], theta)
     return posterior

@@ -51,7 +51,8 @@ from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
-from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy, todays_query
+from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects
+from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, todays_query
 from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.privacy import key_fingerprint, pseudonymize
@@ -107,6 +108,8 @@ class ServingConfig:
     default_policy: str = "greedy"
     epsilon: float = 0.1
     randomized_share: float = 0.0  # share of slates served in random order (position-bias slice)
+    fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD  # thompson: prior sd of a fresh ad's logit offset (0: none)
+    fresh_scope: str = "live"  # fresh ads: "live" (added since the snapshot) or "untrained" (+ its click-less ads)
     experiments_path: Path | None = None
     reload_seconds: float = 2.0
     flush_seconds: float = 5.0
@@ -138,7 +141,8 @@ class ServingConfig:
         if env.get("ADREC_SERVE_INDEX"):
             values["index_backend"] = env["ADREC_SERVE_INDEX"]
         for name, cast in (("alpha", float), ("default_policy", str), ("epsilon", float), ("randomized_share", float),
-                           ("reload_seconds", float), ("flush_seconds", float), ("settle_seconds", float)):  # fmt: skip
+                           ("fresh_prior_sd", float), ("fresh_scope", str), ("reload_seconds", float), ("flush_seconds", float),
+                           ("settle_seconds", float)):  # fmt: skip
             raw = env.get(f"ADREC_SERVE_{name.upper()}")
             if raw:
                 values[name] = cast(raw)
@@ -154,6 +158,10 @@ class ServingConfig:
             raise ValueError(f"default_policy must be one of {POLICIES}, got {self.default_policy!r}")
         if not 0 <= self.epsilon <= 1 or not 0 <= self.randomized_share <= 1:
             raise ValueError("epsilon and randomized_share must be in [0, 1]")
+        if not (math.isfinite(self.fresh_prior_sd) and self.fresh_prior_sd >= 0):
+            raise ValueError(f"fresh_prior_sd (ADREC_SERVE_FRESH_PRIOR_SD) must be a finite number >= 0, got {self.fresh_prior_sd}")
+        if self.fresh_scope not in FRESH_SCOPES:
+            raise ValueError(f"fresh_scope (ADREC_SERVE_FRESH_SCOPE) must be one of {FRESH_SCOPES}, got {self.fresh_scope!r}")
         if self.index_backend not in INDEX_BACKENDS:
             raise ValueError(f"index_backend (ADREC_SERVE_INDEX) must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
 
@@ -172,6 +180,7 @@ class ModelState:
     indexed: IndexedAds
     theta: np.ndarray  # examination probability per position (ones: no correction known)
     posterior: LaplaceLogisticPosterior
+    fresh: FreshAdEffects  # thompson's per-ad effects of the ads without training clicks
     live_meta: dict[str, dict[str, str]] = field(default_factory=dict)  # live ad id -> {"text", "image"}
     catalog_row: dict[str, int] = field(default_factory=dict)
 
@@ -196,10 +205,34 @@ class ModelState:
         return self.prior.vector, USER_NEW
 
 
-def _posterior_of(store: SnapshotStore, snapshot: Snapshot, dim: int) -> LaplaceLogisticPosterior:
+FRESH_SCOPES = ("live", "untrained")
+
+
+def _posterior_of(
+    store: SnapshotStore, snapshot: Snapshot, dim: int, fresh_prior_sd: float
+) -> tuple[LaplaceLogisticPosterior, FreshAdEffects]:
     if "policy_posterior" in snapshot.artifacts:
-        return store.load("policy_posterior", snapshot).posterior
-    return LaplaceLogisticPosterior.prior(dim)
+        learnt = store.load("policy_posterior", snapshot)
+        return learnt.posterior, FreshAdEffects(dim, fresh_prior_sd, learnt.fresh)
+    return LaplaceLogisticPosterior.prior(dim), FreshAdEffects(dim, fresh_prior_sd)
+
+
+def _untrained_ads(store: SnapshotStore, snapshot: Snapshot, catalog: AdCatalog) -> list[str]:
+    """Catalogue ads without a click in the snapshot's training graph (all of them when the
+    snapshot has no graph): the fresh ads Thompson gives a random effect."""
+    if "click_graph" not in snapshot.artifacts:
+        return catalog.ad_ids.tolist()
+    graph = store.load("click_graph", snapshot)
+    clicked = set(graph.ad_ids[np.bincount(graph.indices, minlength=len(graph.ad_ids)) > 0].tolist())
+    return [ad for ad in catalog.ad_ids.tolist() if ad not in clicked]
+
+
+def _register_fresh(state: ModelState, ad_ids: Sequence[str]) -> None:
+    """Give live ads of the index (new or untrained) their random effect."""
+    if not state.fresh.enabled or not ad_ids:
+        return
+    slots = np.asarray([state.index.slot_of(ad) for ad in ad_ids], dtype=np.int64)
+    state.fresh.register(list(ad_ids), slots, state.index.vectors(slots))
 
 
 def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
@@ -210,7 +243,7 @@ def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
 
 def load_state(
     snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore, index_backend: str = "faiss",
-    prior_depth: int = 1000,
+    prior_depth: int = 1000, fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD, fresh_scope: str = "live",
 ) -> ModelState:
     """Load ``snapshot`` completely, then apply the store's live ads and retirements;
     ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS.
@@ -222,6 +255,7 @@ def load_state(
     if index_backend == "numpy":
         indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
     users = snapshots.load("served_users", snapshot)
+    posterior, fresh = _posterior_of(snapshots, snapshot, users.dim, fresh_prior_sd)
     state = ModelState(
         snapshot=snapshot,
         catalog=snapshots.load("raw_ads", snapshot),
@@ -230,7 +264,8 @@ def load_state(
         projector=snapshots.load("projector", snapshot),
         indexed=indexed,
         theta=_theta_of(snapshots, snapshot),
-        posterior=_posterior_of(snapshots, snapshot, users.dim),
+        posterior=posterior,
+        fresh=fresh,
     )
     state.catalog_row = {ad: row for row, ad in enumerate(state.catalog.ad_ids.tolist())}
     state.index.pin_query(todays_query(state.prior.vector), prior_depth)
@@ -240,9 +275,12 @@ def load_state(
         vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
         state.index.add(live.ad_id, vector[0], float(bias[0]))
         state.live_meta[live.ad_id] = dict(live.meta)
-    retired = [ad for ad in online.retired_ads() if _is_live(state.index, ad)]
+    retired = set(ad for ad in online.retired_ads() if _is_live(state.index, ad))
     if retired:
-        state.index.remove_many(retired)
+        state.index.remove_many(sorted(retired))
+    if fresh.enabled:
+        untrained = _untrained_ads(snapshots, snapshot, state.catalog) if fresh_scope == "untrained" else []
+        _register_fresh(state, [ad for ad in [*untrained, *state.live_meta] if ad not in retired])
     return state
 
 
@@ -380,7 +418,8 @@ class RecommendationService:
             if current is None or (self._state is not None and self._state.version == current):
                 return False
             new = load_state(
-                self.snapshots, self.snapshots.snapshot(current), self.online, self.config.index_backend, self.config.max_k
+                self.snapshots, self.snapshots.snapshot(current), self.online, self.config.index_backend,
+                self.config.max_k, self.config.fresh_prior_sd, self.config.fresh_scope,
             )
             self._pinned = self._load_pinned(new)
             old, self._state = self._state, new  # the one moment a new version starts serving
@@ -409,9 +448,11 @@ class RecommendationService:
             vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
             state.index.add(live.ad_id, vector[0], float(bias[0]))
             state.live_meta[live.ad_id] = dict(live.meta)
+            _register_fresh(state, [live.ad_id])
             changes += 1
         retired = [ad for ad in self.online.retired_ads() if _is_live(state.index, ad)]
         if retired:
+            state.fresh.remove(np.asarray([state.index.slot_of(ad) for ad in retired], dtype=np.int64))
             state.index.remove_many(retired)
             changes += len(retired)
         return changes
@@ -423,7 +464,7 @@ class RecommendationService:
             try:
                 pinned[version] = self._pinned.get(version) or load_state(
                     self.snapshots, self.snapshots.snapshot(version), self.online, self.config.index_backend,
-                    self.config.max_k,
+                    self.config.max_k, self.config.fresh_prior_sd, self.config.fresh_scope,
                 )
             except SnapshotError as exc:
                 log.warning("experiment arm model_version %s cannot be served: %s", version, exc)
@@ -452,6 +493,7 @@ class RecommendationService:
         options: dict[str, Any] = {"randomized_share": self.config.randomized_share}
         if name == "thompson":
             options["posterior"] = state.posterior
+            options["fresh"] = state.fresh
         if name == "epsilon_greedy":
             options["epsilon"] = self.config.epsilon
         return make_policy(name, **options)
@@ -647,11 +689,14 @@ class RecommendationService:
             return 0
         positions = np.asarray([p for p, _ in kept])
         theta = theta_covering(state.theta, int(positions.max()) + 1)
+        slots = np.asarray(ads, dtype=np.int64)
+        user_rows, ad_rows = np.asarray(users, dtype=np.float32), state.index.vectors(slots)
+        outcomes = np.asarray([c for _, c in kept], dtype=float)
         with _one_blas_thread():
-            state.posterior.update_position_aware(
-                np.asarray(users, dtype=np.float32), state.index.vectors(np.asarray(ads, dtype=np.int64)),
-                np.asarray([c for _, c in kept], dtype=float), positions, theta,
-            )  # fmt: skip
+            state.posterior.update_position_aware(user_rows, ad_rows, outcomes, positions, theta)
+            if state.fresh.enabled:
+                offsets = ad_features(user_rows, ad_rows) @ state.posterior.mean()
+                state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta)
         return len(kept)
 
     def flush(self) -> int:
@@ -703,6 +748,7 @@ class RecommendationService:
             self.online.unretire_ad(ad_id)
         state.live_meta[ad_id] = meta
         slot = state.index.add(ad_id, vector[0], float(bias[0]))
+        _register_fresh(state, [ad_id])
         return {"ad_id": ad_id, "model_version": state.version, "score_bias": float(bias[0]), "slot": slot}
 
     @staticmethod
@@ -751,6 +797,7 @@ class RecommendationService:
             raise (Conflict(f"ad {ad_id!r} is already retired", "ad_id") if known
                    else NotFound(f"ad {ad_id!r} is not in the catalogue", "ad_id"))  # fmt: skip
         self.online.retire_ad(ad_id)
+        state.fresh.remove(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))
         state.index.remove(ad_id)
         return {"ad_id": ad_id, "retired": True, "model_version": state.version}
 

@@ -1,0 +1,257 @@
+"""Fresh ads' random effects: the 1-d Laplace update is exact, the folded index query plus
+the exact scan of the fresh ads is still the exact Thompson top-K, a fresh ad far below
+every slate gets explored only through its own effect, and the propensities remain the
+probabilities the policy serves with.
+
+References as in ``test_policy``: explicit scoring one ad at a time in float64, empirical
+frequencies over seeded requests, ``scipy.optimize`` for the MAP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+
+from adrec_assets.online.fresh_ads import FreshAdEffects, laplace_offsets
+from adrec_assets.online.policy import LaplaceLogisticPosterior, PolicyPosterior, ad_features, make_policy
+from adrec_assets_tests.test_policy import (
+    ExactIndex,
+    explicit_top,
+    learned_posterior,
+    random_catalogue,
+    served_frequencies,
+    single_blas_thread,  # noqa: F401 - the module-wide fixture
+    unit_rows,
+    within_binomial_error,
+)
+
+K = 10
+
+
+def fresh_effects(index: ExactIndex, slots: np.ndarray, prior_sd: float, rng: np.random.Generator | None = None,
+                  learnt_spread: float = 0.0) -> FreshAdEffects:  # fmt: skip
+    """Effects for ``slots`` (ad ids ``ad-<slot>``); with ``learnt_spread`` each starts from its
+    own (mean, precision), as if loaded from ``policy_posterior``."""
+    learnt = {}
+    if rng is not None and learnt_spread:
+        learnt = {f"ad-{s}": (float(rng.normal(scale=learnt_spread)), float(rng.uniform(0.5, 4.0))) for s in slots}
+    effects = FreshAdEffects(index.dim, prior_sd, learnt)
+    effects.register([f"ad-{s}" for s in slots], slots, index.vectors(slots))
+    return effects
+
+
+def explicit_fresh_top(index: ExactIndex, user: np.ndarray, theta: np.ndarray, effects: FreshAdEffects,
+                       draws: np.ndarray, k: int) -> np.ndarray:  # fmt: skip
+    """Top-k by ``theta . phi(u, a) + r~_a`` (``r~_a`` = ``draws`` for the fresh ads, 0 else), in float64."""
+    slots = index.live_slots()
+    scores = ad_features(user, index.vectors(slots).astype(np.float64)) @ theta
+    view = effects.view()
+    at = np.searchsorted(slots, view.slots)
+    scores[at] += draws
+    return slots[np.argsort(-scores, kind="stable")[:k]]
+
+
+# --- the update --------------------------------------------------------------------------
+
+
+def test_laplace_offsets_are_each_ads_exact_map_and_curvature():
+    rng = np.random.default_rng(0)
+    n, groups = 3_000, 6
+    group = rng.integers(groups, size=n)
+    offsets = rng.normal(-2.0, 1.0, size=n)
+    clicked = (rng.random(n) < expit(offsets + rng.normal(size=groups)[group])).astype(float)
+    weights = rng.uniform(0.2, 1.0, size=n)
+    mean, precision = rng.normal(size=groups), rng.uniform(0.5, 3.0, size=groups)
+    new_mean, new_precision = laplace_offsets(group, offsets, clicked, weights, mean, precision)
+    for g in range(groups):
+        rows = group == g
+
+        def negative_log_posterior(r: float, rows=rows, g=g) -> float:
+            logits = offsets[rows] + r
+            loglik = weights[rows] * (clicked[rows] * logits - np.logaddexp(0.0, logits))
+            return -loglik.sum() + 0.5 * precision[g] * (r - mean[g]) ** 2
+
+        reference = minimize_scalar(negative_log_posterior, bounds=(-10, 10), method="bounded",
+                                    options={"xatol": 1e-10}).x  # fmt: skip
+        assert new_mean[g] == pytest.approx(reference, abs=1e-6)
+        p = expit(offsets[rows] + new_mean[g])
+        assert new_precision[g] == pytest.approx(precision[g] + np.sum(weights[rows] * p * (1 - p)), rel=1e-9)
+
+
+def test_skips_lower_a_fresh_effect_clicks_raise_it_and_either_shrinks_its_uncertainty():
+    index = ExactIndex(random_catalogue(10, 4, np.random.default_rng(1)))
+    effects = fresh_effects(index, np.array([2, 5]), prior_sd=1.0)
+    before = effects.view()
+    learnt = effects.update(np.array([2, 2, 2, 5, 5, 7]), np.full(6, -1.0), np.array([0, 0, 0, 1, 1, 1]), np.ones(6))
+    after = effects.view()
+    assert learnt == 5  # slot 7 is a trained ad: no effect to learn
+    assert after.mean[0] < 0 < after.mean[1]
+    assert np.all(after.precision > before.precision)
+    assert set(effects.learnt()) == {"ad-2", "ad-5"}
+
+
+def test_a_batch_without_fresh_ads_changes_nothing_and_retired_fresh_ads_are_forgotten():
+    index = ExactIndex(random_catalogue(10, 4, np.random.default_rng(2)))
+    effects = fresh_effects(index, np.array([3, 4]), prior_sd=1.0)
+    view = effects.view()
+    assert effects.update(np.array([0, 1]), np.zeros(2), np.array([1, 0]), np.ones(2)) == 0
+    assert effects.view() is view
+    effects.remove(np.array([3]))
+    assert effects.view().slots.tolist() == [4]
+
+
+def test_fresh_effects_refuse_a_negative_prior_and_mismatched_rows():
+    with pytest.raises(ValueError, match="prior_sd"):
+        FreshAdEffects(4, -0.1)
+    effects = FreshAdEffects(4, 1.0)
+    with pytest.raises(ValueError, match="do not agree"):
+        effects.register(["a", "b"], np.array([0, 1]), np.zeros((2, 3), np.float32))
+
+
+def test_a_zero_prior_sd_registers_nothing_so_thompson_serves_as_without_effects():
+    rng = np.random.default_rng(3)
+    index = ExactIndex(random_catalogue(500, 8, rng))
+    effects = fresh_effects(index, np.arange(0, 500, 5), prior_sd=0.0)
+    assert effects.view().count == 0
+    posterior = learned_posterior(index, rng)
+    user = unit_rows(rng.normal(size=8))
+    plain = make_policy("thompson", posterior=posterior).recommend(user, index, K, np.random.default_rng(4))
+    with_none = make_policy("thompson", posterior=posterior, fresh=effects).recommend(user, index, K, np.random.default_rng(4))
+    np.testing.assert_array_equal(plain.slots, with_none.slots)
+    np.testing.assert_array_equal(plain.propensities, with_none.propensities)
+
+
+# --- serving -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [16, 128])
+def test_folded_query_plus_the_fresh_scan_is_the_exact_thompson_top_k_with_fresh_effects(dim):
+    rng = np.random.default_rng(dim)
+    index = ExactIndex(random_catalogue(3_000, dim, rng), retired=rng.choice(3_000, size=100, replace=False))
+    fresh_slots = np.sort(rng.choice(index.live_slots(), size=300, replace=False))
+    effects = fresh_effects(index, fresh_slots, prior_sd=1.0, rng=rng, learnt_spread=1.0)
+    posterior = learned_posterior(index, rng)
+    policy = make_policy("thompson", posterior=posterior, fresh=effects)
+    view = effects.view()
+    fresh_served = differs_from_the_shared_draw = 0
+    for trial in range(5):
+        user = unit_rows(rng.normal(size=dim))
+        generator = np.random.default_rng(trial)  # recommend draws theta~, then the fresh effects
+        theta = posterior.sample(generator)
+        draws = view.mean + view.sd() * generator.standard_normal(view.count)
+        slate = policy.recommend(user, index, 20, np.random.default_rng(trial))
+        np.testing.assert_array_equal(slate.slots, explicit_fresh_top(index, user, theta, effects, draws, 20))
+        fresh_served += int(np.isin(slate.slots, fresh_slots).sum())
+        differs_from_the_shared_draw += not np.array_equal(slate.slots, explicit_top(index, user, theta, 20))
+    assert fresh_served >= 5 and differs_from_the_shared_draw >= 3  # the effects really change slates
+
+
+def test_fresh_ads_crowding_the_index_results_never_hide_a_trained_ad():
+    """The 60 fresh ads hold the top of every query but carry effects of -50: the trained
+    ads below them must still be found (the index is searched deeper until k are trained)."""
+    rng = np.random.default_rng(5)
+    rows = random_catalogue(1_000, 8, rng)
+    user = unit_rows(rng.normal(size=8))
+    fresh_slots = np.arange(60)
+    rows[fresh_slots, :8] = user  # the user's best ads under any positive draw
+    rows[fresh_slots, 8] = 1.0
+    index = ExactIndex(rows)
+    effects = FreshAdEffects(8, 1.0, {f"ad-{s}": (-50.0, 1e6) for s in fresh_slots})
+    effects.register([f"ad-{s}" for s in fresh_slots], fresh_slots, index.vectors(fresh_slots))
+    posterior = LaplaceLogisticPosterior.prior(8)
+    slate = make_policy("thompson", posterior=posterior, fresh=effects).recommend(user, index, K, np.random.default_rng(6))
+    generator = np.random.default_rng(6)
+    theta = posterior.sample(generator)
+    draws = effects.view().mean + effects.view().sd() * generator.standard_normal(60)
+    assert not np.isin(slate.slots, fresh_slots).any()
+    np.testing.assert_array_equal(slate.slots, explicit_fresh_top(index, user, theta, effects, draws, K))
+
+
+def test_a_fresh_ad_far_below_every_slate_is_explored_only_through_its_effect():
+    rng = np.random.default_rng(7)
+    index = ExactIndex(random_catalogue(400, 8, rng, bias_scale=0.0))
+    user = unit_rows(rng.normal(size=8))
+    worst = int(np.argsort(index.vectors(index.live_slots())[:, :8] @ user)[0])
+    posterior = LaplaceLogisticPosterior.prior(8, weight_std=1e-3, bias_std=1e-3, intercept_std=1e-3)
+    shown = {}
+    for prior_sd in (0.0, 3.0):
+        policy = make_policy("thompson", posterior=posterior, fresh=fresh_effects(index, np.array([worst]), prior_sd))
+        generator = np.random.default_rng(8)
+        shown[prior_sd] = sum(worst in policy.recommend(user, index, 5, generator).slots for _ in range(300))
+    assert shown[0.0] == 0
+    assert shown[3.0] >= 5
+
+
+def test_thompson_with_zero_exploration_and_no_feedback_equals_greedy_with_fresh_ads():
+    rng = np.random.default_rng(9)
+    index = ExactIndex(random_catalogue(2_000, 16, rng))
+    effects = fresh_effects(index, np.arange(0, 2_000, 4), prior_sd=2.0)
+    posterior = learned_posterior(index, rng)
+    thompson = make_policy("thompson", posterior=posterior, fresh=effects, exploration_scale=0.0)
+    greedy = make_policy("greedy", posterior=posterior)
+    for trial in range(5):
+        user = unit_rows(rng.normal(size=16))
+        np.testing.assert_array_equal(
+            thompson.recommend(user, index, K, np.random.default_rng(trial)).slots,
+            greedy.recommend(user, index, K, np.random.default_rng(trial)).slots,
+        )
+
+
+def test_thompson_propensities_with_fresh_effects_match_brute_force_serving_frequencies():
+    """40 ads, 15 of them fresh with wide effects; the candidates cover the catalogue, so only
+    Monte Carlo noise separates the distribution from the served frequencies."""
+    rng = np.random.default_rng(10)
+    index = ExactIndex(random_catalogue(40, 4, rng))
+    effects = fresh_effects(index, np.arange(0, 40, 3)[:15], prior_sd=1.5)
+    posterior = LaplaceLogisticPosterior.prior(4, weight_std=0.5, bias_std=0.5)
+    user = unit_rows(rng.normal(size=4))
+    k, runs = 3, 3_000
+    policy = make_policy("thompson", posterior=posterior, fresh=effects, propensity_candidates=40)
+    generator = np.random.default_rng(100)
+    slates = [policy.recommend(user, index, k, generator) for _ in range(runs)]
+    frequencies = served_frequencies(slates, 40, k)
+    reference = make_policy("thompson", posterior=posterior, fresh=effects, propensity_candidates=40,
+                            propensity_draws=200_000)  # fmt: skip
+    distribution = reference.position_distribution(user, index, k, np.random.default_rng(101))
+    np.testing.assert_allclose(distribution.probabilities.sum(axis=0), 1.0)
+    truth = np.zeros((40, k))
+    truth[distribution.slots] = distribution.probabilities
+    assert truth[effects.view().slots].sum() > 0.3 * k  # the fresh ads hold a real share of the slots
+    within_binomial_error(frequencies, truth, runs)
+    logged = np.concatenate([s.propensities for s in slates])
+    cell_truth = np.concatenate([truth[s.slots, np.arange(k)] for s in slates])
+    assert abs(np.mean(logged - cell_truth)) <= 0.01
+
+
+# --- persistence -------------------------------------------------------------------------
+
+
+def test_policy_posterior_round_trips_fresh_effects_and_reads_artifacts_written_before_them():
+    posterior = LaplaceLogisticPosterior.prior(4)
+    artifact = PolicyPosterior(posterior, "users:abc", 10, 2, {"ad-1": (-0.25, 3.5), "ad-9": (0.5, 1.25)}, 0.7)
+    arrays = artifact.to_arrays()
+    back = PolicyPosterior.from_arrays(arrays)
+    assert back.fresh == artifact.fresh and back.fresh_prior_sd == 0.7
+    older = PolicyPosterior.from_arrays({k: v for k, v in arrays.items() if not k.startswith("fresh__")})
+    assert older.fresh == {} and older.n_clicks == 2
+
+
+def test_replaying_a_log_learns_each_fresh_ads_effect_and_leaves_trained_ads_without_one():
+    """The ``policy_posterior`` replay: fresh ad 0 is clicked far more often than the shared
+    model predicts, fresh ad 1 never; ad 2 is a trained ad (no effect to learn)."""
+    from adrec_assets.online.policy import replay_posterior
+
+    rng = np.random.default_rng(11)
+    index = ExactIndex(random_catalogue(3, 4, rng))
+    effects = fresh_effects(index, np.array([0, 1]), prior_sd=1.0)
+    n = 6_000
+    rows = rng.choice(3, size=n, p=[0.1, 0.1, 0.8])  # the shared model mostly sees the trained ad
+    users = unit_rows(rng.normal(size=(n, 4)))
+    clicked = np.where(rows == 0, rng.random(n) < 0.3, np.where(rows == 1, False, rng.random(n) < 0.02)).astype(float)
+    replay_posterior(4, users, index.vectors(rows), clicked, np.zeros(n, np.int64), np.ones(1), chunk=1_000,
+                     ad_rows=rows, fresh=effects)  # fmt: skip
+    learnt = effects.learnt()
+    assert set(learnt) == {"ad-0", "ad-1"}
+    assert learnt["ad-0"][0] > 1.0 and learnt["ad-1"][0] < -1.0
