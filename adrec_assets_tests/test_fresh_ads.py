@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
+from threadpoolctl import threadpool_limits
 
 from adrec_assets.online.fresh_ads import FreshAdEffects, laplace_offsets
 from adrec_assets.online.policy import LaplaceLogisticPosterior, PolicyPosterior, ad_features, make_policy
@@ -22,12 +23,18 @@ from adrec_assets_tests.test_policy import (
     learned_posterior,
     random_catalogue,
     served_frequencies,
-    single_blas_thread,  # noqa: F401 - the module-wide fixture
     unit_rows,
     within_binomial_error,
 )
 
 K = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_blas_thread():
+    """Small matrices: BLAS threads only add overhead."""
+    with threadpool_limits(1, "blas"):
+        yield
 
 
 def fresh_effects(index: ExactIndex, slots: np.ndarray, prior_sd: float, rng: np.random.Generator | None = None,
