@@ -694,7 +694,7 @@ class RecommendationService:
         outcomes = np.asarray([c for _, c in kept], dtype=float)
         with _one_blas_thread():
             state.posterior.update_position_aware(user_rows, ad_rows, outcomes, positions, theta)
-            if state.fresh.enabled:
+            if state.fresh.view().count:  # fresh ads with an effect to learn
                 offsets = ad_features(user_rows, ad_rows) @ state.posterior.mean()
                 state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta)
         return len(kept)
