@@ -262,3 +262,23 @@ def test_replaying_a_log_learns_each_fresh_ads_effect_and_leaves_trained_ads_wit
     learnt = effects.learnt()
     assert set(learnt) == {"ad-0", "ad-1"}
     assert learnt["ad-0"][0] > 1.0 and learnt["ad-1"][0] < -1.0
+
+
+def test_a_sharper_shared_model_widens_a_new_ads_prior_in_proportion():
+    """The prior is set in score units: a posterior mean whose weights are twice the prior's
+    doubles a newly registered ad's prior sd; ads registered earlier keep theirs."""
+    from adrec_assets.online.policy import score_scale
+
+    prior = LaplaceLogisticPosterior.prior(8)
+    assert score_scale(prior.mean()) == pytest.approx(1.0)
+    sharper = prior.mean().copy()
+    sharper[:-1] *= 2.0
+    assert score_scale(sharper) == pytest.approx(2.0)
+    index = ExactIndex(random_catalogue(4, 8, np.random.default_rng(12)))
+    effects = FreshAdEffects(8, 1.5)
+    effects.register(["early"], np.array([0]), index.vectors([0]), score_scale(prior.mean()))
+    effects.register(["late"], np.array([1]), index.vectors([1]), score_scale(sharper))
+    np.testing.assert_allclose(effects.view().sd(), [1.5, 3.0])
+    assert effects.learnt() == {}  # both still at their own priors
+    with pytest.raises(ValueError, match="scale"):
+        effects.register(["bad"], np.array([2]), index.vectors([2]), 0.0)

@@ -9,7 +9,10 @@ one whose projected score is least trustworthy. Each such ad gets a logit offset
 
     logit P(click | examined, u, a) = theta . phi(u, a) + r_a      (r_a = 0 for trained ads)
 
-with prior ``N(0, prior_sd^2)``; Thompson draws ``r~_a`` independently per request. Ads
+with prior ``N(0, (prior_sd * scale)^2)``, ``scale`` the shared model's sharpness when the
+ad arrives (:func:`~adrec_assets.online.policy.score_scale`: 1 at the prior, larger once the
+posterior has learnt to spread its logits wider), so the prior means the same uncertainty in
+score units throughout; Thompson draws ``r~_a`` independently per request. Ads
 with training clicks have no offset (the snapshot's projection and popularity term already
 learnt from their clicks), which keeps the folded index query exact for them: a request
 scans the fresh ads exactly (one small product) beside the index search, see
@@ -51,6 +54,7 @@ class FreshView(NamedTuple):
     vectors: np.ndarray  # (n, d + 1) float32 stored [p_a, b_a]
     mean: np.ndarray  # (n,) float64
     precision: np.ndarray  # (n,) float64
+    prior_precision: np.ndarray  # (n,) float64: what the ad started from
 
     def sd(self) -> np.ndarray:
         return 1.0 / np.sqrt(self.precision)
@@ -62,7 +66,7 @@ class FreshView(NamedTuple):
 
 def _empty_view(dim: int) -> FreshView:
     return FreshView(np.empty(0, dtype=object), np.empty(0, np.int64), np.empty((0, dim + 1), np.float32),
-                     np.empty(0), np.empty(0))  # fmt: skip
+                     np.empty(0), np.empty(0), np.empty(0))  # fmt: skip
 
 
 def laplace_offsets(
@@ -112,15 +116,23 @@ class FreshAdEffects:
     def view(self) -> FreshView:
         return self._view
 
-    def register(self, ad_ids: Sequence[str], slots: np.ndarray, vectors: np.ndarray) -> None:
-        """Treat these ads (at these index slots, with these stored rows) as fresh."""
+    def register(self, ad_ids: Sequence[str], slots: np.ndarray, vectors: np.ndarray, scale: float = 1.0) -> None:
+        """Treat these ads (at these index slots, with these stored rows) as fresh.
+
+        ``scale``: how much sharper the shared model ranks now than its prior
+        (:func:`~adrec_assets.online.policy.score_scale`); the prior sd grows with it, so
+        a new ad's uncertainty stays the same in score units while the learnt model spreads
+        its logits wider (in the MovieLens simulator the popularity weight grew from 2 to 8
+        over 60k rounds, and late ads with a prior fixed in logits went unshown)."""
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: must be a finite number > 0, got {scale}")
         if not self.enabled or len(ad_ids) == 0:
             return
         slots = np.asarray(slots, dtype=np.int64)
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(slots), self.dim + 1) or len(ad_ids) != len(slots):
             raise ValueError(f"fresh ads: {len(ad_ids)} ids, {len(slots)} slots, vectors {vectors.shape} do not agree")
-        prior = 1.0 / self.prior_sd**2
+        prior = 1.0 / (self.prior_sd * scale) ** 2
         learnt = [self._learnt.get(ad, (0.0, prior)) for ad in ad_ids]
         with self._lock:
             view = self._view
@@ -129,6 +141,7 @@ class FreshAdEffects:
                 np.concatenate([view.slots, slots]), np.vstack([view.vectors, vectors]),
                 np.concatenate([view.mean, [m for m, _ in learnt]]),
                 np.concatenate([view.precision, [h for _, h in learnt]]),
+                np.concatenate([view.prior_precision, np.full(len(learnt), prior)]),
             )  # fmt: skip
 
     def remove(self, slots: np.ndarray) -> None:
@@ -180,8 +193,7 @@ class FreshAdEffects:
     def learnt(self) -> dict[str, tuple[float, float]]:
         """Ad id -> (mean, precision) of every fresh ad that has left its prior."""
         view = self._view
-        prior = 1.0 / self.prior_sd**2 if self.enabled else 0.0
-        moved = view.precision != prior
+        moved = view.precision != view.prior_precision
         return {str(ad): (float(m), float(h)) for ad, m, h in zip(view.ad_ids[moved], view.mean[moved], view.precision[moved])}
 
 

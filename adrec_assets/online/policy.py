@@ -184,6 +184,14 @@ def ad_features(users: np.ndarray, ad_vectors: np.ndarray) -> np.ndarray:
     return np.hstack([users * ad_vectors[:, :dim], ad_vectors[:, dim:], np.ones((len(ad_vectors), 1))])
 
 
+def score_scale(mean: np.ndarray) -> float:
+    """How many times sharper a posterior mean ranks than the prior: the root mean square of
+    its weights on ``[u * p, b]`` over the prior's (``DEFAULT_SCALE``). A fresh ad's prior
+    uncertainty is set in these units (:meth:`FreshAdEffects.register`)."""
+    weights = np.asarray(mean, dtype=np.float64)[:-1]
+    return max(float(np.sqrt(np.mean(weights**2))) / DEFAULT_SCALE, 0.1)
+
+
 def fold_queries(thetas: np.ndarray, user: np.ndarray) -> np.ndarray:
     """Index queries ``[theta_u * u, theta_b]`` (m, d + 1) float32 for parameter rows (m, d + 2).
 

@@ -52,7 +52,7 @@ from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
 from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects
-from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, todays_query
+from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, score_scale, todays_query
 from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.privacy import key_fingerprint, pseudonymize
@@ -232,7 +232,7 @@ def _register_fresh(state: ModelState, ad_ids: Sequence[str]) -> None:
     if not state.fresh.enabled or not ad_ids:
         return
     slots = np.asarray([state.index.slot_of(ad) for ad in ad_ids], dtype=np.int64)
-    state.fresh.register(list(ad_ids), slots, state.index.vectors(slots))
+    state.fresh.register(list(ad_ids), slots, state.index.vectors(slots), score_scale(state.posterior.mean()))
 
 
 def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
