@@ -143,8 +143,9 @@ def test_the_model_class_ceiling_ranks_by_the_fitted_models_and_per_ad_intercept
 def test_new_ads_nobody_favours_are_shown_through_their_own_random_effect(tmp_path, single_torch_thread):
     """New ads drawn from all ads, favourites or not: the shared posterior alone leaves
     some unshown (``fresh_prior_sd`` 0), each fresh ad's own random effect (the default)
-    gets every one shown within the window (seeds 0-2: without effects 8, 2 and 7 of the 8
-    are never shown; with them each is shown within 210 rounds of arriving)."""
+    gets every one shown within the window on this seed (seeds 0-2 with the default prior:
+    8, 8 and 7 of the 8 shown, within 537 rounds; without effects 8, 2 and 7 are never
+    shown)."""
     world = sim.synthetic_world(tmp_path / "artifacts", seed=SEED, rounds=ROUNDS, arrival_window=WINDOW,
                                 new_ads_anywhere=True)  # fmt: skip
     first_shown = {}

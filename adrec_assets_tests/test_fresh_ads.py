@@ -282,3 +282,35 @@ def test_a_sharper_shared_model_widens_a_new_ads_prior_in_proportion():
     assert effects.learnt() == {}  # both still at their own priors
     with pytest.raises(ValueError, match="scale"):
         effects.register(["bad"], np.array([2]), index.vectors([2]), 0.0)
+
+
+def test_excluded_fresh_and_trained_ads_are_never_served_and_the_rest_is_the_exact_top_k():
+    rng = np.random.default_rng(13)
+    index = ExactIndex(random_catalogue(1_500, 16, rng))
+    fresh_slots = np.sort(rng.choice(1_500, size=200, replace=False))
+    effects = fresh_effects(index, fresh_slots, prior_sd=1.0, rng=rng, learnt_spread=1.0)
+    posterior = learned_posterior(index, rng)
+    user = unit_rows(rng.normal(size=16))
+    generator = np.random.default_rng(14)
+    theta = posterior.sample(generator)
+    view = effects.view()
+    first = view.mean + view.sd() * generator.standard_normal(view.count)
+    fresh_scores = ad_features(user, view.vectors.astype(np.float64)) @ theta + first
+    trained = np.setdiff1d(index.live_slots(), fresh_slots)
+    trained_scores = ad_features(user, index.vectors(trained).astype(np.float64)) @ theta
+    exclude = set(trained[np.argsort(-trained_scores)[:3]].tolist())  # the trained ads likeliest to be served
+    exclude |= set(view.slots[np.argsort(-fresh_scores)[:3]].tolist())  # ... and the fresh ones
+    assert exclude & set(fresh_slots.tolist()) and exclude - set(fresh_slots.tolist())  # both kinds excluded
+    generator = np.random.default_rng(15)
+    theta = posterior.sample(generator)
+    kept = view.without(np.asarray(sorted(exclude)))
+    draws = kept.mean + kept.sd() * generator.standard_normal(kept.count)
+    slate = make_policy("thompson", posterior=posterior, fresh=effects).recommend(
+        user, index, K, np.random.default_rng(15), exclude
+    )
+    slots = index.live_slots()
+    scores = ad_features(user, index.vectors(slots).astype(np.float64)) @ theta
+    scores[np.searchsorted(slots, kept.slots)] += draws
+    scores[np.searchsorted(slots, np.asarray(sorted(exclude)))] = -np.inf
+    np.testing.assert_array_equal(slate.slots, slots[np.argsort(-scores, kind="stable")[:K]])
+    assert not set(slate.slots.tolist()) & exclude

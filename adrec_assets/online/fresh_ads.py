@@ -41,7 +41,7 @@ from scipy.special import expit
 
 from adrec_assets.online.position_bias import impression_weights
 
-DEFAULT_FRESH_PRIOR_SD = 1.5
+DEFAULT_FRESH_PRIOR_SD = 1.0
 NEWTON_STEPS = 30
 NEWTON_TOLERANCE = 1e-10
 
@@ -55,9 +55,24 @@ class FreshView(NamedTuple):
     mean: np.ndarray  # (n,) float64
     precision: np.ndarray  # (n,) float64
     prior_precision: np.ndarray  # (n,) float64: what the ad started from
+    order: np.ndarray  # (n,) int64: argsort of slots, for rows_of
 
     def sd(self) -> np.ndarray:
         return 1.0 / np.sqrt(self.precision)
+
+    def without(self, slots: np.ndarray) -> FreshView:
+        """This view less the given slots (a request's excluded ads)."""
+        keep = ~np.isin(self.slots, slots)
+        return self if keep.all() else _with_order(FreshView(*(array[keep] for array in self)))
+
+    def rows_of(self, slots: np.ndarray) -> np.ndarray:
+        """The row of each slot, -1 for a slot without an effect (a binary search each)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        if not self.count:
+            return np.full(len(slots), -1, dtype=np.int64)
+        sorted_slots = self.slots[self.order]
+        where = np.minimum(np.searchsorted(sorted_slots, slots), self.count - 1)
+        return np.where(sorted_slots[where] == slots, self.order[where], -1)
 
     @property
     def count(self) -> int:
@@ -66,7 +81,11 @@ class FreshView(NamedTuple):
 
 def _empty_view(dim: int) -> FreshView:
     return FreshView(np.empty(0, dtype=object), np.empty(0, np.int64), np.empty((0, dim + 1), np.float32),
-                     np.empty(0), np.empty(0), np.empty(0))  # fmt: skip
+                     np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int64))  # fmt: skip
+
+
+def _with_order(view: FreshView) -> FreshView:
+    return view._replace(order=np.argsort(view.slots, kind="stable"))
 
 
 def laplace_offsets(
@@ -136,13 +155,14 @@ class FreshAdEffects:
         learnt = [self._learnt.get(ad, (0.0, prior)) for ad in ad_ids]
         with self._lock:
             view = self._view
-            self._view = FreshView(
+            self._view = _with_order(FreshView(
                 np.concatenate([view.ad_ids, np.asarray(list(ad_ids), dtype=object)]),
                 np.concatenate([view.slots, slots]), np.vstack([view.vectors, vectors]),
                 np.concatenate([view.mean, [m for m, _ in learnt]]),
                 np.concatenate([view.precision, [h for _, h in learnt]]),
                 np.concatenate([view.prior_precision, np.full(len(learnt), prior)]),
-            )  # fmt: skip
+                view.order,
+            ))  # fmt: skip
 
     def remove(self, slots: np.ndarray) -> None:
         """Forget retired ads (their slots die with them)."""
@@ -150,7 +170,7 @@ class FreshAdEffects:
             view = self._view
             keep = ~np.isin(view.slots, np.asarray(slots, dtype=np.int64))
             if not keep.all():
-                self._view = FreshView(*(array[keep] for array in view))
+                self._view = _with_order(FreshView(*(array[keep] for array in view)))
 
     def update(self, slots: np.ndarray, offsets: np.ndarray, clicked: np.ndarray, weights: np.ndarray) -> int:
         """Fold impressions (index ``slots``, shared-model logits ``offsets``, 0/1
@@ -158,15 +178,11 @@ class FreshAdEffects:
         many impressions were on fresh ads."""
         with self._lock:
             view = self._view
-            if not view.count:
-                return 0
-            order = np.argsort(view.slots)
-            where = np.searchsorted(view.slots[order], slots)
-            where = np.minimum(where, view.count - 1)
-            fresh = view.slots[order][where] == slots
+            found = view.rows_of(slots)
+            fresh = found >= 0
             if not fresh.any():
                 return 0
-            rows = order[where[fresh]]
+            rows = found[fresh]
             used = np.unique(rows)
             groups = np.searchsorted(used, rows)
             mean, precision = laplace_offsets(

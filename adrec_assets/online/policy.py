@@ -108,6 +108,7 @@ DEFAULT_SCALE = 2.0
 DEFAULT_INTERCEPT = -4.6  # sigmoid(-4.6) ~ 1%: the order of magnitude of an ad click rate
 DEFAULT_PROPENSITY_DRAWS = 200
 DEFAULT_PROPENSITY_CANDIDATES = 100
+DEFAULT_PROPENSITY_FRESH_CANDIDATES = 20
 
 
 class InnerProductIndex(Protocol):
@@ -772,8 +773,9 @@ class ThompsonPolicy(_BasePolicy):
     the draw's top-k among the trained ads (searched deeper while fresh ads fill its
     results), every fresh ad is scored exactly (``q~ . [p_a, b_a] + r~_a``, one small
     product), and the slate is the top-k of the union: still the exact Thompson top-k. The
-    propensity candidates add the fresh ads' top N by an optimistic score (mean effect plus
-    two standard deviations), each drawing its own effect in every Monte Carlo draw.
+    propensity candidates add the fresh ads' top ``propensity_fresh_candidates`` by an
+    optimistic score (mean effect plus two standard deviations), each drawing its own effect
+    in every Monte Carlo draw.
     """
 
     name: ClassVar[str] = "thompson"
@@ -782,6 +784,7 @@ class ThompsonPolicy(_BasePolicy):
     propensity_draws: int = DEFAULT_PROPENSITY_DRAWS
     propensity_candidates: int = DEFAULT_PROPENSITY_CANDIDATES
     fresh: FreshAdEffects | None = None
+    propensity_fresh_candidates: int = DEFAULT_PROPENSITY_FRESH_CANDIDATES
 
     def __post_init__(self) -> None:
         if not isinstance(self.posterior, LaplaceLogisticPosterior):
@@ -791,7 +794,7 @@ class ThompsonPolicy(_BasePolicy):
             )
         if not (np.isfinite(self.exploration_scale) and self.exploration_scale >= 0):
             raise ValueError(f"exploration_scale: must be a finite number >= 0, got {self.exploration_scale}")
-        for name in ("propensity_draws", "propensity_candidates"):
+        for name in ("propensity_draws", "propensity_candidates", "propensity_fresh_candidates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
@@ -847,8 +850,7 @@ class ThompsonPolicy(_BasePolicy):
             return None
         view = self.fresh.view()
         if len(excluded) and view.count:
-            keep = ~np.isin(view.slots, excluded)
-            view = FreshView(*(array[keep] for array in view))
+            view = view.without(excluded)
         return view if view.count else None
 
     def _top_with_fresh(
@@ -864,7 +866,7 @@ class ThompsonPolicy(_BasePolicy):
         depth = 2 * k
         while True:
             row, mean_top = _top_filtered(index, queries, [depth, self.propensity_candidates], excluded)
-            trained = _not_in(row, fresh.slots)
+            trained = row[fresh.rows_of(row) < 0]
             if len(trained) >= k or len(row) < depth:
                 break
             depth *= 4
@@ -878,10 +880,10 @@ class ThompsonPolicy(_BasePolicy):
         return pooled[np.argsort(-scores, kind="stable")[:k]], mean_top
 
     def _fresh_candidates(self, fresh: FreshView, mean_query: np.ndarray) -> np.ndarray:
-        """The fresh ads most likely to reach a slate: the top N by an optimistic mean score
-        (two standard deviations of their effect above its mean)."""
+        """The fresh ads most likely to reach a slate: the top ``propensity_fresh_candidates``
+        by an optimistic mean score (two standard deviations of their effect above its mean)."""
         optimistic = fresh.vectors @ mean_query + fresh.mean + 2 * self.exploration_scale * fresh.sd()
-        count = min(self.propensity_candidates, fresh.count)
+        count = min(self.propensity_fresh_candidates, fresh.count)
         return fresh.slots[np.argpartition(-optimistic, count - 1)[:count]]
 
     def _candidate_scores(
@@ -893,11 +895,10 @@ class ThompsonPolicy(_BasePolicy):
         sampled = self._sampled_scores(posterior, user, vectors, rng)
         if fresh is None:
             return sampled
-        order = np.argsort(fresh.slots)
-        where = np.minimum(np.searchsorted(fresh.slots[order], candidates), fresh.count - 1)
-        rows = np.flatnonzero(fresh.slots[order][where] == candidates)
+        found = fresh.rows_of(candidates)
+        rows = np.flatnonzero(found >= 0)
         if len(rows):
-            effect = order[where[rows]]
+            effect = found[rows]
             noise = rng.standard_normal((len(rows), sampled.shape[1]), dtype=np.float32)
             sd = (self.exploration_scale * fresh.sd()[effect]).astype(np.float32)
             sampled[rows] += fresh.mean[effect].astype(np.float32)[:, None] + sd[:, None] * noise
