@@ -42,7 +42,8 @@ from scipy.special import expit
 from adrec_assets.online.position_bias import impression_weights
 
 DEFAULT_FRESH_PRIOR_SD = 1.0
-NEWTON_STEPS = 30
+NEWTON_STEPS = 50
+MAX_STEP = 2.0  # logits per Newton step
 NEWTON_TOLERANCE = 1e-10
 
 
@@ -96,8 +97,9 @@ def laplace_offsets(
 
     ``groups`` (n,) int in ``[0, len(mean))``: which offset impression ``i`` belongs to;
     ``offsets`` (n,) the rest of its logit; ``clicked`` (n,) 0/1; ``weights`` (n,) >= 0.
-    Newton on a concave 1-d objective per group, all groups at once with ``bincount``; a
-    group without impressions keeps its prior.
+    Newton on a concave 1-d objective per group (steps clipped to ``MAX_STEP`` logits, so a
+    batch of only clicks or only skips walks to the optimum instead of overshooting), all
+    groups at once with ``bincount``; a group without impressions keeps its prior.
     """
     count = len(mean)
     r = np.array(mean, dtype=np.float64)
@@ -105,7 +107,7 @@ def laplace_offsets(
         p = expit(offsets + r[groups])
         gradient = np.bincount(groups, weights * (clicked - p), count) - precision * (r - mean)
         curvature = np.bincount(groups, weights * p * (1 - p), count) + precision
-        step = gradient / curvature
+        step = np.clip(gradient / curvature, -MAX_STEP, MAX_STEP)  # a lopsided batch cannot overshoot
         r += step
         if np.max(np.abs(step), initial=0.0) < NEWTON_TOLERANCE:
             break
