@@ -219,9 +219,10 @@ def test_a_retired_ad_is_never_served_again_also_after_a_restart(published, tmp_
         assert top not in [i["ad_id"] for i in recommend(client, k=220)["items"]]
 
 
-def test_thompson_learns_a_live_ads_own_effect_from_its_skips_and_forgets_it_when_retired(published, tmp_path):
+def test_thompson_learns_a_live_ads_own_effect_from_its_skips_keeps_it_over_a_restart_and_forgets_it_when_retired(published, tmp_path):
     """A live ad gets a random effect (prior sd 2): Thompson explores it, its skipped
-    impressions lower its mean and shrink its uncertainty, retirement removes it."""
+    impressions lower its mean and shrink its uncertainty, a restart on the same store
+    starts from what was learnt, retirement removes it."""
     service = make_service(published, tmp_path, default_policy="thompson", fresh_prior_sd=2.0, settle_seconds=0.0)
     with id_key():
         service.start(background=False)
@@ -242,6 +243,11 @@ def test_thompson_learns_a_live_ads_own_effect_from_its_skips_and_forgets_it_whe
         service.settle(now=time.time() + 1)
         view = state.fresh.view()
         assert view.mean[0] < 0 and view.precision[0] > 1 / 2.0**2
+        restarted = make_service(published, tmp_path, default_policy="thompson", fresh_prior_sd=2.0)  # same store
+        restarted.start(background=False)
+        again = restarted.state.fresh.view()  # a restart (or another replica) starts from what was learnt
+        assert again.ad_ids.tolist() == ["ad-live-fresh"]
+        np.testing.assert_allclose([again.mean[0], again.precision[0]], [view.mean[0], view.precision[0]])
         service.retire_ad("ad-live-fresh")
         assert state.fresh.view().count == 0
 

@@ -27,7 +27,8 @@ batch row.
 
 **State.** Immutable :class:`FreshView` arrays replaced as a whole (a request reads one
 consistent view while a batch is folded in), keyed by index slot for serving and by ad id
-for persistence (``policy_posterior`` replays the logs into the same numbers).
+for persistence (``policy_posterior`` replays the logs into the same numbers for catalogue
+ads; the service keeps live ads' effects in its online store).
 """
 
 from __future__ import annotations

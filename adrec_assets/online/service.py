@@ -51,7 +51,7 @@ from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
-from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects
+from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects, effects_from_arrays, effects_to_arrays
 from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, score_scale, todays_query
 from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.store import OnlineStore
@@ -208,13 +208,23 @@ class ModelState:
 FRESH_SCOPES = ("live", "untrained")
 
 
+def fresh_effects_blob(space: str) -> str:
+    """The online store's blob of the fresh ads' learnt effects in one user space."""
+    return f"fresh-effects.{space}"
+
+
 def _posterior_of(
-    store: SnapshotStore, snapshot: Snapshot, dim: int, fresh_prior_sd: float
+    store: SnapshotStore, snapshot: Snapshot, dim: int, fresh_prior_sd: float, online: OnlineStore, space: str
 ) -> tuple[LaplaceLogisticPosterior, FreshAdEffects]:
+    """The snapshot's posterior and the fresh ads' learnt effects: the ``policy_posterior``
+    replay's for the catalogue's ads, the online store's (written by every settle) for the
+    live ads the replay cannot see, so a restart or another replica starts from them."""
+    stored = online.get_arrays(fresh_effects_blob(space))
+    learnt = effects_from_arrays(stored)[0] if stored is not None else {}
     if "policy_posterior" in snapshot.artifacts:
-        learnt = store.load("policy_posterior", snapshot)
-        return learnt.posterior, FreshAdEffects(dim, fresh_prior_sd, learnt.fresh)
-    return LaplaceLogisticPosterior.prior(dim), FreshAdEffects(dim, fresh_prior_sd)
+        artifact = store.load("policy_posterior", snapshot)
+        return artifact.posterior, FreshAdEffects(dim, fresh_prior_sd, {**learnt, **artifact.fresh})
+    return LaplaceLogisticPosterior.prior(dim), FreshAdEffects(dim, fresh_prior_sd, learnt)
 
 
 def _untrained_ads(store: SnapshotStore, snapshot: Snapshot, catalog: AdCatalog) -> list[str]:
@@ -255,7 +265,7 @@ def load_state(
     if index_backend == "numpy":
         indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
     users = snapshots.load("served_users", snapshot)
-    posterior, fresh = _posterior_of(snapshots, snapshot, users.dim, fresh_prior_sd)
+    posterior, fresh = _posterior_of(snapshots, snapshot, users.dim, fresh_prior_sd, online, users.space)
     state = ModelState(
         snapshot=snapshot,
         catalog=snapshots.load("raw_ads", snapshot),
@@ -696,7 +706,9 @@ class RecommendationService:
             state.posterior.update_position_aware(user_rows, ad_rows, outcomes, positions, theta)
             if state.fresh.view().count:  # fresh ads with an effect to learn
                 offsets = ad_features(user_rows, ad_rows) @ state.posterior.mean()
-                state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta)
+                if state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta):
+                    arrays = effects_to_arrays(state.fresh.learnt(), state.fresh.prior_sd)
+                    self.online.put_arrays(fresh_effects_blob(state.space), arrays)
         return len(kept)
 
     def flush(self) -> int:
