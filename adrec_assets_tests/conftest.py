@@ -42,6 +42,15 @@ def single_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
+def single_blas_thread() -> Iterator[None]:
+    """Small matrices: BLAS threads only add overhead (and thrash on a busy 2-core box)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):
+        yield
+
+
+@pytest.fixture(scope="module")
 def encoder(single_torch_thread):
     """The real offline encoder, loaded once (pipeline runs in the same process share it
     through the resource's cache)."""

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
-from threadpoolctl import threadpool_limits
 
 from adrec_assets.online.fresh_ads import FreshAdEffects, laplace_offsets
 from adrec_assets.online.policy import LaplaceLogisticPosterior, PolicyPosterior, ad_features, make_policy
@@ -30,11 +29,7 @@ from adrec_assets_tests.test_policy import (
 K = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_blas_thread():
-    """Small matrices: BLAS threads only add overhead."""
-    with threadpool_limits(1, "blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("single_blas_thread")  # conftest: one BLAS thread for small matrices
 
 
 def fresh_effects(index: ExactIndex, slots: np.ndarray, prior_sd: float, rng: np.random.Generator | None = None,

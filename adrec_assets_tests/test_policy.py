@@ -16,7 +16,6 @@ import pytest
 from scipy.optimize import minimize
 from scipy.special import expit
 from scipy.stats import chi2
-from threadpoolctl import threadpool_limits
 
 from adrec_assets.online.policy import (
     LaplaceLogisticPosterior,
@@ -29,11 +28,7 @@ from adrec_assets.online.policy import (
 K = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_blas_thread():
-    """Small matrices: BLAS threads only add overhead (and thrash on a busy 2-core box)."""
-    with threadpool_limits(1, "blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("single_blas_thread")  # conftest: one BLAS thread for small matrices
 
 
 class ExactIndex:

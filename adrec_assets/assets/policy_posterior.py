@@ -6,7 +6,7 @@ import numpy as np
 from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.types import ClickGraph, GlobalMean, ProjectedAds, UserEmbeddings
 from adrec_assets.online.events import impressions_with_outcomes, read_event_log
-from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects
+from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects, untrained_rows
 from adrec_assets.online.policy import PolicyPosterior, replay_posterior
 from adrec_assets.online.position_bias import PositionBias, theta_covering
 from adrec_assets.resources import ClickSourceResource
@@ -67,9 +67,7 @@ def policy_posterior(
 
 def _fresh_effects(click_graph: ClickGraph, ad_projected: ProjectedAds, dim: int) -> FreshAdEffects:
     """Prior effects for the projected ads without a training click, numbered by their row."""
-    clicks = np.bincount(click_graph.indices, minlength=len(click_graph.ad_ids))
-    clicked = set(click_graph.ad_ids[clicks > 0].tolist())
-    rows = np.asarray([row for row, ad in enumerate(ad_projected.ids.tolist()) if ad not in clicked], dtype=np.int64)
+    rows = untrained_rows(ad_projected.ids, click_graph.ad_ids, click_graph.ad_degrees())
     fresh = FreshAdEffects(dim, DEFAULT_FRESH_PRIOR_SD)
     stored = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
     fresh.register(ad_projected.ids[rows].tolist(), rows, stored)

@@ -116,6 +116,13 @@ def laplace_offsets(
     return r, precision + np.bincount(groups, weights * p * (1 - p), count)
 
 
+def untrained_rows(ad_ids: np.ndarray, clicked_ad_ids: np.ndarray, ad_degrees: np.ndarray) -> np.ndarray:
+    """Rows of ``ad_ids`` without a training click (a click graph's ``ad_ids`` and
+    ``ad_degrees()``): the ads a snapshot learnt nothing about."""
+    clicked = np.asarray(clicked_ad_ids)[np.asarray(ad_degrees) > 0]
+    return np.flatnonzero(~np.isin(np.asarray(ad_ids), clicked))
+
+
 class FreshAdEffects:
     """The random effects of one served state's fresh ads (thread-safe; see the module)."""
 

@@ -51,7 +51,13 @@ from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
-from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects, effects_from_arrays, effects_to_arrays
+from adrec_assets.online.fresh_ads import (
+    DEFAULT_FRESH_PRIOR_SD,
+    FreshAdEffects,
+    effects_from_arrays,
+    effects_to_arrays,
+    untrained_rows,
+)
 from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, score_scale, todays_query
 from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.store import OnlineStore
@@ -233,8 +239,7 @@ def _untrained_ads(store: SnapshotStore, snapshot: Snapshot, catalog: AdCatalog)
     if "click_graph" not in snapshot.artifacts:
         return catalog.ad_ids.tolist()
     graph = store.load("click_graph", snapshot)
-    clicked = set(graph.ad_ids[np.bincount(graph.indices, minlength=len(graph.ad_ids)) > 0].tolist())
-    return [ad for ad in catalog.ad_ids.tolist() if ad not in clicked]
+    return catalog.ad_ids[untrained_rows(catalog.ad_ids, graph.ad_ids, graph.ad_degrees())].tolist()
 
 
 def _register_fresh(state: ModelState, ad_ids: Sequence[str]) -> None:
