@@ -427,6 +427,47 @@ def test_named_arrays_round_trip_without_pickle(make_store, monkeypatch):
     assert set(store.get_arrays("posterior")) == {"mean"}
 
 
+def _count_up_slowly(current: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Read-modify-write with a pause in between: last-write-wins would lose counts here."""
+    count = np.zeros(1) if current is None else current["count"]
+    time.sleep(0.002)
+    return {"count": count + 1.0}
+
+
+def test_concurrent_array_updates_from_threads_and_replicas_lose_none(make_store):
+    replicas = [make_store() for _ in range(2)]
+    n_threads, per_thread = 4, 10
+
+    def worker(t: int) -> None:
+        for _ in range(per_thread):
+            replicas[t % 2].update_arrays("effects", _count_up_slowly)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert replicas[1].get_arrays("effects")["count"].tolist() == [n_threads * per_thread]
+
+
+def test_an_array_update_returns_what_it_stored_and_a_failed_or_invalid_one_stores_nothing(make_store):
+    store = make_store()
+    stored = store.update_arrays("posterior", lambda current: {"mean": np.arange(3.0), "seen": np.array([current is None])})
+    assert stored["mean"].tolist() == [0.0, 1.0, 2.0] and stored["seen"].tolist() == [True]
+    before = snapshot(store)
+
+    def boom(current: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        raise RuntimeError("merge failed")
+
+    with pytest.raises(RuntimeError, match="merge failed"):
+        store.update_arrays("posterior", boom)
+    with pytest.raises(InvalidArraysError, match="posterior"):
+        store.update_arrays("posterior", lambda current: {"mean": np.array([np.nan])})
+    with pytest.raises(InvalidKeyError):
+        store.update_arrays("", lambda current: {"mean": np.zeros(1)})
+    assert snapshot(store) == before
+
+
 # ---------------------------------------------------------------------- bad inputs
 BAD_CALLS: list[tuple[str, type[Exception], Callable[[OnlineStore], object]]] = [
     ("raw user id", InvalidKeyError, lambda s: s.update_user(SPACE, "alice@example.com", lambda c: np.ones(D_USER))),

@@ -399,6 +399,20 @@ class OnlineStore(ABC):
         blob = self._get_blob(_check_token(name, "blob name"))
         return None if blob is None else _decode_arrays(blob)
 
+    def update_arrays(
+        self, name: str, update: Callable[[dict[str, np.ndarray] | None], Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """Atomically replace the named blob by ``update(current arrays or None)``; returns
+        what was stored. Like :meth:`update_user`: ``update`` may run more than once under
+        contention (keep it pure); a raise or an invalid result stores nothing. Replicas
+        merging what each learnt into one shared blob use this instead of last-write-wins."""
+        name = _check_token(name, "blob name")
+
+        def apply(current: bytes | None) -> bytes:
+            return _encode_arrays(name, update(None if current is None else _decode_arrays(current)))
+
+        return _decode_arrays(self._update_blob(name, apply))
+
     # -- lifecycle
     @abstractmethod
     def ping(self) -> bool:
@@ -471,6 +485,9 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def _get_blob(self, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes: ...
 
 
 # ---------------------------------------------------------------------- SQLite
@@ -708,6 +725,13 @@ class SQLiteStore(OnlineStore):
         row = self._conn().execute("SELECT blob FROM blobs WHERE namespace=? AND name=?", (self.namespace, name)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes:
+        with self._write() as c:  # one write transaction: no other writer between the read and the write
+            row = c.execute("SELECT blob FROM blobs WHERE namespace=? AND name=?", (self.namespace, name)).fetchone()
+            blob = apply(None if row is None else bytes(row[0]))
+            c.execute("INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)", (self.namespace, name, blob, float(self._clock())))
+        return blob
+
     def ping(self) -> bool:
         try:
             return self._conn().execute("SELECT 1").fetchone() == (1,)
@@ -901,6 +925,25 @@ class RedisStore(OnlineStore):
 
     def _get_blob(self, name: str) -> bytes | None:
         return self._r.get(self._key("blob", name))
+
+    def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes:
+        key = self._key("blob", name)
+        with self._r.pipeline(transaction=True) as pipe:
+            for _ in range(self._max_retries):
+                try:
+                    pipe.watch(key)
+                    blob = apply(pipe.get(key))
+                    pipe.multi()
+                    pipe.set(key, blob)
+                    pipe.execute()
+                    return blob
+                except self._redis_mod.WatchError:
+                    continue  # another replica wrote the blob in between: re-read, re-apply
+                finally:
+                    pipe.reset()
+        raise ConcurrentUpdateError(
+            f"update_arrays({name!r}) lost {self._max_retries} races in a row; raise max_update_retries or sync less often"
+        )
 
     def ping(self) -> bool:
         try:
@@ -1101,6 +1144,13 @@ class MemoryStore(OnlineStore):
         state = self._open()
         with state.lock:
             return state.blobs.get((self.namespace, name))
+
+    def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes:
+        state = self._open()
+        with state.lock:
+            blob = apply(state.blobs.get((self.namespace, name)))
+            state.blobs[(self.namespace, name)] = blob
+        return blob
 
     def ping(self) -> bool:
         return not self._closed
