@@ -14,8 +14,9 @@ import pytest
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
-from adrec_assets.online.fresh_ads import FreshAdEffects, laplace_offsets
+from adrec_assets.online.fresh_ads import FreshAdEffects, effects_from_arrays, laplace_offsets
 from adrec_assets.online.policy import LaplaceLogisticPosterior, PolicyPosterior, ad_features, make_policy
+from adrec_assets.online.store import MemoryState, MemoryStore
 from adrec_assets_tests.test_policy import (
     ExactIndex,
     explicit_top,
@@ -118,6 +119,59 @@ def test_a_batch_without_fresh_ads_changes_nothing_and_retired_fresh_ads_are_for
     assert effects.view() is view
     effects.remove(np.array([3]))
     assert effects.view().slots.tolist() == [4]
+
+
+# --- sharing between replicas ---------------------------------------------------------
+
+
+def _learn(effects: FreshAdEffects, slots: list[int], clicked: list[int]) -> None:
+    effects.update(np.asarray(slots), np.full(len(slots), -1.0), np.asarray(clicked, dtype=float), np.ones(len(slots)))
+
+
+def test_two_replicas_syncing_through_the_store_each_end_with_both_ones_learning_counted_once():
+    """Precision and precision x mean of independent batches add up: each replica adds only
+    what it learnt since its last sync, so neither overwrites the other (last-write-wins
+    would keep one replica's data) and a restart from the stored value counts nothing twice."""
+    index = ExactIndex(random_catalogue(10, 4, np.random.default_rng(3)))
+    store, blob = MemoryStore("src", state=MemoryState()), "fresh-effects.users:test"
+    first, second = fresh_effects(index, np.array([2, 5]), 1.0), fresh_effects(index, np.array([2, 5]), 1.0)
+    prior = first.view().precision.copy()
+    _learn(first, [2, 2, 2, 5], [0, 0, 0, 1])
+    _learn(second, [2, 5, 5, 5, 5], [1, 0, 0, 0, 0])
+    gains = [effects.view().precision - prior for effects in (first, second)]
+    etas = [effects.view().precision * effects.view().mean for effects in (first, second)]
+    assert first.sync(store, blob) == 0  # the blob was empty: it takes this replica's values as they are
+    assert second.sync(store, blob) == 2
+    first.sync(store, blob)
+    expected_precision = prior + gains[0] + gains[1]
+    expected_mean = (etas[0] + etas[1]) / expected_precision
+    for effects in (first, second):
+        np.testing.assert_allclose(effects.view().precision, expected_precision, rtol=1e-12)
+        np.testing.assert_allclose(effects.view().mean, expected_mean, rtol=1e-12)
+    stored = store.get_arrays(blob)
+    assert second.sync(store, blob) == 0 and first.sync(store, blob) == 0  # nothing new: nothing moves
+    assert all(np.array_equal(stored[key], value) for key, value in store.get_arrays(blob).items())
+    restarted = FreshAdEffects(index.dim, 1.0, effects_from_arrays(stored)[0])  # a restart loads the stored values
+    restarted.register(["ad-2", "ad-5"], np.array([2, 5]), index.vectors(np.array([2, 5])))
+    assert restarted.sync(store, blob) == 0
+    np.testing.assert_allclose(restarted.view().precision, expected_precision, rtol=1e-12)
+
+
+def test_an_ad_another_replica_learnt_about_starts_there_and_a_retired_one_leaves_the_shared_blob():
+    index = ExactIndex(random_catalogue(10, 4, np.random.default_rng(4)))
+    store, blob = MemoryStore("src", state=MemoryState()), "fresh-effects.users:test"
+    serving = fresh_effects(index, np.array([2, 5]), 1.0)
+    _learn(serving, [2, 2, 5], [0, 0, 1])
+    serving.sync(store, blob)
+    late = FreshAdEffects(index.dim, 1.0)  # a replica that registers the ads only after a sync
+    late.sync(store, blob)
+    late.register(["ad-2", "ad-5"], np.array([2, 5]), index.vectors(np.array([2, 5])))
+    np.testing.assert_array_equal(late.view().mean, serving.view().mean)
+    serving.remove(np.array([2]))
+    serving.sync(store, blob)
+    assert store.get_arrays(blob)["ad_ids"].tolist() == ["ad-5"]
+    serving.register(["ad-2"], np.array([2]), index.vectors(np.array([2])))  # the id reused: a new ad
+    assert serving.view().precision[serving.view().rows_of(np.array([2]))[0]] == 1.0
 
 
 def test_fresh_effects_refuse_a_negative_prior_and_mismatched_rows():

@@ -252,6 +252,47 @@ def test_thompson_learns_a_live_ads_own_effect_from_its_skips_keeps_it_over_a_re
         assert state.fresh.view().count == 0
 
 
+def _serve_and_settle(service: RecommendationService, requests: int) -> None:
+    events = []
+    for number in range(requests):
+        user = f"user-{number % 40:07d}"
+        served = service.recommend(user, 5)
+        events += [{"request_id": served["request_id"], "user_id": user, "ad_id": item["ad_id"],
+                    "position": item["position"], "type": "impression", "timestamp": time.time()}
+                   for item in served["items"]]  # fmt: skip
+    service.record_events(events)
+    service.settle(now=time.time() + 1)
+
+
+def test_two_replicas_pool_what_each_learns_about_a_live_ad_through_the_store(published, tmp_path, monkeypatch):
+    """Each replica learns from its own traffic and adds only that to the shared value, so
+    the second to settle ends with both replicas' learning and the first takes it up on its
+    next flush (a last-write-wins blob would keep one replica's)."""
+    first, second = (make_service(published, tmp_path, default_policy="thompson", fresh_prior_sd=2.0, settle_seconds=0.0)
+                     for _ in range(2))  # fmt: skip
+    with id_key():
+        first.start(background=False)
+        second.start(background=False)
+        content = first.snapshots.load("ad_embeddings_raw", first.state.snapshot).vectors[0]
+        first.add_ad("ad-live-shared", "A brand-new ad", None, content=content)
+        assert second.sync_live_ads() == 1 and second.state.fresh.view().ad_ids.tolist() == ["ad-live-shared"]
+        prior = second.state.fresh.view().precision[0]
+        _serve_and_settle(first, 300)
+        first_alone = first.state.fresh.view().precision[0]
+        before_merge = []
+        real_sync = second.state.fresh.sync
+        monkeypatch.setattr(second.state.fresh, "sync", lambda store, name: (
+            before_merge.append(second.state.fresh.view().precision[0]), real_sync(store, name))[1])
+        _serve_and_settle(second, 300)
+        second_alone = before_merge[0]
+        assert first_alone > prior and second_alone > prior
+        pooled = second.state.fresh.view()
+        np.testing.assert_allclose(pooled.precision[0], first_alone + second_alone - prior, rtol=1e-9)
+        first.flush()
+        np.testing.assert_allclose(first.state.fresh.view().precision[0], pooled.precision[0], rtol=1e-12)
+        np.testing.assert_allclose(first.state.fresh.view().mean[0], pooled.mean[0], rtol=1e-12)
+
+
 def test_the_untrained_scope_gives_every_click_less_catalogue_ad_an_effect(published, tmp_path):
     service = make_service(published, tmp_path, fresh_scope="untrained")
     with id_key():

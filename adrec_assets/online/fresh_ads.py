@@ -28,7 +28,8 @@ batch row.
 **State.** Immutable :class:`FreshView` arrays replaced as a whole (a request reads one
 consistent view while a batch is folded in), keyed by index slot for serving and by ad id
 for persistence (``policy_posterior`` replays the logs into the same numbers for catalogue
-ads; the service keeps live ads' effects in its online store).
+ads; the service keeps live ads' effects in its online store). Replicas pool what each
+learnt in that store by adding natural parameters (:meth:`FreshAdEffects.sync`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 from scipy.special import expit
 
 from adrec_assets.online.position_bias import impression_weights
+from adrec_assets.online.store import OnlineStore
 
 DEFAULT_FRESH_PRIOR_SD = 1.0
 NEWTON_STEPS = 50
@@ -57,6 +59,8 @@ class FreshView(NamedTuple):
     mean: np.ndarray  # (n,) float64
     precision: np.ndarray  # (n,) float64
     prior_precision: np.ndarray  # (n,) float64: what the ad started from
+    synced_mean: np.ndarray  # (n,) float64: the shared store's value at the last sync
+    synced_precision: np.ndarray  # (n,) float64  (or the start, before the first)
     order: np.ndarray  # (n,) int64: argsort of slots, for rows_of
 
     def sd(self) -> np.ndarray:
@@ -83,7 +87,7 @@ class FreshView(NamedTuple):
 
 def _empty_view(dim: int) -> FreshView:
     return FreshView(np.empty(0, dtype=object), np.empty(0, np.int64), np.empty((0, dim + 1), np.float32),
-                     np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int64))  # fmt: skip
+                     np.empty(0), np.empty(0), np.empty(0), np.empty(0), np.empty(0), np.empty(0, np.int64))  # fmt: skip
 
 
 def _with_order(view: FreshView) -> FreshView:
@@ -136,6 +140,7 @@ class FreshAdEffects:
         self.prior_sd = float(prior_sd)
         self._learnt = dict(learnt or {})
         self._view = _empty_view(dim)
+        self._forgotten: set[str] = set()  # removed since the last sync
         self._lock = threading.Lock()
 
     @property
@@ -162,24 +167,30 @@ class FreshAdEffects:
         if vectors.shape != (len(slots), self.dim + 1) or len(ad_ids) != len(slots):
             raise ValueError(f"fresh ads: {len(ad_ids)} ids, {len(slots)} slots, vectors {vectors.shape} do not agree")
         prior = 1.0 / (self.prior_sd * scale) ** 2
-        learnt = [self._learnt.get(ad, (0.0, prior)) for ad in ad_ids]
         with self._lock:
+            learnt = [self._learnt.get(ad, (0.0, prior)) for ad in ad_ids]
+            means, precisions = [m for m, _ in learnt], [h for _, h in learnt]
             view = self._view
             self._view = _with_order(FreshView(
                 np.concatenate([view.ad_ids, np.asarray(list(ad_ids), dtype=object)]),
                 np.concatenate([view.slots, slots]), np.vstack([view.vectors, vectors]),
-                np.concatenate([view.mean, [m for m, _ in learnt]]),
-                np.concatenate([view.precision, [h for _, h in learnt]]),
+                np.concatenate([view.mean, means]), np.concatenate([view.precision, precisions]),
                 np.concatenate([view.prior_precision, np.full(len(learnt), prior)]),
+                np.concatenate([view.synced_mean, means]), np.concatenate([view.synced_precision, precisions]),
                 view.order,
             ))  # fmt: skip
 
     def remove(self, slots: np.ndarray) -> None:
-        """Forget retired ads (their slots die with them)."""
+        """Forget retired ads (their slots die with them; the next :meth:`sync` drops them
+        from the shared blob, so an id reused later starts from the prior)."""
         with self._lock:
             view = self._view
             keep = ~np.isin(view.slots, np.asarray(slots, dtype=np.int64))
             if not keep.all():
+                gone = [str(ad) for ad in view.ad_ids[~keep]]
+                self._forgotten.update(gone)
+                for ad in gone:
+                    self._learnt.pop(ad, None)
                 self._view = _with_order(FreshView(*(array[keep] for array in view)))
 
     def update(self, slots: np.ndarray, offsets: np.ndarray, clicked: np.ndarray, weights: np.ndarray) -> int:
@@ -215,6 +226,57 @@ class FreshAdEffects:
             np.asarray(positions), clicked.astype(bool), theta, predicted_relevance=expit(np.asarray(offsets))
         )
         return self.update(slots, offsets, clicked, weights)
+
+    def sync(self, store: OnlineStore, name: str) -> int:
+        """Share what this replica learnt with every other through ``store``'s blob ``name``
+        and take up what they learnt; returns how many of this replica's ads it changed.
+
+        Replicas learn from their own traffic. Each adds to the shared value of an ad only
+        what it learnt since its last sync, in natural parameters (precision ``h`` and
+        ``h * m`` add up over independent batches of data), in one atomic read-modify-write
+        (:meth:`OnlineStore.update_arrays`), then adopts the merged value. So no replica
+        overwrites another's learning, and a restart (which starts from the stored value)
+        does not count its data twice. An ad the blob lacks enters with this replica's value.
+        With nothing learnt since the last sync it only reads."""
+        with self._lock:  # an update folded in between the read and the adoption would be lost
+            view = self._view
+            added_precision = view.precision - view.synced_precision
+            added_eta = view.precision * view.mean - view.synced_precision * view.synced_mean
+            changed = np.flatnonzero((added_precision != 0) | (added_eta != 0))
+            forgotten = set(self._forgotten)  # popped before a re-registered id adds its fresh start
+
+            def merge(stored: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+                shared = effects_from_arrays(stored)[0] if stored is not None else {}
+                for ad in forgotten:
+                    shared.pop(ad, None)
+                for row in changed:
+                    ad = str(view.ad_ids[row])
+                    if ad in shared:
+                        mean, precision = shared[ad]
+                        precision_now = precision + added_precision[row]
+                        shared[ad] = ((precision * mean + added_eta[row]) / precision_now, precision_now)
+                    else:
+                        shared[ad] = (float(view.mean[row]), float(view.precision[row]))
+                return effects_to_arrays(shared, self.prior_sd)
+
+            if len(changed) or forgotten:
+                merged = store.update_arrays(name, merge)
+                self._forgotten.clear()
+            else:
+                merged = store.get_arrays(name)
+                if merged is None:
+                    return 0
+            shared = effects_from_arrays(merged)[0]
+            self._learnt.update(shared)  # an ad registered later starts from the shared value
+            rows = [row for row, ad in enumerate(view.ad_ids.tolist()) if ad in shared]
+            if not rows:
+                return 0
+            mean, precision = view.mean.copy(), view.precision.copy()
+            values = np.asarray([shared[str(view.ad_ids[row])] for row in rows])
+            mean[rows], precision[rows] = values[:, 0], values[:, 1]
+            moved = int(np.count_nonzero((mean[rows] != view.mean[rows]) | (precision[rows] != view.precision[rows])))
+            self._view = view._replace(mean=mean, precision=precision, synced_mean=mean.copy(), synced_precision=precision.copy())
+            return moved
 
     def learnt(self) -> dict[str, tuple[float, float]]:
         """Ad id -> (mean, precision) of every fresh ad that has left its prior."""

@@ -55,7 +55,6 @@ from adrec_assets.online.fresh_ads import (
     DEFAULT_FRESH_PRIOR_SD,
     FreshAdEffects,
     effects_from_arrays,
-    effects_to_arrays,
     untrained_rows,
 )
 from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, score_scale, todays_query
@@ -222,14 +221,15 @@ def fresh_effects_blob(space: str) -> str:
 def _posterior_of(
     store: SnapshotStore, snapshot: Snapshot, dim: int, fresh_prior_sd: float, online: OnlineStore, space: str
 ) -> tuple[LaplaceLogisticPosterior, FreshAdEffects]:
-    """The snapshot's posterior and the fresh ads' learnt effects: the ``policy_posterior``
-    replay's for the catalogue's ads, the online store's (written by every settle) for the
-    live ads the replay cannot see, so a restart or another replica starts from them."""
+    """The snapshot's posterior and the fresh ads' learnt effects: the online store's (every
+    replica merges into it, see :meth:`FreshAdEffects.sync`), which also holds the live ads
+    the ``policy_posterior`` replay cannot see, else the replay's; so a restart or another
+    replica starts from what all of them learnt."""
     stored = online.get_arrays(fresh_effects_blob(space))
     learnt = effects_from_arrays(stored)[0] if stored is not None else {}
     if "policy_posterior" in snapshot.artifacts:
         artifact = store.load("policy_posterior", snapshot)
-        return artifact.posterior, FreshAdEffects(dim, fresh_prior_sd, {**learnt, **artifact.fresh})
+        return artifact.posterior, FreshAdEffects(dim, fresh_prior_sd, {**artifact.fresh, **learnt})
     return LaplaceLogisticPosterior.prior(dim), FreshAdEffects(dim, fresh_prior_sd, learnt)
 
 
@@ -712,14 +712,17 @@ class RecommendationService:
             if state.fresh.view().count:  # fresh ads with an effect to learn
                 offsets = ad_features(user_rows, ad_rows) @ state.posterior.mean()
                 if state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta):
-                    arrays = effects_to_arrays(state.fresh.learnt(), state.fresh.prior_sd)
-                    self.online.put_arrays(fresh_effects_blob(state.space), arrays)
+                    state.fresh.sync(self.online, fresh_effects_blob(state.space))
         return len(kept)
 
     def flush(self) -> int:
-        """Settle impressions, then write queued events as files into the source folder."""
+        """Settle impressions, share the fresh ads' effects with the other replicas, then
+        write queued events as files into the source folder."""
         try:
             self.settle()
+            state = self.state
+            if state.fresh.enabled:  # also takes up what other replicas learnt, or a retirement
+                state.fresh.sync(self.online, fresh_effects_blob(state.space))
         except Unavailable:
             pass
         return self.flusher.flush(self.config.flush_batch, known_ads=self._catalog_ids())
