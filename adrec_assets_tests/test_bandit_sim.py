@@ -155,3 +155,18 @@ def test_new_ads_nobody_favours_are_shown_through_their_own_random_effect(tmp_pa
     within = {sd: (shown >= 0) & (shown <= WINDOW) for sd, shown in first_shown.items()}
     assert not within[0.0].all(), first_shown[0.0].tolist()
     assert within[sim.DEFAULT_FRESH_PRIOR_SD].all(), first_shown[sim.DEFAULT_FRESH_PRIOR_SD].tolist()
+
+
+def test_a_second_run_on_a_work_folder_in_use_is_refused_before_it_touches_the_runs(tmp_path, capsys):
+    """Two runs on one ``--work`` would write their event logs into the same run folders and
+    estimate theta from the mix."""
+    import fcntl
+
+    work = tmp_path / "work"
+    work.mkdir()
+    with (work / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit):
+            sim.main(["--work", str(work), "--source", str(tmp_path / "absent"), "--rounds", "1"])
+    assert "another bandit_sim run is using it" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == [".lock"]

@@ -40,6 +40,7 @@ under ``--work``.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -1004,6 +1005,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.theta) < 5:
         parser.error("--theta needs one examination probability per slate position (5)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    lock = (args.work / ".lock").open("w")  # held until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        parser.error(f"--work {args.work}: another bandit_sim run is using it (both would write their event logs "
+                     "into the same run folders and mix them); wait for it, or pass another --work")
 
     wall = time.perf_counter()
     worlds = {}
