@@ -138,6 +138,7 @@ def test_the_model_class_ceiling_ranks_by_the_fitted_models_and_per_ad_intercept
     ceiling = sim.model_class_ceiling(world)
     assert 0 < ceiling.best and 0 <= ceiling.per_ad <= ceiling.fitted + 0.02 * ceiling.best
     assert ceiling.fitted < 0.8 * ceiling.greedy, ceiling
+    assert 0 <= ceiling.per_user < ceiling.greedy, ceiling  # each user's own best vector beats the snapshot's
 
 
 def test_new_ads_nobody_favours_are_shown_through_their_own_random_effect(tmp_path, single_torch_thread):

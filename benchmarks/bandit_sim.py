@@ -461,12 +461,15 @@ class Ceiling:
     (no online updates), over the snapshot's ads: by today's score ``u . p + b``, by the
     contextual model's best parameters (``[u * p, b, 1]``, fitted to the truth itself), and by
     those plus each ad's own best intercept (a per-ad effect, also fitted to the truth): what a
-    hybrid model with per-ad terms could reach at best."""
+    hybrid model with per-ad terms could reach at best; and by each user's own best vector
+    (the snapshot's ads fixed, also fitted to the truth): what learning each user's vector
+    perfectly could reach."""
 
     best: float  # expected clicks per round of the best slates
     greedy: float  # regret per round
     fitted: float  # regret per round
     per_ad: float = float("nan")  # regret per round
+    per_user: float = float("nan")  # regret per round
 
     @property
     def ratio(self) -> float:
@@ -519,7 +522,37 @@ def model_class_ceiling(world: World, pairs_per_user: int = 200, k: int = 5) -> 
         p = expit(fitted[user_rows, ads_of_pairs] + intercept[ads_of_pairs])
         gradient = np.bincount(ads_of_pairs, weights=p - target, minlength=len(ads)) + intercept
         intercept -= gradient / (np.bincount(ads_of_pairs, weights=p * (1 - p), minlength=len(ads)) + 1.0)
-    return Ceiling(best, regret(today), regret(fitted), regret(fitted + intercept))
+    return Ceiling(best, regret(today), regret(fitted), regret(fitted + intercept),
+                   regret(_per_user_refit(vectors, ads, truth, today, rng)))  # fmt: skip
+
+
+def _per_user_refit(
+    vectors: np.ndarray, ads: np.ndarray, truth: np.ndarray, today: np.ndarray, rng: np.random.Generator,
+    pairs: int = 1000, ridge: float = 1.0,
+) -> np.ndarray:  # fmt: skip
+    """Each user's logits by their own best ``[u, popularity weight, intercept]``: a logistic
+    fit (Newton, ridge toward the prior's start ``scale * (u . p + b) + intercept``) to the
+    truth's ``P(click | examined)`` of the user's ``pairs`` best ads by today's score plus as
+    many random ones; the ads' ``[p, b]`` stay the snapshot's."""
+    from adrec_assets.online.policy import DEFAULT_INTERCEPT, DEFAULT_SCALE
+
+    features = np.hstack([DEFAULT_SCALE * ads, np.ones((len(ads), 1))])
+    pairs = min(pairs, len(ads) - 1)
+    logits = np.empty_like(today)
+    for user, vector in enumerate(vectors):
+        rows = np.concatenate([np.argpartition(-today[user], pairs)[:pairs], rng.integers(len(ads), size=pairs)])
+        x, target = features[rows], truth[user, rows]
+        start = np.concatenate([vector, [1.0, DEFAULT_INTERCEPT]])
+        weights = start.copy()
+        for _ in range(15):
+            p = expit(x @ weights)
+            gradient = x.T @ (p - target) + ridge * (weights - start)
+            step = np.linalg.solve((x * (p * (1 - p))[:, None]).T @ x + ridge * np.eye(len(weights)), gradient)
+            weights -= step
+            if np.max(np.abs(step)) < 1e-8:
+                break
+        logits[user] = features @ weights
+    return logits
 
 
 # ------------------------------------------------------------------------- MovieLens world
@@ -887,7 +920,8 @@ def summarize(results: Sequence[RunResult], theta: np.ndarray, estimates: dict[i
         lines.append("\nModel-class ceiling (no exploration, snapshot user vectors, snapshot ads), regret per round: "
                      + "; ".join(f"seed {s}: today's score {c.greedy:.3f}, best [u*p, b, 1] parameters {c.fitted:.3f} "
                                  f"(ratio {c.ratio:.3f}), with a best intercept per ad {c.per_ad:.3f} "
-                                 f"(ratio {c.per_ad / c.greedy:.3f})" for s, c in sorted(ceilings.items())))  # fmt: skip
+                                 f"(ratio {c.per_ad / c.greedy:.3f}), each user's best own vector {c.per_user:.3f} "
+                                 f"(ratio {c.per_user / c.greedy:.3f})" for s, c in sorted(ceilings.items())))  # fmt: skip
     lines.append(f"\n| run | new ads | shown | shown within {window:,} rounds | a best slate held it within "
                  f"{window:,} | of those, shown within {window:,} | rounds to first impression: median / p90 / max |")
     lines.append("|---|---:|---:|---:|---:|---:|---|")
