@@ -14,6 +14,10 @@ import ipaddress
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 LOOPBACK_NAMES = ("localhost",)
@@ -65,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         # uvicorn's supervisor starts each worker from an import string: hand the settings over
         # in the environment the workers inherit.
         os.environ[SOURCE_ENV], os.environ[NO_ENCODER_ENV] = args.source, "1" if args.no_encoder else ""
-        uvicorn.run(
-            "adrec_assets.serve:app_from_env", factory=True, host=args.host, port=args.port, access_log=False,
-            log_level=args.log_level, workers=args.workers,
-        )  # fmt: skip
+        with _metrics_folder() as folder:
+            os.environ[MULTIPROCESS_ENV] = str(folder)  # /metrics adds up every worker's series
+            uvicorn.run(
+                "adrec_assets.serve:app_from_env", factory=True, host=args.host, port=args.port, access_log=False,
+                log_level=args.log_level, workers=args.workers,
+            )  # fmt: skip
         return 0
     store = open_store(config.store_url, namespace=args.source)
     app = _app(config, store)
@@ -78,6 +84,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SOURCE_ENV, NO_ENCODER_ENV = "ADREC_SERVE_SOURCE", "ADREC_SERVE_NO_ENCODER"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's; the same name as app.MULTIPROCESS_ENV
+
+
+@contextmanager
+def _metrics_folder() -> Iterator[Path]:
+    """The workers' metric files: ``$PROMETHEUS_MULTIPROC_DIR`` when the operator set it (its
+    files from an earlier run are removed, as prometheus-client requires), else a temporary
+    folder removed afterwards."""
+    given = os.environ.get(MULTIPROCESS_ENV)
+    if given:
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="adrec-metrics-") as temporary:
+        yield Path(temporary)
 
 
 def _app(config: Any, store: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -375,6 +376,21 @@ def test_health_and_prometheus_metrics(api):
     assert 'adrec_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
 
 
+def test_after_a_reload_the_metrics_read_1_for_the_served_model_version_and_0_for_the_replaced_one():
+    """Set to 0, not removed: in multiprocess mode a removed series would keep its last value
+    in the worker's file."""
+    from adrec_assets.online.app import Metrics
+
+    serving = {"now": ("s-old", 10, 0)}
+    metrics = Metrics(lambda: serving["now"])
+    metrics.refresh()
+    serving["now"] = ("s-new", 12, 1)
+    metrics.refresh()
+    text = metrics.exposition().decode()
+    assert 'adrec_model_info{model_version="s-old"} 0.0' in text and 'adrec_model_info{model_version="s-new"} 1.0' in text
+    assert "adrec_index_ads 12.0" in text and "adrec_reloads 1.0" in text
+
+
 def test_nothing_the_service_writes_holds_a_raw_user_id(api, tmp_path, caplog):
     client, service = api
     caplog.set_level(logging.DEBUG)
@@ -433,7 +449,8 @@ def test_the_serve_command_answers_on_loopback(published, tmp_path):
 def test_serve_with_two_workers_keeps_them_consistent_through_the_shared_store(published, tmp_path):
     """``--workers 2``: two worker processes under uvicorn's supervisor on one port, each with
     its own service over the shared online store; a retirement is honoured by the answers that
-    follow. (Which worker takes a connection is the kernel's choice, so the cross-replica sync
+    follow, and every scrape of ``/metrics``, whichever worker answers it, counts the requests
+    of both. (Which worker takes a connection is the kernel's choice, so the cross-replica sync
     itself is tested with two services over one store in ``test_service_loop.py``.)"""
     import json
     import subprocess
@@ -457,9 +474,24 @@ def test_serve_with_two_workers_keeps_them_consistent_through_the_shared_store(p
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
 
+    answered = 0
+
     def slate() -> list[str]:  # a fresh connection each time, so both workers answer some
+        nonlocal answered
         with urllib.request.urlopen(f"{base}/v1/recommendations?user_id={KNOWN_USER}&k=220", timeout=30) as reply:
-            return [item["ad_id"] for item in json.loads(reply.read())["items"]]
+            items = [item["ad_id"] for item in json.loads(reply.read())["items"]]
+        answered += 1
+        return items
+
+    def scrape() -> tuple[float, set[str]]:
+        """Recommendations answered with 200, and the pids with an index-size gauge."""
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("adrec_requests_total{") and 'endpoint="/v1/recommendations"' in line
+                     and 'status="200"' in line)  # fmt: skip
+        pids = set(re.findall(r'^adrec_index_ads\{pid="(\d+)"\}', text, flags=re.MULTILINE))
+        return served, pids
 
     try:
         wait_for_http(f"{base}/healthz", proc, log, timeout=180)
@@ -481,6 +513,9 @@ def test_serve_with_two_workers_keeps_them_consistent_through_the_shared_store(p
         while clean_in_a_row < 20 and time.monotonic() < deadline:
             clean_in_a_row = clean_in_a_row + 1 if retired not in slate() else 0
         assert clean_in_a_row == 20, f"the retired ad {retired!r} is still served"
+        for _ in range(6):
+            served, pids = scrape()
+            assert served == answered and len(pids) == 2, (served, answered, pids)
     finally:
         stop_process_group(proc)
 

@@ -12,13 +12,15 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -140,11 +142,24 @@ ERRORS = {status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 5
 
 
 # ---------------------------------------------------------------------- metrics
-class Metrics:
-    """Prometheus series of one app (its own registry: several apps in one process stay apart)."""
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """Prometheus series of one app (its own registry: several apps in one process stay apart).
+
+    Under ``serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set before the workers start)
+    every worker writes its series to files there and a scrape answered by any worker reads
+    all of them (prometheus-client's multiprocess mode): counters and histograms add up over
+    the workers, gauges keep one series per live worker (``pid`` label). Without it a scrape
+    would see only the counts of the worker that happened to take the connection."""
+
+    def __init__(self, serving: Callable[[], tuple[str | None, int, int]] = lambda: (None, 0, 0)) -> None:
+        """``serving``: (model version or None, live ads, reloads) of the process, read for the gauges."""
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self._serving = serving
+        self._served_version: str | None = None
         self.requests = Counter(
             "adrec_requests", "HTTP requests by endpoint and status.", ["endpoint", "method", "status"],
             registry=self.registry,
@@ -153,10 +168,33 @@ class Metrics:
             "adrec_request_seconds", "Request latency by endpoint.", ["endpoint"], registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )  # fmt: skip
-        self.model = Gauge("adrec_model_info", "The served snapshot (value 1).", ["model_version"], registry=self.registry)
-        self.index_ads = Gauge("adrec_index_ads", "Ads in the live index.", registry=self.registry)
+        per_worker = {"registry": self.registry, "multiprocess_mode": "liveall"}
+        self.model = Gauge("adrec_model_info", "The served snapshot (value 1).", ["model_version"], **per_worker)
+        self.index_ads = Gauge("adrec_index_ads", "Ads in the live index.", **per_worker)
         self.events = Counter("adrec_events", "Accepted events by type.", ["type"], registry=self.registry)
-        self.reloads = Gauge("adrec_reloads", "Snapshot swaps since start.", registry=self.registry)
+        self.reloads = Gauge("adrec_reloads", "Snapshot swaps since start.", **per_worker)
+
+    def refresh(self) -> None:
+        """Set the gauges to what this process serves now: at every scrape, and in
+        multiprocess mode after every request too (a scrape is answered by one worker; the
+        others' gauges are as fresh as their last request). A replaced version is set to 0,
+        not removed: in multiprocess mode its value would stay in this worker's file."""
+        version, index_ads, reloads = self._serving()
+        if self._served_version is not None and self._served_version != version:
+            self.model.labels(self._served_version).set(0)
+        if version is not None:
+            self.model.labels(version).set(1)
+            self.index_ads.set(index_ads)
+        self._served_version = version
+        self.reloads.set(reloads)
+
+    def exposition(self) -> bytes:
+        """The text format: this app's registry, or every worker's files in multiprocess mode."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        workers = CollectorRegistry()
+        multiprocess.MultiProcessCollector(workers)
+        return generate_latest(workers)
 
 
 class BodyLimit:
@@ -218,6 +256,8 @@ class Observe:
             seconds = time.perf_counter() - started
             self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
+            if self.metrics.multiprocess:
+                self.metrics.refresh()
             log.info("%s %s %d %.1f ms", scope["method"], endpoint, status, seconds * 1000)
 
 
@@ -239,7 +279,11 @@ def create_app(service: RecommendationService, *, start: bool = True) -> FastAPI
     """The API over a started (or, with ``start``, to-be-started) service."""
     from contextlib import asynccontextmanager
 
-    metrics = Metrics()
+    def serving() -> tuple[str | None, int, int]:
+        state = service._state
+        return (None, 0, service.reloads) if state is None else (state.version, len(state.index), service.reloads)
+
+    metrics = Metrics(serving)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # noqa: ANN202
@@ -250,6 +294,8 @@ def create_app(service: RecommendationService, *, start: bool = True) -> FastAPI
         finally:
             if start:
                 service.stop()
+            if metrics.multiprocess:
+                multiprocess.mark_process_dead(os.getpid())  # drop this worker's gauges from the scrape
 
     app = FastAPI(
         title="adrec",
@@ -353,13 +399,8 @@ def create_app(service: RecommendationService, *, start: bool = True) -> FastAPI
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     def prometheus() -> Response:
         """Prometheus text format: requests and latency per endpoint, model version, index size."""
-        state = service._state
-        metrics.model.clear()
-        if state is not None:
-            metrics.model.labels(state.version).set(1)
-            metrics.index_ads.set(len(state.index))
-        metrics.reloads.set(service.reloads)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        metrics.refresh()
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
