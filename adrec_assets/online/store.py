@@ -835,27 +835,36 @@ class RedisStore(OnlineStore):
             pipe.hgetall(self._key("user", space, p))
         return [self._state(f) for f in pipe.execute()]
 
-    def _update_user(self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
-        key = self._key("user", space, pseudonym)
+    def _read_modify_write(self, key: str, compute: Callable[[Any], tuple[Any, Callable[[Any], object]]], what: str) -> Any:
+        """Optimistic transaction on one key: WATCH it, ``compute(pipe)`` reads (immediate
+        mode) and returns (result, write(pipe)); the write is queued in MULTI and executed.
+        Another writer in between makes EXEC fail: re-read and re-compute, ``max_update_retries``
+        times at most."""
         with self._r.pipeline(transaction=True) as pipe:
             for _ in range(self._max_retries):
                 try:
                     pipe.watch(key)
-                    state = self._state(pipe.hgetall(key))
-                    new = apply(None if state is None else state.vector)
-                    n = 1 if state is None else state.n_updates + 1
+                    result, write = compute(pipe)
                     pipe.multi()
-                    pipe.hset(key, mapping={"v": _vector_bytes(new), "n": n, "t": repr(float(self._clock()))})
+                    write(pipe)
                     pipe.execute()
-                    return new
+                    return result
                 except self._redis_mod.WatchError:
-                    continue  # another writer changed the user in between: re-read, re-apply
+                    continue  # another writer changed the key in between: re-read, re-apply
                 finally:
                     pipe.reset()
-        raise ConcurrentUpdateError(
-            f"update_user({space!r}, {pseudonym!r}) lost {self._max_retries} races in a row; "
-            "raise max_update_retries or reduce writers of one user"
-        )
+        raise ConcurrentUpdateError(f"{what} lost {self._max_retries} races in a row; raise max_update_retries or write it less often")
+
+    def _update_user(self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
+        key = self._key("user", space, pseudonym)
+
+        def compute(pipe: Any) -> tuple[np.ndarray, Callable[[Any], object]]:
+            state = self._state(pipe.hgetall(key))
+            new = apply(None if state is None else state.vector)
+            n = 1 if state is None else state.n_updates + 1
+            return new, lambda p: p.hset(key, mapping={"v": _vector_bytes(new), "n": n, "t": repr(float(self._clock()))})
+
+        return self._read_modify_write(key, compute, f"update_user({space!r}, {pseudonym!r})")
 
     def _drop_user_space(self, space: str) -> int:
         glob_safe = re.sub(r"([\\*?\[\]])", r"\\\1", self._key("user", space, ""))
@@ -928,22 +937,12 @@ class RedisStore(OnlineStore):
 
     def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes:
         key = self._key("blob", name)
-        with self._r.pipeline(transaction=True) as pipe:
-            for _ in range(self._max_retries):
-                try:
-                    pipe.watch(key)
-                    blob = apply(pipe.get(key))
-                    pipe.multi()
-                    pipe.set(key, blob)
-                    pipe.execute()
-                    return blob
-                except self._redis_mod.WatchError:
-                    continue  # another replica wrote the blob in between: re-read, re-apply
-                finally:
-                    pipe.reset()
-        raise ConcurrentUpdateError(
-            f"update_arrays({name!r}) lost {self._max_retries} races in a row; raise max_update_retries or sync less often"
-        )
+
+        def compute(pipe: Any) -> tuple[bytes, Callable[[Any], object]]:
+            blob = apply(pipe.get(key))
+            return blob, lambda p: p.set(key, blob)
+
+        return self._read_modify_write(key, compute, f"update_arrays({name!r})")
 
     def ping(self) -> bool:
         try:
