@@ -642,3 +642,21 @@ def test_redis_update_gives_up_after_its_retry_budget(redis_url):
         assert len(calls) == 3
         np.testing.assert_array_equal(store.get_user(SPACE, ALICE), np.full(D_USER, 7.0))
         assert store.get_user_state(SPACE, ALICE).n_updates == 3
+
+
+def test_redis_array_update_gives_up_after_its_retry_budget_and_keeps_the_other_writers_blob(redis_url):
+    with (
+        RedisStore(redis_url, namespace="retry-arrays", max_update_retries=3) as store,
+        RedisStore(redis_url, namespace="retry-arrays") as other,
+    ):
+        calls = []
+
+        def interfering(current: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+            calls.append(1)
+            other.put_arrays("effects", {"mean": np.full(2, 7.0)})  # races us
+            return {"mean": np.zeros(2)}
+
+        with pytest.raises(ConcurrentUpdateError, match=r"update_arrays\('effects'\) lost 3 races"):
+            store.update_arrays("effects", interfering)
+        assert len(calls) == 3
+        np.testing.assert_array_equal(store.get_arrays("effects")["mean"], np.full(2, 7.0))
