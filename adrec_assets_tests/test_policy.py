@@ -604,3 +604,14 @@ def test_posterior_rejects_bad_batches_and_bad_state():
     with pytest.raises(ValueError, match="scale: must be > 0"):
         LaplaceLogisticPosterior.prior(4, scale=0.0)
     np.testing.assert_array_equal(posterior.mean(), LaplaceLogisticPosterior.prior(4).mean())  # untouched
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dropping_the_slots_found_in_another_list_keeps_the_rest_in_order(seed):
+    """The candidate list's de-duplication (a binary search each) agrees with ``np.isin``."""
+    from adrec_assets.online.policy import _not_in
+
+    rng = np.random.default_rng(seed)
+    slots = rng.choice(500, size=rng.integers(0, 120), replace=False)
+    others = rng.choice(500, size=rng.integers(0, 130), replace=False)
+    np.testing.assert_array_equal(_not_in(slots, others), slots[~np.isin(slots, others)])
