@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         # uvicorn's supervisor starts each worker from an import string: hand the settings over
         # in the environment the workers inherit.
         os.environ[SOURCE_ENV], os.environ[NO_ENCODER_ENV] = args.source, "1" if args.no_encoder else ""
-        with _metrics_folder() as folder:
+        from adrec_assets.online.app import MULTIPROCESS_ENV
+
+        with _metrics_folder(os.environ.get(MULTIPROCESS_ENV)) as folder:
             os.environ[MULTIPROCESS_ENV] = str(folder)  # /metrics adds up every worker's series
             uvicorn.run(
                 "adrec_assets.serve:app_from_env", factory=True, host=args.host, port=args.port, access_log=False,
@@ -84,15 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SOURCE_ENV, NO_ENCODER_ENV = "ADREC_SERVE_SOURCE", "ADREC_SERVE_NO_ENCODER"
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's; the same name as app.MULTIPROCESS_ENV
 
 
 @contextmanager
-def _metrics_folder() -> Iterator[Path]:
-    """The workers' metric files: ``$PROMETHEUS_MULTIPROC_DIR`` when the operator set it (its
-    files from an earlier run are removed, as prometheus-client requires), else a temporary
-    folder removed afterwards."""
-    given = os.environ.get(MULTIPROCESS_ENV)
+def _metrics_folder(given: str | None) -> Iterator[Path]:
+    """The workers' metric files: ``given`` (``$PROMETHEUS_MULTIPROC_DIR``) when the operator
+    set it (its files from an earlier run are removed, as prometheus-client requires), else a
+    temporary folder removed afterwards."""
     if given:
         folder = Path(given)
         folder.mkdir(parents=True, exist_ok=True)

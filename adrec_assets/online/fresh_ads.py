@@ -240,10 +240,10 @@ class FreshAdEffects:
         With nothing learnt since the last sync it only reads."""
         with self._lock:  # an update folded in between the read and the adoption would be lost
             view = self._view
+            forgotten = set(self._forgotten)  # popped before a re-registered id adds its fresh start
             added_precision = view.precision - view.synced_precision
             added_eta = view.precision * view.mean - view.synced_precision * view.synced_mean
             changed = np.flatnonzero((added_precision != 0) | (added_eta != 0))
-            forgotten = set(self._forgotten)  # popped before a re-registered id adds its fresh start
 
             def merge(stored: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
                 shared = effects_from_arrays(stored)[0] if stored is not None else {}

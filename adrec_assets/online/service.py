@@ -681,7 +681,16 @@ class RecommendationService:
                                             "position": position, "at": now})  # fmt: skip
 
     def settle(self, now: float | None = None) -> int:
-        """Teach the posterior every impression older than ``settle_seconds``; returns how many."""
+        """Teach the posterior every impression older than ``settle_seconds``, then share the
+        fresh ads' effects with the other replicas and take up theirs (or a retirement);
+        returns how many impressions were learnt."""
+        learnt = self._learn_settled(now)
+        state = self._state
+        if state is not None and state.fresh.enabled:
+            state.fresh.sync(self.online, fresh_effects_blob(state.space))
+        return learnt
+
+    def _learn_settled(self, now: float | None) -> int:
         now = self._clock() if now is None else now
         with self._learn_lock:
             ready = [i for i in self._unsettled if now - i["at"] >= self.config.settle_seconds]
@@ -711,18 +720,14 @@ class RecommendationService:
             state.posterior.update_position_aware(user_rows, ad_rows, outcomes, positions, theta)
             if state.fresh.view().count:  # fresh ads with an effect to learn
                 offsets = ad_features(user_rows, ad_rows) @ state.posterior.mean()
-                if state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta):
-                    state.fresh.sync(self.online, fresh_effects_blob(state.space))
+                state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta)
         return len(kept)
 
     def flush(self) -> int:
-        """Settle impressions, share the fresh ads' effects with the other replicas, then
-        write queued events as files into the source folder."""
+        """Settle impressions (which shares the fresh ads' effects), then write queued events
+        as files into the source folder."""
         try:
             self.settle()
-            state = self.state
-            if state.fresh.enabled:  # also takes up what other replicas learnt, or a retirement
-                state.fresh.sync(self.online, fresh_effects_blob(state.space))
         except Unavailable:
             pass
         return self.flusher.flush(self.config.flush_batch, known_ads=self._catalog_ids())
