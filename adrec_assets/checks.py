@@ -21,7 +21,6 @@ from adrec_assets.assets.global_mean import global_mean
 from adrec_assets.assets.policy_posterior import policy_posterior
 from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.raw_ads import raw_ads
-from adrec_assets.assets.served_users import served_users
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
 from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
@@ -68,7 +67,7 @@ def user_embeddings_are_unit(user_embeddings: UserEmbeddings) -> dg.AssetCheckRe
     return unit_rows_result(user_embeddings.vectors, None, user_embeddings.ids)
 
 
-@dg.asset_check(asset=served_users, blocking=True, partitions_def=click_source_partitions)
+@dg.asset_check(asset=dg.AssetKey("served_users"), blocking=True, partitions_def=click_source_partitions)
 def served_users_are_unit(served_users: UserEmbeddings) -> dg.AssetCheckResult:
     """Every served user has a finite, unit-length vector and a unique pseudonym."""
     return unit_rows_result(served_users.vectors, None, served_users.ids)
@@ -101,6 +100,35 @@ def ad_projected_covers_catalogue(ad_projected: ProjectedAds, ad_embeddings_raw:
             "n_projected_ads": len(ad_projected),
             "n_missing_ads": missing,
             "same_encoder": same_encoder,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=dg.AssetKey("served_ads"),
+    additional_ins={"ad_projected": dg.AssetIn("ad_projected"), "click_graph": dg.AssetIn("click_graph")},
+    blocking=True,
+    partitions_def=click_source_partitions,
+)
+def served_ads_keep_cold_ads(served_ads: ProjectedAds, ad_projected: ProjectedAds, click_graph: ClickGraph) -> dg.AssetCheckResult:
+    """Every projected ad is served, in the same order, with finite vectors; an ad without a
+    click is served exactly as projected (item cold start unchanged by the ad refit)."""
+    same_ids = len(served_ads) == len(ad_projected) and bool((served_ads.ids == ad_projected.ids).all())
+    n_nonfinite = int((~np.isfinite(served_ads.vectors)).any(axis=1).sum() + (~np.isfinite(served_ads.score_bias)).sum())
+    cold = ~np.isin(ad_projected.ids, click_graph.ad_ids[click_graph.ad_degrees() > 0])
+    n_cold_changed = (
+        int(((served_ads.vectors[cold] != ad_projected.vectors[cold]).any(axis=1)
+             | (served_ads.score_bias[cold] != ad_projected.score_bias[cold])).sum())
+        if same_ids else -1
+    )  # fmt: skip
+    return dg.AssetCheckResult(
+        passed=same_ids and n_nonfinite == 0 and n_cold_changed == 0 and len(served_ads) > 0,
+        metadata={
+            "n_ads": len(served_ads),
+            "same_ads_as_ad_projected": same_ids,
+            "n_nonfinite": n_nonfinite,
+            "n_ads_without_clicks": int(cold.sum()),
+            "n_ads_without_clicks_changed": n_cold_changed,
         },
     )
 
@@ -141,18 +169,18 @@ def raw_ads_are_usable(raw_ads: AdCatalog) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=ad_index,
-    additional_ins={"ad_projected": dg.AssetIn("ad_projected")},
+    additional_ins={"served_ads": dg.AssetIn("served_ads")},
     blocking=True,
     partitions_def=click_source_partitions,
 )
-def ad_index_recall_is_high(ad_index: IndexedAds, ad_projected: ProjectedAds) -> dg.AssetCheckResult:
+def ad_index_recall_is_high(ad_index: IndexedAds, served_ads: ProjectedAds) -> dg.AssetCheckResult:
     """The index finds what exact search finds (recall@10 on real users >= 0.95), holds every
-    projected ad, and stores each ad's score exactly (a sample of rows against ``ad_projected``)."""
+    served ad, and stores each ad's score exactly (a sample of rows against ``served_ads``)."""
     index = ad_index.index
-    n_missing = len(set(ad_projected.ids.tolist()) - {index.ad_id(s) for s in index.live_slots().tolist()})
-    rows = np.random.default_rng(0).choice(len(ad_projected), size=min(100, len(ad_projected)), replace=False)
-    stored = index.vectors(np.asarray([index.slot_of(str(a)) for a in ad_projected.ids[rows]], dtype=np.int64))
-    expected = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
+    n_missing = len(set(served_ads.ids.tolist()) - {index.ad_id(s) for s in index.live_slots().tolist()})
+    rows = np.random.default_rng(0).choice(len(served_ads), size=min(100, len(served_ads)), replace=False)
+    stored = index.vectors(np.asarray([index.slot_of(str(a)) for a in served_ads.ids[rows]], dtype=np.int64))
+    expected = np.concatenate([served_ads.vectors[rows], served_ads.score_bias[rows, None]], axis=1)
     max_row_error = float(np.abs(stored - expected).max()) if len(rows) else 0.0
     passed = ad_index.recall_at_10 >= MIN_RECALL and n_missing == 0 and max_row_error < 1e-6
     return dg.AssetCheckResult(

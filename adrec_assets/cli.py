@@ -21,7 +21,7 @@ from adrec_assets.privacy import pseudonymize, resolve_key
 from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
 
 ASSET_ORDER = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users",
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
     "global_mean", "ad_index", "position_bias", "policy_posterior",
 )  # fmt: skip
 

@@ -16,7 +16,7 @@ from adrec_assets.assets.policy_posterior import policy_posterior
 from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.projector import projector
 from adrec_assets.assets.raw_ads import raw_ads
-from adrec_assets.assets.served_users import served_users
+from adrec_assets.assets.served_model import served_model
 from adrec_assets.assets.snapshot import snapshot
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.automation import (
@@ -29,7 +29,7 @@ from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, EncoderResource, ExperimentsResource
 
 PIPELINE_ASSETS = [
-    raw_ads, click_graph, ad_embeddings_raw, user_embeddings, projector, ad_projected, served_users, global_mean,
+    raw_ads, click_graph, ad_embeddings_raw, user_embeddings, projector, ad_projected, served_model, global_mean,
     ad_index, position_bias, policy_posterior, snapshot,
 ]  # fmt: skip
 ALL_ASSETS = [*PIPELINE_ASSETS, evaluation, experiment_report]
@@ -40,7 +40,7 @@ adrec_pipeline_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(*PIPELINE_ASSETS),
     partitions_def=click_source_partitions,
     description="Encode ads, learn the user space from clicks, train the projector, project every ad, "
-    "refit the users to the projected ads; "
+    "refit the users to the projected ads and the clicked ads to their clickers; "
     "publish the run's artifacts as the source's new snapshot, all together or not at all.",
 )
 

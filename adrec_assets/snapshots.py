@@ -398,17 +398,18 @@ def check_consistency(load: Callable[[str], Any], assets: list[str], required: t
     def field(asset: str, attr: str) -> tuple[str, Any]:
         return asset, getattr(got[asset], attr) if asset in got else None
 
-    same("ad ids", field("raw_ads", "ad_ids"), field("ad_embeddings_raw", "ids"), field("ad_projected", "ids"))
+    same("ad ids", field("raw_ads", "ad_ids"), field("ad_embeddings_raw", "ids"), field("ad_projected", "ids"),
+         field("served_ads", "ids"))  # fmt: skip
     same("user ids", field("click_graph", "user_ids"), field("user_embeddings", "ids"), field("served_users", "ids"))
     same("user spaces", field("user_embeddings", "space"), field("served_users", "space"), field("global_mean", "space"),
-         field("projector", "user_space"), field("ad_projected", "space"), field("ad_index", "space"),
+         field("projector", "user_space"), field("ad_projected", "space"), field("served_ads", "space"), field("ad_index", "space"),
          field("policy_posterior", "space"))  # fmt: skip
     same("encoders", field("ad_embeddings_raw", "encoder_id"), field("projector", "encoder_id"),
-         field("ad_projected", "encoder_id"), field("ad_index", "encoder_id"))  # fmt: skip
+         field("ad_projected", "encoder_id"), field("served_ads", "encoder_id"), field("ad_index", "encoder_id"))  # fmt: skip
     if "ad_index" in got:
-        index, projected = got["ad_index"].index, got.get("ad_projected")
-        if projected is not None and sorted(index.ad_ids(index.live_slots()).tolist()) != sorted(projected.ids.tolist()):
-            problems.append("ad_index does not hold exactly the ads of ad_projected")
+        index, served = got["ad_index"].index, got.get("served_ads", got.get("ad_projected"))
+        if served is not None and sorted(index.ad_ids(index.live_slots()).tolist()) != sorted(served.ids.tolist()):
+            problems.append("ad_index does not hold exactly the ads of served_ads")
     if problems:
         raise SnapshotError("the artifacts of this run do not fit together: " + "; ".join(problems))
     info = {}

@@ -19,7 +19,7 @@ ALL_CHECKS = list(defs.asset_checks or [])
 #: The checks a default pipeline run evaluates: those on the artifacts it publishes (the
 #: reports' checks, e.g. experiment_report's, run with the reports).
 PIPELINE_CHECKS = [
-    c for c in ALL_CHECKS if all(k.asset_key in {a.key for a in PIPELINE_ASSETS} for k in c.check_keys)
+    c for c in ALL_CHECKS if all(k.asset_key in {key for a in PIPELINE_ASSETS for key in a.keys} for k in c.check_keys)
 ]
 
 
@@ -33,6 +33,7 @@ ASSET_FILES = {
     "projector": "pt",
     "ad_projected": "npz",
     "served_users": "npz",
+    "served_ads": "npz",
     "ad_index": "npz",
     "position_bias": "npz",
     "policy_posterior": "npz",

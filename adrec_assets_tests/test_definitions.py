@@ -24,16 +24,19 @@ EXPECTED_DEPS = {
     "click_graph": {"raw_ads"},  # the clicks are read against the catalogue raw_ads holds
     "ad_embeddings_raw": {"raw_ads"},
     "user_embeddings": {"click_graph"},
-    "served_users": {"click_graph", "user_embeddings", "ad_projected"},  # users refitted to the projected ads
+    # served_model: users and ads fitted together (users to the projections, clicked ads to their clickers)
+    "served_users": {"click_graph", "user_embeddings", "ad_projected"},
     "global_mean": {"served_users"},
     "projector": {"raw_ads", "ad_embeddings_raw", "click_graph", "user_embeddings"},  # raw_ads: the ad fields
     "ad_projected": {"raw_ads", "ad_embeddings_raw", "projector"},
-    "ad_index": {"ad_projected", "served_users"},  # recall is measured on the partition's users
+    "served_ads": {"click_graph", "user_embeddings", "ad_projected"},
+    "ad_index": {"served_ads", "served_users"},  # recall is measured on the partition's users
     "position_bias": set(),  # reads the served event log
-    "policy_posterior": {"click_graph", "served_users", "global_mean", "ad_projected", "position_bias"},
+    "policy_posterior": {"click_graph", "served_users", "global_mean", "served_ads", "position_bias"},
     "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
-                 "ad_projected", "served_users", "ad_index", "position_bias", "policy_posterior"},  # published together
-    "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "served_users"},
+                 "ad_projected", "served_users", "served_ads", "ad_index", "position_bias", "policy_posterior"},  # published together
+    "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "served_users",
+                   "served_ads"},
     "experiment_report": set(),  # reads the served event log and the experiments file
 }
 REPORTS = {"evaluation", "experiment_report"}  # written beside the snapshots, outside the pipeline job

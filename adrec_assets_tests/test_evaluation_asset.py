@@ -87,10 +87,11 @@ def test_pipeline_beats_the_baselines_on_synthetic(evaluation_run):
 def test_ad_projected_carries_the_projectors_popularity_bias(default_pipeline):
     base, _, _ = default_pipeline
     projected = load_artifact(base, "ad_projected")
+    served = load_artifact(base, "served_ads")
     raw = load_artifact(base, "ad_embeddings_raw")
     trained = TrainedProjector.from_checkpoint(torch.load(published_files(base)["projector"], weights_only=True))
     np.testing.assert_allclose(projected.score_bias, score_bias(trained.model, raw.vectors), atol=1e-6)
-    # serving adds it: a user vector orthogonal to every ad ranks purely by the bias
+    # serving adds the served ads' score term: a zero user vector ranks purely by it
     user = np.zeros(projected.dim, dtype=np.float32)
     top = Recommender.load(base, "synthetic").recommend(user, k=3)
-    assert [r.ad_id for r in top] == list(projected.ids[np.argsort(-projected.score_bias, kind="stable")[:3]])
+    assert [r.ad_id for r in top] == list(served.ids[np.argsort(-served.score_bias, kind="stable")[:3]])

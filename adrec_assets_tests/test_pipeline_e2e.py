@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
@@ -38,7 +40,7 @@ def test_all_assets_and_checks_succeed(pipeline):
     }
     assert materialized == {*ASSET_FILES, "snapshot"}
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 11 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 12 and all(e.passed for e in evaluations)
     files = published_files(base)
     assert set(files) == set(ASSET_FILES)  # one snapshot holds every artifact of the run
     for asset, ext in ASSET_FILES.items():
@@ -85,21 +87,27 @@ def test_artifact_shapes_norms_and_alignment(pipeline):
     assert projected.space == users.space
 
 
-def test_served_users_are_the_user_space_refitted_to_the_projected_ads_and_the_prior_averages_them(pipeline):
+def test_served_users_and_ads_are_the_served_model_fitted_to_the_clicks_and_the_prior_averages_them(pipeline):
     base, result, _ = pipeline
-    from adrec_assets.ml.params import UserRefitParams
+    from adrec_assets.ml.params import AdRefitParams, UserRefitParams
     from adrec_assets.ml.recommender import Recommender
+    from adrec_assets.ml.served_model import fit_served_model
     from adrec_assets.ml.training import normalized_mean
-    from adrec_assets.ml.user_refit import refit_users
 
     graph, users, projected = load(base, "click_graph"), load(base, "user_embeddings"), load(base, "ad_projected")
-    served = load(base, "served_users")
+    served, served_ads = load(base, "served_users"), load(base, "served_ads")
     assert (served.ids == users.ids).all() and served.space == users.space and served.provenance.params == {
         "alpha": 5.0, "regularization": 10.0, "mix": 1.0
     }
+    assert json.loads(served_ads.refit_params) == asdict(AdRefitParams())
     rows = [list(projected.ids).index(ad) for ad in graph.ad_ids]
-    expected = refit_users(graph, users.vectors, projected.vectors[rows], UserRefitParams())
-    np.testing.assert_allclose(served.vectors, expected, atol=1e-6)
+    expected = fit_served_model(graph, users.vectors, projected.vectors[rows], projected.score_bias[rows],
+                                UserRefitParams(), AdRefitParams())  # fmt: skip
+    np.testing.assert_allclose(served.vectors, expected.users, atol=1e-6)
+    np.testing.assert_allclose(served_ads.vectors[rows], expected.ads.vectors, atol=1e-5)
+    cold = np.setdiff1d(np.arange(len(projected)), rows)  # ads nobody clicked: served exactly as projected
+    assert len(cold) and (served_ads.vectors[cold] == projected.vectors[cold]).all()
+    assert (served_ads.score_bias[cold] == projected.score_bias[cold]).all()
     moved = np.einsum("ij,ij->i", served.vectors, users.vectors)
     metadata = next(e.materialization.metadata for e in result.get_asset_materialization_events()
                     if e.materialization.asset_key.to_user_string() == "served_users")  # fmt: skip
@@ -107,6 +115,8 @@ def test_served_users_are_the_user_space_refitted_to_the_projected_ads_and_the_p
     np.testing.assert_allclose(load(base, "global_mean").vector, normalized_mean(served.vectors)[0], atol=1e-6)
     recommender = Recommender.load(base, "synthetic")  # what `cli recommend` (and the service) rank with
     np.testing.assert_array_equal(recommender.user_vector(served.ids[3])[0], served.vectors[3])
+    np.testing.assert_allclose(recommender.scores(served.ids[3]), served_ads.vectors @ served.vectors[3] + served_ads.score_bias,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
 
 
 def test_projector_checkpoint_loads_weights_only_and_reproduces_ad_projected(pipeline):

@@ -487,7 +487,7 @@ def model_class_ceiling(world: World, pairs_per_user: int = 200, k: int = 5) -> 
     from adrec_assets.snapshots import SnapshotStore
 
     store = SnapshotStore(world.artifacts_root, world.source)
-    users, projected, prior = (store.load(a) for a in ("served_users", "ad_projected", "global_mean"))
+    users, projected, prior = (store.load(a) for a in ("served_users", "served_ads", "global_mean"))
     key = world.id_key.encode()
     rows = [users.row_of(pseudonymize(u, key)) for u in world.user_ids]
     vectors = np.array([prior.vector if r is None else users.vectors[r] for r in rows], dtype=np.float64)
@@ -665,8 +665,9 @@ def _train_snapshot(
     """The pipeline's training code on the clicks of the ads not held out; the snapshot
     catalogue is ``catalog_rows`` of the source catalogue. Returns facts to print."""
     from adrec_assets.ml.models import TrainedProjector
-    from adrec_assets.ml.params import ProjectorParams, UserRefitParams, UserTrainingParams
+    from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
     from adrec_assets.ml.refresh import FULL_RETRAIN
+    from adrec_assets.ml.served_model import fit_served_model
     from adrec_assets.ml.training import normalized_mean, project_with_bias, train_projector, train_user_embeddings
     from adrec_assets.ml.types import (
         AdCatalog,
@@ -679,7 +680,6 @@ def _train_snapshot(
         align_rows,
         vectors_fingerprint,
     )
-    from adrec_assets.ml.user_refit import refit_users
     from adrec_assets.online.index import AdIndex, IndexedAds, recall_at_k
     from adrec_assets.privacy import key_fingerprint, pseudonymize_many
 
@@ -706,9 +706,13 @@ def _train_snapshot(
     ad_content = ContentEmbeddings(ads.ad_ids, content.vectors[catalog_rows], content.encoder_id,
                                    content.has_image[catalog_rows])  # fmt: skip
     vectors, bias = project_with_bias(trained.model, ad_content.vectors)
-    refit_params = UserRefitParams()
+    refit_params, ad_params = UserRefitParams(), AdRefitParams()
     clicked_rows = align_rows(ads.ad_ids, training.ad_ids, "clicked ads missing from the snapshot catalogue")
-    served = refit_users(training, trained_users.vectors, vectors[clicked_rows], refit_params)
+    model = fit_served_model(training, trained_users.vectors, vectors[clicked_rows], bias[clicked_rows], refit_params,
+                             ad_params)  # fmt: skip
+    served = model.users
+    served_vectors, served_bias = vectors.copy(), bias.copy()
+    served_vectors[clicked_rows], served_bias[clicked_rows] = model.ads.vectors, model.ads.score_bias
     served_users = UserEmbeddings(
         training.user_ids, served, space, trained_users.isolated,
         TrainingProvenance(asdict(refit_params), inputs, FULL_RETRAIN),
@@ -717,13 +721,15 @@ def _train_snapshot(
     prior = GlobalMean(prior_vector, len(served_users), norm, space)
     projector = TrainedProjector.trained(trained.model, content.encoder_id, space, inputs, FULL_RETRAIN)
     projected = ProjectedAds(ads.ad_ids, vectors, space, content.encoder_id, bias)
-    index = AdIndex.build(ads.ad_ids.tolist(), vectors, bias, seed=seed)
+    served_ads = ProjectedAds(ads.ad_ids, served_vectors, space, content.encoder_id, served_bias,
+                              json.dumps(asdict(ad_params)))  # fmt: skip
+    index = AdIndex.build(ads.ad_ids.tolist(), served_vectors, served_bias, seed=seed)
     sample = served_users.trained_vectors()[:500]
     recall = recall_at_k(index, np.hstack([sample, np.ones((len(sample), 1), np.float32)]), 10)
     snapshot = _publish_snapshot(root, source, {
         "raw_ads": ads, "click_graph": training, "ad_embeddings_raw": ad_content, "user_embeddings": user_embeddings,
         "global_mean": prior, "projector": projector, "ad_projected": projected, "served_users": served_users,
-        "ad_index": IndexedAds(index, space, content.encoder_id, round(float(recall), 6)),
+        "served_ads": served_ads, "ad_index": IndexedAds(index, space, content.encoder_id, round(float(recall), 6)),
     })  # fmt: skip
     return {"snapshot": snapshot, "train_seconds": round(time.perf_counter() - began, 1),
             "training_users": int(training.n_users), "training_ads": int(training.n_ads),
@@ -870,6 +876,8 @@ def synthetic_world(
         "global_mean": GlobalMean(prior_vector, n_users, norm, space),
         "projector": TrainedProjector.trained(model, encoder_id, space, provenance.inputs_fingerprint, FULL_RETRAIN),
         "ad_projected": ProjectedAds(ad_ids[in_snapshot], vectors[in_snapshot], space, encoder_id, bias[in_snapshot]),
+        "served_ads": ProjectedAds(ad_ids[in_snapshot], vectors[in_snapshot], space, encoder_id, bias[in_snapshot],
+                                   "{}"),  # the world's given ad vectors: no clicks to refit them to
         "ad_index": IndexedAds(index, space, encoder_id, 1.0),
     })  # fmt: skip
     latest = max(1, rounds - arrival_window)

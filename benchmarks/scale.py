@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PIPELINE = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users",
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
     "global_mean",
 )  # fmt: skip
 N_TOPICS = 50

@@ -1,4 +1,4 @@
-"""ad_index: every projected ad in a FAISS index whose inner product is the product's score."""
+"""ad_index: every served ad in a FAISS index whose inner product is the product's score."""
 
 import dagster as dg
 import numpy as np
@@ -25,22 +25,22 @@ class AdIndexConfig(dg.Config):
 
 @dg.asset(kinds={"faiss"}, **PARTITIONED)
 def ad_index(
-    context: dg.AssetExecutionContext, config: AdIndexConfig, ad_projected: ProjectedAds, served_users: UserEmbeddings
+    context: dg.AssetExecutionContext, config: AdIndexConfig, served_ads: ProjectedAds, served_users: UserEmbeddings
 ) -> dg.Output[IndexedAds]:
     """Each ad stored as ``[p_a, score_bias_a]``, so the query ``[u, 1]`` scores
     ``u . p_a + score_bias_a`` (and an exploration policy's folded query ``[theta_u * u, theta_b]``
     its own score) in one inner-product search. Recall@10 is measured on a seeded sample of
     the partition's own users against exact search."""
-    if ad_projected.space != served_users.space:
+    if served_ads.space != served_users.space:
         raise ArtifactError(
-            f"ad_index[{context.partition_key}]: ad_projected lives in {ad_projected.space!r} but served_users "
+            f"ad_index[{context.partition_key}]: served_ads lives in {served_ads.space!r} but served_users "
             f"in {served_users.space!r}; re-materialize the pipeline so both come from one run"
         )
     with stopwatch() as timing:
         index = AdIndex.build(
-            ad_projected.ids.tolist(),
-            ad_projected.vectors,
-            ad_projected.score_bias,
+            served_ads.ids.tolist(),
+            served_ads.vectors,
+            served_ads.score_bias,
             exact_max_ads=config.exact_max_ads,
             hnsw_m=config.hnsw_m,
             ef_construction=config.ef_construction,
@@ -53,7 +53,7 @@ def ad_index(
     queries = np.concatenate([sample, np.ones((len(sample), 1), np.float32)], axis=1).astype(np.float32)
     with stopwatch() as recall_timing:
         recall = recall_at_k(index, queries, RECALL_K)
-    indexed = IndexedAds(index, ad_projected.space, ad_projected.encoder_id, round(float(recall), 6))
+    indexed = IndexedAds(index, served_ads.space, served_ads.encoder_id, round(float(recall), 6))
     return dg.Output(
         indexed,
         metadata={

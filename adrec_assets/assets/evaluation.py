@@ -1,15 +1,17 @@
-"""evaluation: item cold-start quality of this partition's pipeline, next to the baselines.
+"""evaluation: cold-ad and warm quality of this partition's pipeline, next to the baselines.
 
-The protocol lives in :mod:`adrec_assets.ml.evaluation` (no Dagster); this asset runs it
-with the settings the partition's ``user_embeddings``, ``projector`` and ``served_users``
-were materialized with (read from their artifacts), so the numbers describe the pipeline that is
-actually serving, and publishes the table, a plot and numeric metadata the UI charts
-across materializations.
+The protocols live in :mod:`adrec_assets.ml.evaluation` (cold ads) and
+:mod:`adrec_assets.ml.warm_evaluation` (known users, ads with clicks; no Dagster); this asset
+runs them with the settings the partition's ``user_embeddings``, ``projector``,
+``served_users`` and ``served_ads`` were materialized with (read from their artifacts), so the
+numbers describe the pipeline that is actually serving, and publishes the tables, a plot and
+numeric metadata the UI charts across materializations.
 """
 
 import base64
 import io
 import json
+from dataclasses import replace
 
 import dagster as dg
 import numpy as np
@@ -24,12 +26,16 @@ from adrec_assets.ml.evaluation import (
     EvaluationReport,
     combine_seeds,
     evaluate_cold_start,
+    with_warm,
 )
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.params import UserRefitParams, UserTrainingParams
-from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, UserEmbeddings, align_rows
+from adrec_assets.ml.params import AdRefitParams, UserRefitParams, UserTrainingParams
+from adrec_assets.ml.types import AdCatalog, ArtifactError, ClickGraph, ContentEmbeddings, ProjectedAds, UserEmbeddings, align_rows
+from adrec_assets.ml.pipeline import fit_pipeline
+from adrec_assets.ml.warm_evaluation import WARM_PIPELINE, WarmParams, evaluate_warm, pipeline_scorers
 
 _D = EvaluationParams()
+_W = WarmParams()
 
 
 class EvaluationConfig(dg.Config):
@@ -46,6 +52,12 @@ class EvaluationConfig(dg.Config):
     warm_reference: bool = Field(
         default=_D.warm_reference, description="Also retrain with half of each cold ad's clicks visible."
     )
+    warm: bool = Field(
+        default=True,
+        description="Also run the warm protocol: hold out a share of each user's clicks on ads that keep others, "
+        "rank the whole catalogue against popularity, EASE and implicit ALS tuned on a validation split.",
+    )
+    holdout_share: float = Field(default=_W.holdout_share, description="Warm protocol: share of each user's clicks held out.")
 
     def to_params(self) -> list[EvaluationParams]:
         common = self.model_dump(exclude={"seeds"})
@@ -106,27 +118,46 @@ def evaluation(
     user_embeddings: UserEmbeddings,
     projector: TrainedProjector,
     served_users: UserEmbeddings,
+    served_ads: ProjectedAds,
 ) -> dg.Output[EvaluationReport]:
     """Cold-ad Recall@k / NDCG@k / AUC of the pipeline against random, content-kNN, the
     global-mean user, ridge into user space, ridge into ALS item factors (with the ad fields
     too, when the source declares them) and a warm reference, on one seeded split per seed.
-    The headline is the pipeline's ratio to the stronger ridge -> ALS baseline."""
+    The headline is the pipeline's ratio to the stronger ridge -> ALS baseline. With ``warm``
+    each seed also runs the warm protocol, headlined by ``pipeline_vs_best_warm_baseline``."""
     where = f"evaluation[{context.partition_key}]: clicked ads"
+    if not served_ads.refit_params:
+        raise ArtifactError(f"evaluation[{context.partition_key}]: served_ads holds no ad refit settings; "
+                            "re-materialize served_ads")  # fmt: skip
+    user_params = UserTrainingParams(**user_embeddings.provenance.params)
+    refit_params = UserRefitParams(**served_users.provenance.params)
+    ad_params = AdRefitParams(**json.loads(served_ads.refit_params))
     content = ad_embeddings_raw.vectors[align_rows(ad_embeddings_raw.ids, click_graph.ad_ids, where)]
     fields = raw_ads.fields.take(align_rows(raw_ads.ad_ids, click_graph.ad_ids, where))
-    report = combine_seeds([
-        evaluate_cold_start(
-            click_graph,
-            content,
-            UserTrainingParams(**user_embeddings.provenance.params),
-            projector.params,
-            params,
+    # the warm protocol ranks the whole catalogue: the graph's ads first, then those without clicks
+    catalogue = np.concatenate([click_graph.ad_ids, np.setdiff1d(raw_ads.ad_ids, click_graph.ad_ids)])
+    all_content = ad_embeddings_raw.vectors[align_rows(ad_embeddings_raw.ids, catalogue, "evaluation: catalogue")]
+    all_fields = raw_ads.fields.take(align_rows(raw_ads.ad_ids, catalogue, "evaluation: catalogue"))
+
+    def one_seed(params: EvaluationParams) -> EvaluationReport:
+        report = evaluate_cold_start(
+            click_graph, content, user_params, projector.params, params, log=context.log.info, fields=fields,
+            refit_params=refit_params, ad_params=ad_params,
+        )  # fmt: skip
+        if not config.warm:
+            return report
+        warm = evaluate_warm(
+            click_graph, len(catalogue),
+            lambda train: pipeline_scorers(fit_pipeline(
+                train, all_content, all_fields, replace(user_params, seed=params.seed),
+                replace(projector.params, seed=params.seed), refit_params, ad_params,
+            )),
+            WarmParams(holdout_share=config.holdout_share, k=params.k, seed=params.seed),
             log=context.log.info,
-            fields=fields,
-            refit_params=UserRefitParams(**served_users.provenance.params),
-        )
-        for params in config.to_params()
-    ])  # fmt: skip
+        )  # fmt: skip
+        return with_warm(report, warm)
+
+    report = combine_seeds([one_seed(params) for params in config.to_params()])
     pipeline = report.results[PIPELINE]
     best_name, best_recall = report.best_baseline()
     headline, per_seed = report.headline()
@@ -155,5 +186,25 @@ def evaluation(
             "n_held_out_clicks": report.n_held_out_clicks,
             "evaluation_seconds": dg.MetadataValue.float(round(report.seconds, 2)),
             "settings": dg.MetadataValue.json(json.loads(report.settings)),
+            **warm_metadata(report),
         },
     )
+
+
+def warm_metadata(report: EvaluationReport) -> dict[str, object]:
+    """The warm table, its headline per seed and the tuned baselines (empty without the warm protocol)."""
+    if WARM_PIPELINE not in report.warm_per_seed:
+        return {}
+    ratio, per_seed, best = report.warm_headline()
+    out: dict[str, object] = {
+        "pipeline_vs_best_warm_baseline": dg.MetadataValue.float(round(ratio, 4)),
+        "pipeline_vs_best_warm_baseline_per_seed": ", ".join(f"{r:.3f}" for r in per_seed),
+        "pipeline_vs_best_warm_baseline_min_seed": dg.MetadataValue.float(round(float(np.nanmin(per_seed)), 4)),
+        "best_warm_baseline": best,
+        "warm_results": dg.MetadataValue.md(report.warm_markdown()),
+        "warm_settings": dg.MetadataValue.json(json.loads(report.warm_settings)),
+    }
+    for name, values in report.warm_per_seed.items():
+        out[f"warm_{name}_recall_at_{report.k}"] = dg.MetadataValue.float(round(float(values[:, 0].mean()), 5))
+        out[f"warm_{name}_ndcg_at_{report.k}"] = dg.MetadataValue.float(round(float(values[:, 1].mean()), 5))
+    return out

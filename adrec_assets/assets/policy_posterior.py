@@ -19,11 +19,11 @@ def policy_posterior(
     click_graph: ClickGraph,
     served_users: UserEmbeddings,
     global_mean: GlobalMean,
-    ad_projected: ProjectedAds,
+    served_ads: ProjectedAds,
     position_bias: PositionBias,
 ) -> dg.Output[PolicyPosterior]:
-    """Bayesian logistic regression on phi(u, a) = [u * p_a, b_a, 1], learnt by replaying the
-    logged impressions with this run's user and ad vectors (position-bias aware). Every
+    """Bayesian logistic regression on phi(u, a) = [u * v_a, b_a, 1] (``served_ads``), learnt
+    by replaying the logged impressions with this run's user and ad vectors (position-bias aware). Every
     replica and every restart serves this same posterior; the service then refines it online
     from the events it receives. Ads no longer in the catalogue are skipped; users not in
     the user space are represented by the global mean, as the service does. The catalogue
@@ -31,7 +31,7 @@ def policy_posterior(
     (prior sd ``DEFAULT_FRESH_PRIOR_SD``, the service's default) learn from the same replay."""
     with stopwatch() as timing:
         impressions = impressions_with_outcomes(read_event_log(click_sources.sources_root() / context.partition_key))
-        ad_row = {ad: row for row, ad in enumerate(ad_projected.ids.tolist())}
+        ad_row = {ad: row for row, ad in enumerate(served_ads.ids.tolist())}
         known = impressions[impressions["ad_id"].map(lambda a: a in ad_row)] if len(impressions) else impressions
         users = np.stack(
             [
@@ -40,10 +40,10 @@ def policy_posterior(
             ]
         ) if len(known) else np.zeros((0, served_users.dim), np.float32)  # fmt: skip
         rows = np.asarray([ad_row[a] for a in known["ad_id"].tolist()], dtype=np.int64)
-        ads = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
+        ads = np.concatenate([served_ads.vectors[rows], served_ads.score_bias[rows, None]], axis=1)
         positions = known["position"].to_numpy(dtype=np.int64) if len(known) else np.zeros(0, np.int64)
         theta = theta_covering(position_bias.theta, int(positions.max()) + 1 if len(positions) else 1)
-        fresh = _fresh_effects(click_graph, ad_projected, served_users.dim)
+        fresh = _fresh_effects(click_graph, served_ads, served_users.dim)
         posterior = replay_posterior(
             served_users.dim, users.astype(np.float32), ads.astype(np.float32),
             known["clicked"].to_numpy(dtype=float) if len(known) else np.zeros(0), positions, theta,
@@ -65,10 +65,10 @@ def policy_posterior(
     )
 
 
-def _fresh_effects(click_graph: ClickGraph, ad_projected: ProjectedAds, dim: int) -> FreshAdEffects:
+def _fresh_effects(click_graph: ClickGraph, served_ads: ProjectedAds, dim: int) -> FreshAdEffects:
     """Prior effects for the projected ads without a training click, numbered by their row."""
-    rows = untrained_rows(ad_projected.ids, click_graph.ad_ids, click_graph.ad_degrees())
+    rows = untrained_rows(served_ads.ids, click_graph.ad_ids, click_graph.ad_degrees())
     fresh = FreshAdEffects(dim, DEFAULT_FRESH_PRIOR_SD)
-    stored = np.concatenate([ad_projected.vectors[rows], ad_projected.score_bias[rows, None]], axis=1)
-    fresh.register(ad_projected.ids[rows].tolist(), rows, stored)
+    stored = np.concatenate([served_ads.vectors[rows], served_ads.score_bias[rows, None]], axis=1)
+    fresh.register(served_ads.ids[rows].tolist(), rows, stored)
     return fresh

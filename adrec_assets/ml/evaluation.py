@@ -35,16 +35,12 @@ from adrec_assets.ml.fields import AdFields
 from adrec_assets.ml.linear import ridge_fit, ridge_predict
 from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
 from adrec_assets.ml.sampling import clicker_centroids
-from adrec_assets.ml.params import ProjectorParams, UserRefitParams, UserTrainingParams
-from adrec_assets.ml.training import (
-    normalized_mean,
-    project_with_bias,
-    train_projector,
-    train_user_embeddings,
-)
+from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
+from adrec_assets.ml.pipeline import fit_pipeline
+from adrec_assets.ml.training import normalized_mean
 from adrec_assets.ml.recommender import score_matrix
-from adrec_assets.ml.user_refit import refit_users
 from adrec_assets.ml.types import ClickGraph, Fields, artifact_type, pack_strings
+from adrec_assets.ml.warm_evaluation import WARM_BASELINES, WARM_METHOD_LABELS, WARM_METHOD_ORDER, WARM_PIPELINE, WarmReport
 
 LogFn = Callable[[str], None]
 
@@ -241,45 +237,34 @@ def train_pipeline_on(
     refresh_epochs: tuple[int, int] = (2, 2),
     fields: AdFields = AdFields(),
     refit_params: UserRefitParams = UserRefitParams(),
+    ad_params: AdRefitParams = AdRefitParams(),
 ) -> TrainedOnSplit:
     """The pipeline's own training code on the split's training clicks (or on ``train``,
     a graph over the same user/ad indices). With ``warm_from`` it is a warm-start refresh:
     user vectors and projector weights start from that model and train ``refresh_epochs``
     (users, projector) epochs, as the assets do after new clicks arrive. ``fields`` (rows
     aligned with ``content``) are the ads' structured fields; as in the ``projector`` asset
-    their encoding is fitted on every ad's cells (ad properties, no clicks). Users are then
-    refitted against the projected ads (``refit_params``), as ``served_users`` does; the cold
-    ads have no training click, so they do not enter the refit."""
+    their encoding is fitted on every ad's cells (ad properties, no clicks). Users and ads are
+    then fitted as ``served_model`` does (``refit_params``, ``ad_params``); the cold ads have no
+    training click, so they keep their projections and do not enter the fit."""
     started = time.perf_counter()
     train = split.train if train is None else train
-    users = train_user_embeddings(
-        train,
-        user_params,
-        init=None if warm_from is None else warm_from.user_vectors,
-        epochs=None if warm_from is None else refresh_epochs[0],
-    )
+    fitted = fit_pipeline(
+        train, content, fields, user_params, projector_params, refit_params, ad_params,
+        init_users=None if warm_from is None else warm_from.user_vectors,
+        init_projector=None if warm_from is None else warm_from.projector_state, refresh_epochs=refresh_epochs,
+    )  # fmt: skip
     if log:
-        log(f"user space: {users.history.steps} steps, final loss {users.history.epoch_losses[-1]:.4f}")
-    model = train_projector(
-        train,
-        content,
-        users.vectors,
-        projector_params,
-        init_state=None if warm_from is None else warm_from.projector_state,
-        epochs=None if warm_from is None else refresh_epochs[1],
-        fields=fields.fit(projector_params.field_scale),
-        field_cells=fields.cells,
-    ).model
-    projected, bias = project_with_bias(model, content, fields.cells)  # every ad, once: the refit reads them all
-    served = refit_users(train, users.vectors, projected, refit_params)
+        log(f"user space: {fitted.history_steps} steps, final loss {fitted.final_loss:.4f}")
+    model = fitted.model
     cold_inputs = model.inputs(content[split.cold_ads], fields.take(split.cold_ads).cells)
     with torch.inference_mode():
         popularity = model.popularity_z(torch.from_numpy(cold_inputs))
     return TrainedOnSplit(
-        users.vectors,
-        served,
-        projected[split.cold_ads],
-        bias[split.cold_ads],
+        fitted.user_vectors,
+        fitted.users,
+        fitted.projected[split.cold_ads],
+        fitted.projected_bias[split.cold_ads],
         popularity.numpy(),
         time.perf_counter() - started,
         {k: v.clone() for k, v in model.state_dict().items()},
@@ -311,6 +296,9 @@ class EvaluationReport:
     settings: str = ""  # JSON of the evaluation and training params used
     seeds: list[int] = field(default_factory=list)
     per_seed: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (n_seeds, 3) recall, ndcg, auc
+    #: the warm protocol (adrec_assets.ml.warm_evaluation), when run: method -> (n_seeds, 2) recall, ndcg
+    warm_per_seed: dict[str, np.ndarray] = field(default_factory=dict)
+    warm_settings: str = "[]"  # JSON, one entry per seed: tuned baselines, their grids, counts
 
     _COUNTS: ClassVar[tuple[str, ...]] = ("n_cold_ads", "n_eval_users", "n_train_clicks", "n_held_out_clicks")
 
@@ -330,6 +318,12 @@ class EvaluationReport:
             ),
         }
         out.update({name: np.asarray(getattr(self, name)) for name in self._COUNTS})
+        warm = list(self.warm_per_seed)
+        out.update(pack_strings("warm_methods", warm))
+        out["warm_metrics"] = np.asarray([self.warm_per_seed[n] for n in warm], dtype=np.float64).reshape(
+            len(warm), len(self.seeds) if warm else 0, 2
+        )
+        out["warm_settings"] = np.asarray(self.warm_settings)
         return out
 
     @classmethod
@@ -345,6 +339,8 @@ class EvaluationReport:
             k=int(f.array("k")), results=results, seconds=float(f.array("seconds")),
             settings=f.text("settings"), **counts, seeds=[int(s) for s in f.array("seeds")],
             per_seed=dict(zip(names, f.array("seed_metrics"))),
+            warm_per_seed=dict(zip([str(n) for n in f.strings("warm_methods")], f.array("warm_metrics"))),
+            warm_settings=f.text("warm_settings"),
         )  # fmt: skip
 
     def headline(self) -> tuple[float, np.ndarray]:
@@ -365,6 +361,26 @@ class EvaluationReport:
         pipeline must clear; ``ridge_als`` is compared separately)."""
         name = max(CONTENT_BASELINES, key=lambda m: self.results[m].recall)
         return name, self.results[name].recall
+
+    def warm_headline(self) -> tuple[float, np.ndarray, str]:
+        """(ratio, per seed, baseline): pipeline / the best tuned warm baseline by mean Recall@k,
+        and each seed's pipeline / that seed's best baseline."""
+        names = [m for m in WARM_BASELINES if m in self.warm_per_seed]
+        best = max(names, key=lambda m: self.warm_per_seed[m][:, 0].mean())
+        pipeline = self.warm_per_seed[WARM_PIPELINE][:, 0]
+        per_seed = pipeline / np.stack([self.warm_per_seed[m][:, 0] for m in names]).max(axis=0)
+        return float(pipeline.mean() / self.warm_per_seed[best][:, 0].mean()), per_seed, best
+
+    def warm_markdown(self) -> str:
+        """The warm table: Recall@k and NDCG@k, mean ± std over seeds, and Recall@k per seed."""
+        k = self.k
+        lines = [f"| method (warm) | Recall@{k} | NDCG@{k} | Recall@{k} per seed |", "|---|---:|---:|---|"]
+        for name in WARM_METHOD_ORDER:
+            if name in self.warm_per_seed:
+                v = self.warm_per_seed[name]
+                cells = [f"{v[:, i].mean():.4f} ± {v[:, i].std():.4f}" for i in range(2)]
+                lines.append(f"| {WARM_METHOD_LABELS[name]} | {' | '.join(cells)} | {', '.join(f'{x:.4f}' for x in v[:, 0])} |")
+        return "\n".join(lines)
 
     def markdown(self) -> str:
         """The table; over several seeds each cell is mean ± std across them."""
@@ -397,10 +413,24 @@ def combine_seeds(reports: list[EvaluationReport]) -> EvaluationReport:
     seeds = [seed for r in reports for seed in r.seeds]
     settings["seeds"] = seeds
     counts = {name: getattr(first, name) for name in EvaluationReport._COUNTS}
+    warm_methods = [m for m in first.warm_per_seed if all(m in r.warm_per_seed for r in reports)]
     return EvaluationReport(
         k=first.k, results=results, seconds=sum(r.seconds for r in reports), settings=json.dumps(settings, sort_keys=True),
         seeds=seeds, per_seed=per_seed, **counts,
+        warm_per_seed={m: np.concatenate([r.warm_per_seed[m] for r in reports]) for m in warm_methods},
+        warm_settings=json.dumps([entry for r in reports for entry in json.loads(r.warm_settings)]),
     )  # fmt: skip
+
+
+def with_warm(report: EvaluationReport, warm: WarmReport) -> EvaluationReport:
+    """``report`` (one seed) with that seed's warm table attached."""
+    report.warm_per_seed = {name: np.asarray([values]) for name, values in warm.results.items()}
+    report.warm_settings = json.dumps([{
+        "seed": warm.seed, "tuned": warm.tuned, "grid": warm.grid, "n_eval_users": warm.n_eval_users,
+        "n_held_out_clicks": warm.n_held_out, "seconds": round(warm.seconds, 1),
+    }])  # fmt: skip
+    report.seconds += warm.seconds
+    return report
 
 
 def score_metrics(scores: np.ndarray, split: ColdSplit, k: int, seed: int) -> MethodResult:
@@ -425,6 +455,7 @@ def evaluate_cold_start(
     log: LogFn | None = None,
     fields: AdFields = AdFields(),
     refit_params: UserRefitParams = UserRefitParams(),
+    ad_params: AdRefitParams = AdRefitParams(),
 ) -> EvaluationReport:
     """Run the whole protocol; ``content`` rows (and ``fields``' cells) align with ``graph.ad_ids``."""
     if len(content) != graph.n_ads:
@@ -441,7 +472,7 @@ def evaluate_cold_start(
         n_held_out_clicks=int(split.relevant.sum()),
         settings=json.dumps(
             {"evaluation": asdict(params), "user": asdict(user_params), "projector": asdict(projector_params),
-             "refit": asdict(refit_params)},
+             "refit": asdict(refit_params), "ad_refit": asdict(ad_params)},
             sort_keys=True,
         ),
     )
@@ -456,7 +487,7 @@ def evaluate_cold_start(
     record("random", rng.random(split.relevant.shape))
     record("content_knn", content_knn_scores(split, content))
     trained = train_pipeline_on(split, content, user_params, projector_params, log, fields=fields,
-                                refit_params=refit_params)  # fmt: skip
+                                refit_params=refit_params, ad_params=ad_params)  # fmt: skip
     n_eval = len(split.eval_users)
     record("popularity", np.tile(trained.popularity_cold, (n_eval, 1)))
     prior = normalized_mean(trained.served_vectors)[0]
@@ -474,8 +505,9 @@ def evaluate_cold_start(
     if params.warm_reference:
         warm = warm_split(graph, split.cold_ads, params.seed)
         warm_trained = train_pipeline_on(
-            warm, content, user_params, projector_params, log, fields=fields, refit_params=refit_params
-        )
+            warm, content, user_params, projector_params, log, fields=fields, refit_params=refit_params,
+            ad_params=ad_params,
+        )  # fmt: skip
         record("warm_reference", warm_trained.scores(warm.eval_users), warm)
     report.seconds = time.perf_counter() - started
     report.seeds = [params.seed]
@@ -513,6 +545,7 @@ def compare_refresh(
     log: LogFn | None = None,
     fields: AdFields = AdFields(),
     refit_params: UserRefitParams = UserRefitParams(),
+    ad_params: AdRefitParams = AdRefitParams(),
 ) -> RefreshComparison:
     """Does a warm-start refresh lose cold-start quality against a full retrain?
 
@@ -527,7 +560,7 @@ def compare_refresh(
     split = cold_split(graph, params)
     is_cold_click = np.isin(graph.indices, split.cold_ads)
     old_train = _keep_clicks(graph, ~is_cold_click & ~is_new_click)
-    common = {"log": log, "fields": fields, "refit_params": refit_params}
+    common = {"log": log, "fields": fields, "refit_params": refit_params, "ad_params": ad_params}
     full = train_pipeline_on(split, content, user_params, projector_params, **common)
     stale = train_pipeline_on(split, content, user_params, projector_params, train=old_train, **common)
     refreshed = train_pipeline_on(

@@ -66,3 +66,23 @@ class UserRefitParams:
     mix: float = setting(
         1.0, "Served vector = normalize(InfoNCE vector + mix x unit refit); 0 serves the InfoNCE vectors unchanged."
     )
+
+
+@dataclass(frozen=True)
+class AdRefitParams:
+    """Implicit-ALS ad steps against the served users whose prior mean is the ad's content
+    projection, alternated with user steps (``adrec_assets.ml.served_model``): how strongly a
+    click counts, how hard an ad is pulled toward its projection, how much of the
+    content-predicted popularity it keeps, and how often users and ads alternate."""
+
+    alpha: float = setting(5.0, "Confidence of a click: a clicker counts 1 + alpha x its click weight.")
+    regularization: float = setting(
+        30.0, "Pull (lambda) toward the content projection: an ad with few clicks stays near it, many clicks outweigh it."
+    )
+    warm_bias: float = setting(
+        0.0, "Share of the content-predicted popularity term an ad with clicks keeps (its clicks carry popularity too)."
+    )
+    iterations: int = setting(
+        3, "Alternations after the first ad step: users refitted to the served ads, then ads to those users (0 = none)."
+    )
+    user_regularization: float = setting(30.0, "L2 penalty (lambda) of the alternating user steps.")

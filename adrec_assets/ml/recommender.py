@@ -5,8 +5,9 @@
     rec.recommend(vector, k=10, exclude=["ad-1"])  # or any vector of the user space
     rec.score(pseudonym, ["ad-3", "ad-7"])
 
-Score = u . p_a + b_a: the cosine between the user and the projected ad (all unit vectors)
-plus the ad's content-predicted popularity term. :func:`score_matrix` is that formula, shared
+Score = u . v_a + b_a: the served user against the served ad (``served_ads``: the content
+projection for an ad without clicks, pulled toward its clickers for one with clicks) plus the
+ad's score term. :func:`score_matrix` is that formula, shared
 by this class, the cold-start evaluation and the online service, so they can never drift
 apart. Plain Python: no Dagster.
 """
@@ -43,14 +44,14 @@ class Recommendation:
 
 
 class Recommender:
-    """Users, the cold-start prior and every projected ad of one trained user space.
+    """Users, the cold-start prior and every served ad of one trained user space.
 
     Refuses artifacts from different user spaces: a projector trained against yesterday's
     user vectors does not map into today's.
     """
 
     def __init__(self, users: UserEmbeddings, prior: GlobalMean, ads: ProjectedAds, version: str = "") -> None:
-        spaces = {"served_users": users.space, "global_mean": prior.space, "ad_projected": ads.space}
+        spaces = {"served_users": users.space, "global_mean": prior.space, "served_ads": ads.space}
         if len(set(spaces.values())) != 1:
             raise ArtifactError(
                 f"artifacts of different user spaces cannot be combined ({spaces}); "
@@ -63,7 +64,8 @@ class Recommender:
     @classmethod
     def load(cls, artifacts_root: str | Path, source: str) -> "Recommender":
         """The published snapshot of ``source`` under ``artifacts_root`` (all three artifacts
-        from the same snapshot, whatever is published meanwhile)."""
+        from the same snapshot, whatever is published meanwhile). A snapshot published before
+        ``served_ads`` existed serves its ``ad_projected``."""
         from adrec_assets.snapshots import SnapshotStore
 
         store = SnapshotStore(artifacts_root, source)
@@ -71,7 +73,7 @@ class Recommender:
         return cls(
             store.load("served_users", snapshot),
             store.load("global_mean", snapshot),
-            store.load("ad_projected", snapshot),
+            store.load("served_ads" if "served_ads" in snapshot.artifacts else "ad_projected", snapshot),
             snapshot.id,
         )
 

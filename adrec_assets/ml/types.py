@@ -495,13 +495,16 @@ class UserEmbeddings(_RowVectors):
 @artifact_type("projected_ads")
 @dataclass(frozen=True, eq=False)
 class ProjectedAds(_RowVectors):
-    """Every ad, clicked or not, in a trained user space: score = u . vector + score_bias."""
+    """Every ad, clicked or not, in a trained user space: score = u . vector + score_bias.
+    ``ad_projected`` holds the content projections (unit rows); ``served_ads`` the same ads
+    after the ad refit, with the refit's settings in ``refit_params``."""
 
     ids: np.ndarray  # (n,) ad ids
-    vectors: np.ndarray  # (n, d) float32 unit rows
+    vectors: np.ndarray  # (n, d) float32 (unit rows for the projections)
     space: str  # the user space these live in (the projector's)
     encoder_id: str  # the content encoder they were projected from
     score_bias: np.ndarray  # (n,) float32: the content-predicted popularity term
+    refit_params: str = ""  # JSON of the AdRefitParams the vectors were refitted with; "" = projections
 
     def __post_init__(self) -> None:
         self._check_rows("ProjectedAds")
@@ -515,14 +518,16 @@ class ProjectedAds(_RowVectors):
             "space": np.asarray(self.space),
             "encoder_id": np.asarray(self.encoder_id),
             "score_bias": self.score_bias,
+            "refit_params": np.asarray(self.refit_params),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ProjectedAds":
         f = Fields(arrays, cls.type_tag)
         return cls(
-            f.strings("ids"), f.array("vectors"), f.text("space"), f.text("encoder_id"), f.array("score_bias")
-        )
+            f.strings("ids"), f.array("vectors"), f.text("space"), f.text("encoder_id"), f.array("score_bias"),
+            f.text("refit_params"),
+        )  # fmt: skip
 
 
 @artifact_type("global_mean")

@@ -1,0 +1,70 @@
+"""The users and ads the service ranks with, fitted together from the clicks.
+
+1. Users are refitted against the content projections (:mod:`adrec_assets.ml.user_refit`),
+   so they live where cold ads live.
+2. Ads with clicks take one implicit-ALS step against those users, with their projection as
+   prior mean (:mod:`adrec_assets.ml.ad_refit`).
+3. ``iterations`` times: users take a plain implicit-ALS step against the served ads, then the
+   ads take their step again against those users. This is alternating least squares whose
+   item factors are pulled toward the content projections (Agarwal & Chen 2009); the
+   ``benchmarks/README.md`` warm table has what each part adds.
+
+Served users are unit rows (the score of a cold ad, u . p_a + b_a, keeps the scale its
+``score_bias`` was calibrated on); a user without a click keeps the vector step 1 gives it. An
+ad without a click keeps its projection and score term exactly, whatever the iterations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from adrec_assets.ml.ad_refit import RefitAds, check_params, refit_ads
+from adrec_assets.ml.als_step import solve_rows
+from adrec_assets.ml.params import AdRefitParams, UserRefitParams
+from adrec_assets.ml.types import ClickGraph
+from adrec_assets.ml.user_refit import refit_users
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    users: np.ndarray  # (n_users, d) float32 unit rows, aligned with graph.user_ids
+    ads: RefitAds  # rows aligned with graph.ad_ids
+    projection_users: np.ndarray  # step 1 alone: the users fitted to the projections (what served before the ad refit)
+
+
+def user_step(graph: ClickGraph, ad_vectors: np.ndarray, alpha: float, regularization: float) -> np.ndarray:
+    """(n_users, d) one implicit-ALS user step against ``ad_vectors`` (rows align with
+    ``graph.ad_ids``), zero prior mean; a user without a click gets a zero row."""
+    v = np.asarray(ad_vectors, dtype=np.float64)
+    clicked = v[graph.ad_degrees() > 0]
+    gram = clicked.T @ clicked + regularization * np.eye(v.shape[1])
+    return solve_rows(graph.indptr, graph.indices, graph.weights, v, gram, alpha, np.arange(graph.n_users))
+
+
+def fit_served_model(
+    graph: ClickGraph,
+    user_vectors: np.ndarray,
+    projected: np.ndarray,
+    score_bias: np.ndarray,
+    user_params: UserRefitParams = UserRefitParams(),
+    ad_params: AdRefitParams = AdRefitParams(),
+) -> ServedModel:
+    """Served users and ads (see the module docstring); ``user_vectors`` are the InfoNCE users
+    (rows align with ``graph.user_ids``), ``projected`` and ``score_bias`` the projections of
+    the graph's ads."""
+    check_params(ad_params)
+    if ad_params.iterations < 0 or not (ad_params.user_regularization > 0 and np.isfinite(ad_params.user_regularization)):
+        raise ValueError(f"AdRefitParams: iterations {ad_params.iterations!r} must be >= 0 and user_regularization "
+                         f"{ad_params.user_regularization!r} > 0")  # fmt: skip
+    users = first = refit_users(graph, user_vectors, projected, user_params)
+    ads = refit_ads(graph, users, projected, score_bias, ad_params)
+    has_clicks = np.diff(graph.indptr) > 0
+    for _ in range(ad_params.iterations):
+        fitted = user_step(graph, ads.vectors, ad_params.alpha, ad_params.user_regularization)[has_clicks]
+        norms = np.linalg.norm(fitted, axis=1, keepdims=True)
+        users = users.copy()
+        users[has_clicks] = np.where(norms > 1e-12, fitted / np.maximum(norms, 1e-12), users[has_clicks])
+        ads = refit_ads(graph, users, projected, score_bias, ad_params)
+    return ServedModel(users.astype(np.float32), ads, first)
