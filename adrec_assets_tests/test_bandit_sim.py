@@ -171,3 +171,25 @@ def test_a_second_run_on_a_work_folder_in_use_is_refused_before_it_touches_the_r
             sim.main(["--work", str(work), "--source", str(tmp_path / "absent"), "--rounds", "1"])
     assert "another bandit_sim run is using it" in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == [".lock"]
+
+
+def test_static_references_rank_their_own_scores_and_the_report_shares_the_oracles_gain(tmp_path):
+    """A static policy serves the top of its fixed scores among live ads: handed the truth itself
+    it has exactly the oracle's (zero) regret; handed anti-truth scores it loses more than
+    random. The share of the oracle's gain is 1 for the oracle and 0 for random, per user group."""
+    rounds = 400
+    world = sim.synthetic_world(tmp_path / "artifacts", seed=1, rounds=rounds, arrival_window=200)
+    world.static_scores = {"als": world.probability.copy(), "popularity": -world.probability}
+    world.known = np.arange(len(world.user_ids)) % 3 != 0  # a third of the users count as new
+    results = [sim.simulate(world, sim.SimSettings(policy, 1, rounds, settle_every=100), tmp_path / policy)
+               for policy in (sim.ORACLE, "random", "als", "popularity")]  # fmt: skip
+    by = {r.policy: r for r in results}
+    assert np.abs(by["als"].regret).max() <= 1e-12  # the truth as static scores is the oracle
+    assert by["popularity"].cumulative_regret > by["random"].cumulative_regret > 0
+    assert (by["als"].known == world.known[np.random.default_rng([1, 1]).integers(len(world.user_ids), size=rounds)]).all()
+    table = sim.reference_table(results)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["oracle"].split("|")[2].strip() == "1.000" and rows["random"].split("|")[2].strip() == "0.000"
+    assert rows["als"].split("|")[3].strip() == "1.000" and rows["als"].split("|")[4].strip() == "1.000"  # known / new
+    assert float(rows["popularity"].split("|")[2]) < 0  # worse than random
+    assert "regret / popularity's" in table and "regret / als's" in table

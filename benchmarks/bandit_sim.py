@@ -23,14 +23,20 @@ service's ``randomized_share``) of a seed's runs pooled, regression-EM on each g
 exploring policy's own log.
 
 The MovieLens world (``--source``, ml-latest-small converted by
-``python -m adrec_assets.sources.movielens``): truth = implicit-ALS factors fitted on ALL
-clicks; ``a`` and ``b`` calibrated so the mean over users of their best 5 ads' click
-probability is ``--best-ctr`` and the catalogue-wide mean ``--mean-ctr``. Per seed, 20% of
-the ads (stratified by popularity) lose every click before the pipeline's training code
-(``train_user_embeddings``, ``train_projector``, ``project``, ``score_bias``) learns the
-service's model from the rest; ``--new-ads`` of those held-out ads are left out of the
-snapshot and arrive during the run. Encodings, ALS factors and trained snapshots are cached
-under ``--work``.
+``python -m adrec_assets.sources.movielens``): truth = EASE (Steck 2019) fitted on ALL clicks,
+a model class no learner here uses (``--truth als``: implicit-ALS factors, the old truth);
+``a`` and ``b`` calibrated so the mean over users of their best 5 ads' click probability is
+``--best-ctr`` and the catalogue-wide mean ``--mean-ctr`` (realistic rates: 5% and 0.5%). Per
+seed, 20% of the ads (stratified by popularity) lose every click and ``--new-user-share`` of
+the users lose theirs (they arrive as new users) before the pipeline's training code learns
+the service's model from the rest; ``--new-ads`` of the held-out ads are left out of the
+snapshot and arrive during the run. Static references are scored on the same rounds:
+``popularity`` (training click counts) and ``als`` (implicit ALS trained on the same training
+clicks; popularity for new users), neither learning online. Every policy of a seed meets the
+same users in the same order (common random numbers); the report gives each policy's share of
+the oracle's gain over random (overall, known and new users) and paired ratios of its regret
+to the static references with t intervals over seeds. Encodings, truth and trained snapshots
+are cached under ``--work``.
 
     .venv/bin/python benchmarks/bandit_sim.py --source data/sources/ml-latest-small
     .venv/bin/python benchmarks/bandit_sim.py --source data/sources/ml-latest-small \\
@@ -78,6 +84,12 @@ SIM_ID_KEY = "adrec-bandit-simulation-key-not-a-secret"
 DEFAULT_THETA = (1.0, 0.6, 0.45, 0.35, 0.3)
 SERVICE_POLICIES = ("greedy", "epsilon_greedy", "thompson", "random")
 ORACLE = "oracle"  # the truth's best slate, served by the simulator itself (checks the regret bookkeeping)
+#: Static reference policies, served by the simulator from scores fitted once on the training clicks.
+STATIC_POLICIES = ("popularity", "als")
+ALL_POLICIES = (*SERVICE_POLICIES, ORACLE, *STATIC_POLICIES)
+#: The static ALS reference's settings: the most frequent tuned choice of the warm protocol on
+#: ml-latest-small (benchmarks/README.md, warm table).
+STATIC_ALS = {"factors": 32, "regularization": 10.0, "alpha": 10.0}
 SIM_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the simulated clock's round 0
 #: Regression-EM's relevance features: the logged score, as the position_bias asset uses.
 EM_FEATURES = ("score",)
@@ -113,6 +125,8 @@ class World:
     content_dim: int
     id_key: str = SIM_ID_KEY
     facts: dict[str, Any] = field(default_factory=dict)  # printed with the results
+    known: np.ndarray | None = None  # (n_users,) bool: the user's clicks reached training (default: all)
+    static_scores: dict[str, np.ndarray] = field(default_factory=dict)  # policy -> (n_users, n_ads) float32
 
     def __post_init__(self) -> None:
         n_users, n_ads = self.probability.shape
@@ -129,6 +143,8 @@ class World:
         self.theta = theta
         if any(later.arrival < earlier.arrival for earlier, later in zip(self.new_ads, self.new_ads[1:])):
             raise ValueError(f"world {self.name!r}: new_ads must be sorted by arrival")
+        if self.known is None:
+            self.known = np.ones(n_users, dtype=bool)
 
     @property
     def is_new(self) -> np.ndarray:
@@ -174,7 +190,8 @@ class BestSlates:
 
 
 def oracle_slate(probability_row: np.ndarray, live: np.ndarray, k: int) -> np.ndarray:
-    """The truth's best ``k`` live ads by a full sort (independent of :class:`BestSlates`)."""
+    """The truth's best ``k`` live ads by a full sort (independent of :class:`BestSlates`); the
+    static references rank their own scores the same way."""
     candidates = np.flatnonzero(live)
     order = np.lexsort((candidates, -probability_row[candidates]))
     return candidates[order[:k]]
@@ -197,8 +214,8 @@ class SimSettings:
     fresh_scope: str = "live"  # service config: which ads carry one ("live" or "untrained")
 
     def __post_init__(self) -> None:
-        if self.policy not in (*SERVICE_POLICIES, ORACLE):
-            raise ValueError(f"policy: unknown {self.policy!r}; choose from {[*SERVICE_POLICIES, ORACLE]}")
+        if self.policy not in ALL_POLICIES:
+            raise ValueError(f"policy: unknown {self.policy!r}; choose from {list(ALL_POLICIES)}")
         if self.rounds < 1 or self.k < 1 or self.settle_every < 1:
             raise ValueError(f"rounds, k and settle_every must be >= 1, got {self.rounds}, {self.k}, {self.settle_every}")
         if not 0 <= self.randomized_share <= 1:
@@ -227,6 +244,7 @@ class RunResult:
     impressions: pd.DataFrame | None
     seconds: float
     service_seconds: float  # inside recommend / record_events / settle / flush / add_ad
+    known: np.ndarray | None = None  # (rounds,) bool: the round's user was in the training clicks
 
     @property
     def cumulative_regret(self) -> float:
@@ -294,7 +312,7 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
     theta = theta[:k]
     n_users = len(world.user_ids)
     users = np.random.default_rng([settings.seed, 1]).integers(n_users, size=settings.rounds)
-    policy_number = [*SERVICE_POLICIES, ORACLE].index(settings.policy)
+    policy_number = ALL_POLICIES.index(settings.policy)
     uniforms = np.random.default_rng([settings.seed, 2, policy_number]).random((settings.rounds, 2, k))
     is_new = world.is_new
     live = ~is_new
@@ -310,7 +328,7 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
     clicks = impressions = new_impressions = unseen_impressions = best_new_slots = 0
     clock = SimClock()
     service = None
-    if settings.policy != ORACLE:
+    if settings.policy in SERVICE_POLICIES:
         service = start_service(world, settings, folder, clock, service_seed=1000 * settings.seed + policy_number)
     pending = list(world.new_ads)
     for t in range(settings.rounds):
@@ -324,7 +342,9 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
             live[ad.index] = True
             best.add(ad.index)
         user = int(users[t])
-        if service is None:
+        if settings.policy in STATIC_POLICIES:
+            slate = oracle_slate(world.static_scores[settings.policy][user], live, k)
+        elif service is None:
             slate = oracle_slate(world.probability[user], live, k)
         else:
             began = time.perf_counter()
@@ -378,7 +398,7 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
         best_expected_clicks=best_expected, clicks=clicks, n_impressions=impressions,
         new_ad_impressions=new_impressions, unseen_impressions=unseen_impressions, best_new_ad_slots=best_new_slots,
         arrival=arrival, first_shown=first_shown, first_best=first_best, impressions=logged,
-        seconds=time.perf_counter() - started, service_seconds=service_seconds,
+        seconds=time.perf_counter() - started, service_seconds=service_seconds, known=world.known[users],
     )  # fmt: skip
 
 
@@ -603,22 +623,49 @@ def _content(catalog: Any, work: Path) -> Any:
     return content
 
 
-def _truth_factors(graph: Any, work: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Implicit-ALS factors fitted on ALL clicks (the library defaults of ``adrec_assets.ml.als``)."""
+TRUTH_EASE_L2 = 200.0  # EASE's L2 for the truth: its tuned value on ml-latest-small (warm protocol)
+
+
+def _truth_scores(graph: Any, work: Path, kind: str = "ease") -> np.ndarray:
+    """(n_users, n_ads) truth scores fitted on ALL clicks: EASE (``x_u B``, closed form) or
+    implicit-ALS factors (the library defaults of ``adrec_assets.ml.als``); cached."""
     from adrec_assets.ml.als import AlsParams, fit_als
+    from adrec_assets.ml.warm_evaluation import ease_scorer
 
     params = AlsParams(threads=2)
-    key = _fingerprint({"params": asdict(params), "users": graph.user_ids.tolist(), "ads": graph.ad_ids.tolist(),
+    key = _fingerprint({"kind": kind, "params": asdict(params), "l2": TRUTH_EASE_L2, "users": graph.user_ids.tolist(),
+                        "ads": graph.ad_ids.tolist(),
                         "clicks": hashlib.sha256(graph.indices.tobytes() + graph.indptr.tobytes()).hexdigest()})  # fmt: skip
-    path = work / "truth_als.npz"
+    path = work / f"truth_{kind}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:
             if str(stored["key"]) == key:
-                return stored["users"], stored["ads"]
-    factors = fit_als(graph, params)
+                return stored["scores"]
+    if kind == "ease":
+        scores = ease_scorer(graph, TRUTH_EASE_L2, graph.n_ads)(np.arange(graph.n_users)).astype(np.float32)
+    elif kind == "als":
+        factors = fit_als(graph, params)
+        scores = (factors.users @ factors.ads.T).astype(np.float32)
+    else:
+        raise ValueError(f"truth: unknown kind {kind!r}; choose ease or als")
     work.mkdir(parents=True, exist_ok=True)
-    np.savez(path, key=np.asarray(key), users=factors.users, ads=factors.ads)
-    return factors.users, factors.ads
+    np.savez(path, key=np.asarray(key), scores=scores)
+    return scores
+
+
+def static_scores(graph: Any, train_keep: np.ndarray, known: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """The static references' (n_users, n_ads) scores from the training clicks (``train_keep``
+    of the graph's clicks): popularity, and implicit ALS (``STATIC_ALS``) whose users without a
+    training click fall back to popularity."""
+    from adrec_assets.ml.als import AlsParams, fit_als
+    from adrec_assets.ml.warm_evaluation import keep_clicks
+
+    train = keep_clicks(graph, train_keep)
+    popularity = train.ad_degrees().astype(np.float32)
+    factors = fit_als(train, AlsParams(**STATIC_ALS, seed=seed, threads=2))
+    als = (factors.users @ factors.ads.T).astype(np.float32)
+    als[~known] = popularity
+    return {"popularity": np.broadcast_to(popularity, als.shape), "als": als}
 
 
 def calibrate(scores: np.ndarray, k: int, best_ctr: float, mean_ctr: float, seed: int = 0) -> tuple[float, float]:
@@ -660,10 +707,11 @@ def _publish_snapshot(root: Path, source: str, artifacts: dict[str, Any]) -> str
 
 def _train_snapshot(
     catalog_rows: np.ndarray, catalog: Any, content: Any, graph: Any, held_out: np.ndarray, seed: int,
-    root: Path, source: str,
+    root: Path, source: str, known: np.ndarray | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The pipeline's training code on the clicks of the ads not held out; the snapshot
-    catalogue is ``catalog_rows`` of the source catalogue. Returns facts to print."""
+    """The pipeline's training code on the clicks of the ads not held out by the ``known``
+    users (default: all); the snapshot catalogue is ``catalog_rows`` of the source catalogue.
+    Returns facts to print."""
     from adrec_assets.ml.models import TrainedProjector
     from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
     from adrec_assets.ml.refresh import FULL_RETRAIN
@@ -686,6 +734,8 @@ def _train_snapshot(
     began = time.perf_counter()
     key = SIM_ID_KEY.encode()  # the client sends the source's own user id; the service pseudonymizes it
     keep = ~np.isin(graph.indices, held_out)
+    if known is not None:
+        keep &= known[graph.click_users()]
     users = graph.click_users()[keep]
     training = ClickGraph.from_codes(
         pseudonymize_many(graph.user_ids, key), users, graph.ad_ids, graph.indices[keep].astype(np.int64),
@@ -738,8 +788,8 @@ def _train_snapshot(
 
 def movielens_world(
     source_dir: Path, work: Path, seed: int, rounds: int, *, n_new: int = 200, unseen_share: float = 0.2,
-    arrival_window: int = 5000, theta: Sequence[float] = DEFAULT_THETA, best_ctr: float = 0.2,
-    mean_ctr: float = 0.005, k: int = 5,
+    arrival_window: int = 5000, theta: Sequence[float] = DEFAULT_THETA, best_ctr: float = 0.05,
+    mean_ctr: float = 0.005, k: int = 5, truth: str = "ease", new_user_share: float = 0.2,
 ) -> World:  # fmt: skip
     """The MovieLens world of one seed (see the module docstring); training is cached under
     ``work`` and reused while its inputs and settings are unchanged."""
@@ -750,8 +800,7 @@ def movielens_world(
     work.mkdir(parents=True, exist_ok=True)
     catalog, graph = _read_source(source_dir)
     content = _content(catalog, work)
-    true_users, true_ads = _truth_factors(graph, work)
-    scores = true_users @ true_ads.T
+    scores = _truth_scores(graph, work, truth)
     a, b = calibrate(scores, k, best_ctr, mean_ctr)
     probability = expit(a * scores + b).astype(np.float32)
 
@@ -760,6 +809,9 @@ def movielens_world(
     if not 0 <= n_new <= len(held_out):
         raise SystemExit(f"--new-ads {n_new}: must be between 0 and the {len(held_out)} held-out ads")
     new_columns = np.sort(rng.choice(held_out, size=n_new, replace=False))
+    new_users = np.sort(np.random.default_rng([seed, 12]).choice(
+        graph.n_users, size=int(round(new_user_share * graph.n_users)), replace=False))  # fmt: skip
+    known = ~np.isin(np.arange(graph.n_users), new_users)
     latest = max(1, rounds - arrival_window) if rounds > 2 * arrival_window else max(1, rounds // 2)
     arrivals = np.sort(rng.integers(0, latest, size=n_new))
     # The world's ads are the graph's (clicked) ads: only they have truth factors.
@@ -770,14 +822,15 @@ def movielens_world(
     source = f"bandit-{source_dir.name}-s{seed}"
     root = work / "artifacts"
     settings = {"seed": seed, "unseen_share": unseen_share, "held_out": held_out.tolist(), "new": new_columns.tolist(),
-                "content": content.encoder_id, "clicks": graph.n_clicks, "format": 2}  # fmt: skip
+                "new_users": new_users.tolist(), "content": content.encoder_id, "clicks": graph.n_clicks,
+                "format": 3}  # fmt: skip
     record_path = work / f"{source}.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     if record.get("settings") != _fingerprint(settings) or SnapshotStore(root, source).current_id() != record.get(
         "facts", {}
     ).get("snapshot"):
         print(f"training the pipeline's models for seed {seed} (cached under {work}) ...", flush=True)
-        facts = _train_snapshot(catalog_rows, catalog, content, graph, held_out, seed, root, source)
+        facts = _train_snapshot(catalog_rows, catalog, content, graph, held_out, seed, root, source, known)
         record = {"settings": _fingerprint(settings), "facts": facts}
         record_path.write_text(json.dumps(record, indent=1))
     content_row = {ad: row for row, ad in enumerate(content.ids.tolist())}
@@ -788,13 +841,17 @@ def movielens_world(
     ]  # fmt: skip
     unseen = np.zeros(graph.n_ads, dtype=bool)
     unseen[held_out] = True
+    train_keep = ~unseen[graph.indices] & known[graph.click_users()]
     return World(
         name=f"{source_dir.name} seed {seed}", source=source, artifacts_root=root,
         user_ids=[str(u) for u in graph.user_ids.tolist()], ad_ids=graph.ad_ids, probability=probability,
         theta=np.asarray(theta, dtype=np.float64), unseen=unseen, new_ads=new_ads, user_dim=UserTrainingParams().dim,
         content_dim=content.vectors.shape[1],
-        facts={"a": round(a, 3), "b": round(b, 3), "users": graph.n_users, "ads": graph.n_ads,
-               "held_out_ads": len(held_out), "new_ads": n_new, **record["facts"]},
+        facts={"truth": truth, "a": round(a, 3), "b": round(b, 3), "users": graph.n_users, "new_users": len(new_users),
+               "ads": graph.n_ads, "held_out_ads": len(held_out), "new_ads": n_new,
+               "best_ctr": round(float(np.sort(probability, axis=1)[:, -k:].mean()), 4),
+               "mean_ctr": round(float(probability.mean()), 4), **record["facts"]},
+        known=known, static_scores=static_scores(graph, train_keep, known, seed),
     )  # fmt: skip
 
 
@@ -899,6 +956,50 @@ def _fmt_spread(values: Sequence[float], digits: int = 0) -> str:
     return f"{values.mean():,.{digits}f} ± {values.std():,.{digits}f}"
 
 
+def _t_interval(values: Sequence[float], digits: int = 3) -> str:
+    """mean [95% t interval] over seeds (paired: one value per seed)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return f"{values.mean():.{digits}f}" if len(values) else "–"
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():.{digits}f} [{values.mean() - half:.{digits}f}, {values.mean() + half:.{digits}f}]"
+
+
+def reference_table(results: Sequence[RunResult]) -> str:
+    """Each policy's share of the oracle's gain over random (1 - its regret / random's, on the
+    same rounds), for all, known and new users, and its regret over each static reference's,
+    paired by seed with 95% t intervals over seeds."""
+    by = {(r.policy, r.seed): r for r in results}
+    seeds = sorted({r.seed for r in results if ("random", r.seed) in by})
+    if not seeds:
+        return "(no random run: the share of the oracle's gain needs one)"
+    refs = [p for p in STATIC_POLICIES if all((p, s) in by for s in seeds)]
+    lines = ["| policy | share of the oracle's gain: all users | known users | new users | "
+             + " | ".join(f"regret / {p}'s" for p in refs) + " |", "|---|---:|---:|---:|" + "---:|" * len(refs)]  # fmt: skip
+    for policy in dict.fromkeys(r.policy for r in results):
+        if not all((policy, s) in by for s in seeds):
+            continue
+        cells = []
+        for group in ("all", "known", "new"):
+            shares = []
+            for s in seeds:
+                run, random = by[(policy, s)], by[("random", s)]
+                mask = np.ones(run.rounds, bool) if group == "all" else (run.known if group == "known" else ~run.known)
+                lost = random.regret[mask].sum()
+                if mask.any() and lost > 0:
+                    shares.append(1.0 - run.regret[mask].sum() / lost)
+            cells.append(_t_interval(shares))
+        for ref in refs:
+            cells.append(_t_interval([by[(policy, s)].cumulative_regret / by[(ref, s)].cumulative_regret
+                                      for s in seeds if by[(ref, s)].cumulative_regret > 0]))  # fmt: skip
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    lines.append(f"\n(mean [95% t interval] over {len(seeds)} seeds {seeds}; every policy of a seed meets the same users "
+                 "in the same order)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def summarize(results: Sequence[RunResult], theta: np.ndarray, estimates: dict[int, list[ThetaEstimate]],
               window: int, ceilings: dict[int, Ceiling] | None = None) -> str:  # fmt: skip
     """The printed report (markdown tables): policies over seeds, the model-class ceiling,
@@ -921,6 +1022,7 @@ def summarize(results: Sequence[RunResult], theta: np.ndarray, estimates: dict[i
             f"{_fmt_spread([100 * r.new_ad_impressions / r.n_impressions for r in runs], 2)}% | "
             f"{_fmt_spread([100 * r.unseen_impressions / r.n_impressions for r in runs], 1)}% |"
         )
+    lines.append("\n" + reference_table(results))
     first = [r for r in results if r.policy == policies[0]]
     lines.append("\n(± is the standard deviation over seeds.) Best slates' share of slots on new ads (the "
                  f"truth's): {_fmt_spread([100 * r.best_new_ad_slots / (r.rounds * 5) for r in first], 2)}%")  # fmt: skip
@@ -980,7 +1082,7 @@ def plot(results: Sequence[RunResult], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"greedy": "tab:red", "epsilon_greedy": "tab:orange", "thompson": "tab:blue", "random": "tab:gray",
-              ORACLE: "tab:green"}  # fmt: skip
+              ORACLE: "tab:green", "popularity": "tab:brown", "als": "tab:purple"}  # fmt: skip
     greedy = {r.seed: np.cumsum(r.regret) for r in results if r.policy == "greedy"}
     figure, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
     labelled: set[str] = set()
@@ -1028,12 +1130,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("data/bench/bandit"), help="cache and run folders")
     parser.add_argument("--rounds", type=int, default=100_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--policies", nargs="+", default=list(SERVICE_POLICIES), choices=[*SERVICE_POLICIES, ORACLE])
+    parser.add_argument("--policies", nargs="+", default=[*SERVICE_POLICIES, *STATIC_POLICIES], choices=ALL_POLICIES)
+    parser.add_argument("--truth", choices=["ease", "als"], default="ease", help="the truth's model class (fitted on all clicks)")
+    parser.add_argument("--new-user-share", type=float, default=0.2, help="share of users whose clicks leave training")
     parser.add_argument("--new-ads", type=int, default=200, help="held-out ads that arrive during the run")
     parser.add_argument("--unseen-share", type=float, default=0.2, help="share of ads without training clicks")
     parser.add_argument("--window", type=int, default=5000, help="rounds a new ad has to get its first impression")
     parser.add_argument("--theta", type=float, nargs="+", default=list(DEFAULT_THETA))
-    parser.add_argument("--best-ctr", type=float, default=0.2, help="mean P(click|examined) of users' best 5 ads")
+    parser.add_argument("--best-ctr", type=float, default=0.05, help="mean P(click|examined) of users' best 5 ads")
     parser.add_argument("--mean-ctr", type=float, default=0.005, help="mean P(click|examined) over all pairs")
     parser.add_argument("--randomized-share", type=float, default=0.05, help="service: share of slates permuted")
     parser.add_argument("--fresh-prior-sd", type=float, default=DEFAULT_FRESH_PRIOR_SD,
@@ -1061,6 +1165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         worlds[seed] = movielens_world(
             args.source, args.work, seed, args.rounds, n_new=args.new_ads, unseen_share=args.unseen_share,
             arrival_window=args.window, theta=args.theta, best_ctr=args.best_ctr, mean_ctr=args.mean_ctr,
+            truth=args.truth, new_user_share=args.new_user_share,
         )  # fmt: skip
         print(f"world {worlds[seed].name}: {worlds[seed].facts}", flush=True)
     print(f"worlds ready in {time.perf_counter() - wall:.0f} s; {args.rounds:,} rounds, policies {args.policies}",

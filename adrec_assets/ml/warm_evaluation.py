@@ -62,9 +62,9 @@ class WarmParams:
     k: int = 20
     seed: int = 0
     als_factors: tuple[int, ...] = (32, 64, 128)
-    als_regularization: tuple[float, ...] = (0.01, 0.1, 1.0)
-    als_alpha: tuple[float, ...] = (1.0, 10.0)
-    ease_l2: tuple[float, ...] = (50.0, 200.0, 500.0, 1000.0)
+    als_regularization: tuple[float, ...] = (0.1, 10.0, 100.0)
+    als_alpha: tuple[float, ...] = (1.0, 10.0, 40.0)
+    ease_l2: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
     max_ease_ads: int = 20_000  # EASE inverts an ads x ads matrix; skipped above this many clicked ads
     max_eval_users: int = 5_000  # users scored (a seeded sample above it)
 
