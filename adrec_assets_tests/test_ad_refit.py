@@ -104,3 +104,4 @@ def test_projections_pointing_away_from_their_clickers_are_no_prior():
         c = 1.0 + params.alpha * clicked
         fit = np.linalg.solve((u.T * c) @ u + params.regularization * np.eye(u.shape[1]), (u.T * c) @ clicked)
         np.testing.assert_allclose(out.vectors[ad], fit, rtol=1e-5, atol=1e-6)
+

@@ -28,6 +28,9 @@ from adrec_assets.ml.params import AdRefitParams
 from adrec_assets.ml.types import ClickGraph
 
 
+CHUNK = 1 << 18  # clicks per chunk of the scale's dot products
+
+
 @dataclass(frozen=True)
 class RefitAds:
     vectors: np.ndarray  # (n_ads, d) float32: the refit for ads with clicks, the projection otherwise
@@ -39,9 +42,11 @@ class RefitAds:
 def check_params(params: AdRefitParams) -> None:
     bad = [f"{name} {value!r}" for name, value, ok in (
         ("alpha", params.alpha, params.alpha >= 0), ("regularization", params.regularization, params.regularization > 0),
-        ("warm_bias", params.warm_bias, params.warm_bias >= 0)) if not (ok and np.isfinite(value))]  # fmt: skip
+        ("warm_bias", params.warm_bias, params.warm_bias >= 0), ("iterations", params.iterations, params.iterations >= 0),
+        ("user_regularization", params.user_regularization, params.user_regularization > 0)) if not (ok and np.isfinite(value))]  # fmt: skip
     if bad:
-        raise ValueError(f"AdRefitParams: {', '.join(bad)} out of range (alpha >= 0, regularization > 0, warm_bias >= 0)")
+        raise ValueError(f"AdRefitParams: {', '.join(bad)} out of range (alpha >= 0, regularization > 0, warm_bias >= 0, "
+                         "iterations >= 0, user_regularization > 0)")  # fmt: skip
 
 
 def refit_ads(
@@ -87,7 +92,11 @@ def _projection_scale(
 ) -> float:
     """argmin_s Σ_{users, warm ads} c (y − s u·p_a)²: Σ c y x / Σ c x² with x = u·p_a, where
     the sum over every (user, ad) pair is pᵀ(UᵀU)p and the clicks add their extra confidence."""
-    x = np.einsum("ij,ij->i", u[graph.click_users()], p[graph.indices])
+    users = graph.click_users()
+    x = np.concatenate([
+        np.einsum("ij,ij->i", u[users[i : i + CHUNK]], p[graph.indices[i : i + CHUNK]])
+        for i in range(0, graph.n_clicks, CHUNK)
+    ]) if graph.n_clicks else np.zeros(0)  # fmt: skip  (in chunks: clicks x d doubles would not fit at 10M clicks)
     w = graph.weights.astype(np.float64)
     numerator = float(((1.0 + alpha * w) * x).sum())
     denominator = float(np.einsum("ad,de,ae->", p[warm], user_gram, p[warm]) + (alpha * w * x * x).sum())

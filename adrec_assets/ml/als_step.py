@@ -12,12 +12,16 @@ stays small; a row with few entries costs an m x m solve (Woodbury on ``G``'s in
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 #: Entries gathered per batch (memory ~ entries x d x 8 bytes, plus the batch's d x d systems).
 BATCH_ROWS = 1 << 17
 MAX_BATCH = 512
+THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def solve_rows(
@@ -42,15 +46,21 @@ def solve_rows(
     starts, degrees = indptr[rows], indptr[rows + 1] - indptr[rows]
     order = np.argsort(degrees, kind="stable")
     order = order[degrees[order] > 0]
-    begin = 0
-    with threadpool_limits(limits=1, user_api="blas"):  # many small systems: threads only contend
-        while begin < len(order):
-            longest = int(degrees[order[min(begin + MAX_BATCH, len(order)) - 1]])
-            end = min(begin + max(1, batch_rows // longest), begin + MAX_BATCH, len(order))
-            batch = order[begin:end]
-            extra = None if prior is None else np.asarray(prior[batch], dtype=np.float64)
-            out[batch] = _batch_fits(indices, weights, factors, gram, inverse, starts[batch], degrees[batch], alpha, extra)
-            begin = end
+    batches, begin = [], 0
+    while begin < len(order):
+        longest = int(degrees[order[min(begin + MAX_BATCH, len(order)) - 1]])
+        end = min(begin + max(1, batch_rows // longest), begin + MAX_BATCH, len(order))
+        batches.append(order[begin:end])
+        begin = end
+
+    def fit(batch: np.ndarray) -> None:
+        extra = None if prior is None else np.asarray(prior[batch], dtype=np.float64)
+        out[batch] = _batch_fits(indices, weights, factors, gram, inverse, starts[batch], degrees[batch], alpha, extra)
+
+    # Many small systems: one BLAS thread each (threads inside BLAS only contend), batches spread
+    # over the cores (numpy's matmul and solve release the GIL); the batches write disjoint rows.
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=THREADS) as pool:
+        list(pool.map(fit, batches))
     return out
 
 

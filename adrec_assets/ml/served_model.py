@@ -16,6 +16,8 @@ ad without a click keeps its projection and score term exactly, whatever the ite
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,21 +52,31 @@ def fit_served_model(
     score_bias: np.ndarray,
     user_params: UserRefitParams = UserRefitParams(),
     ad_params: AdRefitParams = AdRefitParams(),
+    timing: Callable[[str, float], None] | None = None,
 ) -> ServedModel:
     """Served users and ads (see the module docstring); ``user_vectors`` are the InfoNCE users
     (rows align with ``graph.user_ids``), ``projected`` and ``score_bias`` the projections of
-    the graph's ads."""
+    the graph's ads. ``timing(stage, seconds)`` hears each step's wall time."""
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        if timing is not None:
+            timing(stage, now - clock[0])
+        clock[0] = now
+
     check_params(ad_params)
-    if ad_params.iterations < 0 or not (ad_params.user_regularization > 0 and np.isfinite(ad_params.user_regularization)):
-        raise ValueError(f"AdRefitParams: iterations {ad_params.iterations!r} must be >= 0 and user_regularization "
-                         f"{ad_params.user_regularization!r} > 0")  # fmt: skip
     users = first = refit_users(graph, user_vectors, projected, user_params)
+    lap("user refit")
     ads = refit_ads(graph, users, projected, score_bias, ad_params)
+    lap("ad step 0")
     has_clicks = np.diff(graph.indptr) > 0
-    for _ in range(ad_params.iterations):
+    for iteration in range(1, ad_params.iterations + 1):
         fitted = user_step(graph, ads.vectors, ad_params.alpha, ad_params.user_regularization)[has_clicks]
         norms = np.linalg.norm(fitted, axis=1, keepdims=True)
         users = users.copy()
         users[has_clicks] = np.where(norms > 1e-12, fitted / np.maximum(norms, 1e-12), users[has_clicks])
+        lap(f"user step {iteration}")
         ads = refit_ads(graph, users, projected, score_bias, ad_params)
+        lap(f"ad step {iteration}")
     return ServedModel(users.astype(np.float32), ads, first)
