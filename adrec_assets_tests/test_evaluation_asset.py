@@ -95,3 +95,22 @@ def test_ad_projected_carries_the_projectors_popularity_bias(default_pipeline):
     user = np.zeros(projected.dim, dtype=np.float32)
     top = Recommender.load(base, "synthetic").recommend(user, k=3)
     assert [r.ad_id for r in top] == list(served.ids[np.argsort(-served.score_bias, kind="stable")[:3]])
+
+
+def test_evaluation_runs_the_warm_protocol_with_its_headline_per_seed(evaluation_run):
+    """Beside the cold table: the warm table (popularity, tuned EASE and ALS, the pipeline with
+    and without the ad refit), its headline against the best tuned baseline, and the grid."""
+    base, result = evaluation_run
+    meta = next(e.materialization.metadata for e in result.get_asset_materialization_events())
+    report = load_artifact(base, "evaluation")
+    warm = {name: values[0, 0] for name, values in report.warm_per_seed.items()}
+    assert set(warm) == {"random", "popularity", "ease", "als", "pipeline_projection_only", PIPELINE}
+    best = max(warm["popularity"], warm["ease"], warm["als"])
+    assert meta["pipeline_vs_best_warm_baseline"].value == pytest.approx(warm[PIPELINE] / best, rel=1e-3)
+    assert meta["best_warm_baseline"].value in ("popularity", "ease", "als")
+    assert meta[f"warm_{PIPELINE}_recall_at_{K}"].value == pytest.approx(warm[PIPELINE], abs=1e-5)
+    assert warm[PIPELINE] > 2 * warm["random"]  # archetypes are learnable from clicks
+    assert "**pipeline** (served users x served ads)" in meta["warm_results"].value
+    settings = meta["warm_settings"].value
+    assert settings[0]["seed"] == 0 and len(settings[0]["grid"]["als"]) == 27 and settings[0]["tuned"]["ease"]
+    assert json.loads(report.settings)["ad_refit"] == json.loads(load_artifact(base, "served_ads").refit_params)

@@ -658,9 +658,7 @@ def static_scores(graph: Any, train_keep: np.ndarray, known: np.ndarray, seed: i
     of the graph's clicks): popularity, and implicit ALS (``STATIC_ALS``) whose users without a
     training click fall back to popularity."""
     from adrec_assets.ml.als import AlsParams, fit_als
-    from adrec_assets.ml.warm_evaluation import keep_clicks
-
-    train = keep_clicks(graph, train_keep)
+    train = graph.keep_clicks(train_keep)
     popularity = train.ad_degrees().astype(np.float32)
     factors = fit_als(train, AlsParams(**STATIC_ALS, seed=seed, threads=2))
     als = (factors.users @ factors.ads.T).astype(np.float32)

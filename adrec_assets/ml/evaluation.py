@@ -97,15 +97,6 @@ class ColdSplit:
     seen: np.ndarray  # (n_eval, n_cold) bool: clicks on cold ads visible in training (warm only)
 
 
-def _keep_clicks(graph: ClickGraph, keep: np.ndarray) -> ClickGraph:
-    """The same graph (all users and ads keep their rows/columns) with only ``keep`` clicks."""
-    rows = graph.click_users()[keep]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=graph.n_users))]).astype(np.int64)
-    return ClickGraph(
-        graph.user_ids, graph.ad_ids, indptr, graph.indices[keep], graph.weights[keep], graph.key_fingerprint
-    )
-
-
 def stratified_cold_ads(graph: ClickGraph, share: float, n_strata: int, rng: np.random.Generator) -> np.ndarray:
     """``share`` of the clicked ads, drawn evenly from popularity strata (sorted ad indices)."""
     if not 0.0 < share < 1.0:
@@ -150,7 +141,7 @@ def cold_split(graph: ClickGraph, params: EvaluationParams) -> ColdSplit:
     cold = stratified_cold_ads(graph, params.cold_share, params.n_strata, rng)
     is_cold_click = np.isin(graph.indices, cold)
     eval_users, relevant, seen = _targets(graph, cold, is_cold_click, np.zeros_like(is_cold_click))
-    return ColdSplit(_keep_clicks(graph, ~is_cold_click), cold, eval_users, relevant, seen)
+    return ColdSplit(graph.keep_clicks(~is_cold_click), cold, eval_users, relevant, seen)
 
 
 def warm_split(graph: ClickGraph, cold: np.ndarray, seed: int) -> ColdSplit:
@@ -170,7 +161,7 @@ def warm_split(graph: ClickGraph, cold: np.ndarray, seed: int) -> ColdSplit:
     visible[cold_clicks[position < degree // 2]] = True
     held_out = is_cold_click & ~visible
     eval_users, relevant, seen = _targets(graph, cold, held_out, visible)
-    return ColdSplit(_keep_clicks(graph, ~held_out), cold, eval_users, relevant, seen)
+    return ColdSplit(graph.keep_clicks(~held_out), cold, eval_users, relevant, seen)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -559,7 +550,7 @@ def compare_refresh(
         raise EvaluationError(f"is_new_click has {len(is_new_click)} entries for {graph.n_clicks} clicks")
     split = cold_split(graph, params)
     is_cold_click = np.isin(graph.indices, split.cold_ads)
-    old_train = _keep_clicks(graph, ~is_cold_click & ~is_new_click)
+    old_train = graph.keep_clicks(~is_cold_click & ~is_new_click)
     common = {"log": log, "fields": fields, "refit_params": refit_params, "ad_params": ad_params}
     full = train_pipeline_on(split, content, user_params, projector_params, **common)
     stale = train_pipeline_on(split, content, user_params, projector_params, train=old_train, **common)

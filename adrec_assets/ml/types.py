@@ -336,6 +336,13 @@ class ClickGraph:
     def ad_degrees(self) -> np.ndarray:
         return np.bincount(self.indices, minlength=self.n_ads)
 
+    def keep_clicks(self, keep: np.ndarray) -> "ClickGraph":
+        """The same graph (every user and ad keeps its row and column) with only the clicks
+        where ``keep`` (aligned with ``indices``) is true: the evaluations' training graphs."""
+        rows = self.click_users()[keep]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=self.n_users))]).astype(np.int64)
+        return ClickGraph(self.user_ids, self.ad_ids, indptr, self.indices[keep], self.weights[keep], self.key_fingerprint)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             **pack_strings("user_ids", self.user_ids),

@@ -82,15 +82,6 @@ class HoldoutSplit:
         return np.unique(self.test_users)
 
 
-def keep_clicks(graph: ClickGraph, keep: np.ndarray) -> ClickGraph:
-    """The same graph (every user and ad keeps its row/column) with only the ``keep`` clicks."""
-    rows = graph.click_users()[keep]
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=graph.n_users))]).astype(np.int64)
-    return ClickGraph(
-        graph.user_ids, graph.ad_ids, indptr, graph.indices[keep], graph.weights[keep], graph.key_fingerprint
-    )
-
-
 def holdout_split(graph: ClickGraph, share: float, rng: np.random.Generator) -> HoldoutSplit:
     """About ``share`` of each user's clicks held out, on ads that keep another click, never a
     user's last one (see the module docstring)."""
@@ -110,7 +101,7 @@ def holdout_split(graph: ClickGraph, share: float, rng: np.random.Generator) -> 
     # removes the released ones, so both guarantees hold.
     if not held.any():
         raise WarmEvaluationError("no click could be held out: every ad or user has a single click")
-    return HoldoutSplit(keep_clicks(graph, ~held), users[held], graph.indices[held].astype(np.int64))
+    return HoldoutSplit(graph.keep_clicks(~held), users[held], graph.indices[held].astype(np.int64))
 
 
 def popularity_scorer(train: ClickGraph, n_catalogue: int) -> Scorer:
