@@ -105,3 +105,24 @@ def test_projections_pointing_away_from_their_clickers_are_no_prior():
         fit = np.linalg.solve((u.T * c) @ u + params.regularization * np.eye(u.shape[1]), (u.T * c) @ clicked)
         np.testing.assert_allclose(out.vectors[ad], fit, rtol=1e-5, atol=1e-6)
 
+
+
+def test_the_served_model_keeps_the_refitted_users_by_default_and_alternation_moves_them():
+    from adrec_assets.ml.params import UserRefitParams
+    from adrec_assets.ml.served_model import fit_served_model
+    from adrec_assets.ml.user_refit import refit_users
+
+    graph, users, projected, bias, _, _ = world(seed=3)
+    stages: list[str] = []
+    model = fit_served_model(graph, users, projected, bias, timing=lambda stage, seconds: stages.append(stage))
+    np.testing.assert_array_equal(model.users, refit_users(graph, users, projected, UserRefitParams()))
+    np.testing.assert_array_equal(model.ads.vectors, refit_ads(graph, model.users, projected, bias).vectors)
+    assert stages == ["user refit", "ad step 0"]
+    alternated = fit_served_model(graph, users, projected, bias, ad_params=AdRefitParams(iterations=2))
+    np.testing.assert_allclose(np.linalg.norm(alternated.users, axis=1), 1.0, rtol=1e-5)
+    assert np.abs(alternated.users - model.users).max() > 1e-3
+    np.testing.assert_array_equal(alternated.projection_users, model.users)
+    cold = graph.ad_degrees() == 0
+    np.testing.assert_array_equal(alternated.ads.vectors[cold], projected[cold])
+    with pytest.raises(ValueError, match="iterations -1"):
+        fit_served_model(graph, users, projected, bias, ad_params=AdRefitParams(iterations=-1))

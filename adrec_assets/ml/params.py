@@ -83,6 +83,6 @@ class AdRefitParams:
         0.0, "Share of the content-predicted popularity term an ad with clicks keeps (its clicks carry popularity too)."
     )
     iterations: int = setting(
-        1, "Alternations after the first ad step: users refitted to the served ads, then ads to those users (0 = none)."
+        0, "Alternations after the first ad step: users refitted to the served ads, then ads to those users (0 = none)."
     )
     user_regularization: float = setting(30.0, "L2 penalty (lambda) of the alternating user steps.")

@@ -4,10 +4,11 @@
    so they live where cold ads live.
 2. Ads with clicks take one implicit-ALS step against those users, with their projection as
    prior mean (:mod:`adrec_assets.ml.ad_refit`).
-3. ``iterations`` times: users take a plain implicit-ALS step against the served ads, then the
-   ads take their step again against those users. This is alternating least squares whose
-   item factors are pulled toward the content projections (Agarwal & Chen 2009); the
-   ``benchmarks/README.md`` warm table has what each part adds.
+3. ``iterations`` times (default 0): users take a plain implicit-ALS step against the served
+   ads, then the ads take their step again against those users: alternating least squares
+   whose item factors are pulled toward the content projections (Agarwal & Chen 2009). It
+   ranks warm ads better and cold ads worse (``benchmarks/README.md``, warm section), so by
+   default the served users stay those of step 1.
 
 Served users are unit rows (the score of a cold ad, u . p_a + b_a, keeps the scale its
 ``score_bias`` was calibrated on); a user without a click keeps the vector step 1 gives it. An
@@ -38,7 +39,8 @@ class ServedModel:
 
 def user_step(graph: ClickGraph, ad_vectors: np.ndarray, alpha: float, regularization: float) -> np.ndarray:
     """(n_users, d) one implicit-ALS user step against ``ad_vectors`` (rows align with
-    ``graph.ad_ids``), zero prior mean; a user without a click gets a zero row."""
+    ``graph.ad_ids``), zero prior mean; a user without a click gets a zero row. (A prior mean
+    at the step-1 user gave back most of the warm gain on ml-latest-small.)"""
     v = np.asarray(ad_vectors, dtype=np.float64)
     clicked = v[graph.ad_degrees() > 0]
     gram = clicked.T @ clicked + regularization * np.eye(v.shape[1])
