@@ -22,12 +22,14 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent
 #: Pipeline assets of group "adrec" and their lineage (upstream -> downstream); the last,
-#: ``snapshot``, publishes the eleven artifacts together.
+#: ``snapshot``, publishes the twelve artifacts together.
 ARTIFACT_ASSETS = (
     "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users",
-    "global_mean", "ad_index", "position_bias", "policy_posterior",
+    "served_ads", "global_mean", "ad_index", "position_bias", "policy_posterior",
 )  # fmt: skip
 PIPELINE_ASSETS = (*ARTIFACT_ASSETS, "snapshot")
+#: The run's steps: one per asset, but one multi-asset step (served_model) for served_users + served_ads.
+PIPELINE_STEPS = tuple(dict.fromkeys("served_model" if a in ("served_users", "served_ads") else a for a in PIPELINE_ASSETS))
 PIPELINE_EDGES = (
     ("raw_ads", "ad_embeddings_raw"),
     ("raw_ads", "click_graph"),
@@ -42,13 +44,16 @@ PIPELINE_EDGES = (
     ("click_graph", "served_users"),
     ("user_embeddings", "served_users"),
     ("ad_projected", "served_users"),
+    ("click_graph", "served_ads"),
+    ("user_embeddings", "served_ads"),
+    ("ad_projected", "served_ads"),
     ("served_users", "global_mean"),
-    ("ad_projected", "ad_index"),
+    ("served_ads", "ad_index"),
     ("served_users", "ad_index"),
     ("click_graph", "policy_posterior"),
     ("served_users", "policy_posterior"),
     ("global_mean", "policy_posterior"),
-    ("ad_projected", "policy_posterior"),
+    ("served_ads", "policy_posterior"),
     ("position_bias", "policy_posterior"),
     *((asset, "snapshot") for asset in ARTIFACT_ASSETS),
 )

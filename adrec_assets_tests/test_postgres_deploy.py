@@ -25,6 +25,7 @@ import yaml
 from adrec_assets_tests.service_helpers import (
     BIN_DIR,
     PIPELINE_ASSETS,
+    PIPELINE_STEPS,
     REPO_ROOT,
     PostgresCluster,
     pipeline_env,
@@ -154,7 +155,7 @@ def step_intervals(pg_run: PgRun) -> dict[str, tuple[datetime, datetime, int]]:
             starts[step] = (ts, json.loads(event)["dagster_event"]["pid"])
         else:
             ends[step] = ts
-    assert set(PIPELINE_ASSETS) <= set(starts) and set(starts) == set(ends), (starts, ends)
+    assert set(PIPELINE_STEPS) <= set(starts) and set(starts) == set(ends), (starts, ends)
     return {step: (starts[step][0], ends[step], starts[step][1]) for step in starts}
 
 

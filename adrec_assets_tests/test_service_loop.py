@@ -92,7 +92,7 @@ def test_requests_across_a_rematerialization_never_fail_and_each_names_one_versi
         snapshot = store.snapshot(version)
         reference[version] = Recommender(
             store.load("served_users", snapshot), store.load("global_mean", snapshot),
-            store.load("ad_projected", snapshot), version,
+            store.load("served_ads", snapshot), version,
         )  # fmt: skip
     for user, _, body in answers:
         expected = reference[body["model_version"]].recommend(pseudonymize(user, TEST_ID_KEY.encode()), k=6)

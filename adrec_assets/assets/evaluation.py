@@ -60,7 +60,7 @@ class EvaluationConfig(dg.Config):
     holdout_share: float = Field(default=_W.holdout_share, description="Warm protocol: share of each user's clicks held out.")
 
     def to_params(self) -> list[EvaluationParams]:
-        common = self.model_dump(exclude={"seeds"})
+        common = self.model_dump(exclude={"seeds", "warm", "holdout_share"})
         return [EvaluationParams(**common, seed=seed) for seed in self.seeds]
 
 
