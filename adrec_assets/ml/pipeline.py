@@ -1,8 +1,9 @@
 """The serving pipeline's learnt steps in one call, on any clicks: what the evaluations retrain.
 
 The assets run these steps one per asset (``user_embeddings`` → ``projector`` → ``ad_projected``
-→ ``served_model``); the cold-start and warm evaluations and the simulator run them here on
-their training clicks, with the same code and settings, so what they measure is what serves.
+→ ``served_model``); the cold-start and warm evaluations (and ``benchmarks/warm_start.py``) run
+them here on their training clicks, with the same code and settings, so what they measure is
+what serves.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 
 from adrec_assets.ml.fields import AdFields
 from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
-from adrec_assets.ml.recommender import score_matrix
 from adrec_assets.ml.served_model import ServedModel, fit_served_model
 from adrec_assets.ml.training import ProgressFn, project_with_bias, train_projector, train_user_embeddings
 from adrec_assets.ml.models import Projector
@@ -23,7 +23,7 @@ from adrec_assets.ml.types import ClickGraph
 
 @dataclass(frozen=True)
 class FittedPipeline:
-    """Every learnt artifact over a catalogue whose first ``n_graph_ads`` rows are the graph's ads."""
+    """Every learnt artifact over a catalogue whose first rows are the training graph's ads."""
 
     user_vectors: np.ndarray  # (n_users, d) InfoNCE users: what the projector learns, a refresh starts from
     model: Projector
@@ -44,10 +44,6 @@ class FittedPipeline:
         vectors, bias = self.projected.copy(), self.projected_bias.copy()
         vectors[:n], bias[:n] = self.served.ads.vectors, self.served.ads.score_bias
         return vectors, bias
-
-    def scores(self, user_rows: np.ndarray) -> np.ndarray:
-        """The served score of the given users against every catalogue ad."""
-        return score_matrix(self.users[user_rows], *self.ads())
 
 
 def fit_pipeline(
