@@ -123,7 +123,7 @@ def page(ui_server) -> Iterator[object]:
     with playwright_sync.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=UI_TIMEOUT_MS)
         try:
-            tab = browser.new_page(viewport={"width": 2600, "height": 1500})  # wide enough for full-size nodes
+            tab = browser.new_page(viewport={"width": 2600, "height": 2600})  # room for every full-size node
             tab.set_default_timeout(UI_TIMEOUT_MS)
             server, _, _ = ui_server
             tab.goto(server.url, timeout=UI_TIMEOUT_MS)
