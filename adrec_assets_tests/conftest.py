@@ -22,6 +22,18 @@ _ENCODER_CACHE_DIR = tempfile.mkdtemp(prefix="adrec-test-encoder-cache-")
 os.environ["ADREC_ENCODER_CACHE_DIR"] = _ENCODER_CACHE_DIR
 atexit.register(shutil.rmtree, _ENCODER_CACHE_DIR, ignore_errors=True)
 
+# Hermetic sources and artifacts: whatever `make run`, `make serve` or `make demo` left in the
+# checkout's data/ (a served click file pseudonymized with another key, a snapshot of an older
+# run) is never read by a test. Tests that need a source or artifact folder make their own;
+# the defaults point at empty throw-away folders (inherited by Dagster subprocesses).
+_HERMETIC_DATA = tempfile.mkdtemp(prefix="adrec-test-data-")
+os.symlink(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "catalog"),
+           os.path.join(_HERMETIC_DATA, "catalog"))  # the built-in catalogue is read-only input
+os.environ["ADREC_DATA_DIR"] = _HERMETIC_DATA  # the online store's default path, among others
+os.environ["ADREC_SOURCES_DIR"] = os.path.join(_HERMETIC_DATA, "sources")
+os.environ["ADREC_ARTIFACTS_DIR"] = os.path.join(_HERMETIC_DATA, "artifacts")
+atexit.register(shutil.rmtree, _HERMETIC_DATA, ignore_errors=True)
+
 from collections.abc import Iterator  # noqa: E402
 
 import dagster as dg  # noqa: E402
