@@ -19,11 +19,8 @@ import numpy as np
 
 from adrec_assets.privacy import pseudonymize, resolve_key
 from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
+from adrec_assets.snapshots import PIPELINE_ARTIFACTS
 
-ASSET_ORDER = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
-    "global_mean", "ad_index", "position_bias", "policy_posterior",
-)  # fmt: skip
 
 
 def register(sources: list[str]) -> None:
@@ -91,7 +88,7 @@ def summary(source: str) -> int:
     instance = dg.DagsterInstance.get()
     print(f"source {source!r}: snapshot {snapshot.id} (model version), published by run {snapshot.run_id}")
     print(f"  history (newest first): {', '.join(store.history())}")
-    for asset in [a for a in ASSET_ORDER if a in snapshot.artifacts] + sorted(set(snapshot.artifacts) - set(ASSET_ORDER)):
+    for asset in [a for a in PIPELINE_ARTIFACTS if a in snapshot.artifacts] + sorted(set(snapshot.artifacts) - set(PIPELINE_ARTIFACTS)):
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[source]), limit=1
         ).records

@@ -53,6 +53,13 @@ DEFAULT_KEEP_SNAPSHOTS = 5
 #: Staging folders, objects and temp files younger than this may belong to a run in progress.
 DEFAULT_GC_GRACE_SECONDS = 6 * 3600
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: The artifacts one pipeline run stages and publishes together, in lineage order.
+PIPELINE_ARTIFACTS = (
+    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
+    "global_mean", "ad_index", "position_bias", "policy_posterior",
+)  # fmt: skip
+#: The offline training steps among them (the rest serve them online).
+OFFLINE_ARTIFACTS = PIPELINE_ARTIFACTS[: PIPELINE_ARTIFACTS.index("global_mean") + 1]
 
 
 class SnapshotError(RuntimeError):

@@ -20,10 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ASSETS = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
-    "global_mean",
-)  # fmt: skip
 
 
 def step_seconds(home: Path) -> dict[str, float]:

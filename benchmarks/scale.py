@@ -35,10 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PIPELINE = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
-    "global_mean",
-)  # fmt: skip
+from adrec_assets.snapshots import OFFLINE_ARTIFACTS as PIPELINE  # noqa: E402
 N_TOPICS = 50
 TOPICS = [
     "running shoes", "trail gear", "yoga mats", "road bikes", "camping tents", "fishing rods", "golf clubs",

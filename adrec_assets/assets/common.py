@@ -21,11 +21,6 @@ ASSET_GROUP = "adrec"
 EVALUATION_GROUP = "evaluation"  # quality reports: outside the serving pipeline's group and job
 PARTITION_KWARGS = {"partitions_def": click_source_partitions}
 PARTITIONED = {**PARTITION_KWARGS, "group_name": ASSET_GROUP}
-#: The artifacts one pipeline run stages and the ``snapshot`` asset publishes together.
-PIPELINE_ARTIFACTS = (
-    "raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "ad_projected", "served_users", "served_ads",
-    "global_mean", "ad_index", "position_bias", "policy_posterior",
-)  # fmt: skip
 
 
 @contextmanager

@@ -9,9 +9,9 @@ asset never runs, so nothing is published and the previous snapshot stays curren
 
 import dagster as dg
 
-from adrec_assets.assets.common import PARTITIONED, PIPELINE_ARTIFACTS
+from adrec_assets.assets.common import PARTITIONED
 from adrec_assets.resources import ArtifactStoreResource
-from adrec_assets.snapshots import check_consistency
+from adrec_assets.snapshots import PIPELINE_ARTIFACTS, check_consistency
 
 
 @dg.asset(deps=list(PIPELINE_ARTIFACTS), kinds={"json"}, **PARTITIONED)
