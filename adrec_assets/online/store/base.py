@@ -1,0 +1,288 @@
+"""The online store contract: :class:`OnlineStore` validates and encodes, backends store.
+
+What is stored (every key prefixed by the store's ``namespace``, the source name):
+
+* user vectors learnt online, keyed by (user space id, pseudonym): a vector learnt against
+  one trained user space is meaningless in the next, so after a reload to a new space the
+  old keys are simply never read again (:meth:`OnlineStore.drop_user_space` cleans them up).
+  Only 32-hex pseudonyms are accepted as keys, never raw user ids.
+* retired ads, live ads added through the API, an impression/click event queue (at-least-
+  once: events are handed out again until :meth:`OnlineStore.mark_flushed`), and small
+  named array blobs (e.g. a bandit posterior).
+
+A backend subclasses :class:`OnlineStore` and implements its abstract ``_`` hooks (inputs
+already validated, payloads already encoded by :mod:`.codec`) plus ``ping`` and ``close``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from adrec_assets.online.store.codec import (
+    _check_ad_id,
+    _check_meta,
+    _check_namespace,
+    _check_pseudonym,
+    _check_token,
+    _check_vector,
+    _decode_arrays,
+    _encode_arrays,
+    _encode_live_ad,
+    _event_json,
+)
+from adrec_assets.online.store.records import LiveAd, StoreInputError, UserState
+
+#: User-space dimension of the trained models (see ``user_embeddings``).
+USER_DIM = 128
+#: Content (encoder) dimension of an ad (``AD_EMBEDDING_DIM`` of the encoders).
+CONTENT_DIM = 768
+
+
+class OnlineStore(ABC):
+    """The contract every backend implements; public methods validate, backends store.
+
+    Input errors (:class:`StoreInputError` subclasses) are raised before anything is written.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        user_dim: int = USER_DIM,
+        content_dim: int = CONTENT_DIM,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.namespace = _check_namespace(namespace)
+        self.user_dim = int(user_dim)
+        self.content_dim = int(content_dim)
+        self._clock = clock
+
+    # -- user vectors
+    def get_user(self, space: str, pseudonym: str) -> np.ndarray | None:
+        """The user's online vector in ``space``, or None (never updated there)."""
+        state = self.get_user_state(space, pseudonym)
+        return None if state is None else state.vector
+
+    def get_user_state(self, space: str, pseudonym: str) -> UserState | None:
+        """Vector plus update count and last-update time, or None."""
+        return self._get_users(_check_token(space, "user space id"), [_check_pseudonym(pseudonym)])[0]
+
+    def get_users(self, space: str, pseudonyms: Sequence[str]) -> list[np.ndarray | None]:
+        """Vectors aligned with ``pseudonyms`` (None where a user has none in ``space``)."""
+        space = _check_token(space, "user space id")
+        keys = [_check_pseudonym(p) for p in pseudonyms]
+        return [None if s is None else s.vector for s in self._get_users(space, keys)] if keys else []
+
+    def update_user(self, space: str, pseudonym: str, update: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
+        """Atomically replace the user's vector by ``update(current or None)`` and count it.
+
+        Concurrent updates of one user (threads, processes, replicas) are serialized, so none
+        is lost. ``update`` must be a pure function of its argument: the Redis backend may call
+        it again after losing a race. If it raises, or returns an invalid vector
+        (:class:`InvalidVectorError`), nothing is written. Returns the stored vector.
+        """
+        space = _check_token(space, "user space id")
+        pseudonym = _check_pseudonym(pseudonym)
+        if not callable(update):
+            raise TypeError("update must be callable: current vector (or None) -> new vector")
+
+        def apply(current: np.ndarray | None) -> np.ndarray:
+            new = update(None if current is None else current.copy())
+            return _check_vector(new, self.user_dim, f"update_user({space!r}, {pseudonym!r}) result")
+
+        return self._update_user(space, pseudonym, apply)
+
+    def drop_user_space(self, space: str) -> int:
+        """Delete every user vector of an old user space (housekeeping after a reload);
+        returns how many were deleted."""
+        return self._drop_user_space(_check_token(space, "user space id"))
+
+    # -- retired ads
+    def retire_ad(self, ad_id: str) -> None:
+        """Mark ``ad_id`` retired (idempotent)."""
+        self._retire_ad(_check_ad_id(ad_id))
+
+    def unretire_ad(self, ad_id: str) -> bool:
+        """Make ``ad_id`` recommendable again; False if it was not retired."""
+        return self._unretire_ad(_check_ad_id(ad_id))
+
+    def is_retired(self, ad_id: str) -> bool:
+        return self._is_retired(_check_ad_id(ad_id))
+
+    def retired_ads(self) -> set[str]:
+        return self._retired_ads()
+
+    # -- live ads
+    def put_live_ad(self, ad_id: str, content_vector: np.ndarray, meta: Mapping[str, str] | None = None) -> None:
+        """Store (or replace) an ad added through the API, so restarts and replicas serve it."""
+        ad_id = _check_ad_id(ad_id)
+        vector = _check_vector(content_vector, self.content_dim, f"content_vector of live ad {ad_id!r}")
+        self._put_live_ad(ad_id, _encode_live_ad(vector, _check_meta(meta or {}, ad_id), float(self._clock())))
+
+    def live_ads(self) -> list[LiveAd]:
+        """All live ads, sorted by ad id."""
+        return sorted(self._live_ads(), key=lambda a: a.ad_id)
+
+    def drop_live_ad(self, ad_id: str) -> bool:
+        """Forget a live ad; False if there was none."""
+        return self._drop_live_ad(_check_ad_id(ad_id))
+
+    # -- event queue
+    def append_events(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Queue JSON-serializable event dicts (all or none); returns their sequence numbers,
+        strictly increasing across calls (gaps allowed, never reused)."""
+        encoded = _event_json(rows)
+        return self._append_events(encoded) if encoded else []
+
+    def pending_events(self, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
+        """The oldest ``limit`` events not yet marked flushed, as (seq, row), seq ascending.
+        The same events come back on every call (and after a crash) until ``mark_flushed``."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise StoreInputError(f"limit must be a positive int, got {limit!r}")
+        return [(seq, json.loads(row)) for seq, row in self._pending_events(limit)]
+
+    def mark_flushed(self, up_to_seq: int) -> int:
+        """Drop every queued event with seq <= ``up_to_seq`` (after its file is written);
+        returns how many were dropped."""
+        if isinstance(up_to_seq, bool) or not isinstance(up_to_seq, (int, np.integer)):
+            raise StoreInputError(f"up_to_seq must be an int sequence number, got {up_to_seq!r}")
+        return self._mark_flushed(int(up_to_seq))
+
+    # -- leases (one replica at a time does a chore)
+    def hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the lease ``name`` for ``owner``, or extend it if ``owner`` holds it; False
+        while another owner holds an unexpired one. Replicas use it so that only one of them
+        flushes the shared event queue (two flushing at once could write overlapping batches,
+        i.e. duplicate events). A holder that dies loses the lease after ``ttl_seconds``."""
+        name, owner = _check_token(name, "lease name"), _check_token(owner, "lease owner")
+        if not (isinstance(ttl_seconds, (int, float)) and not isinstance(ttl_seconds, bool) and ttl_seconds > 0):
+            raise StoreInputError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+        return self._hold_lease(name, owner, float(ttl_seconds))
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        """Give the lease back if ``owner`` holds it (a replica shutting down cleanly), so
+        another can take it at once instead of after the TTL; False if it did not hold it."""
+        return self._release_lease(_check_token(name, "lease name"), _check_token(owner, "lease owner"))
+
+    # -- served requests (what a slate was, so its events can be attributed)
+    def put_request(self, request_id: str, record: Mapping[str, Any], ttl_seconds: float) -> None:
+        """Remember what request ``request_id`` served (a JSON-serializable dict) for
+        ``ttl_seconds``: events referencing it are checked and enriched with it."""
+        request_id = _check_token(request_id, "request id")
+        if not (isinstance(ttl_seconds, (int, float)) and ttl_seconds > 0):
+            raise StoreInputError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+        (payload,) = _event_json([record])
+        self._put_request(request_id, payload, float(ttl_seconds))
+
+    def get_request(self, request_id: str) -> dict[str, Any] | None:
+        """The record of a served request, or None (unknown or expired)."""
+        payload = self._get_request(_check_token(request_id, "request id"))
+        return None if payload is None else json.loads(payload)
+
+    # -- named array blobs
+    def put_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the named blob atomically (readers see the old or the new dict, never a mix)."""
+        name = _check_token(name, "blob name")
+        self._put_blob(name, _encode_arrays(name, arrays))
+
+    def get_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+        """The named blob's arrays (fresh copies), or None if never stored."""
+        blob = self._get_blob(_check_token(name, "blob name"))
+        return None if blob is None else _decode_arrays(blob)
+
+    def update_arrays(
+        self, name: str, update: Callable[[dict[str, np.ndarray] | None], Mapping[str, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """Atomically replace the named blob by ``update(current arrays or None)``; returns
+        what was stored. Like :meth:`update_user`: ``update`` may run more than once under
+        contention (keep it pure); a raise or an invalid result stores nothing. Replicas
+        merging what each learnt into one shared blob use this instead of last-write-wins."""
+        name = _check_token(name, "blob name")
+
+        def apply(current: bytes | None) -> bytes:
+            return _encode_arrays(name, update(None if current is None else _decode_arrays(current)))
+
+        return _decode_arrays(self._update_blob(name, apply))
+
+    # -- lifecycle
+    @abstractmethod
+    def ping(self) -> bool:
+        """True when the backend answers (for ``/healthz``); never raises."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; later calls raise :class:`StoreClosedError`."""
+
+    def __enter__(self) -> OnlineStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- backend hooks (inputs already validated / encoded)
+    @abstractmethod
+    def _get_users(self, space: str, pseudonyms: list[str]) -> list[UserState | None]: ...
+
+    @abstractmethod
+    def _update_user(self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray: ...
+
+    @abstractmethod
+    def _drop_user_space(self, space: str) -> int: ...
+
+    @abstractmethod
+    def _retire_ad(self, ad_id: str) -> None: ...
+
+    @abstractmethod
+    def _unretire_ad(self, ad_id: str) -> bool: ...
+
+    @abstractmethod
+    def _is_retired(self, ad_id: str) -> bool: ...
+
+    @abstractmethod
+    def _retired_ads(self) -> set[str]: ...
+
+    @abstractmethod
+    def _put_live_ad(self, ad_id: str, blob: bytes) -> None: ...
+
+    @abstractmethod
+    def _live_ads(self) -> list[LiveAd]: ...
+
+    @abstractmethod
+    def _drop_live_ad(self, ad_id: str) -> bool: ...
+
+    @abstractmethod
+    def _append_events(self, rows: list[str]) -> list[int]: ...
+
+    @abstractmethod
+    def _pending_events(self, limit: int) -> list[tuple[int, str]]: ...
+
+    @abstractmethod
+    def _mark_flushed(self, up_to_seq: int) -> int: ...
+
+    @abstractmethod
+    def _hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool: ...
+
+    @abstractmethod
+    def _release_lease(self, name: str, owner: str) -> bool: ...
+
+    @abstractmethod
+    def _put_request(self, request_id: str, payload: str, ttl_seconds: float) -> None: ...
+
+    @abstractmethod
+    def _get_request(self, request_id: str) -> str | None: ...
+
+    @abstractmethod
+    def _put_blob(self, name: str, blob: bytes) -> None: ...
+
+    @abstractmethod
+    def _get_blob(self, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes: ...

@@ -1,0 +1,229 @@
+"""The Redis backend: several service replicas share one Redis (``redis://`` / ``rediss://``).
+
+``redis`` (redis-py) is an optional dependency, imported only when a :class:`RedisStore` is
+opened.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from adrec_assets.online.store.base import CONTENT_DIM, USER_DIM, OnlineStore
+from adrec_assets.online.store.codec import _decode_live_ad, _vector_bytes, _vector_from
+from adrec_assets.online.store.records import ConcurrentUpdateError, LiveAd, StoreClosedError, UserState
+from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
+
+REDIS_PREFIXES = ("redis://", "rediss://")
+
+# Atomic append: reserve n sequence numbers and XADD each with the explicit id "<seq>-0", so
+# concurrent appenders (replicas) can never insert out of order.
+_APPEND_LUA = """
+local n = #ARGV
+local last = redis.call('INCRBY', KEYS[1], n)
+local first = last - n + 1
+for i = 1, n do
+  redis.call('XADD', KEYS[2], string.format('%d-0', first + i - 1), 'r', ARGV[i])
+end
+return first
+"""
+
+# Lease: take it when free or expired, extend it when the caller already holds it.
+_LEASE_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisStore(OnlineStore):
+    """Store in Redis so several replicas share one state. Keys are
+    ``adrec:{<namespace>}:...`` (the hash tag keeps a namespace in one Cluster slot).
+
+    User records are hashes updated with WATCH/MULTI (optimistic; retried on conflict, each
+    retry means another writer succeeded). Events are a stream with ids ``<seq>-0`` from an
+    INCRBY counter (Lua, atomic), trimmed exactly with ``XTRIM MINID`` (Redis >= 6.2).
+    Durability is the server's: run it with AOF (``appendonly yes``) or events can be lost
+    on a Redis crash.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str,
+        user_dim: int = USER_DIM,
+        content_dim: int = CONTENT_DIM,
+        clock: Callable[[], float] = time.time,
+        max_update_retries: int = 1000,
+        socket_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(namespace, user_dim=user_dim, content_dim=content_dim, clock=clock)
+        import redis  # optional dependency: only the Redis backend needs it
+
+        self._redis_mod = redis
+        self.url = url
+        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s)
+        self._prefix = f"adrec:{{{self.namespace}}}:"
+        self._max_retries = int(max_update_retries)
+        self._append = self._client.register_script(_APPEND_LUA)
+        self._lease = self._client.register_script(_LEASE_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
+        self._closed = False
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    @property
+    def _r(self) -> Any:
+        if self._closed:
+            raise StoreClosedError(f"RedisStore for namespace {self.namespace!r} is closed")
+        return self._client
+
+    @staticmethod
+    def _state(fields: dict[bytes, bytes]) -> UserState | None:
+        if not fields:
+            return None
+        return UserState(_vector_from(fields[b"v"]), int(fields[b"n"]), float(fields[b"t"]))
+
+    def _get_users(self, space: str, pseudonyms: list[str]) -> list[UserState | None]:
+        pipe = self._r.pipeline(transaction=False)
+        for p in pseudonyms:
+            pipe.hgetall(self._key("user", space, p))
+        return [self._state(f) for f in pipe.execute()]
+
+    def _read_modify_write(self, key: str, compute: Callable[[Any], tuple[Any, Callable[[Any], object]]], what: str) -> Any:
+        """Optimistic transaction on one key: WATCH it, ``compute(pipe)`` reads (immediate
+        mode) and returns (result, write(pipe)); the write is queued in MULTI and executed.
+        Another writer in between makes EXEC fail: re-read and re-compute, ``max_update_retries``
+        times at most."""
+        with self._r.pipeline(transaction=True) as pipe:
+            for _ in range(self._max_retries):
+                try:
+                    pipe.watch(key)
+                    result, write = compute(pipe)
+                    pipe.multi()
+                    write(pipe)
+                    pipe.execute()
+                    return result
+                except self._redis_mod.WatchError:
+                    continue  # another writer changed the key in between: re-read, re-apply
+                finally:
+                    pipe.reset()
+        raise ConcurrentUpdateError(f"{what} lost {self._max_retries} races in a row; raise max_update_retries or write it less often")
+
+    def _update_user(self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
+        key = self._key("user", space, pseudonym)
+
+        def compute(pipe: Any) -> tuple[np.ndarray, Callable[[Any], object]]:
+            state = self._state(pipe.hgetall(key))
+            new = apply(None if state is None else state.vector)
+            n = 1 if state is None else state.n_updates + 1
+            return new, lambda p: p.hset(key, mapping={"v": _vector_bytes(new), "n": n, "t": repr(float(self._clock()))})
+
+        return self._read_modify_write(key, compute, f"update_user({space!r}, {pseudonym!r})")
+
+    def _drop_user_space(self, space: str) -> int:
+        glob_safe = re.sub(r"([\\*?\[\]])", r"\\\1", self._key("user", space, ""))
+        pattern = glob_safe + "?" * PSEUDONYM_HEX_CHARS
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self._r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += self._r.delete(*batch)
+                batch = []
+        if batch:
+            deleted += self._r.delete(*batch)
+        return deleted
+
+    def _retire_ad(self, ad_id: str) -> None:
+        self._r.sadd(self._key("retired"), ad_id)
+
+    def _unretire_ad(self, ad_id: str) -> bool:
+        return bool(self._r.srem(self._key("retired"), ad_id))
+
+    def _is_retired(self, ad_id: str) -> bool:
+        return bool(self._r.sismember(self._key("retired"), ad_id))
+
+    def _retired_ads(self) -> set[str]:
+        return {m.decode("utf-8") for m in self._r.smembers(self._key("retired"))}
+
+    def _put_live_ad(self, ad_id: str, blob: bytes) -> None:
+        self._r.hset(self._key("live_ads"), ad_id, blob)
+
+    def _live_ads(self) -> list[LiveAd]:
+        return [_decode_live_ad(a.decode("utf-8"), b) for a, b in self._r.hgetall(self._key("live_ads")).items()]
+
+    def _drop_live_ad(self, ad_id: str) -> bool:
+        return bool(self._r.hdel(self._key("live_ads"), ad_id))
+
+    def _append_events(self, rows: list[str]) -> list[int]:
+        first = int(self._append(keys=[self._key("events_seq"), self._key("events")], args=rows, client=self._r))
+        return list(range(first, first + len(rows)))
+
+    def _pending_events(self, limit: int) -> list[tuple[int, str]]:
+        entries = self._r.xrange(self._key("events"), min="-", max="+", count=limit)
+        return [(int(eid.split(b"-")[0]), fields[b"r"].decode("utf-8")) for eid, fields in entries]
+
+    def _mark_flushed(self, up_to_seq: int) -> int:
+        if up_to_seq < 0:
+            return 0
+        # exact trim (approximate=False): entries <= up_to_seq must never be handed out again
+        return int(self._r.xtrim(self._key("events"), minid=f"{up_to_seq + 1}-0", approximate=False))
+
+    def _hold_lease(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        return bool(self._lease(keys=[self._key("lease", name)], args=[owner, ttl_ms], client=self._r))
+
+    def _release_lease(self, name: str, owner: str) -> bool:
+        return bool(self._release(keys=[self._key("lease", name)], args=[owner], client=self._r))
+
+    def _put_request(self, request_id: str, payload: str, ttl_seconds: float) -> None:
+        self._r.set(self._key("request", request_id), payload, px=max(1, int(ttl_seconds * 1000)))
+
+    def _get_request(self, request_id: str) -> str | None:
+        payload = self._r.get(self._key("request", request_id))
+        return None if payload is None else payload.decode("utf-8")
+
+    def _put_blob(self, name: str, blob: bytes) -> None:
+        self._r.set(self._key("blob", name), blob)
+
+    def _get_blob(self, name: str) -> bytes | None:
+        return self._r.get(self._key("blob", name))
+
+    def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes:
+        key = self._key("blob", name)
+
+        def compute(pipe: Any) -> tuple[bytes, Callable[[Any], object]]:
+            blob = apply(pipe.get(key))
+            return blob, lambda p: p.set(key, blob)
+
+        return self._read_modify_write(key, compute, f"update_arrays({name!r})")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._r.ping())
+        except (self._redis_mod.RedisError, StoreClosedError, OSError):
+            return False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    def __repr__(self) -> str:
+        return f"RedisStore(<url>, namespace={self.namespace!r})"  # the URL may hold a password
