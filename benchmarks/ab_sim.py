@@ -1,7 +1,7 @@
 """A/B statistics validated by simulation: A/A false positives under peeking, A/B power at
 the planned size, sample-ratio-mismatch detection and CUPED's variance reduction.
 
-Synthetic users (``abstats.SyntheticPopulation``): impressions 1 + Poisson(Gamma activity)
+Synthetic users (``ab_population.SyntheticPopulation``): impressions 1 + Poisson(Gamma activity)
 (negative binomial, mean 20), per-user CTR ~ Beta (mean 3%, concentration 30), pre-period
 clicks at the same per-user CTR. Users arrive in ``--looks`` equal batches per arm, each
 with their whole outcome; every look re-computes the delta-method z-test and the mSPRT's
@@ -17,21 +17,21 @@ import argparse
 import math
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from ab_population import SyntheticPopulation  # noqa: E402
 from scipy import stats  # noqa: E402
 from statsmodels.stats.power import GofChisquarePower  # noqa: E402
 from statsmodels.stats.proportion import proportion_confint  # noqa: E402
 
-from adrec_assets.online.abstats import (  # noqa: E402
+from adrec_assets.abtest.stats import (  # noqa: E402
     SRM_P_THRESHOLD,
     PowerPlan,
     RatioMoments,
-    SyntheticPopulation,
     always_valid_p_values,
     contrast,
     cuped_theta,
@@ -50,8 +50,16 @@ def rate(successes: int, trials: int, digits: int = 1) -> str:
     return f"{successes / trials:6.{digits}%}  [{low:.{digits}%}, {high:.{digits}%}]"
 
 
-def simulate(population: SyntheticPopulation, rng: np.random.Generator, sims: int, users_per_arm: int,
-             looks: int, lift: float, tau2: float, alpha: float) -> dict[str, np.ndarray]:
+def simulate(
+    population: SyntheticPopulation,
+    rng: np.random.Generator,
+    sims: int,
+    users_per_arm: int,
+    looks: int,
+    lift: float,
+    tau2: float,
+    alpha: float,
+) -> dict[str, np.ndarray]:
     """Decisions of every test in each simulated experiment (booleans of length sims)."""
     control = population.look_moments(rng, sims, users_per_arm, looks)
     treatment = population.look_moments(rng, sims, users_per_arm, looks, relative_lift=lift)
@@ -105,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     calibration = plan_users_per_arm(
         ctr, variance, args.lift, test="sequential", treatment_per_user_variance=treatment_variance, **common
     )
-    print(f"pilot: {PILOT_USERS:,} users, CTR {ctr:.4%}, per-user variance of the linearized CTR {variance:.3e} "
-          f"(treatment at +{args.lift:.0%}: {treatment_variance:.3e}, ratio {treatment_variance / variance:.3f})")
+    print(
+        f"pilot: {PILOT_USERS:,} users, CTR {ctr:.4%}, per-user variance of the linearized CTR {variance:.3e} "
+        f"(treatment at +{args.lift:.0%}: {treatment_variance:.3e}, ratio {treatment_variance / variance:.3f})"
+    )
     print(f"plans for +{args.lift:.0%} relative lift, alpha {args.alpha}, power {args.power}, {args.looks} looks:")
     plans = (
         ("fixed-horizon delta-method z", fixed),
@@ -148,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         measured = 1.0 - np.var(result["cuped_diff"]) / np.var(result["diff"])
         boot = 1.0 - np.var(result["cuped_diff"][resample], axis=1) / np.var(result["diff"][resample], axis=1)
         low, high = np.percentile(boot, [2.5, 97.5])
-        print(f"  {label}: variance reduction reported {np.mean(reported):.1%} (per experiment "
-              f"{np.min(reported):.1%} to {np.max(reported):.1%}); measured across the {n:,} experiments "
-              f"{measured:.1%} [bootstrap 95%: {low:.1%}, {high:.1%}]")
+        print(
+            f"  {label}: variance reduction reported {np.mean(reported):.1%} (per experiment "
+            f"{np.min(reported):.1%} to {np.max(reported):.1%}); measured across the {n:,} experiments "
+            f"{measured:.1%} [bootstrap 95%: {low:.1%}, {high:.1%}]"
+        )
 
     print(f"\nsample-ratio mismatch (chi-square, flagged at p < {SRM_P_THRESHOLD}):")
     split = f"{SRM_IMBALANCE:.1%}/{1 - SRM_IMBALANCE:.1%}"
@@ -168,20 +180,26 @@ def main(argv: list[str] | None = None) -> int:
 
     imbalanced = srm_rng.binomial(SRM_USERS, SRM_IMBALANCE, size=n)
     balanced = srm_rng.binomial(SRM_USERS, 0.5, size=100 * n)
-    print(f"  {SRM_USERS:,} users at {split} (mean chi2 ~ {SRM_USERS * effect**2:.0f}): "
-          f"flagged {rate(flagged(imbalanced), n)}")
+    print(
+        f"  {SRM_USERS:,} users at {split} (mean chi2 ~ {SRM_USERS * effect**2:.0f}): "
+        f"flagged {rate(flagged(imbalanced), n)}"
+    )
     print(f"  {SRM_USERS:,} users at 50/50: flagged {rate(flagged(balanced), 100 * n, digits=2)} of {100 * n:,} splits")
     experiment = Experiment(
-        "srm-check", f"srm-{args.seed}", (Arm("control", 0.5), Arm("treatment", 0.5)),
-        start=datetime(2026, 11, 1, tzinfo=timezone.utc),
+        "srm-check",
+        f"srm-{args.seed}",
+        (Arm("control", 0.5), Arm("treatment", 0.5)),
+        start=datetime(2026, 11, 1, tzinfo=UTC),
     )
     pseudonyms = random_pseudonyms(SRM_USERS, np.random.default_rng(seeds[8]))
     hashed_started = time.perf_counter()
     counts = np.bincount(experiment.assign_many(pseudonyms), minlength=2)
     hashed_seconds = time.perf_counter() - hashed_started
     check = sample_ratio_mismatch(dict(zip(experiment.arm_names, counts.tolist())), experiment.shares)
-    print(f"  hash assignment of {SRM_USERS:,} random pseudonyms to 50/50: {counts[0]:,} / {counts[1]:,}, "
-          f"chi2 {check.chi2:.2f}, p = {check.p_value:.3f}, flagged: {check.mismatch} ({hashed_seconds:.1f} s)")
+    print(
+        f"  hash assignment of {SRM_USERS:,} random pseudonyms to 50/50: {counts[0]:,} / {counts[1]:,}, "
+        f"chi2 {check.chi2:.2f}, p = {check.p_value:.3f}, flagged: {check.mismatch} ({hashed_seconds:.1f} s)"
+    )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -4,7 +4,7 @@ Partitioned by click source (the partitions the pipeline already has): the servi
 one source, logs every event of it in that source's event log with the experiment arms the
 request was assigned to, and reads one experiments file; so a source's report covers every
 experiment that ran on it, one section each. The analysis is
-:func:`adrec_assets.online.abstats.analyze_experiment` (delta-method CIs with users as the
+:func:`adrec_assets.abtest.report.analyze_experiment` (delta-method CIs with users as the
 unit, lift, SRM, CUPED with pre-experiment clicks, always-valid mSPRT p-values over hourly
 looks). The mSPRT's mixture variance is fixed by an experiment's first report and reused by
 every later one, so materializing this asset every hour (the schedule does) is safe.
@@ -16,16 +16,15 @@ from datetime import timezone
 import dagster as dg
 import pandas as pd
 
-from adrec_assets.assets.common import PARTITION_KWARGS
-from adrec_assets.online.abstats import (
-    AnalysisInputError,
+from adrec_assets.abtest.report import (
     ExperimentReports,
-    SequentialDesign,
     analyze_experiment,
     look_tables,
     per_user_table,
     report_figures,
 )
+from adrec_assets.abtest.stats import AnalysisInputError, SequentialDesign
+from adrec_assets.assets.common import PARTITION_KWARGS
 from adrec_assets.online.events import read_event_log
 from adrec_assets.online.experiments import explode_event_log
 from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, ExperimentsResource
