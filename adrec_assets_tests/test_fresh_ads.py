@@ -15,7 +15,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit
 
 from adrec_assets.online.fresh_ads import FreshAdEffects, effects_from_arrays, laplace_offsets
-from adrec_assets.online.policy import LaplaceLogisticPosterior, PolicyPosterior, ad_features, make_policy
+from adrec_assets.online.policy import make_policy
+from adrec_assets.online.posterior import LaplaceLogisticPosterior, PolicyPosterior, ad_features
 from adrec_assets.online.store import MemoryState, MemoryStore
 from adrec_assets_tests.test_policy import (
     ExactIndex,
@@ -313,7 +314,7 @@ def test_policy_posterior_round_trips_fresh_effects_and_reads_artifacts_written_
 def test_replaying_a_log_learns_each_fresh_ads_effect_and_leaves_trained_ads_without_one():
     """The ``policy_posterior`` replay: fresh ad 0 is clicked far more often than the shared
     model predicts, fresh ad 1 never; ad 2 is a trained ad (no effect to learn)."""
-    from adrec_assets.online.policy import replay_posterior
+    from adrec_assets.online.posterior import replay_posterior
 
     rng = np.random.default_rng(11)
     index = ExactIndex(random_catalogue(3, 4, rng))
@@ -332,7 +333,7 @@ def test_replaying_a_log_learns_each_fresh_ads_effect_and_leaves_trained_ads_wit
 def test_a_sharper_shared_model_widens_a_new_ads_prior_in_proportion():
     """The prior is set in score units: a posterior mean whose weights are twice the prior's
     doubles a newly registered ad's prior sd; ads registered earlier keep theirs."""
-    from adrec_assets.online.policy import score_scale
+    from adrec_assets.online.posterior import score_scale
 
     prior = LaplaceLogisticPosterior.prior(8)
     assert score_scale(prior.mean()) == pytest.approx(1.0)

@@ -614,7 +614,8 @@ def in_process_policy_ms(index: Any, users: np.ndarray, seconds: float) -> dict[
     from threadpoolctl import ThreadpoolController
 
     from adrec_assets.online.fresh_ads import FreshAdEffects
-    from adrec_assets.online.policy import LaplaceLogisticPosterior, make_policy
+    from adrec_assets.online.policy import make_policy
+    from adrec_assets.online.posterior import LaplaceLogisticPosterior
 
     posterior = LaplaceLogisticPosterior.prior(DIM)
     fresh = FreshAdEffects(DIM)

@@ -7,8 +7,8 @@ from adrec_assets.assets.common import PARTITIONED, stopwatch
 from adrec_assets.ml.types import ClickGraph, GlobalMean, ProjectedAds, UserEmbeddings
 from adrec_assets.online.events import impressions_with_outcomes, read_event_log
 from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD, FreshAdEffects, untrained_rows
-from adrec_assets.online.policy import PolicyPosterior, replay_posterior
 from adrec_assets.online.position_bias import PositionBias, theta_covering
+from adrec_assets.online.posterior import PolicyPosterior, replay_posterior
 from adrec_assets.resources import ClickSourceResource
 
 

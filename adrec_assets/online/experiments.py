@@ -58,16 +58,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adrec_assets.online.policy import POLICIES
+from adrec_assets.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PATTERN
+
 if TYPE_CHECKING:  # annotations only: pandas loads where a frame is built
     import pandas as pd
 
-KNOWN_POLICIES = frozenset({"greedy", "thompson", "epsilon_greedy", "random"})
 OVERRIDABLE_PARAMETERS = ("policy", "model_version")
 SHARE_TOLERANCE = 1e-9
-PSEUDONYM_HEX_CHARS = 32
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_PSEUDONYM_PATTERN = re.compile(r"[0-9a-f]{32}")
 _HEX_DIGITS = frozenset("0123456789abcdef")
 _SEPARATOR = "\x1f"
 _TWO_TO_53 = float(2**53)
@@ -447,10 +447,10 @@ def _parse_arms(tables: Any, origin: str, experiment: str) -> tuple[Arm, ...]:
                 "Give the arm a share > 0 or remove it."
             )
         policy = table.get("policy")
-        if policy is not None and policy not in KNOWN_POLICIES:
+        if policy is not None and policy not in POLICIES:
             raise InvalidValueError(
                 origin, experiment, f"arm '{arm_name}'.policy", f"'{policy}' is not a known policy",
-                f"Use one of {', '.join(sorted(KNOWN_POLICIES))}.",
+                f"Use one of {', '.join(sorted(POLICIES))}.",
             )
         model_version = table.get("model_version")
         if model_version is not None and (not isinstance(model_version, str) or not model_version):
@@ -568,7 +568,7 @@ def _validated_pseudonyms(pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
         (p for p in as_list if not isinstance(p, str) or len(p) != PSEUDONYM_HEX_CHARS), None
     )
     if bad is None and not set("".join(as_list)) <= _HEX_DIGITS:
-        bad = next(p for p in as_list if not _PSEUDONYM_PATTERN.fullmatch(p))
+        bad = next(p for p in as_list if not PSEUDONYM_PATTERN.fullmatch(p))
     if bad is not None:
         raise InvalidPseudonymError(
             f"{bad!r} is not a pseudonym (32 lowercase hex characters): assign the HMAC "
@@ -580,7 +580,7 @@ def _validated_pseudonyms(pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
 def explode_event_log(events: "pd.DataFrame") -> "pd.DataFrame":
     """The served log (one row per event, ``experiments`` = the request's assignment label)
     as one row per (event, experiment): columns user, experiment, arm, type, timestamp —
-    what :func:`adrec_assets.online.abstats.per_user_table` reads."""
+    what :func:`adrec_assets.abtest.report.per_user_table` reads."""
     import pandas as pd
 
     rows = []
