@@ -522,7 +522,7 @@ def test_numpy_index_refuses_bad_inputs_like_the_flat_index():
 
 
 def test_serving_config_chooses_the_index_backend_from_the_environment(monkeypatch):
-    from adrec_assets.online.service import ServingConfig
+    from adrec_assets.online.config import ServingConfig
 
     assert ServingConfig.from_env("synthetic").index_backend == "faiss"
     monkeypatch.setenv("ADREC_SERVE_INDEX", "numpy")

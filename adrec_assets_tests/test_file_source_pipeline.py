@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from adrec_assets.ml.fields import CATEGORICAL, NUMERIC, FieldSpec
 from adrec_assets.ml.training import project
 from adrec_assets.ml.types import ContentEmbeddings
-from adrec_assets.online.app import create_app
-from adrec_assets.online.service import RecommendationService, ServingConfig
+from adrec_assets.online.api import create_app
+from adrec_assets.online.config import ServingConfig
+from adrec_assets.online.service import RecommendationService
 from adrec_assets.online.store import SQLiteStore
 from adrec_assets.snapshots import SnapshotStore
 from adrec_assets.sources.files import write_field_specs

@@ -15,9 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adrec_assets.ml.recommender import Recommender
-from adrec_assets.online.app import create_app
+from adrec_assets.online.api import create_app
+from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.events import read_event_log
-from adrec_assets.online.service import RecommendationService, ServingConfig
+from adrec_assets.online.service import RecommendationService
 from adrec_assets.online.store import RedisStore, SQLiteStore
 from adrec_assets.privacy import pseudonymize
 from adrec_assets.snapshots import SnapshotStore

@@ -68,21 +68,22 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.special import expit  # noqa: E402
 
+from adrec_assets.online.config import ServingConfig  # noqa: E402
 from adrec_assets.online.events import impressions_with_outcomes, read_event_log  # noqa: E402
 from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD  # noqa: E402
+from adrec_assets.online.policy import POLICIES as SERVICE_POLICIES  # noqa: E402 - its order numbers the seed streams
 from adrec_assets.online.position_bias import (  # noqa: E402
     PositionBias,
     estimate_from_randomized,
     estimate_regression_em,
     theta_given_relevance,
 )
-from adrec_assets.online.service import RecommendationService, ServingConfig  # noqa: E402
+from adrec_assets.online.service import RecommendationService  # noqa: E402
 from adrec_assets.online.store import MemoryStore  # noqa: E402
 
 #: Pseudonym key of the simulated users (they are not people; the value is not a secret).
 SIM_ID_KEY = "adrec-bandit-simulation-key-not-a-secret"
 DEFAULT_THETA = (1.0, 0.6, 0.45, 0.35, 0.3)
-SERVICE_POLICIES = ("greedy", "epsilon_greedy", "thompson", "random")
 ORACLE = "oracle"  # the truth's best slate, served by the simulator itself (checks the regret bookkeeping)
 #: Static reference policies, served by the simulator from scores fitted once on the training clicks.
 STATIC_POLICIES = ("popularity", "als")
@@ -502,7 +503,7 @@ def model_class_ceiling(world: World, pairs_per_user: int = 200, k: int = 5) -> 
     the posterior's own logistic update on soft labels (each pair twice: clicked with weight
     ``P(click | examined)``, skipped with the rest), on each user's ``pairs_per_user`` best
     ads by today's score plus as many random ones."""
-    from adrec_assets.online.policy import LaplaceLogisticPosterior
+    from adrec_assets.online.posterior import LaplaceLogisticPosterior
     from adrec_assets.privacy import pseudonymize
     from adrec_assets.snapshots import SnapshotStore
 
@@ -554,7 +555,7 @@ def _per_user_refit(
     fit (Newton, ridge toward the prior's start ``scale * (u . p + b) + intercept``) to the
     truth's ``P(click | examined)`` of the user's ``pairs`` best ads by today's score plus as
     many random ones; the ads' ``[p, b]`` stay the snapshot's."""
-    from adrec_assets.online.policy import DEFAULT_INTERCEPT, DEFAULT_SCALE
+    from adrec_assets.online.posterior import DEFAULT_INTERCEPT, DEFAULT_SCALE
 
     features = np.hstack([DEFAULT_SCALE * ads, np.ones((len(ads), 1))])
     pairs = min(pairs, len(ads) - 1)

@@ -9,7 +9,8 @@ Score = u . v_a + b_a: the served user against the served ad (``served_ads``: th
 projection for an ad without clicks, pulled toward its clickers for one with clicks) plus the
 ad's score term. :func:`score_matrix` is that formula, shared
 by this class, the cold-start evaluation and the online service, so they can never drift
-apart. Plain Python: no Dagster.
+apart; :func:`resolve_user_vector` is which vector a user is scored with, shared by this
+class and the online service's ``ModelState``. Plain Python: no Dagster.
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ from adrec_assets.ml.types import ArtifactError, GlobalMean, ProjectedAds, UserE
 def score_matrix(user_vectors: np.ndarray, ad_vectors: np.ndarray, score_bias: np.ndarray) -> np.ndarray:
     """(n_users, n_ads) scores of ``user_vectors`` (n, d) against ads (m, d) with bias (m,)."""
     return user_vectors @ ad_vectors.T + score_bias[None, :]
+
+
+USER_KNOWN, USER_UPDATED_ONLINE, USER_NEW = "known", "updated_online", "new"
+
+
+def resolve_user_vector(
+    users: UserEmbeddings, prior: GlobalMean, pseudonym: str, online: np.ndarray | None = None
+) -> tuple[np.ndarray, str]:
+    """(vector, status) a user is scored with: the ``online`` vector clicks moved since the
+    snapshot (:data:`USER_UPDATED_ONLINE`), else the trained vector (:data:`USER_KNOWN`), else
+    the global-mean prior for a user never seen in clicks (:data:`USER_NEW`)."""
+    if online is not None:
+        return online.astype(np.float32), USER_UPDATED_ONLINE
+    row = users.row_of(pseudonym)
+    if row is not None:
+        return users.vectors[row], USER_KNOWN
+    return prior.vector, USER_NEW
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -83,8 +101,8 @@ class Recommender:
 
     def user_vector(self, pseudonym: str) -> tuple[np.ndarray, bool]:
         """(vector, known): the trained vector, or the global mean for a user never seen in clicks."""
-        row = self.users.row_of(pseudonym)
-        return (self.prior.vector, False) if row is None else (self.users.vectors[row], True)
+        vector, status = resolve_user_vector(self.users, self.prior, pseudonym)
+        return vector, status == USER_KNOWN
 
     def _vector(self, user: str | np.ndarray) -> np.ndarray:
         if isinstance(user, str):

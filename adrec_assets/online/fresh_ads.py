@@ -1,6 +1,6 @@
 """Per-ad random effects for fresh ads: the ads the snapshot learnt from no click.
 
-**Why.** The shared Thompson posterior (:mod:`adrec_assets.online.policy`) re-weights the
+**Why.** The shared Thompson posterior (:mod:`adrec_assets.online.posterior`) re-weights the
 128 user-space dimensions, the popularity term and an intercept: one model for every ad. It
 has no per-ad uncertainty, so a new ad is explored only when its projected vector happens to
 be somebody's near-best, and most never are. An ad without training clicks is exactly the
@@ -10,7 +10,7 @@ one whose projected score is least trustworthy. Each such ad gets a logit offset
     logit P(click | examined, u, a) = theta . phi(u, a) + r_a      (r_a = 0 for trained ads)
 
 with prior ``N(0, (prior_sd * scale)^2)``, ``scale`` the shared model's sharpness when the
-ad arrives (:func:`~adrec_assets.online.policy.score_scale`: 1 at the prior, larger once the
+ad arrives (:func:`~adrec_assets.online.posterior.score_scale`: 1 at the prior, larger once the
 posterior has learnt to spread its logits wider), so the prior means the same uncertainty in
 score units throughout; Thompson draws ``r~_a`` independently per request. Ads
 with training clicks have no offset (the snapshot's projection and popularity term already
@@ -43,8 +43,9 @@ from scipy.special import expit
 
 from adrec_assets.online.position_bias import impression_weights
 from adrec_assets.online.store import OnlineStore
+from adrec_assets.settings import SERVE_FRESH_PRIOR_SD
 
-DEFAULT_FRESH_PRIOR_SD = 1.0
+DEFAULT_FRESH_PRIOR_SD: float = SERVE_FRESH_PRIOR_SD.default
 NEWTON_STEPS = 50
 MAX_STEP = 2.0  # logits per Newton step
 NEWTON_TOLERANCE = 1e-10
@@ -154,7 +155,7 @@ class FreshAdEffects:
         """Treat these ads (at these index slots, with these stored rows) as fresh.
 
         ``scale``: how much sharper the shared model ranks now than its prior
-        (:func:`~adrec_assets.online.policy.score_scale`); the prior sd grows with it, so
+        (:func:`~adrec_assets.online.posterior.score_scale`); the prior sd grows with it, so
         a new ad's uncertainty stays the same in score units while the learnt model spreads
         its logits wider (in the MovieLens simulator the popularity weight grew from 2 to 8
         over 60k rounds, and late ads with a prior fixed in logits went unshown)."""

@@ -1,7 +1,9 @@
 """The recommendation service's logic, without HTTP (plain Python: no Dagster, no FastAPI).
 
 :class:`RecommendationService` holds the source's published snapshot as one immutable
-:class:`ModelState` and answers the four things the API offers:
+:class:`~adrec_assets.online.state.ModelState` (:mod:`adrec_assets.online.state`; its
+settings: :class:`~adrec_assets.online.config.ServingConfig`) and answers the four things the
+API offers:
 
 * ``recommend``: one inner-product search of the snapshot's ``ad_index`` with the user's
   vector (online EMA vector > trained vector > global mean) and the policy folded into the
@@ -15,7 +17,8 @@
   projector and added to the live index (kept in the store, so restarts and replicas serve
   them); retired ads are removed and stay removed across reloads;
 * ``reload_if_changed``: a newer published snapshot is loaded completely, then swapped in
-  with one assignment, so a request is answered by exactly one model version.
+  with one assignment, so a request is answered by exactly one model version
+  (:func:`~adrec_assets.online.state.load_state`).
 
 Every bad input raises a :class:`ServiceError` subclass carrying its HTTP status (4xx),
 checked before any state changes. Raw user ids never leave :meth:`_pseudonym`.
@@ -36,7 +39,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Container, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,29 +48,30 @@ from threadpoolctl import ThreadpoolController
 
 from adrec_assets.ml.encoders.base import ImageAccess
 from adrec_assets.ml.fields import MAX_FIELD_CHARS, NUMERIC, parse_number
-from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
+from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
-from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAdError
-from adrec_assets.online.fresh_ads import (
-    DEFAULT_FRESH_PRIOR_SD,
-    FreshAdEffects,
-    effects_from_arrays,
-    untrained_rows,
-)
-from adrec_assets.online.policy import LaplaceLogisticPosterior, ad_features, make_policy, score_scale, todays_query
+from adrec_assets.online.index import UnknownAdError
+from adrec_assets.online.policy import POLICIES, make_policy
 from adrec_assets.online.position_bias import click_weight, theta_covering
+from adrec_assets.online.posterior import ad_features
+from adrec_assets.online.state import (
+    ModelState,
+    apply_live_ads,
+    fresh_effects_blob,
+    is_live,
+    live_fields,
+    load_state,
+    project_content,
+    register_fresh,
+)
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.privacy import key_fingerprint, pseudonymize
-from adrec_assets.snapshots import Snapshot, SnapshotError, SnapshotStore
+from adrec_assets.snapshots import SnapshotError, SnapshotStore
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("greedy", "thompson", "epsilon_greedy", "random")
-INDEX_BACKENDS = ("faiss", "numpy")  # numpy: exact brute force, the baseline / debugging backend
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what recommend() hands out
-USER_KNOWN, USER_UPDATED_ONLINE, USER_NEW = "known", "updated_online", "new"
 MAX_ID_CHARS = 256
 
 
@@ -97,229 +100,6 @@ class Conflict(ServiceError):
 
 class Unavailable(ServiceError):
     status = 503
-
-
-# ---------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class ServingConfig:
-    """Everything the service is started with (``from_env`` reads ``ADREC_*`` variables)."""
-
-    source: str
-    artifacts_root: Path
-    sources_root: Path
-    store_url: str | None = None  # None: SQLite under data/online; redis://... for replicas
-    api_token: str | None = None
-    alpha: float = 0.3  # EMA step of a click at position 1 (before position-bias weighting)
-    default_policy: str = "greedy"
-    epsilon: float = 0.1
-    randomized_share: float = 0.0  # share of slates served in random order (position-bias slice)
-    fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD  # thompson: prior sd of a fresh ad's logit offset (0: none)
-    fresh_scope: str = "live"  # fresh ads: "live" (added since the snapshot) or "untrained" (+ its click-less ads)
-    experiments_path: Path | None = None
-    reload_seconds: float = 2.0
-    flush_seconds: float = 5.0
-    flush_batch: int = 5000
-    settle_seconds: float = 60.0  # impressions wait this long for their click before teaching the posterior
-    request_ttl_seconds: float = 24 * 3600.0
-    max_k: int = 1000
-    max_text_chars: int = 10_000
-    max_image_bytes: int = 5 * 1024 * 1024
-    click_weight_cap: float = 10.0
-    load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
-    seed: int | None = None  # fixes request ids and draws (tests, simulations)
-    index_backend: str = "faiss"  # the snapshot's FAISS index, or "numpy": exact brute force over its ads
-
-    @classmethod
-    def from_env(cls, source: str, **overrides: Any) -> "ServingConfig":
-        from adrec_assets.artifacts import resolve_root
-        from adrec_assets.sources.catalog import data_dir
-
-        env = os.environ
-        values: dict[str, Any] = {
-            "source": source,
-            "artifacts_root": Path(str(resolve_root())),
-            "sources_root": Path(env.get("ADREC_SOURCES_DIR") or data_dir() / "sources"),
-            "store_url": env.get("ADREC_ONLINE_STORE") or None,
-            "api_token": env.get("ADREC_API_TOKEN") or None,
-            "experiments_path": Path(env["ADREC_EXPERIMENTS"]) if env.get("ADREC_EXPERIMENTS") else None,
-        }
-        if env.get("ADREC_SERVE_INDEX"):
-            values["index_backend"] = env["ADREC_SERVE_INDEX"]
-        for name, cast in (("alpha", float), ("default_policy", str), ("epsilon", float), ("randomized_share", float),
-                           ("fresh_prior_sd", float), ("fresh_scope", str), ("reload_seconds", float), ("flush_seconds", float),
-                           ("settle_seconds", float)):  # fmt: skip
-            raw = env.get(f"ADREC_SERVE_{name.upper()}")
-            if raw:
-                values[name] = cast(raw)
-        values.update(overrides)
-        config = cls(**values)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if not 0 < self.alpha <= 1:
-            raise ValueError(f"alpha (ADREC_SERVE_ALPHA) must be in (0, 1], got {self.alpha}")
-        if self.default_policy not in POLICIES:
-            raise ValueError(f"default_policy must be one of {POLICIES}, got {self.default_policy!r}")
-        if not 0 <= self.epsilon <= 1 or not 0 <= self.randomized_share <= 1:
-            raise ValueError("epsilon and randomized_share must be in [0, 1]")
-        if not (math.isfinite(self.fresh_prior_sd) and self.fresh_prior_sd >= 0):
-            raise ValueError(f"fresh_prior_sd (ADREC_SERVE_FRESH_PRIOR_SD) must be a finite number >= 0, got {self.fresh_prior_sd}")
-        if self.fresh_scope not in FRESH_SCOPES:
-            raise ValueError(f"fresh_scope (ADREC_SERVE_FRESH_SCOPE) must be one of {FRESH_SCOPES}, got {self.fresh_scope!r}")
-        if self.index_backend not in INDEX_BACKENDS:
-            raise ValueError(f"index_backend (ADREC_SERVE_INDEX) must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
-
-
-# ---------------------------------------------------------------------- one snapshot
-@dataclass
-class ModelState:
-    """Everything one published snapshot serves with. Immutable but for the index, which
-    takes live ads and retirements (it locks internally)."""
-
-    snapshot: Snapshot
-    catalog: AdCatalog
-    users: UserEmbeddings
-    prior: GlobalMean
-    projector: TrainedProjector
-    indexed: IndexedAds
-    theta: np.ndarray  # examination probability per position (ones: no correction known)
-    posterior: LaplaceLogisticPosterior
-    fresh: FreshAdEffects  # thompson's per-ad effects of the ads without training clicks
-    live_meta: dict[str, dict[str, str]] = field(default_factory=dict)  # live ad id -> {"text", "image"}
-    catalog_row: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def version(self) -> str:
-        return self.snapshot.id
-
-    @property
-    def space(self) -> str:
-        return self.users.space
-
-    @property
-    def index(self) -> AdIndex:
-        return self.indexed.index
-
-    def user_vector(self, pseudonym: str, online: np.ndarray | None) -> tuple[np.ndarray, str]:
-        if online is not None:
-            return online.astype(np.float32), USER_UPDATED_ONLINE
-        row = self.users.row_of(pseudonym)
-        if row is not None:
-            return self.users.vectors[row], USER_KNOWN
-        return self.prior.vector, USER_NEW
-
-
-FRESH_SCOPES = ("live", "untrained")
-
-
-def fresh_effects_blob(space: str) -> str:
-    """The online store's blob of the fresh ads' learnt effects in one user space."""
-    return f"fresh-effects.{space}"
-
-
-def _posterior_of(
-    store: SnapshotStore, snapshot: Snapshot, dim: int, fresh_prior_sd: float, online: OnlineStore, space: str
-) -> tuple[LaplaceLogisticPosterior, FreshAdEffects]:
-    """The snapshot's posterior and the fresh ads' learnt effects: the online store's (every
-    replica merges into it, see :meth:`FreshAdEffects.sync`), which also holds the live ads
-    the ``policy_posterior`` replay cannot see, else the replay's; so a restart or another
-    replica starts from what all of them learnt."""
-    stored = online.get_arrays(fresh_effects_blob(space))
-    learnt = effects_from_arrays(stored)[0] if stored is not None else {}
-    if "policy_posterior" in snapshot.artifacts:
-        artifact = store.load("policy_posterior", snapshot)
-        return artifact.posterior, FreshAdEffects(dim, fresh_prior_sd, {**artifact.fresh, **learnt})
-    return LaplaceLogisticPosterior.prior(dim), FreshAdEffects(dim, fresh_prior_sd, learnt)
-
-
-def _untrained_ads(store: SnapshotStore, snapshot: Snapshot, catalog: AdCatalog) -> list[str]:
-    """Catalogue ads without a click in the snapshot's training graph (all of them when the
-    snapshot has no graph): the fresh ads Thompson gives a random effect."""
-    if "click_graph" not in snapshot.artifacts:
-        return catalog.ad_ids.tolist()
-    graph = store.load("click_graph", snapshot)
-    return catalog.ad_ids[untrained_rows(catalog.ad_ids, graph.ad_ids, graph.ad_degrees())].tolist()
-
-
-def _register_fresh(state: ModelState, ad_ids: Sequence[str]) -> None:
-    """Give live ads of the index (new or untrained) their random effect."""
-    if not state.fresh.enabled or not ad_ids:
-        return
-    slots = np.asarray([state.index.slot_of(ad) for ad in ad_ids], dtype=np.int64)
-    state.fresh.register(list(ad_ids), slots, state.index.vectors(slots), score_scale(state.posterior.mean()))
-
-
-def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
-    if "position_bias" in snapshot.artifacts:
-        return np.asarray(store.load("position_bias", snapshot).theta, dtype=np.float64)
-    return np.ones(1, dtype=np.float64)
-
-
-def load_state(
-    snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore, index_backend: str = "faiss",
-    prior_depth: int = 1000, fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD, fresh_scope: str = "live",
-) -> ModelState:
-    """Load ``snapshot`` completely, then apply the store's live ads and retirements;
-    ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS.
-
-    The new users' query ``[global_mean, 1]`` is pinned in the index (exact top
-    ``prior_depth``, :meth:`AdIndex.pin_query`): they all share it, so one exact scan
-    serves every one of them exactly instead of an approximate search each."""
-    indexed = snapshots.load("ad_index", snapshot)
-    if index_backend == "numpy":
-        indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
-    users = snapshots.load("served_users", snapshot)
-    posterior, fresh = _posterior_of(snapshots, snapshot, users.dim, fresh_prior_sd, online, users.space)
-    state = ModelState(
-        snapshot=snapshot,
-        catalog=snapshots.load("raw_ads", snapshot),
-        users=users,
-        prior=snapshots.load("global_mean", snapshot),
-        projector=snapshots.load("projector", snapshot),
-        indexed=indexed,
-        theta=_theta_of(snapshots, snapshot),
-        posterior=posterior,
-        fresh=fresh,
-    )
-    state.catalog_row = {ad: row for row, ad in enumerate(state.catalog.ad_ids.tolist())}
-    state.index.pin_query(todays_query(state.prior.vector), prior_depth)
-    for live in online.live_ads():
-        if live.ad_id in state.catalog_row:
-            continue  # the source itself now carries this ad: its trained projection wins
-        vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
-        state.index.add(live.ad_id, vector[0], float(bias[0]))
-        state.live_meta[live.ad_id] = dict(live.meta)
-    retired = set(ad for ad in online.retired_ads() if _is_live(state.index, ad))
-    if retired:
-        state.index.remove_many(sorted(retired))
-    if fresh.enabled:
-        untrained = _untrained_ads(snapshots, snapshot, state.catalog) if fresh_scope == "untrained" else []
-        _register_fresh(state, [ad for ad in [*untrained, *state.live_meta] if ad not in retired])
-    return state
-
-
-def _is_live(index: AdIndex, ad_id: str) -> bool:
-    try:
-        index.slot_of(ad_id)
-        return True
-    except UnknownAdError:
-        return False
-
-
-def project_content(
-    projector: TrainedProjector, content: np.ndarray, field_cells: Mapping[str, Sequence[str]] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(unit projected vectors, score biases) of content vectors and their ads' structured
-    fields: what ``ad_projected`` computes."""
-    from adrec_assets.ml.training import project_with_bias
-
-    return project_with_bias(projector.model, content, field_cells)
-
-
-def live_fields(meta: Mapping[str, str]) -> dict[str, list[str]]:
-    """A live ad's structured fields (stored as JSON in its meta) as one-row cells."""
-    return {name: [value] for name, value in json.loads(meta.get("fields", "{}")).items()}
 
 
 # ---------------------------------------------------------------------- the service
@@ -426,6 +206,12 @@ class RecommendationService:
             raise Unavailable("no published snapshot is loaded yet")
         return self._state
 
+    def serving(self) -> tuple[str | None, int, int]:
+        """(served model version, ads in its index, reloads so far); (None, 0, reloads) before
+        the first snapshot loads. Never raises: read by the metrics at every scrape."""
+        state = self._state
+        return (None, 0, self.reloads) if state is None else (state.version, len(state.index), self.reloads)
+
     def reload_if_changed(self) -> bool:
         """Swap to the published snapshot if it is newer than the one served; True if swapped."""
         with self._reload_lock:
@@ -454,23 +240,7 @@ class RecommendationService:
         """Apply live ads and retirements recorded in the store since this state was loaded
         (by this replica or another); returns how many changes were applied."""
         state = self._state
-        if state is None:
-            return 0
-        changes = 0
-        for live in self.online.live_ads():
-            if live.ad_id in state.catalog_row or live.ad_id in state.live_meta or self.online.is_retired(live.ad_id):
-                continue
-            vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
-            state.index.add(live.ad_id, vector[0], float(bias[0]))
-            state.live_meta[live.ad_id] = dict(live.meta)
-            _register_fresh(state, [live.ad_id])
-            changes += 1
-        retired = [ad for ad in self.online.retired_ads() if _is_live(state.index, ad)]
-        if retired:
-            state.fresh.remove(np.asarray([state.index.slot_of(ad) for ad in retired], dtype=np.int64))
-            state.index.remove_many(retired)
-            changes += len(retired)
-        return changes
+        return 0 if state is None else apply_live_ads(state, self.online)
 
     def _load_pinned(self, current: ModelState) -> dict[str, ModelState]:
         wanted = {a.model_version for e in self.experiments.experiments for a in e.arms if a.model_version}
@@ -754,7 +524,7 @@ class RecommendationService:
             raise BadRequest("text must be non-empty ad copy", "text")
         if len(text) > self.config.max_text_chars:
             raise BadRequest(f"text has {len(text)} characters, more than {self.config.max_text_chars}", "text")
-        if ad_id in state.catalog_row or _is_live(state.index, ad_id) or ad_id in state.live_meta:
+        if ad_id in state.catalog_row or is_live(state.index, ad_id) or ad_id in state.live_meta:
             raise Conflict(f"ad {ad_id!r} already exists; retire it first or choose another id", "ad_id")
         if image is not None:
             if len(image) > self.config.max_image_bytes:
@@ -773,7 +543,7 @@ class RecommendationService:
             self.online.unretire_ad(ad_id)
         state.live_meta[ad_id] = meta
         slot = state.index.add(ad_id, vector[0], float(bias[0]))
-        _register_fresh(state, [ad_id])
+        register_fresh(state, [ad_id])
         return {"ad_id": ad_id, "model_version": state.version, "score_bias": float(bias[0]), "slot": slot}
 
     @staticmethod
@@ -817,7 +587,7 @@ class RecommendationService:
 
     def retire_ad(self, ad_id: str) -> dict[str, Any]:
         state = self.state
-        if not _is_live(state.index, ad_id):
+        if not is_live(state.index, ad_id):
             known = ad_id in state.catalog_row or ad_id in state.live_meta
             raise (Conflict(f"ad {ad_id!r} is already retired", "ad_id") if known
                    else NotFound(f"ad {ad_id!r} is not in the catalogue", "ad_id"))  # fmt: skip

@@ -1,0 +1,91 @@
+"""What the recommendation service is started with: :class:`ServingConfig` and the choices
+its settings take (policies, index backends, fresh-ad scopes).
+
+Plain Python, no I/O but :meth:`ServingConfig.from_env`'s reads of the ``ADREC_*`` variables
+declared in :mod:`adrec_assets.settings` (which also holds the defaults).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adrec_assets import settings
+from adrec_assets.online.policy import POLICIES
+
+INDEX_BACKENDS = ("faiss", "numpy")  # numpy: exact brute force, the baseline / debugging backend
+FRESH_SCOPES = ("live", "untrained")
+#: ServingConfig field -> the variable that sets it (``from_env``).
+SERVE_SETTINGS = {
+    "index_backend": settings.SERVE_INDEX, "alpha": settings.SERVE_ALPHA, "default_policy": settings.SERVE_DEFAULT_POLICY,
+    "epsilon": settings.SERVE_EPSILON, "randomized_share": settings.SERVE_RANDOMIZED_SHARE,
+    "fresh_prior_sd": settings.SERVE_FRESH_PRIOR_SD, "fresh_scope": settings.SERVE_FRESH_SCOPE,
+    "reload_seconds": settings.SERVE_RELOAD_SECONDS, "flush_seconds": settings.SERVE_FLUSH_SECONDS,
+    "settle_seconds": settings.SERVE_SETTLE_SECONDS,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything the service is started with (``from_env`` reads ``ADREC_*`` variables)."""
+
+    source: str
+    artifacts_root: Path
+    sources_root: Path
+    store_url: str | None = None  # None: SQLite under data/online; redis://... for replicas
+    api_token: str | None = None
+    alpha: float = settings.SERVE_ALPHA.default  # EMA step of a click at position 1 (before position-bias weighting)
+    default_policy: str = settings.SERVE_DEFAULT_POLICY.default
+    epsilon: float = settings.SERVE_EPSILON.default
+    randomized_share: float = settings.SERVE_RANDOMIZED_SHARE.default  # slates served in random order
+    fresh_prior_sd: float = settings.SERVE_FRESH_PRIOR_SD.default  # thompson: fresh ad's logit offset sd (0: none)
+    fresh_scope: str = settings.SERVE_FRESH_SCOPE.default  # "live" (added since the snapshot) or "untrained"
+    experiments_path: Path | None = None
+    reload_seconds: float = settings.SERVE_RELOAD_SECONDS.default
+    flush_seconds: float = settings.SERVE_FLUSH_SECONDS.default
+    flush_batch: int = 5000
+    settle_seconds: float = settings.SERVE_SETTLE_SECONDS.default  # impressions wait this long for their click
+    request_ttl_seconds: float = 24 * 3600.0
+    max_k: int = 1000
+    max_text_chars: int = 10_000
+    max_image_bytes: int = 5 * 1024 * 1024
+    click_weight_cap: float = 10.0
+    load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
+    seed: int | None = None  # fixes request ids and draws (tests, simulations)
+    index_backend: str = settings.SERVE_INDEX.default  # the snapshot's FAISS index, or "numpy": exact brute force over its ads
+
+    @classmethod
+    def from_env(cls, source: str, **overrides: Any) -> "ServingConfig":
+        from adrec_assets.artifacts import resolve_root
+
+        values: dict[str, Any] = {
+            "source": source,
+            "artifacts_root": Path(str(resolve_root())),
+            "sources_root": settings.SOURCES_DIR.get(),
+            "store_url": settings.ONLINE_STORE.get(),
+            "api_token": settings.API_TOKEN.get(),
+            "experiments_path": settings.EXPERIMENTS.get(),
+        }
+        for name, setting in SERVE_SETTINGS.items():
+            if setting.is_set():
+                values[name] = setting.get()
+        values.update(overrides)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha (ADREC_SERVE_ALPHA) must be in (0, 1], got {self.alpha}")
+        if self.default_policy not in POLICIES:
+            raise ValueError(f"default_policy must be one of {POLICIES}, got {self.default_policy!r}")
+        if not 0 <= self.epsilon <= 1 or not 0 <= self.randomized_share <= 1:
+            raise ValueError("epsilon and randomized_share must be in [0, 1]")
+        if not (math.isfinite(self.fresh_prior_sd) and self.fresh_prior_sd >= 0):
+            raise ValueError(f"fresh_prior_sd (ADREC_SERVE_FRESH_PRIOR_SD) must be a finite number >= 0, got {self.fresh_prior_sd}")
+        if self.fresh_scope not in FRESH_SCOPES:
+            raise ValueError(f"fresh_scope (ADREC_SERVE_FRESH_SCOPE) must be one of {FRESH_SCOPES}, got {self.fresh_scope!r}")
+        if self.index_backend not in INDEX_BACKENDS:
+            raise ValueError(f"index_backend (ADREC_SERVE_INDEX) must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
