@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from adrec_assets.settings import SERVE_NO_ENCODER, SERVE_SOURCE
+
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from adrec_assets.online.service import ServingConfig
+    from adrec_assets.online.config import ServingConfig
     from adrec_assets.online.store import open_store
 
     config = ServingConfig.from_env(args.source, load_encoder=not args.no_encoder)
@@ -68,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         # uvicorn's supervisor starts each worker from an import string: hand the settings over
         # in the environment the workers inherit.
-        os.environ[SOURCE_ENV], os.environ[NO_ENCODER_ENV] = args.source, "1" if args.no_encoder else ""
-        from adrec_assets.online.app import MULTIPROCESS_ENV
+        SERVE_SOURCE.put(args.source)
+        SERVE_NO_ENCODER.put("1" if args.no_encoder else "")
+        from adrec_assets.online.api.metrics import MULTIPROCESS_ENV
 
         with _metrics_folder(os.environ.get(MULTIPROCESS_ENV)) as folder:
             os.environ[MULTIPROCESS_ENV] = str(folder)  # /metrics adds up every worker's series
@@ -85,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SOURCE_ENV, NO_ENCODER_ENV = "ADREC_SERVE_SOURCE", "ADREC_SERVE_NO_ENCODER"
 
 
 @contextmanager
@@ -105,7 +107,7 @@ def _metrics_folder(given: str | None) -> Iterator[Path]:
 
 
 def _app(config: Any, store: Any) -> Any:
-    from adrec_assets.online.app import create_app
+    from adrec_assets.online.api import create_app
     from adrec_assets.online.service import RecommendationService, pin_blas_to_one_thread
 
     pin_blas_to_one_thread()  # this process only serves
@@ -115,11 +117,13 @@ def _app(config: Any, store: Any) -> Any:
 def app_from_env() -> Any:
     """One worker's app (``--workers`` > 1): its own service and store connection over the
     shared store; live ads and retirements reach the other workers by the store's sync."""
-    from adrec_assets.online.service import ServingConfig
+    from adrec_assets.online.config import ServingConfig
     from adrec_assets.online.store import open_store
 
-    source = os.environ[SOURCE_ENV]
-    config = ServingConfig.from_env(source, load_encoder=not os.environ.get(NO_ENCODER_ENV))
+    source = SERVE_SOURCE.get()
+    if source is None:
+        raise RuntimeError(f"{SERVE_SOURCE.name} is not set: start the service with python -m adrec_assets.serve SOURCE")
+    config = ServingConfig.from_env(source, load_encoder=not SERVE_NO_ENCODER.get())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return _app(config, open_store(config.store_url, namespace=source))
 

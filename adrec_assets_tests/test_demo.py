@@ -1,8 +1,8 @@
 """The demo page at the API level (FastAPI's TestClient over the session's published synthetic
 snapshot): ``GET /demo`` is one self-contained page that calls only the public API, it stays
 out of the OpenAPI document, and the flow it performs works through the API with the payloads
-its JavaScript sends (their Python twins in ``adrec_assets.online.demo``; the browser test
-checks that the page's real requests equal them)."""
+its JavaScript sends (their Python twins in ``adrec_assets.online.api.routers.demo``; the
+browser test checks that the page's real requests equal them)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from adrec_assets.online import demo
-from adrec_assets.online.app import MAX_EVENTS_PER_BATCH, create_app
+from adrec_assets.online.api import create_app
+from adrec_assets.online.api.routers import demo
+from adrec_assets.online.api.schemas import MAX_EVENTS_PER_BATCH
 from adrec_assets.online.service import RecommendationService
 from adrec_assets_tests.pipeline_fixtures import id_key
 from adrec_assets_tests.test_service import KNOWN_USER, make_service, png_bytes

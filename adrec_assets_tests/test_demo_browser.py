@@ -5,8 +5,8 @@ Chromium driven headless by Playwright (never a downloaded browser).
 A person's path: open ``/demo``, choose an example user, click an ad → the status says
 "updated online" and the list changes; add an ad with a text and a PNG → it is in the list
 with its image; click it → the user moves toward it. Every request the page sends is
-recorded and compared with its Python twin in ``adrec_assets.online.demo``. Screenshots land
-in ``test-artifacts/demo/`` (printed by the tests).
+recorded and compared with its Python twin in ``adrec_assets.online.api.routers.demo``.
+Screenshots land in ``test-artifacts/demo/`` (printed by the tests).
 
 How the new ad is made to appear without depending on the model's ranking: a new user asks
 for 1,000 ads (the API's maximum, more than the catalogue holds), and the greedy policy
@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from adrec_assets.online import demo
+from adrec_assets.online.api.routers import demo
 from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY
 from adrec_assets_tests.service_helpers import (
     ARTIFACTS_ROOT,

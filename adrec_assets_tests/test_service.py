@@ -17,8 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adrec_assets.ml.recommender import Recommender
-from adrec_assets.online.app import create_app
-from adrec_assets.online.service import RecommendationService, ServingConfig
+from adrec_assets.online.api import create_app
+from adrec_assets.online.config import ServingConfig
+from adrec_assets.online.service import RecommendationService
 from adrec_assets.online.store import SQLiteStore
 from adrec_assets.privacy import pseudonymize
 from adrec_assets.snapshots import SnapshotStore
@@ -379,7 +380,7 @@ def test_health_and_prometheus_metrics(api):
 def test_after_a_reload_the_metrics_read_1_for_the_served_model_version_and_0_for_the_replaced_one():
     """Set to 0, not removed: in multiprocess mode a removed series would keep its last value
     in the worker's file."""
-    from adrec_assets.online.app import Metrics
+    from adrec_assets.online.api.metrics import Metrics
 
     serving = {"now": ("s-old", 10, 0)}
     metrics = Metrics(lambda: serving["now"])

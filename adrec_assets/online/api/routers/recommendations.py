@@ -1,0 +1,30 @@
+"""``GET /v1/recommendations``: the hot path."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from adrec_assets.online.api.deps import service_of
+from adrec_assets.online.api.schemas import Recommendations
+from adrec_assets.online.service import MAX_ID_CHARS, POLICIES
+
+router = APIRouter(tags=["recommendations"])
+
+
+# The hot path runs on the event loop, not in the thread pool: it is short (~1 ms of CPU,
+# the store's calls are local round trips) and the thread hop plus GIL hand-offs cost more
+# than they overlap (2 workers at 1M ads: 750 -> ~900-980 requests/s, benchmarks/README.md).
+# It returns the service's dict as JSON: the service builds exactly the declared model. It
+# reads the service off the request, not through ServiceDep: see deps.py for the cost.
+@router.get("/v1/recommendations", response_model=Recommendations)
+async def recommendations(
+    request: Request,
+    user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS, description="your user id (never stored)")],
+    k: Annotated[int, Query(ge=1, le=1000)] = 10,
+    policy: Annotated[Literal[POLICIES] | None, Query(description="override the configured policy")] = None,  # type: ignore[valid-type]
+) -> dict:
+    """The k best ads for a user, by one inner-product search of the live index."""
+    return JSONResponse(service_of(request).recommend(user_id, k, policy))  # built by the service: no re-validation
