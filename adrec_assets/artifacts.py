@@ -17,6 +17,7 @@ re-materialize, never with a ``KeyError`` deep inside.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import zipfile
@@ -26,28 +27,41 @@ from typing import Any, BinaryIO
 import numpy as np
 from upath import UPath
 
-import adrec_assets.ml.evaluation  # noqa: F401 - registers the evaluation report type
-import adrec_assets.ml.models  # noqa: F401 - registers the projector artifact type
-import adrec_assets.online.abstats  # noqa: F401 - registers the experiment report type
-import adrec_assets.online.index  # noqa: F401 - registers the ad index artifact type
-import adrec_assets.online.policy  # noqa: F401 - registers the policy posterior artifact type
 from adrec_assets.ml.types import ARTIFACT_FORMAT, ARTIFACT_TYPES, ArtifactError
+from adrec_assets.settings import ARTIFACTS_DIR
 from adrec_assets.storage import atomic_write
 
-ARTIFACTS_DIR_ENV_VAR = "ADREC_ARTIFACTS_DIR"
-DEFAULT_ARTIFACTS_DIR = "data/artifacts"
 EXTENSIONS = {"npz": ".npz", "pt": ".pt"}
+#: The modules that define the artifact types not in :mod:`adrec_assets.ml.types`. One is
+#: imported when a file of its type is read, not when this module is: reading a manifest or a
+#: click graph pulls in no torch, faiss or statsmodels, and this module, which every layer
+#: reads artifacts through, imports no layer above it.
+TYPE_MODULES = {
+    "projector": "adrec_assets.ml.models",
+    "evaluation_report": "adrec_assets.ml.evaluation",
+    "experiment_report": "adrec_assets.abtest.report",
+    "ad_index": "adrec_assets.online.index",
+    "position_bias": "adrec_assets.online.position_bias",
+    "policy_posterior": "adrec_assets.online.posterior",
+}
 
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> UPath:
     """The artifacts root: ``root``, else ``$ADREC_ARTIFACTS_DIR``, else ``data/artifacts``."""
-    return UPath(root or os.environ.get(ARTIFACTS_DIR_ENV_VAR) or DEFAULT_ARTIFACTS_DIR)
+    return UPath(root or ARTIFACTS_DIR.get())
+
+
+def artifact_class(tag: str) -> type | None:
+    """The class registered under ``tag``, importing its module first if need be."""
+    if tag not in ARTIFACT_TYPES and tag in TYPE_MODULES:
+        importlib.import_module(TYPE_MODULES[tag])
+    return ARTIFACT_TYPES.get(tag)
 
 
 def type_of(obj: Any) -> type:
     tag = getattr(obj, "type_tag", None)
     if tag not in ARTIFACT_TYPES or not isinstance(obj, ARTIFACT_TYPES[tag]):
-        raise TypeError(f"not an adrec artifact: {type(obj).__name__} (known types: {sorted(ARTIFACT_TYPES)})")
+        raise TypeError(f"not an adrec artifact: {type(obj).__name__} (known types: {sorted({*ARTIFACT_TYPES, *TYPE_MODULES})})")
     return ARTIFACT_TYPES[tag]
 
 
@@ -106,7 +120,7 @@ def load_bytes(data: bytes, origin: str, codec: str) -> Any:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same instruction
         raise ArtifactError(f"{origin}: not a readable artifact ({type(exc).__name__}: {exc}); re-materialize it") from None
-    return ARTIFACT_TYPES["projector"].from_checkpoint(checkpoint, origin)
+    return artifact_class("projector").from_checkpoint(checkpoint, origin)
 
 
 def _load_npz(data: bytes, origin: str) -> Any:
@@ -122,10 +136,11 @@ def _load_npz(data: bytes, origin: str) -> Any:
             f"{ARTIFACT_FORMAT}: re-materialize the source (make run SOURCE=..., or dagster asset materialize)"
         )
     tag = str(arrays.pop("__type__", ""))
-    if tag not in ARTIFACT_TYPES:
+    cls = artifact_class(tag)
+    if cls is None:
         raise ArtifactError(f"{origin}: not an adrec artifact (type tag {tag!r}); re-materialize it")
     try:
-        return ARTIFACT_TYPES[tag].from_arrays(arrays)
+        return cls.from_arrays(arrays)
     except ArtifactError as exc:
         raise ArtifactError(f"{origin}: {exc}") from None
 

@@ -11,7 +11,6 @@ pipeline job for one partition, so the full lineage refreshes for that source on
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,21 +18,19 @@ import dagster as dg
 
 from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
 from adrec_assets.resources import ClickSourceResource
+from adrec_assets.settings import REFRESH_CRON, SENSOR_RETRY_SECONDS
 from adrec_assets.sources.files import ADS_FILENAMES, SourceError, click_files, list_sources, source_fingerprint
 
-REFRESH_CRON_ENV_VAR = "ADREC_REFRESH_CRON"
-DEFAULT_REFRESH_CRON = "0 3 * * *"  # nightly, 03:00 in the schedule's timezone
+DEFAULT_REFRESH_CRON = REFRESH_CRON.default  # nightly, 03:00 in the schedule's timezone
 SOURCE_TAG = "adrec/source"
 REQUEST_TAG = "adrec/request"  # the run key of the request a run answers (first try or retry)
-RETRY_BASE_SECONDS_ENV_VAR = "ADREC_SENSOR_RETRY_SECONDS"
-DEFAULT_RETRY_BASE_SECONDS = 300.0  # a failed run of unchanged files is retried after 5, 10, 20, ... min
 MAX_RETRIES = 5
 _FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
 def retry_delay_seconds(attempt: int) -> float:
     """Back-off before retry number ``attempt + 1`` of the same files: doubling from the base."""
-    return float(os.environ.get(RETRY_BASE_SECONDS_ENV_VAR, DEFAULT_RETRY_BASE_SECONDS)) * 2**attempt
+    return SENSOR_RETRY_SECONDS.get() * 2**attempt
 
 
 def _last_run_failed(instance: dg.DagsterInstance, run_key: str) -> bool:
@@ -139,9 +136,9 @@ def build_nightly_refresh_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.S
     @dg.schedule(
         name="nightly_refresh",
         job=job,
-        cron_schedule=os.environ.get(REFRESH_CRON_ENV_VAR, DEFAULT_REFRESH_CRON),
+        cron_schedule=REFRESH_CRON.get(),
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Full retrain (warm_start=false) of every registered source (cron from ${REFRESH_CRON_ENV_VAR}).",
+        description=f"Full retrain (warm_start=false) of every registered source (cron from ${REFRESH_CRON.name}).",
     )
     def nightly_refresh(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
         sources = context.instance.get_dynamic_partitions(click_source_partitions.name)

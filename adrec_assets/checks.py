@@ -7,11 +7,12 @@ artifacts written by anything else (an older version, a manual copy).
 
 from __future__ import annotations
 
-import re
 
 import dagster as dg
 import numpy as np
 
+from adrec_assets.abtest.report import ExperimentReports
+from adrec_assets.abtest.stats import SRM_P_THRESHOLD
 from adrec_assets.assets.ad_embeddings_raw import ad_embeddings_raw
 from adrec_assets.assets.ad_index import MIN_RECALL, RECALL_K, ad_index
 from adrec_assets.assets.ad_projected import ad_projected
@@ -23,15 +24,13 @@ from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
-from adrec_assets.privacy import PSEUDONYM_HEX_CHARS
+from adrec_assets.privacy import PSEUDONYM_PATTERN
 from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, GlobalMean, ProjectedAds, UserEmbeddings
-from adrec_assets.online.abstats import SRM_P_THRESHOLD, ExperimentReports
 from adrec_assets.online.index import IndexedAds
-from adrec_assets.online.policy import PolicyPosterior
 from adrec_assets.online.position_bias import PositionBias
+from adrec_assets.online.posterior import PolicyPosterior
 from adrec_assets.partitions import click_source_partitions
 
-_PSEUDONYM = re.compile(rf"^[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}$")
 
 
 def unit_rows_result(vectors: np.ndarray, dim: int | None, ids: np.ndarray | None = None) -> dg.AssetCheckResult:
@@ -142,7 +141,7 @@ def global_mean_is_unit(global_mean: GlobalMean) -> dg.AssetCheckResult:
 @dg.asset_check(asset=click_graph, blocking=True, partitions_def=click_source_partitions)
 def click_graph_holds_only_pseudonyms(click_graph: ClickGraph) -> dg.AssetCheckResult:
     """Privacy: every stored user id is a keyed pseudonym, never a raw identifier."""
-    not_pseudonym = [u for u in click_graph.user_ids if not _PSEUDONYM.match(str(u))]
+    not_pseudonym = [u for u in click_graph.user_ids if not PSEUDONYM_PATTERN.fullmatch(str(u))]
     return dg.AssetCheckResult(
         passed=not not_pseudonym and click_graph.n_users > 0,
         metadata={"n_users": click_graph.n_users, "n_ids_not_pseudonyms": len(not_pseudonym)},

@@ -45,8 +45,8 @@ def _describe(artifact: object) -> str:
     from adrec_assets.ml.models import TrainedProjector
     from adrec_assets.ml.types import AdCatalog, ClickGraph, GlobalMean
     from adrec_assets.online.index import IndexedAds
-    from adrec_assets.online.policy import PolicyPosterior
     from adrec_assets.online.position_bias import PositionBias
+    from adrec_assets.online.posterior import PolicyPosterior
 
     if isinstance(artifact, TrainedProjector):
         n_params = sum(p.numel() for p in artifact.model.parameters())

@@ -1,6 +1,5 @@
 """The Dagster code location: assets, checks, resources, IO managers and the main job."""
 
-import os
 
 import dagster as dg
 
@@ -27,6 +26,7 @@ from adrec_assets.automation import (
 from adrec_assets.io_managers import ReportIOManager, SnapshotIOManager
 from adrec_assets.partitions import click_source_partitions
 from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, EncoderResource, ExperimentsResource
+from adrec_assets.settings import EXECUTOR
 
 PIPELINE_ASSETS = [
     raw_ads, click_graph, ad_embeddings_raw, user_embeddings, projector, ad_projected, served_model, global_mean,
@@ -61,20 +61,17 @@ experiment_report_job = dg.define_asset_job(
     description="A/B experiment reports from the served event log (always-valid p-values: safe to look hourly).",
 )
 
-EXECUTOR_ENV_VAR = "ADREC_EXECUTOR"
-
-
 def select_executor() -> dg.ExecutorDefinition:
     """In-process by default: on one small machine the steps are CPU-bound and share the
     cores anyway, while a process per step re-imports torch for each (seconds apiece).
     ``ADREC_EXECUTOR=multiprocess`` restores Dagster's multi-or-in-process executor
     (pick either per run in the launchpad's ``execution`` config)."""
-    choice = os.environ.get(EXECUTOR_ENV_VAR, "in_process")
+    choice = EXECUTOR.get()
     if choice == "in_process":
         return dg.in_process_executor
     if choice == "multiprocess":
         return dg.multi_or_in_process_executor
-    raise ValueError(f"{EXECUTOR_ENV_VAR}={choice!r}: use 'in_process' or 'multiprocess'")
+    raise ValueError(f"{EXECUTOR.name}={choice!r}: use 'in_process' or 'multiprocess'")
 
 
 def default_resources(artifacts: ArtifactStoreResource | None = None) -> dict[str, object]:

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
+import re
 import warnings
 from collections.abc import Iterable
 
 import numpy as np
 
-KEY_ENV_VAR = "ADREC_ID_KEY"
-ALLOW_DEV_KEY_ENV_VAR = "ADREC_ALLOW_DEV_KEY"
+from adrec_assets.settings import ALLOW_DEV_KEY, ID_KEY
+
 DEV_KEY = "adrec-dev-key-NOT-FOR-PRODUCTION"
 PSEUDONYM_HEX_CHARS = 32
 MIN_KEY_CHARS = 16
+#: What a pseudonym looks like: the HMAC's hex digest, truncated. Every reader that accepts
+#: pseudonyms (source files, the online store, experiments, the checks) validates with it.
+PSEUDONYM_PATTERN = re.compile(f"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
 #: Values people leave in config templates: as guessable as no key at all.
 PLACEHOLDER_KEYS = frozenset({"change-me", "changeme", "change_me", "secret", "password", "key", "xxx", "todo"})
 
@@ -40,25 +43,25 @@ def resolve_key(explicit: str | None = None) -> bytes:
     public development key with ``ADREC_ALLOW_DEV_KEY=1`` (``make run`` does), and gets a
     loud warning.
     """
-    key = explicit or os.environ.get(KEY_ENV_VAR, "")
+    key = explicit or ID_KEY.get() or ""
     problem = None
     if not key:
-        problem = f"{KEY_ENV_VAR} is not set"
+        problem = f"{ID_KEY.name} is not set"
     elif key.strip().lower() in PLACEHOLDER_KEYS:
-        problem = f"{KEY_ENV_VAR} is the placeholder {key!r}"
+        problem = f"{ID_KEY.name} is the placeholder {key!r}"
     elif len(key) < MIN_KEY_CHARS and key != DEV_KEY:
-        problem = f"{KEY_ENV_VAR} has {len(key)} characters (< {MIN_KEY_CHARS})"
+        problem = f"{ID_KEY.name} has {len(key)} characters (< {MIN_KEY_CHARS})"
     if problem is None and key != DEV_KEY:
         return key.encode("utf-8")
-    if os.environ.get(ALLOW_DEV_KEY_ENV_VAR) != "1":
+    if not ALLOW_DEV_KEY.get():
         raise InsecureKeyError(
             f"{problem or 'the public development key is configured'}: refusing to pseudonymize users with a "
-            f"guessable key. Set {KEY_ENV_VAR} to a secret (e.g. `openssl rand -hex 32`); on a development "
-            f"machine only, {ALLOW_DEV_KEY_ENV_VAR}=1 allows the public development key."
+            f"guessable key. Set {ID_KEY.name} to a secret (e.g. `openssl rand -hex 32`); on a development "
+            f"machine only, {ALLOW_DEV_KEY.name}=1 allows the public development key."
         )
     warnings.warn(
         f"!!! {problem or 'the development key is configured'}: user pseudonyms use the PUBLIC development key "
-        f"({ALLOW_DEV_KEY_ENV_VAR}=1) and can be reversed by anyone who can guess user ids. Set {KEY_ENV_VAR} to a "
+        f"({ALLOW_DEV_KEY.name}=1) and can be reversed by anyone who can guess user ids. Set {ID_KEY.name} to a "
         "secret (e.g. `openssl rand -hex 32`) before processing real users. !!!",
         InsecureKeyWarning,
         stacklevel=2,

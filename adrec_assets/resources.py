@@ -3,27 +3,24 @@ artifacts and their published snapshots live."""
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from adrec_assets.artifacts import ARTIFACTS_DIR_ENV_VAR, DEFAULT_ARTIFACTS_DIR, resolve_root
-from adrec_assets.ml.encoders import AUTO, ENCODER_ENV_VAR, AdEncoder, build_encoder, resolve_encoder_name
+from adrec_assets.artifacts import resolve_root
+from adrec_assets.ml.encoders import AUTO, AdEncoder, build_encoder, resolve_encoder_name
 from adrec_assets.ml.encoders.cache import EncodingCache
 from adrec_assets.sources import Source
-from adrec_assets.sources.catalog import data_dir
 from adrec_assets.sources.files import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_UNKNOWN_AD_SHARE, FileSource, SourceError
 from adrec_assets.sources.limits import SourceLimits
 from adrec_assets.online.experiments import ExperimentSet, load_experiments
-from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS, DEFAULT_KEEP_SNAPSHOTS, SnapshotStore
+from adrec_assets.settings import ARTIFACTS_DIR, ENCODER, ENCODER_CACHE_DIR, EXPERIMENTS, JINA_PATH, KEEP_SNAPSHOTS, SOURCES_DIR
+from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS, SnapshotStore
 from adrec_assets.sources.synthetic import SyntheticParams, SyntheticSource
 
 
-SOURCES_DIR_ENV_VAR = "ADREC_SOURCES_DIR"
-ENCODER_CACHE_DIR_ENV_VAR = "ADREC_ENCODER_CACHE_DIR"
 SYNTHETIC = "synthetic"
 
 
@@ -33,9 +30,9 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 
     base_dir: str | None = Field(
         default=None,
-        description=f"Root folder; default ${ARTIFACTS_DIR_ENV_VAR} or '{DEFAULT_ARTIFACTS_DIR}'.",
+        description=f"Root folder; default ${ARTIFACTS_DIR.name} or '{ARTIFACTS_DIR.default}'.",
     )
-    keep_snapshots: int = Field(default=DEFAULT_KEEP_SNAPSHOTS, description="Published snapshots kept for rollback.")
+    keep_snapshots: int = Field(default=KEEP_SNAPSHOTS.default, description="Published snapshots kept for rollback.")
     gc_grace_seconds: float = Field(
         default=DEFAULT_GC_GRACE_SECONDS,
         description="Staging folders and temp files younger than this may belong to a running run and are kept.",
@@ -58,7 +55,7 @@ class ExperimentsResource(dg.ConfigurableResource):
     path: str | None = Field(default=None, description="Experiments file; default $ADREC_EXPERIMENTS (none: no experiments).")
 
     def load(self) -> ExperimentSet:
-        path = self.path or os.environ.get("ADREC_EXPERIMENTS")
+        path = self.path or EXPERIMENTS.get()
         return load_experiments(Path(path)) if path else ExperimentSet(())
 
 
@@ -72,7 +69,7 @@ class ClickSourceResource(dg.ConfigurableResource):
 
     root: str | None = Field(
         default=None,
-        description=f"Folder holding one sub-folder per file source; default ${SOURCES_DIR_ENV_VAR} or data/sources.",
+        description=f"Folder holding one sub-folder per file source; default ${SOURCES_DIR.name} or data/sources.",
     )
     max_unknown_ad_share: float = Field(
         default=DEFAULT_MAX_UNKNOWN_AD_SHARE,
@@ -105,7 +102,7 @@ class ClickSourceResource(dg.ConfigurableResource):
         )
 
     def sources_root(self) -> Path:
-        return Path(self.root or os.environ.get(SOURCES_DIR_ENV_VAR) or data_dir() / "sources")
+        return Path(self.root or SOURCES_DIR.get())
 
     def source_dir(self, source: str) -> Path:
         folder = self.sources_root() / source
@@ -142,7 +139,7 @@ class EncoderResource(dg.ConfigurableResource):
 
     name: str = Field(
         default=AUTO,
-        description=f"'auto', 'jina-clip-v2' or 'offline'; ${ENCODER_ENV_VAR} overrides it when set.",
+        description=f"'auto', 'jina-clip-v2' or 'offline'; ${ENCODER.name} overrides it when set.",
     )
     batch_size: int = Field(default=64, description="Ads per forward pass.")
     jina_path: str | None = Field(
@@ -153,7 +150,7 @@ class EncoderResource(dg.ConfigurableResource):
         default=None,
         description=(
             f"Folder of the content-hash encoding cache (one file per encoder); default "
-            f"${ENCODER_CACHE_DIR_ENV_VAR} or data/cache/encodings."
+            f"${ENCODER_CACHE_DIR.name} or data/cache/encodings."
         ),
     )
     use_cache: bool = Field(
@@ -166,7 +163,7 @@ class EncoderResource(dg.ConfigurableResource):
     )
 
     def cache_root(self) -> Path:
-        return Path(self.cache_dir or os.environ.get(ENCODER_CACHE_DIR_ENV_VAR) or data_dir() / "cache" / "encodings")
+        return Path(self.cache_dir or ENCODER_CACHE_DIR.get())
 
     def encoding_cache(self) -> EncodingCache | None:
         """The encoding cache, or ``None`` when ``use_cache`` is off (every ad is encoded)."""
@@ -174,7 +171,7 @@ class EncoderResource(dg.ConfigurableResource):
 
     def get(self) -> AdEncoder:
         name, origin = resolve_encoder_name(self.name)
-        jina_path = self.jina_path or os.environ.get("ADREC_JINA_PATH") or None
+        jina_path = self.jina_path or JINA_PATH.get()
         encoder = _cached_encoder(name, self.batch_size, jina_path)
         reason = getattr(encoder, "selection_reason", "")
         dg.get_dagster_logger().info(f"ad encoder {encoder.encoder_id} ({origin}): {reason}")

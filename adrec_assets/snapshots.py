@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from adrec_assets.artifacts import extension_of, load_file, to_bytes
+from adrec_assets.settings import KEEP_SNAPSHOTS
 from adrec_assets.storage import atomic_write
 
 try:
@@ -48,8 +49,6 @@ try:
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
 
-KEEP_SNAPSHOTS_ENV_VAR = "ADREC_KEEP_SNAPSHOTS"
-DEFAULT_KEEP_SNAPSHOTS = 5
 #: Staging folders, objects and temp files younger than this may belong to a run in progress.
 DEFAULT_GC_GRACE_SECONDS = 6 * 3600
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -314,7 +313,7 @@ class SnapshotStore:
     # ------------------------------------------------------------------ housekeeping
 
     def _keep(self, keep: int | None) -> int:
-        return max(1, keep if keep is not None else int(os.environ.get(KEEP_SNAPSHOTS_ENV_VAR, DEFAULT_KEEP_SNAPSHOTS)))
+        return max(1, keep if keep is not None else KEEP_SNAPSHOTS.get())
 
     def gc(self, grace_seconds: float = DEFAULT_GC_GRACE_SECONDS, keep: int | None = None) -> GcReport:
         """Remove snapshots beyond the last ``keep``, objects no kept snapshot uses, and staging

@@ -28,7 +28,8 @@ from adrec_assets.ml.encoders.cache import (
     content_hashes,
     encode_with_cache,
 )
-from adrec_assets.resources import ENCODER_CACHE_DIR_ENV_VAR, EncoderResource
+from adrec_assets.resources import EncoderResource
+from adrec_assets.settings import ENCODER_CACHE_DIR
 from adrec_assets.sources.catalog import data_dir
 from adrec_assets_tests.pipeline_fixtures import load_from_run, materialize_pipeline
 from adrec_assets_tests.test_file_sources import AD_IDS, AD_TEXTS, write_valid_source
@@ -384,11 +385,11 @@ def test_encode_with_cache_confines_images_to_the_catalogue_root(cache, tmp_path
 
 
 def test_encoder_resource_cache_location_and_switch(tmp_path, monkeypatch):
-    monkeypatch.setenv(ENCODER_CACHE_DIR_ENV_VAR, str(tmp_path / "env"))
+    monkeypatch.setenv(ENCODER_CACHE_DIR.name, str(tmp_path / "env"))
     assert EncoderResource().encoding_cache().root == tmp_path / "env"
     assert EncoderResource(cache_dir=str(tmp_path / "cfg")).encoding_cache().root == tmp_path / "cfg"
     assert EncoderResource(use_cache=False).encoding_cache() is None
-    monkeypatch.delenv(ENCODER_CACHE_DIR_ENV_VAR)
+    monkeypatch.delenv(ENCODER_CACHE_DIR.name)
     assert EncoderResource().cache_root() == data_dir() / "cache" / "encodings"  # not created here
 
 

@@ -312,3 +312,34 @@ def test_npz_artifacts_are_byte_reproducible(tmp_path):
     with np.load(tmp_path / "a.npz", allow_pickle=False) as npz:
         assert set(npz.files) == {"__type__", "__format__", "vector", "n_users", "mean_norm", "space"}
         np.testing.assert_array_equal(npz["vector"], artifact.vector)
+
+
+# ---------------------------------------------------------------- artifact types, imported on demand
+
+
+def test_every_artifact_type_module_registers_its_tag():
+    """artifacts.TYPE_MODULES names, for each tag defined outside ml/types, the module that
+    registers it; every registered tag is found there or in ml/types."""
+    import importlib
+
+    from adrec_assets.artifacts import TYPE_MODULES, artifact_class
+    from adrec_assets.ml import types
+
+    for tag, module in TYPE_MODULES.items():
+        cls = artifact_class(tag)
+        assert cls is not None and cls.__module__ == module, (tag, module)
+        importlib.import_module(module)
+    for tag, cls in types.ARTIFACT_TYPES.items():
+        assert tag in TYPE_MODULES or cls.__module__ == types.__name__, (tag, cls.__module__)
+
+
+@pytest.mark.parametrize("module", ["adrec_assets.snapshots", "adrec_assets.artifacts", "adrec_assets.online.store"])
+def test_reading_snapshots_or_the_store_imports_no_torch_or_faiss(module):
+    """The snapshot store and the online store are imported by light processes (the CLI, the
+    sensor, the service's store tools): they must not pay for torch or faiss."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'faiss', 'statsmodels') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"{module} imports {out.strip()}"

@@ -6,7 +6,6 @@ is not part of the :class:`AdCatalog` artifact, which holds only id, text and im
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +13,13 @@ import numpy as np
 import pandas as pd
 
 from adrec_assets.ml.types import AdCatalog, str_array
+from adrec_assets.settings import DATA_DIR
 
-DATA_DIR_ENV_VAR = "ADREC_DATA_DIR"
 
 
 def data_dir() -> Path:
     """``$ADREC_DATA_DIR`` or the repository's ``data/`` folder."""
-    override = os.environ.get(DATA_DIR_ENV_VAR)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "data"
+    return DATA_DIR.get()
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ def load_builtin_catalog(catalog_dir: Path | None = None) -> LabelledCatalog:
     if not csv_path.exists():
         raise FileNotFoundError(
             f"Built-in ad catalogue {csv_path} is missing; restore data/catalog/ from git "
-            f"or point {DATA_DIR_ENV_VAR} at a data folder that has catalog/ads.csv"
+            f"or point {DATA_DIR.name} at a data folder that has catalog/ads.csv"
         )
     frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8")
     missing = {"ad_id", "category", "text", "image"} - set(frame.columns)

@@ -31,12 +31,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from adrec_assets.privacy import PSEUDONYM_HEX_CHARS, redact
+from adrec_assets.privacy import PSEUDONYM_HEX_CHARS, PSEUDONYM_PATTERN, redact
 from adrec_assets.sources import SourceError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INT64_SAFE_DIGITS = 18  # any integer written with at most this many characters fits int64
-_PSEUDONYM = re.compile(f"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
 _SHOWN_CHARS = 80
 
 
@@ -539,7 +538,7 @@ def _check_strings(column: Column, cells: pd.Series, text_cells: bool) -> _Check
         too_long = np.zeros(n, dtype=bool)
     malformed = np.zeros(n, dtype=bool)
     if kind is Kind.PSEUDONYM:
-        malformed = np.fromiter((_PSEUDONYM.fullmatch(s) is None for s in strings), dtype=bool, count=n)
+        malformed = np.fromiter((PSEUDONYM_PATTERN.fullmatch(s) is None for s in strings), dtype=bool, count=n)
         malformed &= ~empty & ~wrong_type
 
     def reason(i: int) -> str:

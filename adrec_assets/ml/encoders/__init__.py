@@ -10,15 +10,14 @@ silently different encoder would only show up later, as a projector/encoder mism
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from adrec_assets.ml.encoders.base import AD_EMBEDDING_DIM, AdEncoder, EncodeResult
+from adrec_assets.settings import ENCODER
 
 log = logging.getLogger(__name__)
 
-ENCODER_ENV_VAR = "ADREC_ENCODER"
 AUTO = "auto"
 JINA = "jina-clip-v2"
 OFFLINE = "offline"
@@ -57,7 +56,7 @@ def select_encoder(requested: str, jina_path: str | None = None) -> EncoderSelec
         OFFLINE,
         "auto: Jina CLIP v2 not available locally ("
         + "; ".join(availability.missing)
-        + f"), so the offline encoder; {ENCODER_ENV_VAR}={JINA} prints download instructions",
+        + f"), so the offline encoder; {ENCODER.name}={JINA} prints download instructions",
     )
 
 
@@ -86,8 +85,8 @@ def _unknown(name: str, origin: str) -> ValueError:
 def resolve_encoder_name(configured: str, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """``(name, origin)``: ``$ADREC_ENCODER`` when set (an operator override), else the
     configured name; validated, so a typo fails before anything loads."""
-    env_value = (os.environ if environ is None else environ).get(ENCODER_ENV_VAR, "").strip()
-    name, origin = (env_value, f"{ENCODER_ENV_VAR}={env_value}") if env_value else (configured, f"name={configured!r}")
+    env_value = ENCODER.get(environ)
+    name, origin = (env_value, f"{ENCODER.name}={env_value}") if env_value else (configured, f"name={configured!r}")
     if name not in ENCODER_BUILDERS:
         raise _unknown(name, f" (from {origin})")
     return name, origin
@@ -110,7 +109,6 @@ __all__ = [
     "AD_EMBEDDING_DIM",
     "AUTO",
     "ENCODER_BUILDERS",
-    "ENCODER_ENV_VAR",
     "JINA",
     "OFFLINE",
     "AdEncoder",

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from adrec_assets.settings import JINA_PATH
 from adrec_assets.ml.encoders.base import (
     AD_EMBEDDING_DIM,
     EncodeResult,
@@ -48,7 +49,6 @@ from adrec_assets.ml.encoders.base import (
 log = logging.getLogger(__name__)
 
 MODEL_REPO = "jinaai/jina-clip-v2"
-JINA_PATH_ENV_VAR = "ADREC_JINA_PATH"
 IMAGE_SIZE = 512  # the checkpoint's processor: shorter side -> 512, centre crop 512
 WEIGHT_FILES = (
     "model.safetensors",
@@ -69,7 +69,7 @@ Model hubs are never contacted at run time. On a machine with internet access:
 
 then copy that Hugging Face cache (~/.cache/huggingface/hub, or $HF_HUB_CACHE / $HF_HOME/hub)
 to the same place on this machine; the pipeline finds {MODEL_REPO} there. Or set
-{JINA_PATH_ENV_VAR}=/path/to/jina-clip-v2 (a directory holding config.json and
+{JINA_PATH.name}=/path/to/jina-clip-v2 (a directory holding config.json and
 model.safetensors, e.g. the snapshot folder); the three code repositories must still be in
 this machine's HF cache, where transformers resolves remote code.
 In this environment: pip install -e '.[jina]' (timm, torchvision; einops is a base
@@ -136,7 +136,7 @@ def locate_jina_weights(path: str | None) -> Path | None:
     nothing else (an explicit location that is wrong should be reported, not silently
     replaced). Otherwise the local HF cache snapshot(s) of ``jinaai/jina-clip-v2``.
     """
-    explicit = path or os.environ.get(JINA_PATH_ENV_VAR)
+    explicit = path or JINA_PATH.get()
     if explicit:
         folder = Path(explicit).expanduser()
         return folder.resolve() if folder.is_dir() and has_weights(folder) else None
@@ -211,10 +211,10 @@ class JinaAvailability:
 def check_jina_available(path: str | None = None) -> JinaAvailability:
     """Everything a local load needs, checked by looking at files and import specs only
     (no torch/transformers import): used by ``auto`` selection and before loading."""
-    explicit = path or os.environ.get(JINA_PATH_ENV_VAR)
+    explicit = path or JINA_PATH.get()
     cache = hf_hub_cache()
     searched = (
-        f"{explicit} (resource config / ${JINA_PATH_ENV_VAR})" if explicit else f"HF cache {cache} ({MODEL_REPO})"
+        f"{explicit} (resource config / ${JINA_PATH.name})" if explicit else f"HF cache {cache} ({MODEL_REPO})"
     )
     weights_dir = locate_jina_weights(path)
     return JinaAvailability(

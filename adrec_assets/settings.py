@@ -1,0 +1,153 @@
+"""Every ``ADREC_*`` environment variable, declared once: its type, default and meaning.
+
+Code reads a variable through its :class:`Setting` (``SOURCES_DIR.get()``) at the moment it
+needs it, so an operator's or a test's environment is seen as it is then, and no module keeps
+its own copy of a name or a default. ``docs/configuration.md`` is generated from this table
+(``python -m adrec_assets.settings > docs/configuration.md``); a test fails when a variable is
+read anywhere else, or named anywhere without being declared here.
+
+Plain Python and the ground floor of the house: it imports nothing of adrec.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+#: The checkout's (or installed package's sibling) data folder: the default of ``ADREC_DATA_DIR``.
+REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+class SettingError(ValueError):
+    """An ``ADREC_*`` variable holds a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment variable. Unset and empty mean the same: the default.
+
+    ``default`` is a value, or a function of the other settings (a folder under
+    ``ADREC_DATA_DIR``); ``shown_default`` is how the documentation writes it.
+    """
+
+    name: str
+    parse: Callable[[str], T]
+    default: T | Callable[[], T] | None
+    shown_default: str
+    meaning: str
+    group: str
+
+    def raw(self, environ: Mapping[str, str] | None = None) -> str | None:
+        value = (os.environ if environ is None else environ).get(self.name, "")
+        return value if value.strip() else None
+
+    def is_set(self, environ: Mapping[str, str] | None = None) -> bool:
+        return self.raw(environ) is not None
+
+    def get(self, environ: Mapping[str, str] | None = None) -> T | None:
+        raw = self.raw(environ)
+        if raw is None:
+            return self.default() if callable(self.default) else self.default  # type: ignore[return-value]
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise SettingError(f"{self.name}={raw!r}: {exc}") from None
+
+    def put(self, value: str) -> None:
+        """Set it for this process and the processes it starts (the service's workers)."""
+        os.environ[self.name] = value
+
+
+def _flag(raw: str) -> bool:
+    return raw == "1"
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+
+    return parse
+
+
+def _path(raw: str) -> Path:
+    return Path(raw)
+
+
+SETTINGS: dict[str, Setting[Any]] = {}
+
+
+def _declare(name: str, parse: Callable[[str], T], default: Any, shown: str, meaning: str, group: str) -> Setting[T]:
+    setting = Setting(f"ADREC_{name}", parse, default, shown, meaning, group)
+    SETTINGS[setting.name] = setting
+    return setting
+
+
+PIPELINE, PRIVACY, ENCODER_GROUP, SERVICE = "pipeline", "privacy", "encoder", "service"
+
+# ----------------------------------------------------------------------------- folders and pipeline
+DATA_DIR = _declare("DATA_DIR", _path, lambda: REPO_DATA_DIR, "`data/`", "where the built-in catalogue (`catalog/`), the online store's SQLite file and the default sources and caches live", PIPELINE)
+SOURCES_DIR = _declare("SOURCES_DIR", _path, lambda: DATA_DIR.get() / "sources", "`$ADREC_DATA_DIR/sources`", "root of the file click sources (one sub-folder per source)", PIPELINE)
+ARTIFACTS_DIR = _declare("ARTIFACTS_DIR", str, "data/artifacts", "`data/artifacts`", "root of the artifact store (a local folder or a `upath` URL)", PIPELINE)
+KEEP_SNAPSHOTS = _declare("KEEP_SNAPSHOTS", _number(int), 5, "5", "published snapshots kept per source for rollback (`artifacts.keep_snapshots`); older ones are garbage-collected", PIPELINE)
+EXECUTOR = _declare("EXECUTOR", str, "in_process", "`in_process`", "`multiprocess` = Dagster's multi-or-in-process executor (a process per step; pays a torch import per step, so in-process is faster on one small machine)", PIPELINE)
+REFRESH_CRON = _declare("REFRESH_CRON", str, "0 3 * * *", "`0 3 * * *`", "cron of the nightly full refresh", PIPELINE)
+SENSOR_RETRY_SECONDS = _declare("SENSOR_RETRY_SECONDS", _number(float), 300.0, "300", "first back-off before the click-source sensor retries a failed run of unchanged files (doubling, at most 5 times)", PIPELINE)
+EXPERIMENTS = _declare("EXPERIMENTS", _path, None, "none", "TOML file of A/B experiments ([serving](serving.md#experiments)): the service and the `experiment_report` asset", PIPELINE)
+
+# ----------------------------------------------------------------------------- privacy
+ID_KEY = _declare("ID_KEY", str, None, "required (the public dev key, with a warning, under `ADREC_ALLOW_DEV_KEY=1`)", "HMAC key of the user pseudonyms (a secret of at least 16 characters)", PRIVACY)
+ALLOW_DEV_KEY = _declare("ALLOW_DEV_KEY", _flag, False, "`1` in the Makefile", "`1` allows the public development key, with a warning (never in a deployment)", PRIVACY)
+
+# ----------------------------------------------------------------------------- encoder
+ENCODER = _declare("ENCODER", str.strip, None, "`auto`", "overrides the encoder resource: `auto` (Jina CLIP v2 if its files are local, else offline), `jina-clip-v2`, `offline`", ENCODER_GROUP)
+JINA_PATH = _declare("JINA_PATH", str, None, "HF cache", "folder holding a downloaded `jinaai/jina-clip-v2`", ENCODER_GROUP)
+ENCODER_CACHE_DIR = _declare("ENCODER_CACHE_DIR", _path, lambda: DATA_DIR.get() / "cache" / "encodings", "`$ADREC_DATA_DIR/cache/encodings`", "content-hash encoding cache (one file per encoder)", ENCODER_GROUP)
+
+# ----------------------------------------------------------------------------- service
+ONLINE_STORE = _declare("ONLINE_STORE", str, None, "SQLite in `$ADREC_DATA_DIR/online/`", "online store: a SQLite path, or `redis://…` for replicas", SERVICE)
+API_TOKEN = _declare("API_TOKEN", str, None, "unset (loopback only)", "bearer token of the write endpoints", SERVICE)
+SERVE_INDEX = _declare("SERVE_INDEX", str, "faiss", "`faiss`", "`numpy`: exact brute force instead of the snapshot's FAISS index", SERVICE)
+SERVE_ALPHA = _declare("SERVE_ALPHA", _number(float), 0.3, "0.3", "EMA step of a click at position 1", SERVICE)
+SERVE_DEFAULT_POLICY = _declare("SERVE_DEFAULT_POLICY", str, "greedy", "`greedy`", "policy of requests outside experiments: `greedy`, `thompson`, `epsilon_greedy`, `random`", SERVICE)
+SERVE_EPSILON = _declare("SERVE_EPSILON", _number(float), 0.1, "0.1", "exploration rate of `epsilon_greedy`", SERVICE)
+SERVE_RANDOMIZED_SHARE = _declare("SERVE_RANDOMIZED_SHARE", _number(float), 0.0, "0", "share of slates served in random order (position-bias slice; 0.02 recommended)", SERVICE)
+SERVE_FRESH_PRIOR_SD = _declare("SERVE_FRESH_PRIOR_SD", _number(float), 1.0, "1.0", "Thompson: prior sd of a fresh ad's own logit offset, in the prior model's units (0: none)", SERVICE)
+SERVE_FRESH_SCOPE = _declare("SERVE_FRESH_SCOPE", str, "live", "`live`", "fresh ads: `live` (added since the snapshot) or `untrained` (also its click-less ads)", SERVICE)
+SERVE_RELOAD_SECONDS = _declare("SERVE_RELOAD_SECONDS", _number(float), 2.0, "2", "seconds between checks for a new snapshot and new live ads", SERVICE)
+SERVE_FLUSH_SECONDS = _declare("SERVE_FLUSH_SECONDS", _number(float), 5.0, "5", "seconds between flushes of served events to the source's `events/` and `clicks/`", SERVICE)
+SERVE_SETTLE_SECONDS = _declare("SERVE_SETTLE_SECONDS", _number(float), 60.0, "60", "seconds an impression waits for its click before it teaches the policy posterior", SERVICE)
+SERVE_SOURCE = _declare("SERVE_SOURCE", str, None, "set by `python -m adrec_assets.serve`", "the source the service's workers serve (internal: the launcher hands it to its workers)", SERVICE)
+SERVE_NO_ENCODER = _declare("SERVE_NO_ENCODER", _flag, False, "set by `python -m adrec_assets.serve`", "`1`: the workers load no encoder, so `POST /v1/ads` answers 503 (internal: `--no-encoder`)", SERVICE)
+
+
+def markdown() -> str:
+    """``docs/configuration.md``: every variable by group."""
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- generated by `python -m adrec_assets.settings > docs/configuration.md`; edit adrec_assets/settings.py -->",
+        "",
+        "Every `ADREC_*` environment variable adrec reads, declared in `adrec_assets/settings.py`. Unset and",
+        "empty mean the same: the default. Dagster resources and the service's `ServingConfig` take",
+        "explicit values first; these variables are their defaults. The service's variables are explained",
+        "in context in [serving](serving.md), the PostgreSQL connection of a deployment in [deploy](deploy.md).",
+        "`DAGSTER_HOME` (the Dagster instance: runs, events, registered sources) is Dagster's own; the",
+        "Makefile sets it to `.dagster_home/`.",
+    ]
+    titles = {PIPELINE: "Folders and pipeline", PRIVACY: "Privacy", ENCODER_GROUP: "Encoder", SERVICE: "Service"}
+    for group, title in titles.items():
+        lines += ["", f"## {title}", "", "| variable | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{s.name}` | {s.shown_default} | {s.meaning} |" for s in SETTINGS.values() if s.group == group]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
