@@ -137,7 +137,7 @@ def gc(source: str, now: bool) -> int:
 
 def recommend(source: str, raw_user_id: str, k: int) -> int:
     from adrec_assets.artifacts import resolve_root
-    from adrec_assets.ml.recommender import Recommender
+    from adrec_assets.recommender import Recommender
     from adrec_assets.privacy import key_fingerprint
     from adrec_assets.snapshots import SnapshotError
 

@@ -10,7 +10,7 @@ import torch
 
 from adrec_assets.ml.evaluation import METHOD_ORDER, PIPELINE, EvaluationReport
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.recommender import Recommender
+from adrec_assets.recommender import Recommender
 from adrec_assets.ml.training import score_bias
 from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline, published_files
 

@@ -90,7 +90,7 @@ def test_artifact_shapes_norms_and_alignment(pipeline):
 def test_served_users_and_ads_are_the_served_model_fitted_to_the_clicks_and_the_prior_averages_them(pipeline):
     base, result, _ = pipeline
     from adrec_assets.ml.params import AdRefitParams, UserRefitParams
-    from adrec_assets.ml.recommender import Recommender
+    from adrec_assets.recommender import Recommender
     from adrec_assets.ml.served_model import fit_served_model
     from adrec_assets.ml.training import normalized_mean
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from adrec_assets.ml.recommender import Recommender
+from adrec_assets.recommender import Recommender
 from adrec_assets.online.api import create_app
 from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.service import RecommendationService

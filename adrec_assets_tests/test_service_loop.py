@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from adrec_assets.ml.recommender import Recommender
+from adrec_assets.recommender import Recommender
 from adrec_assets.online.api import create_app
 from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.events import read_event_log

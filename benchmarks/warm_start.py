@@ -35,7 +35,7 @@ from scipy import stats  # noqa: E402
 
 from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams  # noqa: E402
 from adrec_assets.ml.pipeline import FittedPipeline, fit_pipeline  # noqa: E402
-from adrec_assets.ml.recommender import score_matrix  # noqa: E402
+from adrec_assets.ml.scoring import score_matrix  # noqa: E402
 from adrec_assets.ml.served_model import fit_served_model  # noqa: E402
 from adrec_assets.ml.types import ClickGraph, align_rows  # noqa: E402
 from adrec_assets.ml.warm_evaluation import (  # noqa: E402

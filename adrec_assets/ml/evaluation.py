@@ -38,7 +38,7 @@ from adrec_assets.ml.sampling import clicker_centroids
 from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
 from adrec_assets.ml.pipeline import fit_pipeline
 from adrec_assets.ml.training import normalized_mean
-from adrec_assets.ml.recommender import score_matrix
+from adrec_assets.ml.scoring import score_matrix
 from adrec_assets.ml.types import ClickGraph, Fields, artifact_type, pack_strings
 from adrec_assets.ml.warm_evaluation import WARM_BASELINES, WARM_METHOD_LABELS, WARM_METHOD_ORDER, WARM_PIPELINE, WarmReport
 

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from adrec_assets.ml.als import AlsParams, click_matrix, fit_als
 from adrec_assets.ml.metrics import ndcg_at_k, recall_at_k
 from adrec_assets.ml.pipeline import FittedPipeline
-from adrec_assets.ml.recommender import score_matrix
+from adrec_assets.ml.scoring import score_matrix
 from adrec_assets.ml.types import ClickGraph
 
 LogFn = Callable[[str], None]

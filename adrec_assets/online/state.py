@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.recommender import resolve_user_vector
+from adrec_assets.ml.scoring import resolve_user_vector
 from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.fresh_ads import (
     DEFAULT_FRESH_PRIOR_SD,
@@ -62,7 +62,7 @@ class ModelState:
         return self.indexed.index
 
     def user_vector(self, pseudonym: str, online: np.ndarray | None) -> tuple[np.ndarray, str]:
-        """(vector, user status): see :func:`~adrec_assets.ml.recommender.resolve_user_vector`."""
+        """(vector, user status): see :func:`~adrec_assets.ml.scoring.resolve_user_vector`."""
         return resolve_user_vector(self.users, self.prior, pseudonym, online)
 
 

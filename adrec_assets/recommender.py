@@ -5,12 +5,8 @@
     rec.recommend(vector, k=10, exclude=["ad-1"])  # or any vector of the user space
     rec.score(pseudonym, ["ad-3", "ad-7"])
 
-Score = u . v_a + b_a: the served user against the served ad (``served_ads``: the content
-projection for an ad without clicks, pulled toward its clickers for one with clicks) plus the
-ad's score term. :func:`score_matrix` is that formula, shared
-by this class, the cold-start evaluation and the online service, so they can never drift
-apart; :func:`resolve_user_vector` is which vector a user is scored with, shared by this
-class and the online service's ``ModelState``. Plain Python: no Dagster.
+Scores with :mod:`adrec_assets.ml.scoring` (u . v_a + b_a over ``served_users`` and
+``served_ads``), as the evaluations and the online service do. Plain Python: no Dagster.
 """
 
 from __future__ import annotations
@@ -21,38 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from adrec_assets.ml.scoring import USER_KNOWN, resolve_user_vector, score_matrix, top_k
 from adrec_assets.ml.types import ArtifactError, GlobalMean, ProjectedAds, UserEmbeddings
-
-
-def score_matrix(user_vectors: np.ndarray, ad_vectors: np.ndarray, score_bias: np.ndarray) -> np.ndarray:
-    """(n_users, n_ads) scores of ``user_vectors`` (n, d) against ads (m, d) with bias (m,)."""
-    return user_vectors @ ad_vectors.T + score_bias[None, :]
-
-
-USER_KNOWN, USER_UPDATED_ONLINE, USER_NEW = "known", "updated_online", "new"
-
-
-def resolve_user_vector(
-    users: UserEmbeddings, prior: GlobalMean, pseudonym: str, online: np.ndarray | None = None
-) -> tuple[np.ndarray, str]:
-    """(vector, status) a user is scored with: the ``online`` vector clicks moved since the
-    snapshot (:data:`USER_UPDATED_ONLINE`), else the trained vector (:data:`USER_KNOWN`), else
-    the global-mean prior for a user never seen in clicks (:data:`USER_NEW`)."""
-    if online is not None:
-        return online.astype(np.float32), USER_UPDATED_ONLINE
-    row = users.row_of(pseudonym)
-    if row is not None:
-        return users.vectors[row], USER_KNOWN
-    return prior.vector, USER_NEW
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest of a 1-d score array, best first (stable for ties)."""
-    k = min(k, len(scores))
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return top[np.argsort(-scores[top], kind="stable")]
+from adrec_assets.snapshots import SnapshotStore
 
 
 @dataclass(frozen=True)
@@ -84,8 +51,6 @@ class Recommender:
         """The published snapshot of ``source`` under ``artifacts_root`` (all three artifacts
         from the same snapshot, whatever is published meanwhile). A snapshot published before
         ``served_ads`` existed serves its ``ad_projected``."""
-        from adrec_assets.snapshots import SnapshotStore
-
         store = SnapshotStore(artifacts_root, source)
         snapshot = store.current()
         return cls(
