@@ -17,7 +17,7 @@ EVAL_SEEDS ?= 0
 UI_PORT ?= 3000
 SERVE_PORT ?= 8000
 
-.PHONY: setup system-deps run evaluate test ui serve demo bench clean
+.PHONY: setup system-deps run evaluate test lint format ui serve demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ system-deps:
 
 test: setup system-deps
 	$(BIN)/pytest -q adrec_assets_tests
+
+# ruff, configured in pyproject.toml: the formatter's verdict and the linter's, changing nothing.
+lint: setup
+	$(BIN)/ruff format --check adrec_assets adrec_assets_tests benchmarks data/catalog
+	$(BIN)/ruff check adrec_assets adrec_assets_tests benchmarks data/catalog
+
+format: setup
+	$(BIN)/ruff format adrec_assets adrec_assets_tests benchmarks data/catalog
+	$(BIN)/ruff check --fix adrec_assets adrec_assets_tests benchmarks data/catalog
 
 ui: setup $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m adrec_assets.cli register

@@ -61,7 +61,9 @@ def artifact_class(tag: str) -> type | None:
 def type_of(obj: Any) -> type:
     tag = getattr(obj, "type_tag", None)
     if tag not in ARTIFACT_TYPES or not isinstance(obj, ARTIFACT_TYPES[tag]):
-        raise TypeError(f"not an adrec artifact: {type(obj).__name__} (known types: {sorted({*ARTIFACT_TYPES, *TYPE_MODULES})})")
+        raise TypeError(
+            f"not an adrec artifact: {type(obj).__name__} (known types: {sorted({*ARTIFACT_TYPES, *TYPE_MODULES})})"
+        )
     return ARTIFACT_TYPES[tag]
 
 
@@ -107,7 +109,9 @@ def codec_of(path: str | os.PathLike[str]) -> str:
     for codec, extension in EXTENSIONS.items():
         if suffix == extension:
             return codec
-    raise ArtifactError(f"{path}: not an artifact file (extension {suffix!r}, expected one of {list(EXTENSIONS.values())})")
+    raise ArtifactError(
+        f"{path}: not an artifact file (extension {suffix!r}, expected one of {list(EXTENSIONS.values())})"
+    )
 
 
 def load_bytes(data: bytes, origin: str, codec: str) -> Any:
@@ -119,7 +123,9 @@ def load_bytes(data: bytes, origin: str, codec: str) -> Any:
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same instruction
-        raise ArtifactError(f"{origin}: not a readable artifact ({type(exc).__name__}: {exc}); re-materialize it") from None
+        raise ArtifactError(
+            f"{origin}: not a readable artifact ({type(exc).__name__}: {exc}); re-materialize it"
+        ) from None
     return artifact_class("projector").from_checkpoint(checkpoint, origin)
 
 

@@ -36,6 +36,8 @@ def retry_delay_seconds(attempt: int) -> float:
 def _last_run_failed(instance: dg.DagsterInstance, run_key: str) -> bool:
     runs = instance.get_runs(filters=dg.RunsFilter(tags={REQUEST_TAG: run_key}), limit=1)
     return bool(runs) and runs[0].status in _FAILED
+
+
 #: The nightly run retrains from scratch: sensor-triggered refreshes warm-start from the
 #: previous artifacts (fast), and this bounds how long a chain of warm starts can drift.
 FULL_RETRAIN_RUN_CONFIG = {
@@ -100,9 +102,7 @@ def build_click_source_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.Sensor
                     tags={SOURCE_TAG: source, "adrec/fingerprint": fingerprint, REQUEST_TAG: run_key},
                 )
             )
-        partition_requests = (
-            [click_source_partitions.build_add_request(new_partitions)] if new_partitions else []
-        )
+        partition_requests = [click_source_partitions.build_add_request(new_partitions)] if new_partitions else []
         skip = None if requests or new_partitions else f"no new or changed source under {root}"
         return dg.SensorResult(
             run_requests=requests,

@@ -7,7 +7,6 @@ artifacts written by anything else (an older version, a manual copy).
 
 from __future__ import annotations
 
-
 import dagster as dg
 import numpy as np
 
@@ -24,13 +23,12 @@ from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
-from adrec_assets.privacy import PSEUDONYM_PATTERN
 from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, GlobalMean, ProjectedAds, UserEmbeddings
 from adrec_assets.online.index import IndexedAds
 from adrec_assets.online.position_bias import PositionBias
 from adrec_assets.online.posterior import PolicyPosterior
 from adrec_assets.partitions import click_source_partitions
-
+from adrec_assets.privacy import PSEUDONYM_PATTERN
 
 
 def unit_rows_result(vectors: np.ndarray, dim: int | None, ids: np.ndarray | None = None) -> dg.AssetCheckResult:
@@ -84,12 +82,12 @@ def ad_projected_are_unit(ad_projected: ProjectedAds) -> dg.AssetCheckResult:
     blocking=True,
     partitions_def=click_source_partitions,
 )
-def ad_projected_covers_catalogue(ad_projected: ProjectedAds, ad_embeddings_raw: ContentEmbeddings) -> dg.AssetCheckResult:
+def ad_projected_covers_catalogue(
+    ad_projected: ProjectedAds, ad_embeddings_raw: ContentEmbeddings
+) -> dg.AssetCheckResult:
     """Brand-new ads are recommendable: every encoded ad, clicked or not, has a projection
     from the same encoder, in the same order."""
-    same_ids = len(ad_projected) == len(ad_embeddings_raw) and bool(
-        (ad_projected.ids == ad_embeddings_raw.ids).all()
-    )
+    same_ids = len(ad_projected) == len(ad_embeddings_raw) and bool((ad_projected.ids == ad_embeddings_raw.ids).all())
     missing = len(set(map(str, ad_embeddings_raw.ids)) - set(map(str, ad_projected.ids)))
     same_encoder = ad_projected.encoder_id == ad_embeddings_raw.encoder_id
     return dg.AssetCheckResult(
@@ -109,11 +107,15 @@ def ad_projected_covers_catalogue(ad_projected: ProjectedAds, ad_embeddings_raw:
     blocking=True,
     partitions_def=click_source_partitions,
 )
-def served_ads_keep_cold_ads(served_ads: ProjectedAds, ad_projected: ProjectedAds, click_graph: ClickGraph) -> dg.AssetCheckResult:
+def served_ads_keep_cold_ads(
+    served_ads: ProjectedAds, ad_projected: ProjectedAds, click_graph: ClickGraph
+) -> dg.AssetCheckResult:
     """Every projected ad is served, in the same order, with finite vectors; an ad without a
     click is served exactly as projected (item cold start unchanged by the ad refit)."""
     same_ids = len(served_ads) == len(ad_projected) and bool((served_ads.ids == ad_projected.ids).all())
-    n_nonfinite = int((~np.isfinite(served_ads.vectors)).any(axis=1).sum() + (~np.isfinite(served_ads.score_bias)).sum())
+    n_nonfinite = int(
+        (~np.isfinite(served_ads.vectors)).any(axis=1).sum() + (~np.isfinite(served_ads.score_bias)).sum()
+    )
     cold = ~np.isin(ad_projected.ids, click_graph.ad_ids[click_graph.ad_degrees() > 0])
     n_cold_changed = (
         int(((served_ads.vectors[cold] != ad_projected.vectors[cold]).any(axis=1)
@@ -223,8 +225,11 @@ def policy_posterior_is_usable(policy_posterior: PolicyPosterior, served_users: 
     passed = bool(np.isfinite(mean).all() and np.isfinite(precision).all() and positive_definite and same_space)
     return dg.AssetCheckResult(
         passed=passed,
-        metadata={"positive_definite": positive_definite, "same_user_space": same_space,
-                  "n_impressions_learnt": policy_posterior.n_impressions},  # fmt: skip
+        metadata={
+            "positive_definite": positive_definite,
+            "same_user_space": same_space,
+            "n_impressions_learnt": policy_posterior.n_impressions,
+        },  # fmt: skip
     )
 
 

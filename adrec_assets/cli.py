@@ -17,10 +17,9 @@ import sys
 
 import numpy as np
 
-from adrec_assets.privacy import pseudonymize, resolve_key
 from adrec_assets.partitions import BUILTIN_SOURCES, click_source_partitions
+from adrec_assets.privacy import pseudonymize, resolve_key
 from adrec_assets.snapshots import PIPELINE_ARTIFACTS
-
 
 
 def register(sources: list[str]) -> None:
@@ -88,7 +87,9 @@ def summary(source: str) -> int:
     instance = dg.DagsterInstance.get()
     print(f"source {source!r}: snapshot {snapshot.id} (model version), published by run {snapshot.run_id}")
     print(f"  history (newest first): {', '.join(store.history())}")
-    for asset in [a for a in PIPELINE_ARTIFACTS if a in snapshot.artifacts] + sorted(set(snapshot.artifacts) - set(PIPELINE_ARTIFACTS)):
+    for asset in [a for a in PIPELINE_ARTIFACTS if a in snapshot.artifacts] + sorted(
+        set(snapshot.artifacts) - set(PIPELINE_ARTIFACTS)
+    ):
         records = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[source]), limit=1
         ).records
@@ -137,8 +138,8 @@ def gc(source: str, now: bool) -> int:
 
 def recommend(source: str, raw_user_id: str, k: int) -> int:
     from adrec_assets.artifacts import resolve_root
-    from adrec_assets.recommender import Recommender
     from adrec_assets.privacy import key_fingerprint
+    from adrec_assets.recommender import Recommender
     from adrec_assets.snapshots import SnapshotError
 
     try:

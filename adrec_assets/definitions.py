@@ -1,6 +1,5 @@
 """The Dagster code location: assets, checks, resources, IO managers and the main job."""
 
-
 import dagster as dg
 
 from adrec_assets import checks
@@ -61,6 +60,7 @@ experiment_report_job = dg.define_asset_job(
     description="A/B experiment reports from the served event log (always-valid p-values: safe to look hourly).",
 )
 
+
 def select_executor() -> dg.ExecutorDefinition:
     """In-process by default: on one small machine the steps are CPU-bound and share the
     cores anyway, while a process per step re-imports torch for each (seconds apiece).
@@ -91,7 +91,10 @@ defs = dg.Definitions(
     asset_checks=dg.load_asset_checks_from_modules([checks]),
     jobs=[adrec_pipeline_job, evaluation_job, experiment_report_job],
     sensors=[build_click_source_sensor(adrec_pipeline_job)],
-    schedules=[build_nightly_refresh_schedule(adrec_pipeline_job), build_experiment_report_schedule(experiment_report_job)],
+    schedules=[
+        build_nightly_refresh_schedule(adrec_pipeline_job),
+        build_experiment_report_schedule(experiment_report_job),
+    ],
     resources=default_resources(),
     executor=select_executor(),
 )

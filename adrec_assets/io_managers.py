@@ -12,7 +12,6 @@ Thin Dagster wrappers over :mod:`adrec_assets.snapshots` and :mod:`adrec_assets.
   ``<root>/<source>/reports/<asset>.<ext>``, atomically.
 """
 
-
 from typing import Any
 
 import dagster as dg
@@ -74,4 +73,6 @@ class ReportIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext) -> Any:
-        return load_file(self.artifacts.report_path(context.asset_partition_key, _asset_name(context.upstream_output.asset_key)))
+        return load_file(
+            self.artifacts.report_path(context.asset_partition_key, _asset_name(context.upstream_output.asset_key))
+        )

@@ -47,7 +47,7 @@ class Recommender:
         self._ad_row = {ad_id: row for row, ad_id in enumerate(ads.ids.tolist())}
 
     @classmethod
-    def load(cls, artifacts_root: str | Path, source: str) -> "Recommender":
+    def load(cls, artifacts_root: str | Path, source: str) -> Recommender:
         """The published snapshot of ``source`` under ``artifacts_root`` (all three artifacts
         from the same snapshot, whatever is published meanwhile). A snapshot published before
         ``served_ads`` existed serves its ``ad_projected``."""

@@ -12,14 +12,21 @@ from pydantic import Field
 from adrec_assets.artifacts import resolve_root
 from adrec_assets.ml.encoders import AUTO, AdEncoder, build_encoder, resolve_encoder_name
 from adrec_assets.ml.encoders.cache import EncodingCache
+from adrec_assets.online.experiments import ExperimentSet, load_experiments
+from adrec_assets.settings import (
+    ARTIFACTS_DIR,
+    ENCODER,
+    ENCODER_CACHE_DIR,
+    EXPERIMENTS,
+    JINA_PATH,
+    KEEP_SNAPSHOTS,
+    SOURCES_DIR,
+)
+from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS, SnapshotStore
 from adrec_assets.sources import Source
 from adrec_assets.sources.files import DEFAULT_CHUNK_ROWS, DEFAULT_MAX_UNKNOWN_AD_SHARE, FileSource, SourceError
 from adrec_assets.sources.limits import SourceLimits
-from adrec_assets.online.experiments import ExperimentSet, load_experiments
-from adrec_assets.settings import ARTIFACTS_DIR, ENCODER, ENCODER_CACHE_DIR, EXPERIMENTS, JINA_PATH, KEEP_SNAPSHOTS, SOURCES_DIR
-from adrec_assets.snapshots import DEFAULT_GC_GRACE_SECONDS, SnapshotStore
 from adrec_assets.sources.synthetic import SyntheticParams, SyntheticSource
-
 
 SYNTHETIC = "synthetic"
 
@@ -52,7 +59,9 @@ class ArtifactStoreResource(dg.ConfigurableResource):
 class ExperimentsResource(dg.ConfigurableResource):
     """The experiments file the service reads (TOML, :mod:`adrec_assets.online.experiments`)."""
 
-    path: str | None = Field(default=None, description="Experiments file; default $ADREC_EXPERIMENTS (none: no experiments).")
+    path: str | None = Field(
+        default=None, description="Experiments file; default $ADREC_EXPERIMENTS (none: no experiments)."
+    )
 
     def load(self) -> ExperimentSet:
         path = self.path or EXPERIMENTS.get()

@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
-
 @contextmanager
 def _metrics_folder(given: str | None) -> Iterator[Path]:
     """The workers' metric files: ``given`` (``$PROMETHEUS_MULTIPROC_DIR``) when the operator
@@ -122,7 +120,9 @@ def app_from_env() -> Any:
 
     source = SERVE_SOURCE.get()
     if source is None:
-        raise RuntimeError(f"{SERVE_SOURCE.name} is not set: start the service with python -m adrec_assets.serve SOURCE")
+        raise RuntimeError(
+            f"{SERVE_SOURCE.name} is not set: start the service with python -m adrec_assets.serve SOURCE"
+        )
     config = ServingConfig.from_env(source, load_encoder=not SERVE_NO_ENCODER.get())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return _app(config, open_store(config.store_url, namespace=source))

@@ -93,39 +93,190 @@ def _declare(name: str, parse: Callable[[str], T], default: Any, shown: str, mea
 PIPELINE, PRIVACY, ENCODER_GROUP, SERVICE = "pipeline", "privacy", "encoder", "service"
 
 # ----------------------------------------------------------------------------- folders and pipeline
-DATA_DIR = _declare("DATA_DIR", _path, lambda: REPO_DATA_DIR, "`data/`", "where the built-in catalogue (`catalog/`), the online store's SQLite file and the default sources and caches live", PIPELINE)
-SOURCES_DIR = _declare("SOURCES_DIR", _path, lambda: DATA_DIR.get() / "sources", "`$ADREC_DATA_DIR/sources`", "root of the file click sources (one sub-folder per source)", PIPELINE)
-ARTIFACTS_DIR = _declare("ARTIFACTS_DIR", str, "data/artifacts", "`data/artifacts`", "root of the artifact store (a local folder or a `upath` URL)", PIPELINE)
-KEEP_SNAPSHOTS = _declare("KEEP_SNAPSHOTS", _number(int), 5, "5", "published snapshots kept per source for rollback (`artifacts.keep_snapshots`); older ones are garbage-collected", PIPELINE)
-EXECUTOR = _declare("EXECUTOR", str, "in_process", "`in_process`", "`multiprocess` = Dagster's multi-or-in-process executor (a process per step; pays a torch import per step, so in-process is faster on one small machine)", PIPELINE)
+DATA_DIR = _declare(
+    "DATA_DIR",
+    _path,
+    lambda: REPO_DATA_DIR,
+    "`data/`",
+    "where the built-in catalogue (`catalog/`), the online store's SQLite file and the default sources and caches live",
+    PIPELINE,
+)
+SOURCES_DIR = _declare(
+    "SOURCES_DIR",
+    _path,
+    lambda: DATA_DIR.get() / "sources",
+    "`$ADREC_DATA_DIR/sources`",
+    "root of the file click sources (one sub-folder per source)",
+    PIPELINE,
+)
+ARTIFACTS_DIR = _declare(
+    "ARTIFACTS_DIR",
+    str,
+    "data/artifacts",
+    "`data/artifacts`",
+    "root of the artifact store (a local folder or a `upath` URL)",
+    PIPELINE,
+)
+KEEP_SNAPSHOTS = _declare(
+    "KEEP_SNAPSHOTS",
+    _number(int),
+    5,
+    "5",
+    "published snapshots kept per source for rollback (`artifacts.keep_snapshots`); older ones are garbage-collected",
+    PIPELINE,
+)
+EXECUTOR = _declare(
+    "EXECUTOR",
+    str,
+    "in_process",
+    "`in_process`",
+    "`multiprocess` = Dagster's multi-or-in-process executor (a process per step; pays a torch import per step, so in-process is faster on one small machine)",
+    PIPELINE,
+)
 REFRESH_CRON = _declare("REFRESH_CRON", str, "0 3 * * *", "`0 3 * * *`", "cron of the nightly full refresh", PIPELINE)
-SENSOR_RETRY_SECONDS = _declare("SENSOR_RETRY_SECONDS", _number(float), 300.0, "300", "first back-off before the click-source sensor retries a failed run of unchanged files (doubling, at most 5 times)", PIPELINE)
-EXPERIMENTS = _declare("EXPERIMENTS", _path, None, "none", "TOML file of A/B experiments ([serving](serving.md#experiments)): the service and the `experiment_report` asset", PIPELINE)
+SENSOR_RETRY_SECONDS = _declare(
+    "SENSOR_RETRY_SECONDS",
+    _number(float),
+    300.0,
+    "300",
+    "first back-off before the click-source sensor retries a failed run of unchanged files (doubling, at most 5 times)",
+    PIPELINE,
+)
+EXPERIMENTS = _declare(
+    "EXPERIMENTS",
+    _path,
+    None,
+    "none",
+    "TOML file of A/B experiments ([serving](serving.md#experiments)): the service and the `experiment_report` asset",
+    PIPELINE,
+)
 
 # ----------------------------------------------------------------------------- privacy
-ID_KEY = _declare("ID_KEY", str, None, "required (the public dev key, with a warning, under `ADREC_ALLOW_DEV_KEY=1`)", "HMAC key of the user pseudonyms (a secret of at least 16 characters)", PRIVACY)
-ALLOW_DEV_KEY = _declare("ALLOW_DEV_KEY", _flag, False, "`1` in the Makefile", "`1` allows the public development key, with a warning (never in a deployment)", PRIVACY)
+ID_KEY = _declare(
+    "ID_KEY",
+    str,
+    None,
+    "required (the public dev key, with a warning, under `ADREC_ALLOW_DEV_KEY=1`)",
+    "HMAC key of the user pseudonyms (a secret of at least 16 characters)",
+    PRIVACY,
+)
+ALLOW_DEV_KEY = _declare(
+    "ALLOW_DEV_KEY",
+    _flag,
+    False,
+    "`1` in the Makefile",
+    "`1` allows the public development key, with a warning (never in a deployment)",
+    PRIVACY,
+)
 
 # ----------------------------------------------------------------------------- encoder
-ENCODER = _declare("ENCODER", str.strip, None, "`auto`", "overrides the encoder resource: `auto` (Jina CLIP v2 if its files are local, else offline), `jina-clip-v2`, `offline`", ENCODER_GROUP)
-JINA_PATH = _declare("JINA_PATH", str, None, "HF cache", "folder holding a downloaded `jinaai/jina-clip-v2`", ENCODER_GROUP)
-ENCODER_CACHE_DIR = _declare("ENCODER_CACHE_DIR", _path, lambda: DATA_DIR.get() / "cache" / "encodings", "`$ADREC_DATA_DIR/cache/encodings`", "content-hash encoding cache (one file per encoder)", ENCODER_GROUP)
+ENCODER = _declare(
+    "ENCODER",
+    str.strip,
+    None,
+    "`auto`",
+    "overrides the encoder resource: `auto` (Jina CLIP v2 if its files are local, else offline), `jina-clip-v2`, `offline`",
+    ENCODER_GROUP,
+)
+JINA_PATH = _declare(
+    "JINA_PATH", str, None, "HF cache", "folder holding a downloaded `jinaai/jina-clip-v2`", ENCODER_GROUP
+)
+ENCODER_CACHE_DIR = _declare(
+    "ENCODER_CACHE_DIR",
+    _path,
+    lambda: DATA_DIR.get() / "cache" / "encodings",
+    "`$ADREC_DATA_DIR/cache/encodings`",
+    "content-hash encoding cache (one file per encoder)",
+    ENCODER_GROUP,
+)
 
 # ----------------------------------------------------------------------------- service
-ONLINE_STORE = _declare("ONLINE_STORE", str, None, "SQLite in `$ADREC_DATA_DIR/online/`", "online store: a SQLite path, or `redis://…` for replicas", SERVICE)
+ONLINE_STORE = _declare(
+    "ONLINE_STORE",
+    str,
+    None,
+    "SQLite in `$ADREC_DATA_DIR/online/`",
+    "online store: a SQLite path, or `redis://…` for replicas",
+    SERVICE,
+)
 API_TOKEN = _declare("API_TOKEN", str, None, "unset (loopback only)", "bearer token of the write endpoints", SERVICE)
-SERVE_INDEX = _declare("SERVE_INDEX", str, "faiss", "`faiss`", "`numpy`: exact brute force instead of the snapshot's FAISS index", SERVICE)
+SERVE_INDEX = _declare(
+    "SERVE_INDEX", str, "faiss", "`faiss`", "`numpy`: exact brute force instead of the snapshot's FAISS index", SERVICE
+)
 SERVE_ALPHA = _declare("SERVE_ALPHA", _number(float), 0.3, "0.3", "EMA step of a click at position 1", SERVICE)
-SERVE_DEFAULT_POLICY = _declare("SERVE_DEFAULT_POLICY", str, "greedy", "`greedy`", "policy of requests outside experiments: `greedy`, `thompson`, `epsilon_greedy`, `random`", SERVICE)
+SERVE_DEFAULT_POLICY = _declare(
+    "SERVE_DEFAULT_POLICY",
+    str,
+    "greedy",
+    "`greedy`",
+    "policy of requests outside experiments: `greedy`, `thompson`, `epsilon_greedy`, `random`",
+    SERVICE,
+)
 SERVE_EPSILON = _declare("SERVE_EPSILON", _number(float), 0.1, "0.1", "exploration rate of `epsilon_greedy`", SERVICE)
-SERVE_RANDOMIZED_SHARE = _declare("SERVE_RANDOMIZED_SHARE", _number(float), 0.0, "0", "share of slates served in random order (position-bias slice; 0.02 recommended)", SERVICE)
-SERVE_FRESH_PRIOR_SD = _declare("SERVE_FRESH_PRIOR_SD", _number(float), 1.0, "1.0", "Thompson: prior sd of a fresh ad's own logit offset, in the prior model's units (0: none)", SERVICE)
-SERVE_FRESH_SCOPE = _declare("SERVE_FRESH_SCOPE", str, "live", "`live`", "fresh ads: `live` (added since the snapshot) or `untrained` (also its click-less ads)", SERVICE)
-SERVE_RELOAD_SECONDS = _declare("SERVE_RELOAD_SECONDS", _number(float), 2.0, "2", "seconds between checks for a new snapshot and new live ads", SERVICE)
-SERVE_FLUSH_SECONDS = _declare("SERVE_FLUSH_SECONDS", _number(float), 5.0, "5", "seconds between flushes of served events to the source's `events/` and `clicks/`", SERVICE)
-SERVE_SETTLE_SECONDS = _declare("SERVE_SETTLE_SECONDS", _number(float), 60.0, "60", "seconds an impression waits for its click before it teaches the policy posterior", SERVICE)
-SERVE_SOURCE = _declare("SERVE_SOURCE", str, None, "set by `python -m adrec_assets.serve`", "the source the service's workers serve (internal: the launcher hands it to its workers)", SERVICE)
-SERVE_NO_ENCODER = _declare("SERVE_NO_ENCODER", _flag, False, "set by `python -m adrec_assets.serve`", "`1`: the workers load no encoder, so `POST /v1/ads` answers 503 (internal: `--no-encoder`)", SERVICE)
+SERVE_RANDOMIZED_SHARE = _declare(
+    "SERVE_RANDOMIZED_SHARE",
+    _number(float),
+    0.0,
+    "0",
+    "share of slates served in random order (position-bias slice; 0.02 recommended)",
+    SERVICE,
+)
+SERVE_FRESH_PRIOR_SD = _declare(
+    "SERVE_FRESH_PRIOR_SD",
+    _number(float),
+    1.0,
+    "1.0",
+    "Thompson: prior sd of a fresh ad's own logit offset, in the prior model's units (0: none)",
+    SERVICE,
+)
+SERVE_FRESH_SCOPE = _declare(
+    "SERVE_FRESH_SCOPE",
+    str,
+    "live",
+    "`live`",
+    "fresh ads: `live` (added since the snapshot) or `untrained` (also its click-less ads)",
+    SERVICE,
+)
+SERVE_RELOAD_SECONDS = _declare(
+    "SERVE_RELOAD_SECONDS",
+    _number(float),
+    2.0,
+    "2",
+    "seconds between checks for a new snapshot and new live ads",
+    SERVICE,
+)
+SERVE_FLUSH_SECONDS = _declare(
+    "SERVE_FLUSH_SECONDS",
+    _number(float),
+    5.0,
+    "5",
+    "seconds between flushes of served events to the source's `events/` and `clicks/`",
+    SERVICE,
+)
+SERVE_SETTLE_SECONDS = _declare(
+    "SERVE_SETTLE_SECONDS",
+    _number(float),
+    60.0,
+    "60",
+    "seconds an impression waits for its click before it teaches the policy posterior",
+    SERVICE,
+)
+SERVE_SOURCE = _declare(
+    "SERVE_SOURCE",
+    str,
+    None,
+    "set by `python -m adrec_assets.serve`",
+    "the source the service's workers serve (internal: the launcher hands it to its workers)",
+    SERVICE,
+)
+SERVE_NO_ENCODER = _declare(
+    "SERVE_NO_ENCODER",
+    _flag,
+    False,
+    "set by `python -m adrec_assets.serve`",
+    "`1`: the workers load no encoder, so `POST /v1/ads` answers 503 (internal: `--no-encoder`)",
+    SERVICE,
+)
 
 
 def markdown() -> str:

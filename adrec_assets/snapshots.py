@@ -106,7 +106,7 @@ class Snapshot:
         }  # fmt: skip
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any], origin: str) -> "Snapshot":
+    def from_json(cls, payload: Mapping[str, Any], origin: str) -> Snapshot:
         try:
             return cls(
                 str(payload["id"]), str(payload["source"]), {str(k): str(v) for k, v in payload["artifacts"].items()},
@@ -306,7 +306,9 @@ class SnapshotStore:
             previous = self.snapshot(history[1])
             for asset, name in previous.artifacts.items():
                 if not self.object_path(name).exists():
-                    raise SnapshotError(f"source {self.source!r}: snapshot {previous.id} lost its {asset} object {name}")
+                    raise SnapshotError(
+                        f"source {self.source!r}: snapshot {previous.id} lost its {asset} object {name}"
+                    )
             _write_json(self.current_file, {"current": previous.id, "history": history[1:]})
         return previous
 

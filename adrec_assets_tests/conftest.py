@@ -27,8 +27,10 @@ atexit.register(shutil.rmtree, _ENCODER_CACHE_DIR, ignore_errors=True)
 # run) is never read by a test. Tests that need a source or artifact folder make their own;
 # the defaults point at empty throw-away folders (inherited by Dagster subprocesses).
 _HERMETIC_DATA = tempfile.mkdtemp(prefix="adrec-test-data-")
-os.symlink(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "catalog"),
-           os.path.join(_HERMETIC_DATA, "catalog"))  # the built-in catalogue is read-only input
+os.symlink(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "catalog"),
+    os.path.join(_HERMETIC_DATA, "catalog"),
+)  # the built-in catalogue is read-only input
 os.environ["ADREC_DATA_DIR"] = _HERMETIC_DATA  # the online store's default path, among others
 os.environ["ADREC_SOURCES_DIR"] = os.path.join(_HERMETIC_DATA, "sources")
 os.environ["ADREC_ARTIFACTS_DIR"] = os.path.join(_HERMETIC_DATA, "artifacts")

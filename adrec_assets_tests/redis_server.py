@@ -44,9 +44,25 @@ def redis_server(startup_timeout_s: float = 10.0) -> Iterator[str]:
         for _attempt in range(3):  # the free port may be taken between probe and bind
             port = _free_port()
             proc = subprocess.Popen(
-                [str(REDIS_SERVER), "--bind", "127.0.0.1", "--port", str(port), "--dir", workdir,
-                 "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--daemonize", "no",
-                 "--logfile", str(Path(workdir) / "redis.log")],
+                [
+                    str(REDIS_SERVER),
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--dir",
+                    workdir,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                    "--daemonize",
+                    "no",
+                    "--logfile",
+                    str(Path(workdir) / "redis.log"),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

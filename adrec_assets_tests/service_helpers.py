@@ -29,7 +29,9 @@ ARTIFACT_ASSETS = (
 )  # fmt: skip
 PIPELINE_ASSETS = (*ARTIFACT_ASSETS, "snapshot")
 #: The run's steps: one per asset, but one multi-asset step (served_model) for served_users + served_ads.
-PIPELINE_STEPS = tuple(dict.fromkeys("served_model" if a in ("served_users", "served_ads") else a for a in PIPELINE_ASSETS))
+PIPELINE_STEPS = tuple(
+    dict.fromkeys("served_model" if a in ("served_users", "served_ads") else a for a in PIPELINE_ASSETS)
+)
 PIPELINE_EDGES = (
     ("raw_ads", "ad_embeddings_raw"),
     ("raw_ads", "click_graph"),
@@ -168,7 +170,12 @@ def dagster_dev(env: dict[str, str], log: Path, startup_timeout: float = 300.0) 
     cmd = [str(BIN_DIR / "dagster"), "dev", "-m", "adrec_assets.definitions", "-h", "127.0.0.1", "-p", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
     try:
@@ -184,7 +191,9 @@ def chromium_executable() -> str:
     for candidate in (os.environ.get("ADREC_CHROMIUM"), *CHROMIUM_CANDIDATES, shutil.which("chromium")):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    pytest.skip("no system Chromium (/usr/bin/chromium): `apt-get install -y chromium` (make system-deps) could not run here")
+    pytest.skip(
+        "no system Chromium (/usr/bin/chromium): `apt-get install -y chromium` (make system-deps) could not run here"
+    )
 
 
 @dataclass
@@ -215,7 +224,9 @@ def postgres_bin_dir() -> Path:
     for bin_dir in PG_BIN_DIRS:
         if (bin_dir / "initdb").exists() and (bin_dir / "pg_ctl").exists() and (bin_dir / "postgres").exists():
             return bin_dir
-    pytest.skip("no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb): `apt-get install -y postgresql` (make system-deps) could not run here")
+    pytest.skip(
+        "no PostgreSQL server (/usr/lib/postgresql/*/bin/initdb): `apt-get install -y postgresql` (make system-deps) could not run here"
+    )
 
 
 def _as_postgres_user(cmd: list[str]) -> list[str]:
@@ -256,25 +267,68 @@ def postgres_cluster(password: str = "adrec-test-pw", startup_timeout: float = 6
     started = False
     try:
         _run_checked(
-            _as_postgres_user([str(bin_dir / "initdb"), "-D", str(data), "-U", user, "--pwfile", str(pwfile),
-                               "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"]),
-            "initdb", timeout=180,
+            _as_postgres_user(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    user,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            ),
+            "initdb",
+            timeout=180,
         )
         port = free_port()
         options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={sock} -c fsync=off"
         started = True
         try:
             _run_checked(
-                _as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
-                                   "-w", "-t", str(int(startup_timeout)), "start"]),
-                "pg_ctl start", timeout=startup_timeout + 30,
+                _as_postgres_user(
+                    [
+                        str(bin_dir / "pg_ctl"),
+                        "-D",
+                        str(data),
+                        "-l",
+                        str(log),
+                        "-o",
+                        options,
+                        "-w",
+                        "-t",
+                        str(int(startup_timeout)),
+                        "start",
+                    ]
+                ),
+                "pg_ctl start",
+                timeout=startup_timeout + 30,
             )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{tail(log)}") from None
         _run_checked(
-            [str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "postgres",
-             "-v", "ON_ERROR_STOP=1", "-c", "CREATE DATABASE adrec_dagster"],
-            "CREATE DATABASE", timeout=60, env={**os.environ, "PGPASSWORD": password},
+            [
+                str(bin_dir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                user,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "CREATE DATABASE adrec_dagster",
+            ],
+            "CREATE DATABASE",
+            timeout=60,
+            env={**os.environ, "PGPASSWORD": password},
         )
         yield PostgresCluster("127.0.0.1", port, user, password, "adrec_dagster", sock)
     finally:
@@ -282,7 +336,9 @@ def postgres_cluster(password: str = "adrec-test-pw", startup_timeout: float = 6
             for mode in ("fast", "immediate"):
                 stop = subprocess.run(
                     _as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", mode, "-w", "-t", "30", "stop"]),
-                    check=False, capture_output=True, timeout=60,
+                    check=False,
+                    capture_output=True,
+                    timeout=60,
                 )
                 if stop.returncode == 0:
                     break

@@ -155,8 +155,11 @@ def test_changing_the_declaration_changes_the_source_fingerprint(tmp_path: Path)
 
 
 def test_catalog_with_fields_round_trips_through_its_arrays(tmp_path: Path):
-    catalog = read_ads(write_ads(tmp_path / "shop", ROWS, {"year": {"kind": "numeric"},
-                                                           "genres": {"kind": "categorical", "separator": "|"}}))
+    catalog = read_ads(
+        write_ads(
+            tmp_path / "shop", ROWS, {"year": {"kind": "numeric"}, "genres": {"kind": "categorical", "separator": "|"}}
+        )
+    )
     again = AdCatalog.from_arrays(catalog.to_arrays())
     assert again.fields.specs == catalog.fields.specs == (YEAR, GENRES)
     for name in ("year", "genres"):
@@ -197,7 +200,9 @@ def test_projector_appends_the_encoded_fields_and_its_checkpoint_keeps_the_encod
     again = TrainedProjector.from_checkpoint(trained.to_checkpoint())
     assert again.model.fields == encoder
     np.testing.assert_array_equal(project(again.model, content, ad_fields.cells), with_fields)
-    np.testing.assert_array_equal(score_bias(again.model, content, ad_fields.cells), score_bias(model, content, ad_fields.cells))
+    np.testing.assert_array_equal(
+        score_bias(again.model, content, ad_fields.cells), score_bias(model, content, ad_fields.cells)
+    )
     with pytest.raises(ValueError, match="expects \\(n, 16\\) content vectors"):
         project(model, content[:, :8])
 

@@ -66,7 +66,9 @@ def test_flat_search_equals_numpy_brute_force_for_user_and_exploration_queries()
     ids, vecs, bias = make_ads(500)
     index = AdIndex.build(ids, vecs, bias)
     rng = np.random.default_rng(5)
-    exploration = np.concatenate([user_queries(20)[:, :D] * rng.uniform(0.5, 2, (20, D)), rng.uniform(0, 2, (20, 1))], axis=1)
+    exploration = np.concatenate(
+        [user_queries(20)[:, :D] * rng.uniform(0.5, 2, (20, D)), rng.uniform(0, 2, (20, 1))], axis=1
+    )
     for queries in (user_queries(30), exploration.astype(np.float32)):
         scores, slots = index.search(queries, 10)
         want_ids, want_scores = brute_force(ids, vecs, bias, queries, 10)
@@ -346,7 +348,12 @@ def test_arrays_round_trip_without_pickle_gives_identical_results(kind):
         restored = AdIndex.from_arrays(dict(z))
     assert restored.nbytes == index.nbytes == sum(a.nbytes for a in arrays.values())
     assert (restored.kind, len(restored), restored.dim, restored.params, restored.n_tombstones) == (
-        index.kind, len(index), index.dim, index.params, index.n_tombstones)
+        index.kind,
+        len(index),
+        index.dim,
+        index.params,
+        index.n_tombstones,
+    )
     queries = user_queries(100)
     a_scores, a_slots = index.search(queries, 20)
     b_scores, b_slots = restored.search(queries, 20)
@@ -388,7 +395,11 @@ BAD_BUILDS = [
     ("duplicate id", DuplicateAdIdError, lambda ids, v, b: AdIndex.build(ids[:2] + ids[:1], v[:3], b[:3])),
     ("empty id", InvalidAdError, lambda ids, v, b: AdIndex.build(["", *ids[1:]], v, b)),
     ("non-str id", InvalidAdError, lambda ids, v, b: AdIndex.build([1, *ids[1:]], v, b)),
-    ("NaN vector", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, np.where(np.eye(len(v), D, dtype=bool), np.nan, v), b)),
+    (
+        "NaN vector",
+        InvalidAdError,
+        lambda ids, v, b: AdIndex.build(ids, np.where(np.eye(len(v), D, dtype=bool), np.nan, v), b),
+    ),
     ("inf bias", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, v, np.r_[b[:-1], np.inf])),
     ("bias shape", InvalidAdError, lambda ids, v, b: AdIndex.build(ids, v, b[:, None])),
     ("ids vs rows", InvalidAdError, lambda ids, v, b: AdIndex.build(ids[:-1], v, b)),
@@ -412,13 +423,23 @@ def test_bad_add_or_query_raises_and_leaves_the_index_unchanged(kind):
     queries = user_queries(5)
     before = index.search(queries, 50)
     bad_adds = [
-        ("", vecs[0], 0.0), ("x", vecs[0][:-1], 0.0), ("x", np.full(D, np.nan), 0.0), ("x", vecs[0], float("inf")),
-        ("x", vecs[0], np.ones(2)), ("ad-3", np.full(D, np.inf), 0.0),
+        ("", vecs[0], 0.0),
+        ("x", vecs[0][:-1], 0.0),
+        ("x", np.full(D, np.nan), 0.0),
+        ("x", vecs[0], float("inf")),
+        ("x", vecs[0], np.ones(2)),
+        ("ad-3", np.full(D, np.inf), 0.0),
     ]
     for ad_id, vector, b in bad_adds:
         with pytest.raises(InvalidAdError):
             index.add(ad_id, vector, b)
-    bad_queries = ((queries[:, :D], 5), (np.full((1, D + 1), np.nan), 5), (queries, 0), (queries, 2.5), (queries.astype(str), 5))
+    bad_queries = (
+        (queries[:, :D], 5),
+        (np.full((1, D + 1), np.nan), 5),
+        (queries, 0),
+        (queries, 2.5),
+        (queries.astype(str), 5),
+    )
     for bad_query, k in bad_queries:
         with pytest.raises(InvalidQueryError):
             index.search(bad_query, k)
@@ -435,7 +456,9 @@ def numpy_pair(n: int = 400, seed: int = 0) -> tuple[AdIndex, NumpyIndex, list[s
 
 def assert_same_results(flat: AdIndex, brute: NumpyIndex, k: int = 10) -> None:
     rng = np.random.default_rng(21)
-    exploration = np.concatenate([user_queries(10)[:, :D] * rng.uniform(0.5, 2, (10, D)), rng.uniform(0, 2, (10, 1))], axis=1)
+    exploration = np.concatenate(
+        [user_queries(10)[:, :D] * rng.uniform(0.5, 2, (10, D)), rng.uniform(0, 2, (10, 1))], axis=1
+    )
     for queries in (user_queries(40), exploration.astype(np.float32)):
         want_scores, want_slots = flat.search(queries, k)
         got_scores, got_slots = brute.search(queries, k)
@@ -485,7 +508,7 @@ def test_numpy_index_live_changes_behave_like_the_flat_index():
     # built from an index with retirements: same slots, retired ones stay retired
     assert_same_results(flat, NumpyIndex.from_index(flat))
     scores, slots = brute.search(user_queries(3), 1000)  # more than live: padded
-    assert (slots[:, len(brute):] == -1).all() and np.isneginf(scores[:, len(brute):]).all()
+    assert (slots[:, len(brute) :] == -1).all() and np.isneginf(scores[:, len(brute) :]).all()
     brute.remove_many(brute.ad_ids(brute.live_slots()).tolist())
     scores, slots = brute.search(user_queries(2), 3)
     assert (slots == -1).all() and np.isneginf(scores).all() and len(brute) == 0
@@ -511,7 +534,12 @@ def test_numpy_index_refuses_bad_inputs_like_the_flat_index():
     with pytest.raises(InvalidAdError):
         NumpyIndex.build(ids, vecs, np.r_[bias[:-1], np.inf])
     brute = NumpyIndex.build(ids, vecs, bias)
-    for ad_id, vector, b in (("", vecs[0], 0.0), ("x", vecs[0][:-1], 0.0), ("x", np.full(D, np.nan), 0.0), ("x", vecs[0], np.ones(2))):
+    for ad_id, vector, b in (
+        ("", vecs[0], 0.0),
+        ("x", vecs[0][:-1], 0.0),
+        ("x", np.full(D, np.nan), 0.0),
+        ("x", vecs[0], np.ones(2)),
+    ):
         with pytest.raises(InvalidAdError):
             brute.add(ad_id, vector, b)
     queries = user_queries(5)
@@ -542,7 +570,9 @@ def test_numpy_index_is_exact_on_large_catalogues_with_retired_rows():
     for k in (1, 10, 40):
         for queries in (user_queries(2), user_queries(12)):  # block-wise scan, one matrix product
             np.testing.assert_array_equal(brute.search(queries, k)[1], flat.search(queries, k)[1])
-    np.testing.assert_array_equal(brute.search(user_queries(12), 10, threads=2)[1], flat.search(user_queries(12), 10)[1])
+    np.testing.assert_array_equal(
+        brute.search(user_queries(12), 10, threads=2)[1], flat.search(user_queries(12), 10)[1]
+    )
 
 
 # ---------------------------------------------------------------------- the pinned (new-user) query
@@ -595,7 +625,10 @@ def test_the_pinned_answer_stays_exact_through_live_adds_and_removals(kind):
         else:  # re-add a live ad with a new vector: its old slot retires
             index.add(ids[int(rng.integers(200, 400))], unit(rng.standard_normal(D)), 0.0)
         for k in (1, 10, 25):
-            assert result_ids(index, index.search(query[None, :], k)[1])[0] == live_brute_force(index, query, k), (step, k)
+            assert result_ids(index, index.search(query[None, :], k)[1])[0] == live_brute_force(index, query, k), (
+                step,
+                k,
+            )
 
 
 @pytest.mark.parametrize("kind", ["flat", "numpy"])
@@ -618,7 +651,9 @@ def test_a_pinned_list_holding_the_whole_catalogue_takes_every_add_and_pads(kind
     index.pin_query(query, depth=8)
     index.add("low", unit(-query[:-1]), -3.0)  # the worst ad of all still belongs to the list
     scores, slots = index.search(query[None, :], 10)
-    assert result_ids(index, slots)[0] == live_brute_force(index, query, 10) and result_ids(index, slots)[0][-1] == "low"
+    assert (
+        result_ids(index, slots)[0] == live_brute_force(index, query, 10) and result_ids(index, slots)[0][-1] == "low"
+    )
     assert (slots[0, 6:] == -1).all() and np.isneginf(scores[0, 6:]).all()
     for i in range(5):
         index.add(f"more-{i}", unit(np.random.default_rng(i).standard_normal(D)), 0.0)

@@ -44,7 +44,9 @@ def test_an_ad_without_clicks_scores_exactly_as_before():
     assert graph.ad_degrees()[last] == 0 and not out.refitted[last]
     np.testing.assert_array_equal(out.vectors[last], projected[last])
     assert out.score_bias[last] == bias[last]
-    np.testing.assert_array_equal(users @ out.vectors[last] + out.score_bias[last], users @ projected[last] + bias[last])
+    np.testing.assert_array_equal(
+        users @ out.vectors[last] + out.score_bias[last], users @ projected[last] + bias[last]
+    )
 
 
 def test_a_heavily_clicked_ad_moves_toward_its_clickers_and_a_rarely_clicked_one_stays_near_its_projection():
@@ -90,7 +92,6 @@ def test_settings_and_shapes_are_checked_with_the_field_named():
         refit_ads(graph, users, projected[:-1], bias, AdRefitParams())
 
 
-
 def test_projections_pointing_away_from_their_clickers_are_no_prior():
     """s <= 0: the clicked ads get the plain implicit-ALS step (zero prior, ALS scale)."""
     graph, users, projected, bias, _, _ = world()
@@ -104,7 +105,6 @@ def test_projections_pointing_away_from_their_clickers_are_no_prior():
         c = 1.0 + params.alpha * clicked
         fit = np.linalg.solve((u.T * c) @ u + params.regularization * np.eye(u.shape[1]), (u.T * c) @ clicked)
         np.testing.assert_allclose(out.vectors[ad], fit, rtol=1e-5, atol=1e-6)
-
 
 
 def test_the_served_model_keeps_the_refitted_users_by_default_and_alternation_moves_them():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -115,7 +115,7 @@ def test_schedule_requests_every_registered_source():
         context = dg.build_schedule_context(instance=instance)
         assert isinstance(SCHEDULE.evaluate_tick(context).skip_message, str)
         instance.add_dynamic_partitions("click_source", ["synthetic", "shop"])
-        night = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
+        night = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
         context = dg.build_schedule_context(
             instance=instance, scheduled_execution_time=night, repository_def=defs.get_repository_def()
         )
@@ -149,7 +149,10 @@ def test_drop_files_tick_run_artifacts_appear(tmp_path):
 def _record_run(instance: dg.DagsterInstance, request: dg.RunRequest, status: dg.DagsterRunStatus) -> None:
     """What the daemon leaves behind after launching ``request``: a run with its tags, ended."""
     run = instance.create_run_for_job(
-        job_def=defs.resolve_job_def("adrec_pipeline"), tags=request.tags, run_config={}, status=status,
+        job_def=defs.resolve_job_def("adrec_pipeline"),
+        tags=request.tags,
+        run_config={},
+        status=status,
     )
     assert run.tags[REQUEST_TAG] == request.run_key
 
@@ -225,10 +228,12 @@ def test_the_instances_queue_runs_and_allow_one_run_per_source_at_a_time(config)
 
 def test_experiment_reports_are_requested_hourly_for_every_source():
     schedule = defs.get_schedule_def("hourly_experiment_reports")
-    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING and schedule.job_name == "adrec_experiment_report"
+    assert (
+        schedule.default_status == dg.DefaultScheduleStatus.RUNNING and schedule.job_name == "adrec_experiment_report"
+    )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("click_source", ["synthetic", "shop"])
-        at = datetime(2026, 11, 26, 14, 15, tzinfo=timezone.utc)
+        at = datetime(2026, 11, 26, 14, 15, tzinfo=UTC)
         context = dg.build_schedule_context(instance=instance, scheduled_execution_time=at,
                                             repository_def=defs.get_repository_def())  # fmt: skip
         requests = schedule.evaluate_tick(context).run_requests

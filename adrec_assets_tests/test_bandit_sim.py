@@ -120,7 +120,9 @@ def test_the_known_relevance_floor_reads_each_logged_impressions_true_relevance(
     on the greedy log (~9,000 impressions here), and a wrong lookup (relevance halved) must
     move it far."""
     world, results = runs
-    floors = [e for e in sim.estimate_theta([results["greedy"]], sim.true_relevance(world)) if e.method == "known_relevance"]
+    floors = [
+        e for e in sim.estimate_theta([results["greedy"]], sim.true_relevance(world)) if e.method == "known_relevance"
+    ]
     assert floors and floors[0].n_impressions == len(results["greedy"].impressions)
     truth = world.theta[: len(floors[0].estimate.theta)]
     assert np.abs(floors[0].estimate.theta[1:] / truth[1:] - 1).max() < 0.25, floors[0].estimate.theta
@@ -151,7 +153,9 @@ def test_new_ads_nobody_favours_are_shown_through_their_own_random_effect(tmp_pa
                                 new_ads_anywhere=True)  # fmt: skip
     first_shown = {}
     for prior_sd in (0.0, sim.DEFAULT_FRESH_PRIOR_SD):
-        settings = sim.SimSettings("thompson", SEED, ROUNDS, randomized_share=0.3, settle_every=100, fresh_prior_sd=prior_sd)
+        settings = sim.SimSettings(
+            "thompson", SEED, ROUNDS, randomized_share=0.3, settle_every=100, fresh_prior_sd=prior_sd
+        )
         first_shown[prior_sd] = sim.simulate(world, settings, tmp_path / f"sd-{prior_sd}").first_shown
     within = {sd: (shown >= 0) & (shown <= WINDOW) for sd, shown in first_shown.items()}
     assert not within[0.0].all(), first_shown[0.0].tolist()
@@ -186,7 +190,9 @@ def test_static_references_rank_their_own_scores_and_the_report_shares_the_oracl
     by = {r.policy: r for r in results}
     assert np.abs(by["als"].regret).max() <= 1e-12  # the truth as static scores is the oracle
     assert by["popularity"].cumulative_regret > by["random"].cumulative_regret > 0
-    assert (by["als"].known == world.known[np.random.default_rng([1, 1]).integers(len(world.user_ids), size=rounds)]).all()
+    assert (
+        by["als"].known == world.known[np.random.default_rng([1, 1]).integers(len(world.user_ids), size=rounds)]
+    ).all()
     table = sim.reference_table(results)
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert rows["oracle"].split("|")[2].strip() == "1.000" and rows["random"].split("|")[2].strip() == "0.000"

@@ -33,10 +33,29 @@ EXPECTED_DEPS = {
     "ad_index": {"served_ads", "served_users"},  # recall is measured on the partition's users
     "position_bias": set(),  # reads the served event log
     "policy_posterior": {"click_graph", "served_users", "global_mean", "served_ads", "position_bias"},
-    "snapshot": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "global_mean", "projector",
-                 "ad_projected", "served_users", "served_ads", "ad_index", "position_bias", "policy_posterior"},  # published together
-    "evaluation": {"raw_ads", "click_graph", "ad_embeddings_raw", "user_embeddings", "projector", "served_users",
-                   "served_ads"},
+    "snapshot": {
+        "raw_ads",
+        "click_graph",
+        "ad_embeddings_raw",
+        "user_embeddings",
+        "global_mean",
+        "projector",
+        "ad_projected",
+        "served_users",
+        "served_ads",
+        "ad_index",
+        "position_bias",
+        "policy_posterior",
+    },  # published together
+    "evaluation": {
+        "raw_ads",
+        "click_graph",
+        "ad_embeddings_raw",
+        "user_embeddings",
+        "projector",
+        "served_users",
+        "served_ads",
+    },
     "experiment_report": set(),  # reads the served event log and the experiments file
 }
 REPORTS = {"evaluation", "experiment_report"}  # written beside the snapshots, outside the pipeline job
@@ -64,7 +83,7 @@ def test_every_vector_asset_has_a_blocking_check():
 
 def test_the_snapshot_publishes_exactly_the_pipeline_artifacts():
     """The list the publisher validates is the pipeline job's artifact assets: none left out."""
-    from adrec_assets.assets.common import PIPELINE_ARTIFACTS
+    from adrec_assets.snapshots import PIPELINE_ARTIFACTS
 
     selected = defs.resolve_job_def("adrec_pipeline").asset_layer.selected_asset_keys
     assert set(PIPELINE_ARTIFACTS) == {k.to_user_string() for k in selected} - {"snapshot"}
@@ -120,7 +139,11 @@ def _dagster_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     return subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -140,7 +163,11 @@ def test_cli_registers_builtin_and_folder_sources_in_the_instance(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(home), "ADREC_SOURCES_DIR": str(sources)}
     run = subprocess.run(
         [sys.executable, "-m", "adrec_assets.cli", "register"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     with dg.DagsterInstance.from_ref(dg._core.instance.InstanceRef.from_dir(str(home))) as instance:  # noqa: SLF001
@@ -148,6 +175,10 @@ def test_cli_registers_builtin_and_folder_sources_in_the_instance(tmp_path):
     # Registering again is a no-op, not an error.
     again = subprocess.run(
         [sys.executable, "-m", "adrec_assets.cli", "register", "synthetic"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert again.returncode == 0 and "['shop', 'synthetic']" in again.stdout

@@ -150,7 +150,11 @@ def test_clicking_a_card_updates_the_user_and_changes_the_list(api):
     before = recommend(client, KNOWN_USER, demo.DEFAULT_K)
     assert before["user_status"] == "known" and len(before["items"]) == demo.DEFAULT_K
     last = demo.DEFAULT_K - 1
-    assert post_click(client, before, KNOWN_USER, last) == {"accepted": demo.DEFAULT_K + 1, "duplicates": 0, "clicks": 1}
+    assert post_click(client, before, KNOWN_USER, last) == {
+        "accepted": demo.DEFAULT_K + 1,
+        "duplicates": 0,
+        "clicks": 1,
+    }
     after = recommend(client, KNOWN_USER, demo.DEFAULT_K)
     assert after["user_status"] == "updated_online" and after["request_id"] != before["request_id"]
     assert ids(after) != ids(before)
@@ -182,7 +186,9 @@ def test_an_uploaded_ad_with_an_image_is_served_at_once_and_a_click_pulls_the_us
     least the number of ads gets every live ad, so the new one is in the list by construction."""
     client, service = api_with_encoder
     image = png_bytes((30, 160, 90))
-    added = client.post("/v1/ads", json=demo.new_ad_body("ad-demo-upload", "Handmade ceramic mugs, glazed in our studio.", image))
+    added = client.post(
+        "/v1/ads", json=demo.new_ad_body("ad-demo-upload", "Handmade ceramic mugs, glazed in our studio.", image)
+    )
     assert added.status_code == 201, added.text
     assert added.json()["ad_id"] == "ad-demo-upload" and added.json()["model_version"] == service.state.version
     n_ads = client.get("/healthz").json()["n_ads"]
@@ -195,6 +201,10 @@ def test_an_uploaded_ad_with_an_image_is_served_at_once_and_a_click_pulls_the_us
     post_click(client, slate, user, new["position"])
     again = recommend(client, user, 1000)
     [moved] = [item for item in again["items"] if item["ad_id"] == "ad-demo-upload"]
-    assert again["user_status"] == "updated_online" and moved["score"] > new["score"] and moved["position"] <= new["position"]
+    assert (
+        again["user_status"] == "updated_online"
+        and moved["score"] > new["score"]
+        and moved["position"] <= new["position"]
+    )
     duplicate = client.post("/v1/ads", json=demo.new_ad_body("ad-demo-upload", "again"))
     assert duplicate.status_code == 409 and "already exists" in duplicate.json()["error"]

@@ -134,7 +134,10 @@ def page(browser, server) -> Iterator[object]:
     tab.set_default_timeout(STEP_TIMEOUT_MS)
     server.console.clear()
     tab.on("pageerror", lambda error: server.console.append(f"uncaught: {error}"))
-    tab.on("console", lambda message: server.console.append(message.text) if "Content Security Policy" in message.text else None)
+    tab.on(
+        "console",
+        lambda message: server.console.append(message.text) if "Content Security Policy" in message.text else None,
+    )
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:
         tab.goto(f"{server.url}/demo")
@@ -304,7 +307,7 @@ def test_refusals_are_shown_and_ids_are_text_not_markup(server, page, capsys):
     expect(page.locator("#error")).to_contain_text("POST v1/ads \u2192 422: text:")
     shot(page, "5_refused.png", capsys)
 
-    hostile = '<img src=x onerror="document.title=\'pwned\'">'
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
     page.fill("#user-id", hostile)
     with page.expect_request(is_recommendations) as asked:
         page.get_by_role("button", name="Recommend").click()

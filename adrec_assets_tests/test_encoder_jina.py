@@ -82,16 +82,17 @@ class FakeJina:
             vecs = vecs[:, :truncate_dim]
         return _unit(vecs).astype(np.float32) if normalize else vecs.astype(np.float32)
 
-    def encode_text(self, sentences, task=None, batch_size=32, truncate_dim=None,
-                    normalize_embeddings=True, **kwargs):
-        self.text_calls.append({"texts": list(sentences), "truncate_dim": truncate_dim,
-                                "batch_size": batch_size, "kwargs": kwargs})
+    def encode_text(self, sentences, task=None, batch_size=32, truncate_dim=None, normalize_embeddings=True, **kwargs):
+        self.text_calls.append(
+            {"texts": list(sentences), "truncate_dim": truncate_dim, "batch_size": batch_size, "kwargs": kwargs}
+        )
         vecs = np.stack([self.text_full(s) for s in sentences])
         return self._finish(vecs, truncate_dim, normalize_embeddings)
 
     def encode_image(self, images, batch_size=32, truncate_dim=None, normalize_embeddings=True, **kwargs):
-        self.image_calls.append({"images": list(images), "truncate_dim": truncate_dim,
-                                 "batch_size": batch_size, "kwargs": kwargs})
+        self.image_calls.append(
+            {"images": list(images), "truncate_dim": truncate_dim, "batch_size": batch_size, "kwargs": kwargs}
+        )
         for im in images:
             assert isinstance(im, Image.Image), f"encode_image got {type(im).__name__}, not a PIL image"
         vecs = np.stack([self.image_full(im) for im in images])
@@ -180,8 +181,15 @@ def test_fusion_text_plus_image_and_text_only_fallbacks(images):
     each failure counted with its row, path and reason."""
     enc = JinaClipV2Encoder(model=FakeJina(), batch_size=2)
     text = "Trail running shoes with aggressive lugs."
-    paths = [str(images["a.png"]), None, str(images["missing.png"]), "", str(images["garbage.png"]),
-             str(images["truncated.png"]), str(images["b.jpg"])]
+    paths = [
+        str(images["a.png"]),
+        None,
+        str(images["missing.png"]),
+        "",
+        str(images["garbage.png"]),
+        str(images["truncated.png"]),
+        str(images["b.jpg"]),
+    ]
     res = enc.encode([text] * len(paths), paths)
     t = expected_text(text)
     assert res.has_image.tolist() == [True, False, False, False, False, False, True]
@@ -361,11 +369,19 @@ def test_missing_remote_code_is_reported(tmp_path, no_jina, monkeypatch):
     assert any("jinaai/jina-clip-implementation (modeling_clip.py)" in m for m in avail.missing)
     assert any("jinaai/jina-embeddings-v3" in m for m in avail.missing)
     _fake_cache_repo(no_jina, "jinaai/jina-clip-implementation", {"modeling_clip.py": ""})
-    _fake_cache_repo(no_jina, "jinaai/jina-embeddings-v3", {"config.json": json.dumps(
-        {"auto_map": {"AutoModel": "jinaai/xlm-roberta-flash-implementation--modeling_lora.XLMRobertaLoRA"}})})
+    _fake_cache_repo(
+        no_jina,
+        "jinaai/jina-embeddings-v3",
+        {
+            "config.json": json.dumps(
+                {"auto_map": {"AutoModel": "jinaai/xlm-roberta-flash-implementation--modeling_lora.XLMRobertaLoRA"}}
+            )
+        },
+    )
     avail = check_jina_available(None)
-    assert avail.missing == ["remote code jinaai/xlm-roberta-flash-implementation (modeling_lora.py) "
-                             f"in HF cache {no_jina}"]
+    assert avail.missing == [
+        f"remote code jinaai/xlm-roberta-flash-implementation (modeling_lora.py) in HF cache {no_jina}"
+    ]
     _fake_cache_repo(no_jina, "jinaai/xlm-roberta-flash-implementation", {"modeling_lora.py": ""})
     assert check_jina_available(None).ready
 
@@ -396,9 +412,7 @@ def test_auto_selects_jina_when_everything_is_there(tmp_path, no_jina, monkeypat
     weights = _fake_model_dir(tmp_path / "jina")
     selection = select_encoder(AUTO, str(weights))
     assert selection.name == JINA and str(weights.resolve()) in selection.reason
-    monkeypatch.setitem(
-        ENCODER_BUILDERS, JINA, lambda jina_path=None, **kw: JinaClipV2Encoder(model=FakeJina(), **kw)
-    )
+    monkeypatch.setitem(ENCODER_BUILDERS, JINA, lambda jina_path=None, **kw: JinaClipV2Encoder(model=FakeJina(), **kw))
     encoder = build_encoder(AUTO, batch_size=8, jina_path=str(weights))
     assert encoder.encoder_id.startswith("jina-clip-v2") and "files found" in encoder.selection_reason
 
@@ -414,8 +428,11 @@ def test_invalid_encoder_name_lists_choices(monkeypatch):
     from adrec_assets.resources import EncoderResource
 
     monkeypatch.setenv("ADREC_ENCODER", "clip-large")
-    with pytest.raises(ValueError, match=r"'clip-large' \(from ADREC_ENCODER=clip-large\).*"
-                                         r"\['auto', 'jina-clip-v2', 'offline'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"'clip-large' \(from ADREC_ENCODER=clip-large\).*"
+        r"\['auto', 'jina-clip-v2', 'offline'\]",
+    ):
         EncoderResource().get()
     monkeypatch.delenv("ADREC_ENCODER")
     with pytest.raises(ValueError, match=r"'nope'.*\['auto', 'jina-clip-v2', 'offline'\]"):
@@ -479,14 +496,33 @@ def test_dagster_cli_fails_within_seconds_with_instructions(tmp_path):
         "ADREC_ENCODER": "jina-clip-v2",
     }
     env.pop("ADREC_JINA_PATH", None)
-    reg = subprocess.run([sys.executable, "-m", "adrec_assets.cli", "register", "synthetic"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    reg = subprocess.run(
+        [sys.executable, "-m", "adrec_assets.cli", "register", "synthetic"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert reg.returncode == 0, reg.stderr
     start = time.perf_counter()
     run = subprocess.run(
-        [str(bin_dir / "dagster"), "asset", "materialize", "-m", "adrec_assets.definitions",
-         "--select", "raw_ads,ad_embeddings_raw", "--partition", "synthetic"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            str(bin_dir / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "adrec_assets.definitions",
+            "--select",
+            "raw_ads,ad_embeddings_raw",
+            "--partition",
+            "synthetic",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     elapsed = time.perf_counter() - start
     output = run.stdout + run.stderr
@@ -508,13 +544,19 @@ def test_real_weights_if_present():
         )
     availability = check_jina_available(None)
     if availability.missing_packages:
-        pytest.skip(f"Jina CLIP v2 weights found in {weights} but packages missing: "
-                    f"{availability.missing_packages} (pip install -e '.[jina]')")
+        pytest.skip(
+            f"Jina CLIP v2 weights found in {weights} but packages missing: "
+            f"{availability.missing_packages} (pip install -e '.[jina]')"
+        )
     enc = JinaClipV2Encoder(batch_size=4)
     running = str(CATALOG_IMAGES / "ad-running-13.png")
     finance = str(CATALOG_IMAGES / "ad-personal_finance-03.png")
-    texts = ["Trail running shoes with aggressive lugs.", "Road running shoes, cushioned.",
-             "Low-cost index funds for beginners.", "Trail running shoes with aggressive lugs."]
+    texts = [
+        "Trail running shoes with aggressive lugs.",
+        "Road running shoes, cushioned.",
+        "Low-cost index funds for beginners.",
+        "Trail running shoes with aggressive lugs.",
+    ]
     res = enc.encode(texts, [None, None, None, running])
     assert res.vectors.shape == (4, 768) and res.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 1.0, atol=1e-4)
@@ -522,14 +564,13 @@ def test_real_weights_if_present():
     v = res.vectors
     assert v[0] @ v[1] > v[0] @ v[2]
     assert v[3] @ v[0] < 0.999  # the image contributed
-    img = enc.encode_pil_images([load_rgb_center_crop(running, IMAGE_SIZE),
-                                 load_rgb_center_crop(finance, IMAGE_SIZE)])
+    img = enc.encode_pil_images([load_rgb_center_crop(running, IMAGE_SIZE), load_rgb_center_crop(finance, IMAGE_SIZE)])
     assert img[0] @ v[0] > img[1] @ v[0]  # cross-modal: running image nearer the running text
 
 
 # --- the real loading call, on a tiny local remote-code model -------------------------------
 
-_TINY_CONFIG = '''
+_TINY_CONFIG = """
 from transformers import PretrainedConfig
 
 
@@ -539,7 +580,7 @@ class TinyClipConfig(PretrainedConfig):
     def __init__(self, width=1024, **kwargs):
         self.width = width
         super().__init__(**kwargs)
-'''
+"""
 
 _TINY_MODEL = '''
 import numpy as np
@@ -590,10 +631,19 @@ def test_loads_local_remote_code_model_in_fp32_on_cpu(tmp_path, no_jina, monkeyp
     folder.mkdir()
     (folder / "configuration_tiny.py").write_text(_TINY_CONFIG)
     (folder / "modeling_tiny.py").write_text(_TINY_MODEL)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "tiny_clip_test", "width": 1024, "torch_dtype": "float16",
-        "auto_map": {"AutoConfig": "configuration_tiny.TinyClipConfig", "AutoModel": "modeling_tiny.TinyClipModel"},
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "tiny_clip_test",
+                "width": 1024,
+                "torch_dtype": "float16",
+                "auto_map": {
+                    "AutoConfig": "configuration_tiny.TinyClipConfig",
+                    "AutoModel": "modeling_tiny.TinyClipModel",
+                },
+            }
+        )
+    )
     weight = torch.randn(1024, 4, generator=torch.Generator().manual_seed(0)).half()
     save_file({"proj.weight": weight}, str(folder / "model.safetensors"), metadata={"format": "pt"})
 

@@ -250,7 +250,8 @@ def test_without_a_cache_everything_is_encoded(tmp_path):
         ),
         # same encoder id, vectors of another width
         lambda path, cache: (
-            path.unlink(), cache.update("fake:v1", content_hashes(["z"], [None]), np.eye(1, 4), [False])
+            path.unlink(),
+            cache.update("fake:v1", content_hashes(["z"], [None]), np.eye(1, 4), [False]),
         ),
     ],
     ids=["garbage", "truncated", "empty", "other-encoder", "other-dim"],
@@ -398,8 +399,12 @@ def test_encoder_resource_cache_location_and_switch(tmp_path, monkeypatch):
 
 def _ad_embeddings_run(instance, base: Path, root: Path, cache_dir: Path):
     result = materialize_pipeline(
-        instance, base, partition="shop", selection=["raw_ads", "ad_embeddings_raw"],
-        root=str(root), encoder_cache_dir=cache_dir,
+        instance,
+        base,
+        partition="shop",
+        selection=["raw_ads", "ad_embeddings_raw"],
+        root=str(root),
+        encoder_cache_dir=cache_dir,
     )
     assert result.success
     meta = {

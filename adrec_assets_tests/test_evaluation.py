@@ -36,9 +36,7 @@ def power_law_graph(n_users: int = 300, n_ads: int = 200, clicks: int = 3000, se
     popularity = 1.0 / np.arange(1, n_ads + 1) ** 0.9
     ads = rng.choice(n_ads, size=clicks, p=popularity / popularity.sum())
     users = rng.integers(0, n_users, size=clicks)
-    return ClickGraph.from_pairs(
-        np.array([f"u{u:04d}" for u in users]), np.array([f"ad{a:04d}" for a in ads])
-    )
+    return ClickGraph.from_pairs(np.array([f"u{u:04d}" for u in users]), np.array([f"ad{a:04d}" for a in ads]))
 
 
 def community_graph(cluster: np.ndarray, n_users: int, per_user: int, rng: np.random.Generator) -> ClickGraph:
@@ -98,8 +96,7 @@ def test_warm_split_shows_half_of_each_cold_ads_clicks():
     full_degree = graph.ad_degrees()[split.cold_ads]
     assert (warm.train.ad_degrees()[split.cold_ads] == full_degree // 2).all()
     held_out = {
-        (graph.user_ids[warm.eval_users[r]], graph.ad_ids[warm.cold_ads[c]])
-        for r, c in zip(*np.nonzero(warm.relevant))
+        (graph.user_ids[warm.eval_users[r]], graph.ad_ids[warm.cold_ads[c]]) for r, c in zip(*np.nonzero(warm.relevant))
     }
     assert not (click_set(warm.train) & held_out)
     assert click_set(warm.train) | held_out == click_set(graph)

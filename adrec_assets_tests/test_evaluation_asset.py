@@ -10,10 +10,9 @@ import torch
 
 from adrec_assets.ml.evaluation import METHOD_ORDER, PIPELINE, EvaluationReport
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.recommender import Recommender
 from adrec_assets.ml.training import score_bias
+from adrec_assets.recommender import Recommender
 from adrec_assets_tests.pipeline_fixtures import load_artifact, materialize_pipeline, published_files
-
 
 # The synthetic catalog holds 200 clicked ads, so 40 are cold: at the default k=20 a random
 # ranking already recalls half of them. k=5 leaves room to tell a model from chance.
@@ -39,7 +38,14 @@ def test_evaluation_materializes_with_the_full_table(evaluation_run):
     (event,) = result.get_asset_materialization_events()
     meta = event.materialization.metadata
     table = meta["results"].value
-    for label in ("random", "content-kNN", "ridge content -> user space", "ALS item factors", "global-mean", "**pipeline**"):
+    for label in (
+        "random",
+        "content-kNN",
+        "ridge content -> user space",
+        "ALS item factors",
+        "global-mean",
+        "**pipeline**",
+    ):
         assert label in table, label
     assert "warm reference" not in table  # switched off by the config
     assert table.count("\n") == 1 + len(METHOD_ORDER) - 2  # header rule; no warm reference, no ad fields declared

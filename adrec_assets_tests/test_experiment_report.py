@@ -112,8 +112,11 @@ def test_the_first_report_fixes_the_mixture_variance_that_later_looks_reuse(tmp_
     root, base = tmp_path / "sources", tmp_path / "artifacts"
     write_log(root / "shop", 1500, 0.0, seed=1)
     with dg.instance_for_test() as instance:
+
         def materialize():
-            assert materialize_pipeline(instance, base, partition="shop", selection=["experiment_report"], root=str(root)).success
+            assert materialize_pipeline(
+                instance, base, partition="shop", selection=["experiment_report"], root=str(root)
+            ).success
             return load_file(base / "shop" / "reports" / "experiment_report.npz")
 
         first = materialize()

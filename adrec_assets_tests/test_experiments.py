@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ from adrec_assets.online.experiments import (
     parse_assignment_label,
 )
 
-NOV_15 = datetime(2026, 11, 15, tzinfo=timezone.utc)
+NOV_15 = datetime(2026, 11, 15, tzinfo=UTC)
 SIGNIFICANCE = 0.001  # a seeded check this strict fails only on a real defect, never by luck
 
 
@@ -80,7 +80,7 @@ def three_arm_experiment(salt: str = "three-arms", traffic: float = 1.0) -> Expe
         name=f"exp-{salt}",
         salt=salt,
         arms=(Arm("a", 0.2), Arm("b", 0.3), Arm("c", 0.5)),
-        start=datetime(2026, 11, 1, tzinfo=timezone.utc),
+        start=datetime(2026, 11, 1, tzinfo=UTC),
         traffic=traffic,
     )
 
@@ -104,9 +104,7 @@ def test_single_user_assignment_agrees_with_the_vectorized_one():
     many = experiments.assign_many(ids, NOV_15)
     for index, pseudonym in enumerate(ids):
         got = {a.experiment: a.arm for a in experiments.assign(str(pseudonym), NOV_15)}
-        expected = {
-            name: experiments[name].arms[arm].name for name, arms in many.items() if (arm := arms[index]) >= 0
-        }
+        expected = {name: experiments[name].arms[arm].name for name, arms in many.items() if (arm := arms[index]) >= 0}
         assert got == expected
 
 
@@ -164,8 +162,10 @@ def test_experiments_in_different_layers_take_independent_halves_of_the_users():
     assigned = experiment_set(body).assign_many(ids, NOV_15)
     in_left, in_right = assigned["left"] >= 0, assigned["right"] >= 0
     table = np.array(
-        [[np.sum(in_left & in_right), np.sum(in_left & ~in_right)],
-         [np.sum(~in_left & in_right), np.sum(~in_left & ~in_right)]]
+        [
+            [np.sum(in_left & in_right), np.sum(in_left & ~in_right)],
+            [np.sum(~in_left & in_right), np.sum(~in_left & ~in_right)],
+        ]
     )
     assert stats.chi2_contingency(table).pvalue > SIGNIFICANCE
     assert stats.binomtest(int(in_left.sum()), ids.size, 0.5).pvalue > SIGNIFICANCE
@@ -250,7 +250,7 @@ def test_a_layer_slice_can_be_reused_once_the_earlier_experiment_has_stopped():
     """
     experiments = experiment_set(body)
     assert [e.name for e in experiments.active(NOV_15)] == ["november"]
-    assert [e.name for e in experiments.active(datetime(2026, 12, 2, tzinfo=timezone.utc))] == ["december"]
+    assert [e.name for e in experiments.active(datetime(2026, 12, 2, tzinfo=UTC))] == ["december"]
 
 
 def test_an_experiment_is_active_from_start_inclusive_to_stop_exclusive():
@@ -334,7 +334,10 @@ BASE = 'name = "exp"\nsalt = "s"\nstart = 2026-11-01T00:00:00Z\n'
 INVALID_FILES = {
     "unknown experiment key": (BASE + "trafic = 0.5", UnknownKeyError, "exp", "trafic"),
     "unknown arm key": (
-        BASE, UnknownKeyError, "exp", "arm 'control'.shares",
+        BASE,
+        UnknownKeyError,
+        "exp",
+        "arm 'control'.shares",
         '[[experiment.arm]]\nname = "control"\nshares = 1.0\n',
     ),
     "unknown top-level key": ("", UnknownKeyError, None, "experiments", None),
@@ -343,7 +346,10 @@ INVALID_FILES = {
     "empty salt": ('name = "exp"\nsalt = ""\nstart = 2026-11-01T00:00:00Z', MissingFieldError, "exp", "salt"),
     "missing start": ('name = "exp"\nsalt = "s"', MissingFieldError, "exp", "start"),
     "start without offset": (
-        'name = "exp"\nsalt = "s"\nstart = 2026-11-01T00:00:00', InvalidValueError, "exp", "start"
+        'name = "exp"\nsalt = "s"\nstart = 2026-11-01T00:00:00',
+        InvalidValueError,
+        "exp",
+        "start",
     ),
     "start not before stop": (BASE + "stop = 2026-11-01T00:00:00Z", InvalidValueError, "exp", "stop"),
     "traffic zero": (BASE + "traffic = 0.0", InvalidValueError, "exp", "traffic"),
@@ -351,24 +357,39 @@ INVALID_FILES = {
     "traffic not a number": (BASE + 'traffic = "half"', InvalidValueError, "exp", "traffic"),
     "no arms": (BASE, MissingFieldError, "exp", "arm", ""),
     "shares not summing to one": (
-        BASE, InvalidValueError, "exp", "arm.share",
+        BASE,
+        InvalidValueError,
+        "exp",
+        "arm.share",
         '[[experiment.arm]]\nname = "a"\nshare = 0.5\n[[experiment.arm]]\nname = "b"\nshare = 0.4\n',
     ),
     "share not positive": (
-        BASE, InvalidValueError, "exp", "arm 'b'.share",
+        BASE,
+        InvalidValueError,
+        "exp",
+        "arm 'b'.share",
         '[[experiment.arm]]\nname = "a"\nshare = 1.0\n[[experiment.arm]]\nname = "b"\nshare = 0.0\n',
     ),
     "share missing": (BASE, MissingFieldError, "exp", "arm 'a'.share", '[[experiment.arm]]\nname = "a"\n'),
     "duplicate arm": (
-        BASE, DuplicateNameError, "exp", "arm 'a'.name",
+        BASE,
+        DuplicateNameError,
+        "exp",
+        "arm 'a'.name",
         '[[experiment.arm]]\nname = "a"\nshare = 0.5\n[[experiment.arm]]\nname = "a"\nshare = 0.5\n',
     ),
     "unknown policy": (
-        BASE, InvalidValueError, "exp", "arm 'a'.policy",
+        BASE,
+        InvalidValueError,
+        "exp",
+        "arm 'a'.policy",
         '[[experiment.arm]]\nname = "a"\nshare = 1.0\npolicy = "softmax"\n',
     ),
     "name unusable in labels": (
-        'name = "exp;x"\nsalt = "s"\nstart = 2026-11-01T00:00:00Z', InvalidValueError, "exp;x", "name"
+        'name = "exp;x"\nsalt = "s"\nstart = 2026-11-01T00:00:00Z',
+        InvalidValueError,
+        "exp;x",
+        "name",
     ),
 }
 

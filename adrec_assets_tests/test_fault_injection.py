@@ -21,7 +21,12 @@ import pytest
 from adrec_assets import snapshots
 from adrec_assets.io_managers import SnapshotIOManager
 from adrec_assets.snapshots import SnapshotError, SnapshotStore, check_consistency
-from adrec_assets_tests.pipeline_fixtures import ASSET_FILES, TINY_SOURCE_RUN_CONFIG, failure_message, materialize_pipeline
+from adrec_assets_tests.pipeline_fixtures import (
+    ASSET_FILES,
+    TINY_SOURCE_RUN_CONFIG,
+    failure_message,
+    materialize_pipeline,
+)
 from adrec_assets_tests.test_file_sources import write_valid_source
 
 SOURCE = "shop"

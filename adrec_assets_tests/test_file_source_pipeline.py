@@ -24,8 +24,8 @@ from adrec_assets.online.store import SQLiteStore
 from adrec_assets.snapshots import SnapshotStore
 from adrec_assets.sources.files import write_field_specs
 from adrec_assets_tests.pipeline_fixtures import (
-    PIPELINE_CHECKS,
     ASSET_FILES,
+    PIPELINE_CHECKS,
     failure_message,
     id_key,
     load_artifact,
@@ -35,12 +35,11 @@ from adrec_assets_tests.pipeline_fixtures import (
 from adrec_assets_tests.test_file_sources import (
     AD_IDS,
     GOOD_ADS_CSV,
-    _source_with_bad_images,
     N_USERS,
+    _source_with_bad_images,
     write_clicks,
     write_valid_source,
 )
-
 
 # ---------------------------------------------------------------- pipeline runs on file sources
 
@@ -158,7 +157,9 @@ def test_the_service_projects_a_new_ads_fields_and_refuses_undeclared_or_malform
                 assert response.status_code == 422 and response.json()["field"] == field, response.text
             assert service.online.live_ads() == []
             content = encoder.encode(["Carbon racing flats"], [None]).vectors[0]
-            service.add_ad("ad-new", "Carbon racing flats", None, content=content, fields={"category": "running", "price": 150})
+            service.add_ad(
+                "ad-new", "Carbon racing flats", None, content=content, fields={"category": "running", "price": 150}
+            )
             info = client.get("/v1/ads/ad-new").json()
             assert info["fields"] == {"category": "running", "price": "150"} and info["live"]
             assert client.get("/v1/ads/ad-3").json()["fields"] == {"category": "finance", "price": "0"}
@@ -229,7 +230,6 @@ def test_pipeline_run_on_a_source_without_usable_clicks_fails_naming_it(good_run
     assert not result.success
     assert "source 'shop': none of the 2 click rows" in failure_message(result)
     assert _published(base) == before
-
 
 
 # ---------------------------------------------------------------- 14. a failed run loses nothing

@@ -370,7 +370,9 @@ def test_clicks_with_a_repeated_column_are_refused(tmp_path, fmt):
     else:
         (folder / "clicks").mkdir(parents=True, exist_ok=True)
         columns = [pa.array(["u1"]), pa.array(["ad-0"]), pa.array(["u2"])]
-        pq.write_table(pa.Table.from_arrays(columns, names=["user_id", "ad_id", "user_id"]), folder / "clicks" / "part-000.parquet")
+        pq.write_table(
+            pa.Table.from_arrays(columns, names=["user_id", "ad_id", "user_id"]), folder / "clicks" / "part-000.parquet"
+        )
     source_error(lambda: load_both(folder), "source 'src'", f"part-000.{fmt}", "column(s) ['user_id'] more than once")
 
 
@@ -476,14 +478,14 @@ def test_bad_value_in_a_later_chunk_names_the_absolute_line(tmp_path):
     rows[12] = "u12,ad-0,0"  # data row 13 -> line 14
     write_clicks(folder, "user_id,ad_id,weight\n" + "\n".join(rows) + "\n")
     for chunk_rows in (1, 3, 5, 100):
-        source_error(lambda: load_both(folder, chunk_rows=chunk_rows), "line 14 has weight='0'")
+        source_error(lambda: load_both(folder, chunk_rows=chunk_rows), "line 14 has weight='0'")  # noqa: B023 - called at once
     write_parquet(
         folder / "clicks" / "part-000.parquet",
         {"user_id": [f"u{i}" for i in range(20)], "ad_id": ["ad-1"] * 20, "weight": [1.0] * 12 + [-1.0] + [1.0] * 7},
     )
     (folder / "clicks" / "part-000.csv").unlink()
     for chunk_rows in (1, 3, 5, 100):
-        source_error(lambda: load_both(folder, chunk_rows=chunk_rows), "part-000.parquet", "row 13 has weight=")
+        source_error(lambda: load_both(folder, chunk_rows=chunk_rows), "part-000.parquet", "row 13 has weight=")  # noqa: B023 - called at once
 
 
 # ---------------------------------------------------------------- 3. empty files
@@ -724,6 +726,7 @@ def test_too_many_unknown_ad_clicks_fail_naming_share_and_examples(tmp_path):
     clicks, report = load_both(folder, max_unknown_ad_share=0.2)
     assert report.n_unknown_ad_rows == 5 and report.n_usable == 40 == len(clicks)
     assert click_triples(clicks) == expected_triples()
+
     # The resource passes its setting through.
     def resource_clicks(resource: ClickSourceResource):
         source = resource.source("src")

@@ -191,7 +191,9 @@ def test_a_zero_prior_sd_registers_nothing_so_thompson_serves_as_without_effects
     posterior = learned_posterior(index, rng)
     user = unit_rows(rng.normal(size=8))
     plain = make_policy("thompson", posterior=posterior).recommend(user, index, K, np.random.default_rng(4))
-    with_none = make_policy("thompson", posterior=posterior, fresh=effects).recommend(user, index, K, np.random.default_rng(4))
+    with_none = make_policy("thompson", posterior=posterior, fresh=effects).recommend(
+        user, index, K, np.random.default_rng(4)
+    )
     np.testing.assert_array_equal(plain.slots, with_none.slots)
     np.testing.assert_array_equal(plain.propensities, with_none.propensities)
 
@@ -234,7 +236,9 @@ def test_fresh_ads_crowding_the_index_results_never_hide_a_trained_ad():
     effects = FreshAdEffects(8, 1.0, {f"ad-{s}": (-50.0, 1e6) for s in fresh_slots})
     effects.register([f"ad-{s}" for s in fresh_slots], fresh_slots, index.vectors(fresh_slots))
     posterior = LaplaceLogisticPosterior.prior(8)
-    slate = make_policy("thompson", posterior=posterior, fresh=effects).recommend(user, index, K, np.random.default_rng(6))
+    slate = make_policy("thompson", posterior=posterior, fresh=effects).recommend(
+        user, index, K, np.random.default_rng(6)
+    )
     generator = np.random.default_rng(6)
     theta = posterior.sample(generator)
     draws = effects.view().mean + effects.view().sd() * generator.standard_normal(60)

@@ -150,7 +150,9 @@ def test_user_training_determinism(user_result):
     """Same seed -> bitwise identical vectors; another seed -> different vectors."""
     again = train_user_embeddings(GRAPH, USER_PARAMS)
     assert np.array_equal(again.vectors, user_result.vectors)
-    other = train_user_embeddings(GRAPH, UserTrainingParams(dim=32, epochs=20, batch_size=32, lr=0.03, seed=1, min_steps=0))
+    other = train_user_embeddings(
+        GRAPH, UserTrainingParams(dim=32, epochs=20, batch_size=32, lr=0.03, seed=1, min_steps=0)
+    )
     assert not np.allclose(other.vectors, user_result.vectors, atol=1e-3)
 
 
@@ -190,9 +192,7 @@ def test_projector_bitwise_deterministic_with_threads():
     users = rng.normal(size=(g.n_users, 128))
     users = (users / np.linalg.norm(users, axis=1, keepdims=True)).astype(np.float32)
     params = ProjectorParams(hidden_dim=32, epochs=2, batch_size=1024, seed=0, min_steps=0)
-    runs = _with_two_threads(
-        lambda: [train_projector(g, content, users, params).model.state_dict() for _ in range(2)]
-    )
+    runs = _with_two_threads(lambda: [train_projector(g, content, users, params).model.state_dict() for _ in range(2)])
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
@@ -318,13 +318,18 @@ def test_training_stops_at_the_step_cap_mid_pass():
     params = UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0, max_steps=0)
     full = train_user_embeddings(GRAPH, params)
     per_pass = full.history.steps // 50
-    capped = train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0,
-                                                             max_steps=3 * per_pass + 2))
+    capped = train_user_embeddings(
+        GRAPH, UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0, max_steps=3 * per_pass + 2)
+    )
     assert capped.history.steps == 3 * per_pass + 2 and len(capped.history.epoch_losses) == 4
     once = train_user_embeddings(GRAPH, UserTrainingParams(dim=8, epochs=50, batch_size=32, min_steps=0, max_steps=1))
     assert once.history.steps == per_pass  # never below one pass over the users' clicks
-    proj = train_projector(GRAPH, _content(), full.vectors, ProjectorParams(hidden_dim=16, epochs=50, batch_size=32,
-                                                                         min_steps=0, max_steps=7))
+    proj = train_projector(
+        GRAPH,
+        _content(),
+        full.vectors,
+        ProjectorParams(hidden_dim=16, epochs=50, batch_size=32, min_steps=0, max_steps=7),
+    )
     assert proj.history.steps == 7 and proj.history.pairs <= 7 * 32 < 50 * GRAPH.n_clicks
 
 

@@ -52,14 +52,17 @@ def _u_item_line(movie_id: int, title: str, genres: set[str], release: str = "01
     return f"{movie_id}|{title}|{release}||http://us.imdb.com/M/title-exact?x|{flags}"
 
 
-U_ITEM = "\n".join(
-    [
-        _u_item_line(1, "Toy Story (1995)", {"Animation", "Children's", "Comedy"}),
-        _u_item_line(2, "Café Society (1995)", {"Drama"}),
-        _u_item_line(3, "unknown", {"unknown"}, release=""),
-        _u_item_line(4, "GoldenEye (1995)", {"Action", "Adventure", "Thriller"}),
-    ]
-) + "\n"
+U_ITEM = (
+    "\n".join(
+        [
+            _u_item_line(1, "Toy Story (1995)", {"Animation", "Children's", "Comedy"}),
+            _u_item_line(2, "Café Society (1995)", {"Drama"}),
+            _u_item_line(3, "unknown", {"unknown"}, release=""),
+            _u_item_line(4, "GoldenEye (1995)", {"Action", "Adventure", "Thriller"}),
+        ]
+    )
+    + "\n"
+)
 U_DATA = "".join(
     f"{u}\t{m}\t{r}\t{t}\n"
     for u, m, r, t in [
@@ -104,9 +107,7 @@ def _read_source(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         "clicks/ratings.csv",
     ]
     ads = pd.read_csv(out / "ads.csv", dtype=str, keep_default_na=False, encoding="utf-8")
-    clicks = pd.read_csv(
-        out / "clicks/ratings.csv", dtype={"user_id": str, "ad_id": str, "timestamp": "int64"}
-    )
+    clicks = pd.read_csv(out / "clicks/ratings.csv", dtype={"user_id": str, "ad_id": str, "timestamp": "int64"})
     assert list(ads.columns) == ["ad_id", "text", "year", "genres"]
     assert list(clicks.columns) == ["user_id", "ad_id", "timestamp"]
     return ads, clicks
@@ -171,7 +172,7 @@ def test_100k_layout_latin1_to_utf8(ml100k_dir: Path, tmp_path: Path) -> None:
     ads, clicks = _read_source(out)
     assert list(ads.itertuples(index=False, name=None)) == ML100K_ADS
     raw = (out / "ads.csv").read_bytes()
-    assert "Café Society".encode("utf-8") in raw and "Café".encode("latin-1") not in raw
+    assert "Café Society".encode() in raw and "Café".encode("latin-1") not in raw
     assert _click_rows(clicks) == [
         ("ml-user-196", "movie-1", 881250949),
         ("ml-user-196", "movie-2", 881250950),
@@ -400,9 +401,7 @@ def test_module_does_not_import_dagster() -> None:
 
 def test_real_ml_latest_small(tmp_path: Path) -> None:
     if not (ML_LATEST_SMALL / "movies.csv").is_file():
-        pytest.skip(
-            f"real MovieLens data not available: {ML_LATEST_SMALL} is missing (never copy it into the repo)"
-        )
+        pytest.skip(f"real MovieLens data not available: {ML_LATEST_SMALL} is missing (never copy it into the repo)")
     out = tmp_path / "ml-latest-small"
     started = time.perf_counter()
     report = convert_movielens(ML_LATEST_SMALL, out)

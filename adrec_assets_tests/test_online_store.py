@@ -208,7 +208,10 @@ def test_failed_or_invalid_update_changes_nothing(make_store):
     with pytest.raises(RuntimeError, match="policy failed"):
         store.update_user(SPACE, ALICE, boom)
     bad_results = [
-        np.full(D_USER, np.nan, np.float32), np.ones(D_USER - 1, np.float32), np.ones((1, D_USER)), np.array(["x"] * D_USER)
+        np.full(D_USER, np.nan, np.float32),
+        np.ones(D_USER - 1, np.float32),
+        np.ones((1, D_USER)),
+        np.array(["x"] * D_USER),
     ]
     for bad in bad_results:
         with pytest.raises(InvalidVectorError, match="update_user"):
@@ -452,7 +455,9 @@ def test_concurrent_array_updates_from_threads_and_replicas_lose_none(make_store
 
 def test_an_array_update_returns_what_it_stored_and_a_failed_or_invalid_one_stores_nothing(make_store):
     store = make_store()
-    stored = store.update_arrays("posterior", lambda current: {"mean": np.arange(3.0), "seen": np.array([current is None])})
+    stored = store.update_arrays(
+        "posterior", lambda current: {"mean": np.arange(3.0), "seen": np.array([current is None])}
+    )
     assert stored["mean"].tolist() == [0.0, 1.0, 2.0] and stored["seen"].tolist() == [True]
     before = snapshot(store)
 
@@ -547,7 +552,10 @@ def test_ping_context_manager_and_closed_store(make_store):
 
 # ---------------------------------------------------------------------- backend specifics
 def test_open_store_picks_the_backend_by_url(tmp_path, redis_url):
-    with open_store(tmp_path / "x.sqlite3", namespace="s") as s1, open_store(str(tmp_path / "y.db"), namespace="s") as s2:
+    with (
+        open_store(tmp_path / "x.sqlite3", namespace="s") as s1,
+        open_store(str(tmp_path / "y.db"), namespace="s") as s2,
+    ):
         assert isinstance(s1, SQLiteStore) and isinstance(s2, SQLiteStore)
     with open_store(redis_url, namespace="s") as s3:
         assert isinstance(s3, RedisStore) and s3.ping()
@@ -605,7 +613,9 @@ def test_sqlite_two_processes_updating_one_user_lose_no_update(tmp_path):
     ready = [tmp_path / f"ready-{i}" for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _PROCESS_WORKER, str(path), str(n), str(r), str(go)], cwd=REPO_ROOT, stderr=subprocess.PIPE
+            [sys.executable, "-c", _PROCESS_WORKER, str(path), str(n), str(r), str(go)],
+            cwd=REPO_ROOT,
+            stderr=subprocess.PIPE,
         )
         for r in ready
     ]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from adrec_assets.privacy import pseudonymize
-from adrec_assets.sources.catalog import load_builtin_catalog
 from adrec_assets.snapshots import SnapshotStore
+from adrec_assets.sources.catalog import load_builtin_catalog
 from adrec_assets_tests.pipeline_fixtures import (
     ASSET_FILES,
     TEST_ID_KEY,
@@ -35,9 +35,7 @@ def pipeline(default_pipeline):
 def test_all_assets_and_checks_succeed(pipeline):
     base, result, _ = pipeline
     assert result.success
-    materialized = {
-        e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()
-    }
+    materialized = {e.materialization.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {*ASSET_FILES, "snapshot"}
     evaluations = result.get_asset_check_evaluations()
     assert len(evaluations) == 12 and all(e.passed for e in evaluations)
@@ -90,15 +88,17 @@ def test_artifact_shapes_norms_and_alignment(pipeline):
 def test_served_users_and_ads_are_the_served_model_fitted_to_the_clicks_and_the_prior_averages_them(pipeline):
     base, result, _ = pipeline
     from adrec_assets.ml.params import AdRefitParams, UserRefitParams
-    from adrec_assets.recommender import Recommender
     from adrec_assets.ml.served_model import fit_served_model
     from adrec_assets.ml.training import normalized_mean
+    from adrec_assets.recommender import Recommender
 
     graph, users, projected = load(base, "click_graph"), load(base, "user_embeddings"), load(base, "ad_projected")
     served, served_ads = load(base, "served_users"), load(base, "served_ads")
-    assert (served.ids == users.ids).all() and served.space == users.space and served.provenance.params == {
-        "alpha": 5.0, "regularization": 10.0, "mix": 1.0
-    }
+    assert (
+        (served.ids == users.ids).all()
+        and served.space == users.space
+        and served.provenance.params == {"alpha": 5.0, "regularization": 10.0, "mix": 1.0}
+    )
     assert json.loads(served_ads.refit_params) == asdict(AdRefitParams())
     rows = [list(projected.ids).index(ad) for ad in graph.ad_ids]
     expected = fit_served_model(graph, users.vectors, projected.vectors[rows], projected.score_bias[rows],

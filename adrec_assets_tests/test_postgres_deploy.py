@@ -82,19 +82,43 @@ def pg_run(tmp_path_factory, pytestconfig: pytest.Config) -> Iterator[PgRun]:
         )
         register = subprocess.run(
             [str(BIN_DIR / "python"), "-m", "adrec_assets.cli", "register", "synthetic"],
-            check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
+            check=False,
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert register.returncode == 0, register.stdout + register.stderr
         started = time.monotonic()
         run = subprocess.run(
-            [str(BIN_DIR / "dagster"), "asset", "materialize", "-m", "adrec_assets.definitions",
-             "--select", "group:adrec", "--partition", "synthetic", "--config", str(root / "run_config.yaml")],
-            check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=MATERIALIZE_TIMEOUT_S,
+            [
+                str(BIN_DIR / "dagster"),
+                "asset",
+                "materialize",
+                "-m",
+                "adrec_assets.definitions",
+                "--select",
+                "group:adrec",
+                "--partition",
+                "synthetic",
+                "--config",
+                str(root / "run_config.yaml"),
+            ],
+            check=False,
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=MATERIALIZE_TIMEOUT_S,
         )
         seconds = time.monotonic() - started
         (root / "materialize.log").write_text(run.stdout + run.stderr)
         assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
-        report(pytestconfig, f"\n  multiprocess materialization on PostgreSQL: {seconds:.0f} s (log {root / 'materialize.log'})")
+        report(
+            pytestconfig,
+            f"\n  multiprocess materialization on PostgreSQL: {seconds:.0f} s (log {root / 'materialize.log'})",
+        )
         runs = query(cluster, "SELECT run_id FROM runs")
         assert len(runs) == 1, f"expected the one CLI run in PostgreSQL, found {runs}"
         yield PgRun(cluster, home, runs[0][0], seconds)
@@ -178,13 +202,17 @@ def test_steps_ran_in_parallel_processes(pg_run: PgRun) -> None:
     from adrec_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    ancestors = {k.to_user_string(): {a.to_user_string() for a in graph.get_ancestor_asset_keys(k)} for k in graph.get_all_asset_keys()}
+    ancestors = {
+        k.to_user_string(): {a.to_user_string() for a in graph.get_ancestor_asset_keys(k)}
+        for k in graph.get_all_asset_keys()
+    }
     independent = [(a, b) for a, b in overlapping if a in ancestors and b in ancestors
                    and a not in ancestors[b] and b not in ancestors[a]]  # fmt: skip
     assert independent, (overlapping, intervals)
 
 
 # --- Kubernetes: adrec_assets.deploy and deploy/k8s (no cluster involved) -------------------------
+
 
 def k8s_modules():
     pytest.importorskip("dagster_k8s", reason="dagster-k8s (the `dev`/`deploy` extras) is not installed: `make setup`")
@@ -227,11 +255,15 @@ def step_pod(deploy, op_name: str):
 
     cfg = deploy.K8S_EXECUTOR_CONFIG
     context = K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(cfg["step_k8s_config"])).merge(
-        K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(cfg["per_step_k8s_config"].get(op_name, {})))
+        K8sContainerContext(
+            run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(cfg["per_step_k8s_config"].get(op_name, {}))
+        )
     )
     job_config = DagsterK8sJobConfig(job_image="registry.example/adrec:test", dagster_home="/opt/dagster/dagster_home")
     return construct_dagster_k8s_job(
-        job_config, ["dagster", "api", "execute_step"], f"dagster-step-{op_name.replace('_', '-')}",
+        job_config,
+        ["dagster", "api", "execute_step"],
+        f"dagster-step-{op_name.replace('_', '-')}",
         user_defined_k8s_config=context.run_k8s_config,
     )
 
@@ -305,7 +337,9 @@ def test_k8s_service_replicas_share_redis_and_only_api_clients_reach_them() -> N
     assert ("Service", "adrec-redis") in by_kind
     assert "--appendonly" in by_kind[("Deployment", "adrec-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert {"secretRef": {"name": "adrec-secrets"}} in container["envFrom"]  # ADREC_API_TOKEN for a 0.0.0.0 bind
-    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "secrets.example.yaml").read_text()) if d}
+    secrets = {
+        d["metadata"]["name"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "secrets.example.yaml").read_text()) if d
+    }
     assert "ADREC_API_TOKEN" in secrets["adrec-secrets"]["stringData"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert by_kind[("Service", "adrec-serve")]["spec"]["type"] == "ClusterIP"

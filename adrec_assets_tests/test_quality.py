@@ -12,8 +12,8 @@ import torch
 
 from adrec_assets.ml.metrics import recall_at_k
 from adrec_assets.ml.models import Projector
-from adrec_assets.privacy import pseudonymize
 from adrec_assets.ml.training import project
+from adrec_assets.privacy import pseudonymize
 from adrec_assets.resources import ClickSourceResource
 from adrec_assets.sources.catalog import load_builtin_catalog
 from adrec_assets.sources.synthetic import SyntheticClickGenerator

@@ -41,7 +41,9 @@ def toy_graph(extra_users: int = 0) -> ClickGraph:
     return ClickGraph.from_pairs(np.array(users), np.array(ads))
 
 
-def previous_users(graph: ClickGraph, params: UserTrainingParams = PARAMS, trained_by: str = FULL_RETRAIN) -> UserEmbeddings:
+def previous_users(
+    graph: ClickGraph, params: UserTrainingParams = PARAMS, trained_by: str = FULL_RETRAIN
+) -> UserEmbeddings:
     result = train_user_embeddings(graph, params)
     return UserEmbeddings(
         ids=graph.user_ids,
@@ -121,7 +123,9 @@ def test_projector_decisions_cover_every_path():
     retrained = UserEmbeddings(np.array(["u"]), np.ones((1, 8), np.float32), "users:other", np.array([False]), prov)
 
     def decide_projector(warm, previous, encoder, users, inputs, settings=params):
-        return decide(previous, settings, inputs, warm, lambda: projector_continues("enc-a", encoder, "users:prev", users))
+        return decide(
+            previous, settings, inputs, warm, lambda: projector_continues("enc-a", encoder, "users:prev", users)
+        )
 
     assert decide(None, params, "inputs-1", True, lambda: None, "none") == RefreshDecision(FULL_RETRAIN, "none")
     assert decide_projector(True, prev, "enc-a", users, "inputs-1").path == REUSED
@@ -159,7 +163,9 @@ def meta(result: dg.ExecuteInJobResult, asset: str) -> dict:
 
 def digests(base: Path) -> dict[str, str]:
     """asset -> digest of its object in the published snapshot of ``shop``."""
-    return {asset: hashlib.sha256(path.read_bytes()).hexdigest() for asset, path in published_files(base, "shop").items()}
+    return {
+        asset: hashlib.sha256(path.read_bytes()).hexdigest() for asset, path in published_files(base, "shop").items()
+    }
 
 
 @pytest.fixture
@@ -205,7 +211,9 @@ def test_new_clicks_warm_start_and_new_users_begin_at_the_previous_spaces_mean(s
     old_users = load_artifact(base, "user_embeddings", "shop")
     old_mean = normalized_mean(old_users.trained_vectors())[0]
     add_clicks(root)
-    result = run({"ops": {op: {"config": {"min_steps": 0, "refresh_epochs": 0}} for op in ("user_embeddings", "projector")}})
+    result = run(
+        {"ops": {op: {"config": {"min_steps": 0, "refresh_epochs": 0}} for op in ("user_embeddings", "projector")}}
+    )
     users_meta, projector_meta = meta(result, "user_embeddings"), meta(result, "projector")
     assert users_meta["training_path"] == WARM_START and projector_meta["training_path"] == WARM_START
     assert users_meta["n_new_users_from_global_mean"] == 1
@@ -215,7 +223,9 @@ def test_new_clicks_warm_start_and_new_users_begin_at_the_previous_spaces_mean(s
     # zero refresh epochs: known users keep their vectors, the new one is the old space's mean
     for row, user in enumerate(new_users.ids):
         if user in set(old_users.ids):
-            np.testing.assert_allclose(new_users.vectors[row], old_users.vectors[list(old_users.ids).index(user)], atol=1e-6)
+            np.testing.assert_allclose(
+                new_users.vectors[row], old_users.vectors[list(old_users.ids).index(user)], atol=1e-6
+            )
         else:
             np.testing.assert_allclose(new_users.vectors[row], old_mean, atol=1e-6)
     assert new_users.provenance.warm_started_from == old_users.space
@@ -236,7 +246,8 @@ def test_warm_start_false_retrains_and_matches_a_fresh_materialization(shop, tmp
     with dg.instance_for_test() as other:
         materialize_pipeline(other, fresh_base, partition="shop", run_config=FULL, root=str(root))
     np.testing.assert_array_equal(
-        load_artifact(base, "user_embeddings", "shop").vectors, load_artifact(fresh_base, "user_embeddings", "shop").vectors
+        load_artifact(base, "user_embeddings", "shop").vectors,
+        load_artifact(fresh_base, "user_embeddings", "shop").vectors,
     )
 
 

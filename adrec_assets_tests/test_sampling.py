@@ -11,10 +11,15 @@ from adrec_assets.ml.types import ClickGraph
 # u0..u3 click ad A (4 clickers); u1 and u4 click B; u5 alone clicks C; u6 alone clicks D and E;
 # u4 also clicks F, which nobody else clicks. Isolated users: u5, u6.
 PAIRS = [
-    ("u0", "A"), ("u1", "A"), ("u2", "A"), ("u3", "A"),
-    ("u1", "B"), ("u4", "B"),
+    ("u0", "A"),
+    ("u1", "A"),
+    ("u2", "A"),
+    ("u3", "A"),
+    ("u1", "B"),
+    ("u4", "B"),
     ("u5", "C"),
-    ("u6", "D"), ("u6", "E"),
+    ("u6", "D"),
+    ("u6", "E"),
     ("u4", "F"),
 ]
 
@@ -132,9 +137,7 @@ def test_same_seed_same_batches_different_seed_differs():
     r1, r2, r3 = run(7), run(7), run(8)
     assert len(r1) == len(r2)
     assert all(np.array_equal(a1, a2) and np.array_equal(p1, p2) for (a1, p1), (a2, p2) in zip(r1, r2))
-    assert not all(
-        np.array_equal(a1, a3) and np.array_equal(p1, p3) for (a1, p1), (a3, p3) in zip(r1, r3)
-    )
+    assert not all(np.array_equal(a1, a3) and np.array_equal(p1, p3) for (a1, p1), (a3, p3) in zip(r1, r3))
 
 
 def test_sampler_memory_is_linear_in_clicks_for_a_hub_ad():
@@ -172,7 +175,10 @@ def test_clicker_centroids_hand_computed():
     np.testing.assert_allclose(c[1], [(0 + 2) / 2, (1 + 2) / 2], rtol=1e-6)
     # an ad present in ad_ids but never clicked gets a zero centroid
     g2 = ClickGraph(
-        np.array(["u0"]), np.array(["a", "z"]), np.array([0, 1]), np.array([0], dtype=np.int32),
+        np.array(["u0"]),
+        np.array(["a", "z"]),
+        np.array([0, 1]),
+        np.array([0], dtype=np.int32),
         np.array([1.0], dtype=np.float32),
     )
     c2 = clicker_centroids(g2, np.array([[3.0, 4.0]], dtype=np.float32))

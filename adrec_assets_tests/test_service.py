@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from adrec_assets.recommender import Recommender
 from adrec_assets.online.api import create_app
 from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.service import RecommendationService
 from adrec_assets.online.store import SQLiteStore
 from adrec_assets.privacy import pseudonymize
+from adrec_assets.recommender import Recommender
 from adrec_assets.snapshots import SnapshotStore
 from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY, id_key
 
@@ -40,7 +40,9 @@ def make_service(base: Path, tmp_path: Path, **config) -> RecommendationService:
     settings = {"source": "synthetic", "artifacts_root": base, "sources_root": tmp_path / "sources", "seed": 7,
                 "load_encoder": False, **config}  # fmt: skip
     with id_key():
-        return RecommendationService(ServingConfig(**settings), SQLiteStore(tmp_path / "online.sqlite", namespace="synthetic"))
+        return RecommendationService(
+            ServingConfig(**settings), SQLiteStore(tmp_path / "online.sqlite", namespace="synthetic")
+        )
 
 
 @pytest.fixture
@@ -77,7 +79,9 @@ def test_a_known_user_gets_the_models_top_k_from_the_published_snapshot(api, pub
     assert body["user_status"] == "known" and body["policy"] == "greedy"
     assert [i["ad_id"] for i in body["items"]] == [r.ad_id for r in expected]
     np.testing.assert_allclose([i["score"] for i in body["items"]], [r.score for r in expected], atol=1e-5)
-    assert [i["position"] for i in body["items"]] == list(range(7)) and all(i["propensity"] == 1.0 for i in body["items"])
+    assert [i["position"] for i in body["items"]] == list(range(7)) and all(
+        i["propensity"] == 1.0 for i in body["items"]
+    )
     assert all(i["text"] for i in body["items"])
 
 
@@ -125,7 +129,9 @@ def test_a_click_moves_the_users_vector_and_the_next_response_reflects_it(api, p
     p = reference.ads.vectors[reference.ad_rows([target["ad_id"]])[0]].astype(np.float64)
     moved = 0.7 * u + 0.3 * p
     moved /= np.linalg.norm(moved)
-    np.testing.assert_allclose(reference.score(moved.astype(np.float32), [target["ad_id"]])[0], scores[target["ad_id"]], atol=1e-5)
+    np.testing.assert_allclose(
+        reference.score(moved.astype(np.float32), [target["ad_id"]])[0], scores[target["ad_id"]], atol=1e-5
+    )
 
 
 def test_events_are_checked_against_the_served_slate_and_a_bad_batch_changes_nothing(api):
@@ -144,7 +150,11 @@ def test_events_are_checked_against_the_served_slate_and_a_bad_batch_changes_not
         assert response.status_code == status and response.json()["field"] == f"events[1].{field}", response.text
     assert service.online.pending_events(10) == []  # the good event of each batch was not applied either
     assert recommend(client, k=5)["user_status"] == "known"
-    assert client.post("/v1/events", json={"events": [good, good]}).json() == {"accepted": 1, "duplicates": 1, "clicks": 1}
+    assert client.post("/v1/events", json={"events": [good, good]}).json() == {
+        "accepted": 1,
+        "duplicates": 1,
+        "clicks": 1,
+    }
     assert client.post("/v1/events", json={"events": [good]}).json()["duplicates"] == 1  # idempotent across batches
 
 
@@ -173,12 +183,16 @@ def png_bytes(color=(200, 40, 40)) -> bytes:
 def test_a_new_ad_is_encoded_projected_and_recommendable_in_the_next_request(api_with_encoder):
     client, service = api_with_encoder
     image = base64.b64encode(png_bytes()).decode()
-    response = client.post("/v1/ads", json={"ad_id": "ad-new-1", "text": "Lightweight trail running shoes", "image_base64": image})
+    response = client.post(
+        "/v1/ads", json={"ad_id": "ad-new-1", "text": "Lightweight trail running shoes", "image_base64": image}
+    )
     assert response.status_code == 201, response.text
     state = service.state
     vector = state.index.vectors(np.asarray([state.index.slot_of("ad-new-1")]))[0]
     # a user pointing at the new ad gets it first: it is in the live index, scored like any ad
-    service.online.update_user(state.space, pseudonymize("fan", TEST_ID_KEY.encode()), lambda _: vector[:-1] / np.linalg.norm(vector[:-1]))
+    service.online.update_user(
+        state.space, pseudonymize("fan", TEST_ID_KEY.encode()), lambda _: vector[:-1] / np.linalg.norm(vector[:-1])
+    )
     body = recommend(client, user="fan", k=3)
     assert body["items"][0]["ad_id"] == "ad-new-1" and body["items"][0]["live"] and body["items"][0]["has_image"]
     assert client.get("/v1/ads/ad-new-1").json() == {"ad_id": "ad-new-1", "text": "Lightweight trail running shoes",
@@ -221,7 +235,9 @@ def test_a_retired_ad_is_never_served_again_also_after_a_restart(published, tmp_
         assert top not in [i["ad_id"] for i in recommend(client, k=220)["items"]]
 
 
-def test_thompson_learns_a_live_ads_own_effect_from_its_skips_keeps_it_over_a_restart_and_forgets_it_when_retired(published, tmp_path):
+def test_thompson_learns_a_live_ads_own_effect_from_its_skips_keeps_it_over_a_restart_and_forgets_it_when_retired(
+    published, tmp_path
+):
     """A live ad gets a random effect (prior sd 2): Thompson explores it, its skipped
     impressions lower its mean and shrink its uncertainty, a restart on the same store
     starts from what was learnt, retirement removes it."""
@@ -283,8 +299,13 @@ def test_two_replicas_pool_what_each_learns_about_a_live_ad_through_the_store(pu
         first_alone = first.state.fresh.view().precision[0]
         before_merge = []
         real_sync = second.state.fresh.sync
-        monkeypatch.setattr(second.state.fresh, "sync", lambda store, name: (
-            before_merge.append(second.state.fresh.view().precision[0]), real_sync(store, name))[1])
+        monkeypatch.setattr(
+            second.state.fresh,
+            "sync",
+            lambda store, name: (before_merge.append(second.state.fresh.view().precision[0]), real_sync(store, name))[
+                1
+            ],
+        )
         _serve_and_settle(second, 300)
         second_alone = before_merge[0]
         assert first_alone > prior and second_alone > prior
@@ -306,7 +327,9 @@ def test_the_untrained_scope_gives_every_click_less_catalogue_ad_an_effect(publi
     assert sorted(service.state.fresh.view().ad_ids.tolist()) == expected
 
 
-@pytest.mark.parametrize("setting, match", [({"fresh_scope": "all"}, "fresh_scope"), ({"fresh_prior_sd": -1.0}, "fresh_prior_sd")])
+@pytest.mark.parametrize(
+    "setting, match", [({"fresh_scope": "all"}, "fresh_scope"), ({"fresh_prior_sd": -1.0}, "fresh_prior_sd")]
+)
 def test_fresh_ad_settings_out_of_range_are_refused_by_name(published, tmp_path, setting, match):
     with pytest.raises(ValueError, match=match):
         ServingConfig(source="synthetic", artifacts_root=published, sources_root=tmp_path, **setting).validate()
@@ -388,7 +411,9 @@ def test_after_a_reload_the_metrics_read_1_for_the_served_model_version_and_0_fo
     serving["now"] = ("s-new", 12, 1)
     metrics.refresh()
     text = metrics.exposition().decode()
-    assert 'adrec_model_info{model_version="s-old"} 0.0' in text and 'adrec_model_info{model_version="s-new"} 1.0' in text
+    assert (
+        'adrec_model_info{model_version="s-old"} 0.0' in text and 'adrec_model_info{model_version="s-new"} 1.0' in text
+    )
     assert "adrec_index_ads 12.0" in text and "adrec_reloads 1.0" in text
 
 
@@ -405,7 +430,10 @@ def test_nothing_the_service_writes_holds_a_raw_user_id(api, tmp_path, caplog):
     for path in written:
         assert raw.encode() not in path.read_bytes(), path
     assert raw not in caplog.text and raw not in client.get("/metrics").text
-    assert pseudonymize(raw, TEST_ID_KEY.encode()).encode() in next(p for p in written if p.suffix == ".parquet").read_bytes()
+    assert (
+        pseudonymize(raw, TEST_ID_KEY.encode()).encode()
+        in next(p for p in written if p.suffix == ".parquet").read_bytes()
+    )
 
 
 def test_the_openapi_document_describes_every_endpoint(api):
@@ -545,7 +573,9 @@ def test_an_experiment_arm_sets_the_policy_and_every_event_records_the_arm(publi
     service = make_service(published, tmp_path, experiments_path=toml)
     with id_key(), TestClient(create_app(service)) as client:
         served = recommend(client, k=5)
-        assert served["policy"] == "thompson" and served["experiments"] == [{"experiment": "explore", "arm": "thompson-arm"}]
+        assert served["policy"] == "thompson" and served["experiments"] == [
+            {"experiment": "explore", "arm": "thompson-arm"}
+        ]
         assert recommend(client, k=5, policy="greedy")["policy"] == "greedy"  # the request's own choice wins
         click(client, served, 1)
         (row,) = [r for _, r in service.online.pending_events(10)]

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from adrec_assets.recommender import Recommender
 from adrec_assets.online.api import create_app
 from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.events import read_event_log
 from adrec_assets.online.service import RecommendationService
 from adrec_assets.online.store import RedisStore, SQLiteStore
 from adrec_assets.privacy import pseudonymize
+from adrec_assets.recommender import Recommender
 from adrec_assets.snapshots import SnapshotStore
 from adrec_assets_tests.pipeline_fixtures import TEST_ID_KEY, id_key, materialize_pipeline
 from adrec_assets_tests.redis_server import redis_server
@@ -73,7 +73,9 @@ def test_requests_across_a_rematerialization_never_fail_and_each_names_one_versi
 
         worker = threading.Thread(target=hammer)
         worker.start()
-        (root / SOURCE / "clicks" / "part-001.csv").write_text("user_id,ad_id\nuser-00,ad-5\nuser-01,ad-4\nuser-new,ad-0\n")
+        (root / SOURCE / "clicks" / "part-001.csv").write_text(
+            "user_id,ad_id\nuser-00,ad-5\nuser-01,ad-4\nuser-new,ad-0\n"
+        )
         run()  # a new snapshot is published while requests keep coming
         new = SnapshotStore(base, SOURCE).current_id()
         deadline = time.monotonic() + 30
@@ -85,7 +87,7 @@ def test_requests_across_a_rematerialization_never_fail_and_each_names_one_versi
     assert all(status == 200 for _, status, _ in answers), [a for a in answers if a[1] != 200][:3]
     versions = [body["model_version"] for _, _, body in answers]
     assert set(versions) == {old, new}
-    assert set(versions[versions.index(new):]) == {new}  # once swapped, never back
+    assert set(versions[versions.index(new) :]) == {new}  # once swapped, never back
     # every answer is one version's answer: its ads and scores are what that snapshot computes
     store = SnapshotStore(base, SOURCE)
     reference = {}
@@ -113,23 +115,33 @@ def test_served_clicks_flow_back_and_the_clicking_user_gets_a_trained_vector(sho
              "type": kind, "timestamp": 1_800_000_000.0}
             for item in served["items"] for kind in ("impression", "click") if kind == "impression" or item["position"] < 2
         ]  # fmt: skip
-        assert client.post("/v1/events", json={"events": events}).json() == {"accepted": 6, "duplicates": 0, "clicks": 2}
+        assert client.post("/v1/events", json={"events": events}).json() == {
+            "accepted": 6,
+            "duplicates": 0,
+            "clicks": 2,
+        }
         assert service.flush() == 6
     clicks = pq.read_table(next((root / SOURCE / "clicks").glob("served-*.parquet"))).to_pylist()
     pseudonym = pseudonymize(newcomer, TEST_ID_KEY.encode())
     assert [(c["user_pseudonym"], c["ad_id"]) for c in clicks] == [(pseudonym, i["ad_id"]) for i in served["items"][:2]]
     log = read_event_log(root / SOURCE).to_pylist()
-    assert {e["type"] for e in log} == {"impression", "click"} and all(e["model_version"] == served["model_version"] for e in log)
+    assert {e["type"] for e in log} == {"impression", "click"} and all(
+        e["model_version"] == served["model_version"] for e in log
+    )
     assert all(e["policy"] == "greedy" and e["propensity"] == 1.0 for e in log)
     # the sensor sees the new click file and asks for a run of this source; the run trains the newcomer
     request = tick(instance, root, None)
     assert [r.partition_key for r in request.run_requests] == [SOURCE]
     result = run(request.run_requests[0].partition_key)
-    graph_meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    graph_meta = {
+        e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()
+    }
     assert graph_meta["click_graph"]["n_users_given_as_pseudonyms"].value == 1
     published = SnapshotStore(base, SOURCE)
     posterior = published.load("policy_posterior")  # rebuilt from the log: any replica serves the same one
-    assert (posterior.n_impressions, posterior.n_clicks) == (4, 2) and posterior.space == published.load("served_users").space
+    assert (posterior.n_impressions, posterior.n_clicks) == (4, 2) and posterior.space == published.load(
+        "served_users"
+    ).space
     assert published.load("position_bias").method.startswith("none")  # 2 clicks are too few to estimate theta
     users = published.load("user_embeddings")
     row = users.row_of(pseudonym)

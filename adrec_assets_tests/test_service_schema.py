@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis", reason="schemathesis (the `dev` extra) is not installed: `make setup`")
+schemathesis = pytest.importorskip(
+    "schemathesis", reason="schemathesis (the `dev` extra) is not installed: `make setup`"
+)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
 

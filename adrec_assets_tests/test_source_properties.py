@@ -130,8 +130,18 @@ def jsonl_file(draw: st.DrawFn) -> bytes:
             st.one_of(
                 good.map(json.dumps),
                 record.map(json.dumps),  # ensure_ascii: lone surrogates arrive as escapes
-                st.sampled_from(["", "[1, 2]", "null", "{", '{"ad_id": 1e999, "text": "x"}', '{"ad_id": NaN}',
-                                 '{"ad_id": ' + "1" * 5000 + "}", "[" * 5000]),  # fmt: skip
+                st.sampled_from(
+                    [
+                        "",
+                        "[1, 2]",
+                        "null",
+                        "{",
+                        '{"ad_id": 1e999, "text": "x"}',
+                        '{"ad_id": NaN}',
+                        '{"ad_id": ' + "1" * 5000 + "}",
+                        "[" * 5000,
+                    ]
+                ),  # fmt: skip
                 st.text(max_size=20),
             ),
             max_size=6,
@@ -157,8 +167,9 @@ good_click_rows = st.lists(
 )
 PSEUDONYM_HEADER = ["user_pseudonym", "ad_id", "weight"]
 good_pseudonym_rows = st.lists(
-    st.tuples(st.sampled_from(["0123456789abcdef0123456789abcdef", "f" * 32]), st.sampled_from(AD_POOL), st.just("1"))
-    .map(list),
+    st.tuples(
+        st.sampled_from(["0123456789abcdef0123456789abcdef", "f" * 32]), st.sampled_from(AD_POOL), st.just("1")
+    ).map(list),
     min_size=1,
     max_size=6,
 )

@@ -8,14 +8,6 @@ import numpy as np
 import pytest
 
 from adrec_assets import privacy as pseudonyms
-from adrec_assets.privacy import (
-    InsecureKeyError,
-    InsecureKeyWarning,
-    key_fingerprint,
-    pseudonymize,
-    pseudonymize_many,
-    resolve_key,
-)
 from adrec_assets.ml.types import (
     AdCatalog,
     ArtifactError,
@@ -27,6 +19,14 @@ from adrec_assets.ml.types import (
     UserEmbeddings,
     align_rows,
     check_unit_rows,
+)
+from adrec_assets.privacy import (
+    InsecureKeyError,
+    InsecureKeyWarning,
+    key_fingerprint,
+    pseudonymize,
+    pseudonymize_many,
+    resolve_key,
 )
 
 
@@ -170,8 +170,13 @@ def test_provenance_refuses_an_unknown_training_path():
         lambda: ContentEmbeddings(np.array(["a"]), np.zeros((1, 3), np.float32), "enc", np.array([False, True])),
         lambda: ProjectedAds(np.array(["a"]), np.zeros(3, np.float32), "s", "enc", np.zeros(1)),
         lambda: ProjectedAds(np.array(["a", "b"]), np.zeros((2, 3), np.float32), "s", "enc", np.zeros(3)),
-        lambda: UserEmbeddings(np.array(["a"]), np.zeros((1, 3), np.float32), "s", np.array([True, False]),
-                               TrainingProvenance({}, "fp", "full_retrain")),
+        lambda: UserEmbeddings(
+            np.array(["a"]),
+            np.zeros((1, 3), np.float32),
+            "s",
+            np.array([True, False]),
+            TrainingProvenance({}, "fp", "full_retrain"),
+        ),
     ],
 )
 def test_vector_artifacts_reject_misaligned_fields(make):

@@ -109,7 +109,11 @@ def ui_server(tmp_path_factory) -> Iterator[tuple[DagsterDev, Path, Path]]:
     env = pipeline_env(home, artifacts, sources, ADREC_EXECUTOR="in_process")
     subprocess.run(
         [str(BIN_DIR / "python"), "-m", "adrec_assets.cli", "register", "synthetic"],
-        cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=120,
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     with dagster_dev(env, root / "dagster_dev.log") as server:
         yield server, home, artifacts

@@ -54,7 +54,9 @@ def test_batched_refit_equals_one_user_at_a_time_whatever_the_batch_size():
     must not count as clicks, and the result must not depend on how users are grouped."""
     rng = np.random.default_rng(3)
     n_users, n_ads, d = 40, 30, 6
-    clicks = {u: sorted(rng.choice(n_ads, size=int(rng.integers(0, 25)), replace=False).tolist()) for u in range(n_users)}
+    clicks = {
+        u: sorted(rng.choice(n_ads, size=int(rng.integers(0, 25)), replace=False).tolist()) for u in range(n_users)
+    }
     n_clicks = sum(len(c) for c in clicks.values())
     graph = graph_of(clicks, n_users, n_ads, weights=rng.uniform(0.5, 3.0, size=n_clicks).tolist())
     ads = rng.normal(size=(n_ads, d)).astype(np.float32)
@@ -64,7 +66,10 @@ def test_batched_refit_equals_one_user_at_a_time_whatever_the_batch_size():
     clicked = ads[graph.ad_degrees() > 0].astype(np.float64)
     expected = start.astype(np.float64).copy()
     for u in range(n_users):
-        a, w = graph.indices[graph.indptr[u] : graph.indptr[u + 1]], graph.weights[graph.indptr[u] : graph.indptr[u + 1]]
+        a, w = (
+            graph.indices[graph.indptr[u] : graph.indptr[u + 1]],
+            graph.weights[graph.indptr[u] : graph.indptr[u + 1]],
+        )
         if len(a):
             p = ads[a].astype(np.float64)
             system = clicked.T @ clicked + params.alpha * (p.T * w) @ p + params.regularization * np.eye(d)

@@ -79,8 +79,12 @@ def test_the_evaluation_report_stores_and_combines_the_warm_table():
     def one(seed: int, pipeline: float) -> EvaluationReport:
         report = EvaluationReport(k=20, results={"pipeline": MethodResult(0.2, 0.3, 0.8, 10, 5)}, seeds=[seed],
                                   per_seed={"pipeline": np.array([[0.2, 0.3, 0.8]])})  # fmt: skip
-        report.warm_per_seed = {"ease": np.array([[0.25, 0.3]]), "als": np.array([[0.24, 0.3]]),
-                                "popularity": np.array([[0.1, 0.1]]), WARM_PIPELINE: np.array([[pipeline, 0.35]])}
+        report.warm_per_seed = {
+            "ease": np.array([[0.25, 0.3]]),
+            "als": np.array([[0.24, 0.3]]),
+            "popularity": np.array([[0.1, 0.1]]),
+            WARM_PIPELINE: np.array([[pipeline, 0.35]]),
+        }
         report.warm_settings = json.dumps([{"seed": seed}])
         return report
 

@@ -140,7 +140,9 @@ class World:
             raise ValueError(f"world {self.name!r}: click probabilities must lie in [0, 1]")
         theta = np.asarray(self.theta, dtype=np.float64)
         if theta.ndim != 1 or len(theta) == 0 or theta[0] != 1 or np.any(theta <= 0) or np.any(theta > 1):
-            raise ValueError(f"theta: expected examination probabilities in (0, 1] with theta[0] == 1, got {self.theta}")
+            raise ValueError(
+                f"theta: expected examination probabilities in (0, 1] with theta[0] == 1, got {self.theta}"
+            )
         self.theta = theta
         if any(later.arrival < earlier.arrival for earlier, later in zip(self.new_ads, self.new_ads[1:])):
             raise ValueError(f"world {self.name!r}: new_ads must be sorted by arrival")
@@ -218,7 +220,9 @@ class SimSettings:
         if self.policy not in ALL_POLICIES:
             raise ValueError(f"policy: unknown {self.policy!r}; choose from {list(ALL_POLICIES)}")
         if self.rounds < 1 or self.k < 1 or self.settle_every < 1:
-            raise ValueError(f"rounds, k and settle_every must be >= 1, got {self.rounds}, {self.k}, {self.settle_every}")
+            raise ValueError(
+                f"rounds, k and settle_every must be >= 1, got {self.rounds}, {self.k}, {self.settle_every}"
+            )
         if not 0 <= self.randomized_share <= 1:
             raise ValueError(f"randomized_share must lie in [0, 1], got {self.randomized_share}")
 
@@ -467,12 +471,18 @@ def estimate_theta(
                 print(f"  regression-EM on {result.policy}: {exc}")
                 continue
             scope = "whole log" if len(frame) == len(result.impressions) else f"first {len(frame):,}"
-            out.append(ThetaEstimate("regression_em", f"{result.policy}, {scope}", len(frame), estimate,
-                                     at_target=len(frame) <= limit))
+            out.append(
+                ThetaEstimate(
+                    "regression_em", f"{result.policy}, {scope}", len(frame), estimate, at_target=len(frame) <= limit
+                )
+            )
             if relevance is not None:
                 floor = theta_given_relevance(frame.assign(clicked=frame["clicked"].astype(int)), relevance(frame))
-                out.append(ThetaEstimate("known_relevance", f"{result.policy}, {scope}", len(frame), floor,
-                                         at_target=len(frame) <= limit))
+                out.append(
+                    ThetaEstimate(
+                        "known_relevance", f"{result.policy}, {scope}", len(frame), floor, at_target=len(frame) <= limit
+                    )
+                )
     return out
 
 
@@ -594,7 +604,9 @@ def _read_source(source_dir: Path) -> tuple[Any, Any]:
     source = FileSource(source_dir, source_dir.name)
     catalog = source.read_ads()
     clicks, _ = source.read_clicks(catalog.ad_ids)
-    graph = ClickGraph.from_codes(clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
+    graph = ClickGraph.from_codes(
+        clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights
+    )
     return catalog, graph
 
 
@@ -620,7 +632,9 @@ def _content(catalog: Any, work: Path) -> Any:
     )  # fmt: skip
     content = ContentEmbeddings(catalog.ad_ids, encoded.result.vectors, encoder.encoder_id, encoded.result.has_image)
     write_file(path, content)
-    print(f"encoded {len(catalog.ad_ids)} ads in {time.perf_counter() - began:.0f} s ({encoder.encoder_id})", flush=True)
+    print(
+        f"encoded {len(catalog.ad_ids)} ads in {time.perf_counter() - began:.0f} s ({encoder.encoder_id})", flush=True
+    )
     return content
 
 
@@ -659,6 +673,7 @@ def static_scores(graph: Any, train_keep: np.ndarray, known: np.ndarray, seed: i
     of the graph's clicks): popularity, and implicit ALS (``STATIC_ALS``) whose users without a
     training click fall back to popularity."""
     from adrec_assets.ml.als import AlsParams, fit_als
+
     train = graph.keep_clicks(train_keep)
     popularity = train.ad_degrees().astype(np.float32)
     factors = fit_als(train, AlsParams(**STATIC_ALS, seed=seed, threads=2))
@@ -881,7 +896,14 @@ def synthetic_world(
     from adrec_assets.ml.params import ProjectorParams
     from adrec_assets.ml.refresh import FULL_RETRAIN
     from adrec_assets.ml.training import normalized_mean, project_with_bias
-    from adrec_assets.ml.types import AdCatalog, ContentEmbeddings, GlobalMean, ProjectedAds, TrainingProvenance, UserEmbeddings
+    from adrec_assets.ml.types import (
+        AdCatalog,
+        ContentEmbeddings,
+        GlobalMean,
+        ProjectedAds,
+        TrainingProvenance,
+        UserEmbeddings,
+    )
     from adrec_assets.online.index import AdIndex, IndexedAds
     from adrec_assets.privacy import pseudonymize_many
 
@@ -910,7 +932,9 @@ def synthetic_world(
     if new_ads_anywhere:
         worth_showing = np.arange(n_ads)
     if n_new > len(worth_showing):
-        raise ValueError(f"n_new {n_new}: only {len(worth_showing)} ads are the clear favourite of {new_ad_min_fans} users")
+        raise ValueError(
+            f"n_new {n_new}: only {len(worth_showing)} ads are the clear favourite of {new_ad_min_fans} users"
+        )
     new_columns = np.sort(rng.choice(worth_showing, size=n_new, replace=False))
     in_snapshot = np.setdiff1d(np.arange(n_ads), new_columns)
     user_ids = [f"sim-user-{i:05d}" for i in range(n_users)]
@@ -1015,7 +1039,7 @@ def summarize(results: Sequence[RunResult], theta: np.ndarray, estimates: dict[i
         lines.append(
             f"| {policy} | {_fmt_spread([r.cumulative_regret for r in runs])} | "
             f"{_fmt_spread(ratio, 3) if ratio else '–'} | "
-            f"{_fmt_spread([r.regret[-max(1, r.rounds // 10):].mean() for r in runs], 3)} | "
+            f"{_fmt_spread([r.regret[-max(1, r.rounds // 10) :].mean() for r in runs], 3)} | "
             f"{_fmt_spread([100 * r.clicks / r.n_impressions for r in runs], 2)}% | "
             f"{_fmt_spread([r.expected_clicks / r.best_expected_clicks for r in runs], 3)} | "
             f"{_fmt_spread([100 * r.new_ad_impressions / r.n_impressions for r in runs], 2)}% | "
@@ -1031,8 +1055,10 @@ def summarize(results: Sequence[RunResult], theta: np.ndarray, estimates: dict[i
                                  f"(ratio {c.ratio:.3f}), with a best intercept per ad {c.per_ad:.3f} "
                                  f"(ratio {c.per_ad / c.greedy:.3f}), each user's best own vector {c.per_user:.3f} "
                                  f"(ratio {c.per_user / c.greedy:.3f})" for s, c in sorted(ceilings.items())))  # fmt: skip
-    lines.append(f"\n| run | new ads | shown | shown within {window:,} rounds | a best slate held it within "
-                 f"{window:,} | of those, shown within {window:,} | rounds to first impression: median / p90 / max |")
+    lines.append(
+        f"\n| run | new ads | shown | shown within {window:,} rounds | a best slate held it within "
+        f"{window:,} | of those, shown within {window:,} | rounds to first impression: median / p90 / max |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---|")
     for r in results:
         if not len(r.first_shown) or r.policy == ORACLE:
@@ -1130,7 +1156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=100_000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--policies", nargs="+", default=[*SERVICE_POLICIES, *STATIC_POLICIES], choices=ALL_POLICIES)
-    parser.add_argument("--truth", choices=["ease", "als"], default="ease", help="the truth's model class (fitted on all clicks)")
+    parser.add_argument(
+        "--truth", choices=["ease", "als"], default="ease", help="the truth's model class (fitted on all clicks)"
+    )
     parser.add_argument("--new-user-share", type=float, default=0.2, help="share of users whose clicks leave training")
     parser.add_argument("--new-ads", type=int, default=200, help="held-out ads that arrive during the run")
     parser.add_argument("--unseen-share", type=float, default=0.2, help="share of ads without training clicks")
@@ -1139,10 +1167,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--best-ctr", type=float, default=0.05, help="mean P(click|examined) of users' best 5 ads")
     parser.add_argument("--mean-ctr", type=float, default=0.005, help="mean P(click|examined) over all pairs")
     parser.add_argument("--randomized-share", type=float, default=0.05, help="service: share of slates permuted")
-    parser.add_argument("--fresh-prior-sd", type=float, default=DEFAULT_FRESH_PRIOR_SD,
-                        help="service: prior sd of a fresh ad's logit offset under thompson (0: none)")
-    parser.add_argument("--fresh-scope", choices=["live", "untrained"], default="live",
-                        help="service: fresh ads are the live-added ones, or also the snapshot's click-less ads")
+    parser.add_argument(
+        "--fresh-prior-sd",
+        type=float,
+        default=DEFAULT_FRESH_PRIOR_SD,
+        help="service: prior sd of a fresh ad's logit offset under thompson (0: none)",
+    )
+    parser.add_argument(
+        "--fresh-scope",
+        choices=["live", "untrained"],
+        default="live",
+        help="service: fresh ads are the live-added ones, or also the snapshot's click-less ads",
+    )
     parser.add_argument("--settle-every", type=int, default=500, help="rounds between settle() calls")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--figure", type=Path, default=Path("benchmarks/figures/bandit_regret.png"))
@@ -1155,8 +1191,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        parser.error(f"--work {args.work}: another bandit_sim run is using it (both would write their event logs "
-                     "into the same run folders and mix them); wait for it, or pass another --work")
+        parser.error(
+            f"--work {args.work}: another bandit_sim run is using it (both would write their event logs "
+            "into the same run folders and mix them); wait for it, or pass another --work"
+        )
 
     wall = time.perf_counter()
     worlds = {}
@@ -1186,7 +1224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = [_run_job(job) for job in jobs]
     theta = np.asarray(args.theta[:5])
     estimates = {
-        seed: estimate_theta([r for r in results if r.seed == seed], true_relevance(worlds[seed])) for seed in args.seeds
+        seed: estimate_theta([r for r in results if r.seed == seed], true_relevance(worlds[seed]))
+        for seed in args.seeds
     }
     ceilings = {seed: model_class_ceiling(worlds[seed]) for seed in args.seeds}
     print()

@@ -60,7 +60,11 @@ def overrides(pairs: list[str], cls: type) -> dict:
         key, _, value = pair.partition("=")
         if key not in types:
             raise SystemExit(f"unknown {cls.__name__} field {key!r}; choose from {sorted(types)}")
-        out[key] = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[str(types[key])](value) if str(types[key]) != "str" else value
+        out[key] = (
+            {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}[str(types[key])](value)
+            if str(types[key]) != "str"
+            else value
+        )
     return out
 
 
@@ -103,11 +107,21 @@ def run_refresh_seed(job: tuple) -> dict:
     if threads:
         torch.set_num_threads(threads)
     is_new = np.random.default_rng([params.seed, 7]).random(graph.n_clicks) < share
-    result = compare_refresh(graph, is_new, content, user_params, projector_params, params, refresh_epochs, fields=fields)
-    print(f"seed {params.seed}: {result.n_new_clicks} new clicks ({share:.1%})\n{result.markdown(params.k)}\n", flush=True)
-    return {"seed": params.seed, "full": asdict(result.full), "refreshed": asdict(result.refreshed),
-            "stale": asdict(result.stale), "full_seconds": result.full_seconds,
-            "refresh_seconds": result.refresh_seconds, "n_new_clicks": result.n_new_clicks}
+    result = compare_refresh(
+        graph, is_new, content, user_params, projector_params, params, refresh_epochs, fields=fields
+    )
+    print(
+        f"seed {params.seed}: {result.n_new_clicks} new clicks ({share:.1%})\n{result.markdown(params.k)}\n", flush=True
+    )
+    return {
+        "seed": params.seed,
+        "full": asdict(result.full),
+        "refreshed": asdict(result.refreshed),
+        "stale": asdict(result.stale),
+        "full_seconds": result.full_seconds,
+        "refresh_seconds": result.refresh_seconds,
+        "n_new_clicks": result.n_new_clicks,
+    }
 
 
 def main() -> None:
@@ -137,7 +151,9 @@ def main() -> None:
     source = FileSource(args.source, args.source.name)
     catalog = source.read_ads()
     clicks, _ = source.read_clicks(catalog.ad_ids)
-    graph = ClickGraph.from_codes(clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
+    graph = ClickGraph.from_codes(
+        clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights
+    )
     content, fields, encoder_id, encode_seconds = load_content(args, graph, catalog)
     user_overrides = overrides(args.user, UserTrainingParams)
     projector_overrides = overrides(args.projector, ProjectorParams)
@@ -161,11 +177,15 @@ def main() -> None:
         full = np.array([r["full"]["recall"] for r in rows])
         refreshed = np.array([r["refreshed"]["recall"] for r in rows])
         stale = np.array([r["stale"]["recall"] for r in rows])
-        print(f"Recall@{args.k} over seeds {args.seeds}: full retrain {full.mean():.4f} ± {full.std():.4f}, "
-              f"warm refresh {refreshed.mean():.4f} ± {refreshed.std():.4f}, stale {stale.mean():.4f}")
-        print(f"refresh / full: {(refreshed / full).mean():.4f} (per seed {np.round(refreshed / full, 4).tolist()}); "
-              f"training s full {np.mean([r['full_seconds'] for r in rows]):.1f}, "
-              f"refresh {np.mean([r['refresh_seconds'] for r in rows]):.1f}; refresh epochs {args.refresh_epochs}")
+        print(
+            f"Recall@{args.k} over seeds {args.seeds}: full retrain {full.mean():.4f} ± {full.std():.4f}, "
+            f"warm refresh {refreshed.mean():.4f} ± {refreshed.std():.4f}, stale {stale.mean():.4f}"
+        )
+        print(
+            f"refresh / full: {(refreshed / full).mean():.4f} (per seed {np.round(refreshed / full, 4).tolist()}); "
+            f"training s full {np.mean([r['full_seconds'] for r in rows]):.1f}, "
+            f"refresh {np.mean([r['refresh_seconds'] for r in rows]):.1f}; refresh epochs {args.refresh_epochs}"
+        )
         print(f"wall time {time.perf_counter() - wall:.1f} s")
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
@@ -192,18 +212,27 @@ def main() -> None:
         print(f"| {METHOD_LABELS[name]} | " + " | ".join(cells) + f" | {', '.join(f'{v:.4f}' for v in values[:, 0])} |")
     ratio, per_seed_ratio = combined.headline()
     als_name = combined.als_baseline()[0]
-    print(f"\n**pipeline / {als_name} Recall@{k}: {ratio:.3f}** (ratio of the means; per seed "
-          f"{np.round(per_seed_ratio, 3).tolist()}, min {per_seed_ratio.min():.3f}, spread ± {per_seed_ratio.std():.3f}); "
-          f"NDCG@{k} {combined.results[PIPELINE].ndcg:.4f} vs {combined.results[als_name].ndcg:.4f}")
+    print(
+        f"\n**pipeline / {als_name} Recall@{k}: {ratio:.3f}** (ratio of the means; per seed "
+        f"{np.round(per_seed_ratio, 3).tolist()}, min {per_seed_ratio.min():.3f}, spread ± {per_seed_ratio.std():.3f}); "
+        f"NDCG@{k} {combined.results[PIPELINE].ndcg:.4f} vs {combined.results[als_name].ndcg:.4f}"
+    )
     ratios = np.array([r.results[PIPELINE].recall / r.best_baseline()[1] for r in per_seed])
-    print(f"pipeline / best of (content-kNN, ridge into user space) Recall@{k}: {ratios.mean():.3f} "
-          f"(per seed {np.round(ratios, 3).tolist()})")
+    print(
+        f"pipeline / best of (content-kNN, ridge into user space) Recall@{k}: {ratios.mean():.3f} "
+        f"(per seed {np.round(ratios, 3).tolist()})"
+    )
     print(f"user params {asdict(UserTrainingParams(**user_overrides))}")
     print(f"projector params {asdict(ProjectorParams(**projector_overrides))}")
     print(f"wall time {time.perf_counter() - wall:.1f} s (encoding {encode_seconds:.1f} s, "
           f"per seed {np.mean([r.seconds for r in per_seed]):.1f} s)")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps([json.loads(r.settings) | {"results": {n: asdict(m) for n, m in r.results.items()}} for r in per_seed], indent=1))
+        args.json.write_text(
+            json.dumps(
+                [json.loads(r.settings) | {"results": {n: asdict(m) for n, m in r.results.items()}} for r in per_seed],
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -259,8 +259,13 @@ def bench_offline(args: argparse.Namespace, device: torch.device, texts: list[st
         for start in range(0, n, args.batch_size):
             rows_ = order[start : start + args.batch_size]
             token_batches.append(
-                enc.tokenizer([texts[i] for i in rows_], padding=True, truncation=True,
-                              max_length=enc.max_tokens, return_tensors="pt")
+                enc.tokenizer(
+                    [texts[i] for i in rows_],
+                    padding=True,
+                    truncation=True,
+                    max_length=enc.max_tokens,
+                    return_tensors="pt",
+                )
             )
     with torch.inference_mode():
         with timer("text: host->device"):
@@ -270,8 +275,10 @@ def bench_offline(args: argparse.Namespace, device: torch.device, texts: list[st
                 enc.text_model(**b)
         # FLOPs of one (median-length) batch, scaled by tokens: text cost is ~linear in tokens.
         mid = token_batches[len(token_batches) // 2]
-        text_flops_total = count_flops(lambda: enc.text_model(**mid)) / mid["input_ids"].numel() * sum(
-            b["input_ids"].numel() for b in token_batches
+        text_flops_total = (
+            count_flops(lambda: enc.text_model(**mid))
+            / mid["input_ids"].numel()
+            * sum(b["input_ids"].numel() for b in token_batches)
         )
         loaded = [im for im in images if im is not None]
         pixel_batches = []
@@ -296,20 +303,30 @@ def bench_offline(args: argparse.Namespace, device: torch.device, texts: list[st
     peak, peak_src = peak_tflops(device, torch.float32, args.peak_tflops)
 
     runs = lambda r: ", ".join(f"{x:.2f}" for x in r)  # noqa: E731
-    print(f"  encode() as shipped:         {n / e2e:8.1f} ads/s {n_img / e2e:8.1f} images/s  "
-          f"(median of {args.repeat}: {e2e:.2f} s for {n} ads; runs {runs(runs_shipped)} s)")
-    print(f"  parallel decode, overlapped: {n / e2e_par:8.1f} ads/s {n_img / e2e_par:8.1f} images/s  "
-          f"(median {e2e_par:.2f} s; runs {runs(runs_parallel)} s)")
+    print(
+        f"  encode() as shipped:         {n / e2e:8.1f} ads/s {n_img / e2e:8.1f} images/s  "
+        f"(median of {args.repeat}: {e2e:.2f} s for {n} ads; runs {runs(runs_shipped)} s)"
+    )
+    print(
+        f"  parallel decode, overlapped: {n / e2e_par:8.1f} ads/s {n_img / e2e_par:8.1f} images/s  "
+        f"(median {e2e_par:.2f} s; runs {runs(runs_parallel)} s)"
+    )
     print("  breakdown (each stage run alone, seconds for all ads):")
     for name, sec in timer.seconds.items():
         if not name.startswith("e2e"):
             print(f"    {name:<34} {sec:8.3f} s")
-    print(f"  model FLOPs: text {text_flops_total / n / 1e9:.2f} GFLOP/ad, "
-          f"image {image_flops_per_image / 1e9:.2f} GFLOP/image (FlopCounterMode, one batch)")
+    print(
+        f"  model FLOPs: text {text_flops_total / n / 1e9:.2f} GFLOP/ad, "
+        f"image {image_flops_per_image / 1e9:.2f} GFLOP/image (FlopCounterMode, one batch)"
+    )
     print(f"  achieved {achieved:.3f} TFLOP/s in the models (fp32); MFU {fmt_mfu(achieved, peak)} TFLOP/s ({peak_src})")
     return {
-        "ads_s": n / e2e, "images_s": n_img / e2e, "ads_s_parallel": n / e2e_par,
-        "images_s_parallel": n_img / e2e_par, "tflops": achieved, "peak": peak,
+        "ads_s": n / e2e,
+        "images_s": n_img / e2e,
+        "ads_s_parallel": n / e2e_par,
+        "images_s_parallel": n_img / e2e_par,
+        "tflops": achieved,
+        "peak": peak,
         "breakdown": {k: v for k, v in timer.seconds.items() if not k.startswith("e2e")},
     }
 
@@ -317,9 +334,18 @@ def bench_offline(args: argparse.Namespace, device: torch.device, texts: list[st
 # --- STAND-IN for Jina CLIP v2 (random weights) ---------------------------------------------
 
 
-def _run_tower(name: str, model: torch.nn.Module, make_batch: Callable[[int], object], call: Callable,
-               n: int, batch: int, device: torch.device, dtype: torch.dtype, args: argparse.Namespace,
-               unit: str) -> dict:
+def _run_tower(
+    name: str,
+    model: torch.nn.Module,
+    make_batch: Callable[[int], object],
+    call: Callable,
+    n: int,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
+    unit: str,
+) -> dict:
     if args.compile:
         model = torch.compile(model)
     with torch.inference_mode():
@@ -337,8 +363,10 @@ def _run_tower(name: str, model: torch.nn.Module, make_batch: Callable[[int], ob
     rate = n / seconds
     tflops = flops_item * n / seconds / 1e12
     peak, peak_src = peak_tflops(device, dtype, args.peak_tflops)
-    print(f"  STAND-IN {name}: {rate:8.2f} {unit}/s  {flops_item / 1e9:8.1f} GFLOP/{unit[:-1]}  "
-          f"{tflops:.3f} TFLOP/s  MFU {fmt_mfu(tflops, peak)} ({peak_src}); n={n}, batch={batch}, {dtype}")
+    print(
+        f"  STAND-IN {name}: {rate:8.2f} {unit}/s  {flops_item / 1e9:8.1f} GFLOP/{unit[:-1]}  "
+        f"{tflops:.3f} TFLOP/s  MFU {fmt_mfu(tflops, peak)} ({peak_src}); n={n}, batch={batch}, {dtype}"
+    )
     return {"rate": rate, "tflops": tflops, "peak": peak, "n": n, "batch": batch}
 
 
@@ -365,25 +393,47 @@ def bench_standin(args: argparse.Namespace, device: torch.device) -> dict:
             params = sum(p.numel() for p in model.parameters()) / 1e6
             print(f"  STAND-IN image tower: timm {arch}, img_size=512, random weights, {params:.0f} M params")
             out["image"] = _run_tower(
-                "image tower (EVA02-L/14 @ 512)", model,
+                "image tower (EVA02-L/14 @ 512)",
+                model,
                 lambda b: torch.randn(b, 3, 512, 512, device=device, dtype=dtype),
-                lambda m, x: m(x), n_img, b_img, device, dtype, args, "images",
+                lambda m, x: m(x),
+                n_img,
+                b_img,
+                device,
+                dtype,
+                args,
+                "images",
             )
             del model
 
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    config = XLMRobertaConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                              intermediate_size=4096, max_position_embeddings=514)
+    config = XLMRobertaConfig(
+        vocab_size=250002,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=514,
+    )
     model = XLMRobertaModel(config, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"  STAND-IN text tower: XLM-RoBERTa-large shape (24 x 1024, 16 heads), random weights, "
-          f"{params:.0f} M params, 128 tokens")
+    print(
+        f"  STAND-IN text tower: XLM-RoBERTa-large shape (24 x 1024, 16 heads), random weights, "
+        f"{params:.0f} M params, 128 tokens"
+    )
     gen = torch.Generator().manual_seed(0)
     out["text"] = _run_tower(
-        "text tower (XLM-R-large @ 128 tok)", model,
+        "text tower (XLM-R-large @ 128 tok)",
+        model,
         lambda b: torch.randint(5, 250000, (b, 128), generator=gen).to(device),
-        lambda m, ids: m(input_ids=ids).last_hidden_state.mean(1), n_txt, b_txt, device, dtype, args, "texts",
+        lambda m, ids: m(input_ids=ids).last_hidden_state.mean(1),
+        n_txt,
+        b_txt,
+        device,
+        dtype,
+        args,
+        "texts",
     )
     return out
 
@@ -415,8 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     if "cuda" in devices and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device visible to torch {torch.__version__}", file=sys.stderr)
         return 2
-    print(f"encode_throughput  {dt.datetime.now().isoformat(timespec='seconds')}  torch {torch.__version__}  "
-          f"python {platform.python_version()}")
+    print(
+        f"encode_throughput  {dt.datetime.now().isoformat(timespec='seconds')}  torch {torch.__version__}  "
+        f"python {platform.python_version()}"
+    )
     print(f"command: {' '.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}")
     print(TARGETS)
     if "cuda" not in devices or not torch.cuda.is_available():
@@ -429,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             texts, paths = make_dataset(Path(tmp) / name, n, args.image_size)
             print(f"\n[{name}] {device_name(device)}")
-            print(f"  {n} ads, {n} images ({args.image_size}x{args.image_size}, JPEG/PNG) generated in "
-                  f"{time.perf_counter() - t0:.1f} s; batch {args.batch_size}")
+            print(
+                f"  {n} ads, {n} images ({args.image_size}x{args.image_size}, JPEG/PNG) generated in "
+                f"{time.perf_counter() - t0:.1f} s; batch {args.batch_size}"
+            )
             print("offline encoder (all-MiniLM-L6-v2 + EfficientNet-Lite0, real weights, fp32):")
             bench_offline(args, device, texts, paths)
             if not args.skip_standin:

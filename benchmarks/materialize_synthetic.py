@@ -47,11 +47,30 @@ def run_once() -> tuple[float, dict[str, float]]:
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
         }
-        subprocess.run([sys.executable, "-m", "adrec_assets.cli", "register", "synthetic"], env=env, cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "adrec_assets.cli", "register", "synthetic"],
+            env=env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         started = time.perf_counter()
         proc = subprocess.run(
-            [str(BIN / "dagster"), "asset", "materialize", "-m", "adrec_assets.definitions", "--select", "group:adrec", "--partition", "synthetic"],
-            env=env, cwd=REPO, capture_output=True, text=True,
+            [
+                str(BIN / "dagster"),
+                "asset",
+                "materialize",
+                "-m",
+                "adrec_assets.definitions",
+                "--select",
+                "group:adrec",
+                "--partition",
+                "synthetic",
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
         )
         wall = time.perf_counter() - started
         if proc.returncode != 0:
@@ -68,7 +87,9 @@ def main() -> None:
         wall, per_step = run_once()
         walls.append(wall)
         steps.append(per_step)
-        print(f"run {i + 1}: {wall:.1f} s wall for `dagster asset materialize --select 'group:adrec' --partition synthetic`")
+        print(
+            f"run {i + 1}: {wall:.1f} s wall for `dagster asset materialize --select 'group:adrec' --partition synthetic`"
+        )
     print(f"\ncores: {os.cpu_count()}; runs: {args.repeat}")
     print(f"{'step':40s} {'median s':>9s}")
     for key in sorted(steps[0], key=lambda k: -statistics.median(s.get(k, 0) for s in steps)):

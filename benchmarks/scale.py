@@ -36,16 +36,59 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from adrec_assets.snapshots import OFFLINE_ARTIFACTS as PIPELINE  # noqa: E402
+
 N_TOPICS = 50
 TOPICS = [
-    "running shoes", "trail gear", "yoga mats", "road bikes", "camping tents", "fishing rods", "golf clubs",
-    "ski jackets", "swimwear", "fitness trackers", "espresso machines", "cookware", "baking tools",
-    "meal kits", "craft beer", "fine wine", "tea sets", "vegan snacks", "pet food", "dog toys",
-    "cat trees", "aquariums", "garden tools", "house plants", "power drills", "smart lights",
-    "sofas", "mattresses", "desk chairs", "monitors", "laptops", "gaming consoles", "board games",
-    "headphones", "cameras", "drones", "kids books", "toys for toddlers", "strollers", "skincare",
-    "perfume", "watches", "sneakers", "handbags", "city breaks", "beach resorts", "car insurance",
-    "savings accounts", "language courses", "concert tickets",
+    "running shoes",
+    "trail gear",
+    "yoga mats",
+    "road bikes",
+    "camping tents",
+    "fishing rods",
+    "golf clubs",
+    "ski jackets",
+    "swimwear",
+    "fitness trackers",
+    "espresso machines",
+    "cookware",
+    "baking tools",
+    "meal kits",
+    "craft beer",
+    "fine wine",
+    "tea sets",
+    "vegan snacks",
+    "pet food",
+    "dog toys",
+    "cat trees",
+    "aquariums",
+    "garden tools",
+    "house plants",
+    "power drills",
+    "smart lights",
+    "sofas",
+    "mattresses",
+    "desk chairs",
+    "monitors",
+    "laptops",
+    "gaming consoles",
+    "board games",
+    "headphones",
+    "cameras",
+    "drones",
+    "kids books",
+    "toys for toddlers",
+    "strollers",
+    "skincare",
+    "perfume",
+    "watches",
+    "sneakers",
+    "handbags",
+    "city breaks",
+    "beach resorts",
+    "car insurance",
+    "savings accounts",
+    "language courses",
+    "concert tickets",
 ]
 ADJECTIVES = ["premium", "budget", "eco", "compact", "pro", "classic", "smart", "handmade", "lightweight", "family"]
 HOOKS = ["sale", "new arrivals", "free delivery", "bundle deal", "limited offer", "top rated", "clearance"]
@@ -69,7 +112,11 @@ def ad_texts(n_ads: int) -> list[str]:
 
 
 def draw_clicks(
-    n_users: int, clicks_per_user: float, n_ads: int, rng: np.random.Generator, user_offset: int = 0,
+    n_users: int,
+    clicks_per_user: float,
+    n_ads: int,
+    rng: np.random.Generator,
+    user_offset: int = 0,
     user_topics: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(user index, ad index) per click. Each user has a topic; 80% of clicks go to ads of
@@ -131,7 +178,9 @@ def generate_source(folder: Path, n_users: int, clicks_per_user: float, n_ads: i
     users, ads = draw_clicks(n_users, clicks_per_user, n_ads, rng)
     chunk = 2_000_000
     for part, begin in enumerate(range(0, len(users), chunk)):
-        write_clicks(folder / "clicks" / f"part-{part:03d}.parquet", users[begin : begin + chunk], ads[begin : begin + chunk])
+        write_clicks(
+            folder / "clicks" / f"part-{part:03d}.parquet", users[begin : begin + chunk], ads[begin : begin + chunk]
+        )
     info = {"base": stamp, "n_clicks": len(users), "generate_seconds": round(time.perf_counter() - started, 1)}
     stamp_file.write_text(json.dumps(info))
     return info
@@ -201,12 +250,18 @@ def worker_als(graph_path: str, threads: int) -> dict:
     started = time.perf_counter()
     fit_als(graph, AlsParams(factors=64, iterations=15, seed=0, threads=threads))
     wall = time.perf_counter() - started
-    return {"asset": "ALS reference (implicit, 64 f, 15 it)", "wall_s": wall, "peak_rss_gib": peak_rss_gib(),
-            "meta": {"n_users": graph.n_users, "n_clicks": graph.n_clicks}}
+    return {
+        "asset": "ALS reference (implicit, 64 f, 15 it)",
+        "wall_s": wall,
+        "peak_rss_gib": peak_rss_gib(),
+        "meta": {"n_users": graph.n_users, "n_clicks": graph.n_clicks},
+    }
 
 
 def run_worker(args: list[str], env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, cwd=REPO, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], env=env, capture_output=True, text=True, cwd=REPO, check=False
+    )
     if proc.returncode != 0:
         sys.exit(f"worker {args[:3]} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -275,7 +330,9 @@ def main() -> None:
     parser.add_argument("--no-als", action="store_true")
     parser.add_argument("--refresh", type=float, default=0.0, help="share of new clicks to append, then refresh")
     parser.add_argument(
-        "--refresh-full-retrain", action="store_true", help="after the refresh, also time a full retrain on the same clicks"
+        "--refresh-full-retrain",
+        action="store_true",
+        help="after the refresh, also time a full retrain on the same clicks",
     )
     parser.add_argument("--json", type=Path, help="also write all figures here")
     args = parser.parse_args()
@@ -303,8 +360,9 @@ def main() -> None:
         "OMP_NUM_THREADS": str(args.threads),
         "ADREC_ID_KEY": os.environ.get("ADREC_ID_KEY", "scale-benchmark-key"),
     }
-    subprocess.run([sys.executable, "-m", "adrec_assets.cli", "register", name], env=env, cwd=REPO, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "adrec_assets.cli", "register", name], env=env, cwd=REPO, check=True, capture_output=True
+    )
     run_config = {"ops": {}}
     if args.user:
         run_config["ops"]["user_embeddings"] = {"config": parse_overrides(args.user)}
@@ -318,7 +376,10 @@ def main() -> None:
             for op, values in (extra or {}).items():
                 config["ops"].setdefault(op, {"config": {}})["config"].update(values)
             row = run_worker(["_worker", "materialize", asset, name, json.dumps(config)], env)
-            print(f"  {asset}: {row['wall_s']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB  {throughput(row)}", flush=True)
+            print(
+                f"  {asset}: {row['wall_s']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB  {throughput(row)}",
+                flush=True,
+            )
             rows.append(row)
         return rows
 
@@ -338,9 +399,14 @@ def main() -> None:
         print(f"\nappended {n_new:,} new clicks ({args.refresh:.1%}); refreshing (warm start) ...", flush=True)
         warm = pipeline()
         print_table("refresh: default path (warm start, cached encodings)", warm)
-        total = lambda rows: sum(r["wall_s"] for r in rows if r["asset"] in PIPELINE)
-        print(f"\nrefresh vs first full materialization (all seven steps, encoding included): "
-              f"{total(full):.1f} s -> {total(warm):.1f} s = {total(full) / total(warm):.1f}x faster")
+
+        def total(rows: list[dict]) -> float:
+            return sum(r["wall_s"] for r in rows if r["asset"] in PIPELINE)
+
+        print(
+            f"\nrefresh vs first full materialization (all seven steps, encoding included): "
+            f"{total(full):.1f} s -> {total(warm):.1f} s = {total(full) / total(warm):.1f}x faster"
+        )
         report.update(refresh_warm=warm, n_new_clicks=n_new)
         if args.refresh_full_retrain:
             print("full retrain on the same clicks (warm_start=false) ...", flush=True)

@@ -91,7 +91,9 @@ def centres(seed: int) -> np.ndarray:
     return unit_rows(np.random.default_rng([seed, 1]).standard_normal((N_CLUSTERS, DIM)))
 
 
-def around(centre_rows: np.ndarray, n: int, spread: float, rng: np.random.Generator, chunk: int = 200_000) -> np.ndarray:
+def around(
+    centre_rows: np.ndarray, n: int, spread: float, rng: np.random.Generator, chunk: int = 200_000
+) -> np.ndarray:
     """``n`` unit vectors, each near a random cluster centre (noise of norm ~``spread``)."""
     out = np.empty((n, DIM), dtype=np.float32)
     for start in range(0, n, chunk):
@@ -145,7 +147,14 @@ def build_snapshots(work: Path, n_ads: int, args: argparse.Namespace) -> dict[st
 
     from adrec_assets.ml.encoders.offline import OfflineEncoder
     from adrec_assets.ml.models import Projector, TrainedProjector
-    from adrec_assets.ml.types import FULL_RETRAIN, AdCatalog, GlobalMean, TrainingProvenance, UserEmbeddings, vectors_fingerprint
+    from adrec_assets.ml.types import (
+        FULL_RETRAIN,
+        AdCatalog,
+        GlobalMean,
+        TrainingProvenance,
+        UserEmbeddings,
+        vectors_fingerprint,
+    )
     from adrec_assets.online.index import AdIndex, IndexedAds, recall_at_k
     from adrec_assets.privacy import key_fingerprint, pseudonymize
     from adrec_assets.snapshots import SnapshotStore, check_consistency
@@ -162,7 +171,11 @@ def build_snapshots(work: Path, n_ads: int, args: argparse.Namespace) -> dict[st
         source = source_name(n_ads, kind)
         stamp_path = artifacts / source / "bench.json"
         stamp = json.loads(stamp_path.read_text()) if stamp_path.exists() else {}
-        if stamp.get("data") == wanted and stamp.get("params") == params and SnapshotStore(artifacts, source).current_id():
+        if (
+            stamp.get("data") == wanted
+            and stamp.get("params") == params
+            and SnapshotStore(artifacts, source).current_id()
+        ):
             out[kind] = Built(source, kind, n_ads, stamp["build_seconds"], stamp["index_bytes"], params)
         else:
             todo.append((kind, params))
@@ -178,10 +191,14 @@ def build_snapshots(work: Path, n_ads: int, args: argparse.Namespace) -> dict[st
                            np.zeros(len(pseudonyms), dtype=bool),
                            TrainingProvenance({}, "serve-latency-benchmark", FULL_RETRAIN))  # fmt: skip
     mean = user_vectors.astype(np.float64).mean(axis=0)
-    prior = GlobalMean((mean / np.linalg.norm(mean)).astype(np.float32), len(pseudonyms), float(np.linalg.norm(mean)), users.space)
+    prior = GlobalMean(
+        (mean / np.linalg.norm(mean)).astype(np.float32), len(pseudonyms), float(np.linalg.norm(mean)), users.space
+    )
     catalog = AdCatalog(np.asarray(ad_ids), np.asarray([ad_text(i) for i in range(n_ads)]), np.full(n_ads, ""), "")
     torch.manual_seed(args.seed)
-    projector = TrainedProjector.trained(Projector(768, DIM), encoder_id, users.space, "serve-latency-benchmark", FULL_RETRAIN)
+    projector = TrainedProjector.trained(
+        Projector(768, DIM), encoder_id, users.space, "serve-latency-benchmark", FULL_RETRAIN
+    )
     sample = user_vectors[np.random.default_rng([args.seed, 4]).choice(len(user_vectors), 200, replace=False)]
     queries = np.concatenate([sample, np.ones((len(sample), 1), np.float32)], axis=1)
     previous_threads = faiss.omp_get_max_threads()
@@ -203,7 +220,9 @@ def build_snapshots(work: Path, n_ads: int, args: argparse.Namespace) -> dict[st
             del index
 
             def validate(load: Any, assets: list[str]) -> dict[str, str]:
-                info = check_consistency(load, assets, ("raw_ads", "served_users", "global_mean", "projector", "ad_index"))
+                info = check_consistency(
+                    load, assets, ("raw_ads", "served_users", "global_mean", "projector", "ad_index")
+                )
                 return {**info, "encoder_id": encoder_id, "key_fingerprint": key_fingerprint(key)}
 
             snapshot = store.publish(run_id, validate)
@@ -274,7 +293,9 @@ class Server:
                     if self.workers == 1 or self._all_workers_ready():
                         return time.perf_counter() - self.started, health
             time.sleep(0.25)
-        raise RuntimeError(f"server for {self.source} not ready after {timeout:.0f} s (last health {health}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"server for {self.source} not ready after {timeout:.0f} s (last health {health}):\n{self.log_tail()}"
+        )
 
     def _all_workers_ready(self, answers: int = 40) -> bool:
         """Several workers share the port and the kernel spreads new connections over them:
@@ -565,12 +586,16 @@ def exact_reference(n_ads: int, args: argparse.Namespace) -> ExactReference:
     _, ad_vectors, ad_bias = make_ads(n_ads, args.seed)
     rows = np.concatenate([ad_vectors, ad_bias[:, None]], axis=1)
     del ad_vectors
-    pick = np.random.default_rng([args.seed, 6]).choice(len(raw_users), min(args.recall_users, len(raw_users)), replace=False)
+    pick = np.random.default_rng([args.seed, 6]).choice(
+        len(raw_users), min(args.recall_users, len(raw_users)), replace=False
+    )
     mean = user_vectors.astype(np.float64).mean(axis=0)
     vectors = np.vstack([user_vectors[pick], (mean / np.linalg.norm(mean)).astype(np.float32)])
     queries = np.concatenate([vectors, np.ones((len(vectors), 1), np.float32)], axis=1)
     scores, _ = exact_top_k(rows, queries, 10)
-    return ExactReference([raw_users[p] for p in pick] + ["never-seen-user"], queries, scores[:, 9].astype(np.float64), rows)
+    return ExactReference(
+        [raw_users[p] for p in pick] + ["never-seen-user"], queries, scores[:, 9].astype(np.float64), rows
+    )
 
 
 def service_recall(server: Server, ref: ExactReference) -> tuple[float, float]:
@@ -578,7 +603,9 @@ def service_recall(server: Server, ref: ExactReference) -> tuple[float, float]:
     paths = [f"/v1/recommendations?user_id={urllib.parse.quote(u)}&k=10" for u in ref.raw_users]
     phase = drive(server, paths, 1, len(paths), 600.0, keep_bodies=True)
     if phase.errors or len(phase.bodies) != len(paths):
-        raise RuntimeError(f"recall requests failed: {phase.errors} errors, {len(phase.bodies)} of {len(paths)} answered")
+        raise RuntimeError(
+            f"recall requests failed: {phase.errors} errors, {len(phase.bodies)} of {len(paths)} answered"
+        )
     hits = []
     for i, body in phase.bodies:
         answer = json.loads(body)
@@ -660,7 +687,9 @@ class Result:
     policy_in_process: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def measure(work: Path, built: Built, backend: str, ref: ExactReference, result: Result, args: argparse.Namespace) -> None:
+def measure(
+    work: Path, built: Built, backend: str, ref: ExactReference, result: Result, args: argparse.Namespace
+) -> None:
     label = f"{size_label(built.n_ads)} {backend}"
     with running(work, built.source, backend, args.log_level, args.store_dir, args.workers, args.store_url) as server:
         result.start_s, health = server.wait_ready(args.start_timeout)
@@ -670,7 +699,9 @@ def measure(work: Path, built: Built, backend: str, ref: ExactReference, result:
         raw_users = user_ids(args.users)
         warm = recommendation_paths(raw_users, args.warmup, args.seed, "warm")
         drive(server, warm, args.clients, args.warmup, args.warmup_seconds)
-        result.one = drive(server, recommendation_paths(raw_users, args.requests, args.seed, "one"), 1, args.requests, args.seconds)
+        result.one = drive(
+            server, recommendation_paths(raw_users, args.requests, args.seed, "one"), 1, args.requests, args.seconds
+        )
         _print_phase(label, "1 client", result.one)
         many = recommendation_paths(raw_users, args.requests, args.seed, "many")
         result.many = drive(server, many, args.clients, args.requests, args.seconds)
@@ -688,7 +719,9 @@ def measure(work: Path, built: Built, backend: str, ref: ExactReference, result:
                           for i in range(args.add_requests)]  # fmt: skip
                 result.add = drive(server, ["/v1/ads"], 1, args.add_requests, args.seconds, keep_bodies=True,
                                    method="POST", bodies=bodies, endpoint="/v1/ads")  # fmt: skip
-                result.add_first_ms = float(result.add.latencies[0] * 1e3) if len(result.add.latencies) else float("nan")
+                result.add_first_ms = (
+                    float(result.add.latencies[0] * 1e3) if len(result.add.latencies) else float("nan")
+                )
                 _print_phase(label, "add ad", result.add)
 
 
@@ -719,51 +752,76 @@ def _print_phase(label: str, what: str, phase: Phase) -> None:
 
 def print_report(results: list[Result], args: argparse.Namespace, wall: float, load_before: tuple[float, ...]) -> None:
     c = args.clients
-    print(f"\n## serve_latency: {os.cpu_count()} cores, load average {load_before[0]:.2f} before / "
-          f"{os.getloadavg()[0]:.2f} after; --requests {args.requests} --seconds {args.seconds:g} --workers {args.workers}; wall {wall:.0f} s\n")
-    print(f"| ads | backend | kind | build s | index MB | p50 ms (1) | p99 ms (1) | QPS (1) | p99 ms ({c}) | QPS ({c}) | recall@10 |")
+    print(
+        f"\n## serve_latency: {os.cpu_count()} cores, load average {load_before[0]:.2f} before / "
+        f"{os.getloadavg()[0]:.2f} after; --requests {args.requests} --seconds {args.seconds:g} --workers {args.workers}; wall {wall:.0f} s\n"
+    )
+    print(
+        f"| ads | backend | kind | build s | index MB | p50 ms (1) | p99 ms (1) | QPS (1) | p99 ms ({c}) | QPS ({c}) | recall@10 |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if r.one is None or r.many is None:
             continue
-        print(f"| {size_label(r.n_ads)} | {r.backend} | {r.kind} | {r.build_s:.1f} | {r.index_mb:.0f} | {r.one.ms(50):.2f} | "
-              f"{r.one.ms(99):.2f} | {r.one.qps:,.0f} | {r.many.ms(99):.2f} | {r.many.qps:,.0f} | {r.recall:.4f} |")
-    print(f"\nDiagnostics: in-process `search(q, 10)` alone; server-side latency from the /metrics histogram "
-          f"(mean exact, quantiles interpolated in buckets); CPU cores used by server and client during the {c}-client phase.\n")
-    print(f"| ads | backend | start s | RSS GiB | search p50 / p99 ms | server mean / ~p99 ms (1) | server mean / ~p99 ms ({c}) "
-          f"| CPU server + client ({c}) | requests (1 / {c}) | errors | load (1 / {c}) |")
+        print(
+            f"| {size_label(r.n_ads)} | {r.backend} | {r.kind} | {r.build_s:.1f} | {r.index_mb:.0f} | {r.one.ms(50):.2f} | "
+            f"{r.one.ms(99):.2f} | {r.one.qps:,.0f} | {r.many.ms(99):.2f} | {r.many.qps:,.0f} | {r.recall:.4f} |"
+        )
+    print(
+        f"\nDiagnostics: in-process `search(q, 10)` alone; server-side latency from the /metrics histogram "
+        f"(mean exact, quantiles interpolated in buckets); CPU cores used by server and client during the {c}-client phase.\n"
+    )
+    print(
+        f"| ads | backend | start s | RSS GiB | search p50 / p99 ms | server mean / ~p99 ms (1) | server mean / ~p99 ms ({c}) "
+        f"| CPU server + client ({c}) | requests (1 / {c}) | errors | load (1 / {c}) |"
+    )
     print("|---|---|---:|---:|---|---|---|---|---|---:|---|")
     for r in results:
         if r.one is None or r.many is None:
             continue
-        print(f"| {size_label(r.n_ads)} | {r.backend} | {r.start_s:.1f} | {r.rss_gib:.2f} | {r.search_ms[0]:.2f} / {r.search_ms[1]:.2f} | "
-              f"{_server(r.one)} | {_server(r.many)} | {r.many.server_cores:.2f} + {r.many.client_cores:.2f} | "
-              f"{len(r.one.latencies)} / {len(r.many.latencies)} | {r.one.errors + r.many.errors} | "
-              f"{r.one.load[0]:.2f} / {r.many.load[0]:.2f} |")
+        print(
+            f"| {size_label(r.n_ads)} | {r.backend} | {r.start_s:.1f} | {r.rss_gib:.2f} | {r.search_ms[0]:.2f} / {r.search_ms[1]:.2f} | "
+            f"{_server(r.one)} | {_server(r.many)} | {r.many.server_cores:.2f} + {r.many.client_cores:.2f} | "
+            f"{len(r.one.latencies)} / {len(r.many.latencies)} | {r.one.errors + r.many.errors} | "
+            f"{r.one.load[0]:.2f} / {r.many.load[0]:.2f} |"
+        )
     adds = [r for r in results if r.add is not None and len(r.add.latencies)]
     if adds:
         print("\nAdding a text-only ad (POST /v1/ads, offline encoder, one client):\n")
         print("| ads | backend | requests | p50 ms | p99 ms | max ms | first ms |\n|---|---|---:|---:|---:|---:|---:|")
         for r in adds:
             assert r.add is not None
-            print(f"| {size_label(r.n_ads)} | {r.backend} | {len(r.add.latencies)} | {r.add.ms(50):.1f} | {r.add.ms(99):.1f} | "
-                  f"{r.add.latencies.max() * 1e3:.1f} | {r.add_first_ms:.1f} |")
+            print(
+                f"| {size_label(r.n_ads)} | {r.backend} | {len(r.add.latencies)} | {r.add.ms(50):.1f} | {r.add.ms(99):.1f} | "
+                f"{r.add.latencies.max() * 1e3:.1f} | {r.add_first_ms:.1f} |"
+            )
     policy = [(r, where, timings) for r in results for where, timings in (("HTTP, one client", r.policy),
               ("in-process policy.recommend", r.policy_in_process)) if timings]  # fmt: skip
     if policy:
-        print("\nPolicy overhead: greedy and thompson alternating for the same users (HTTP: whole requests; "
-              "in-process: the policy's recommend alone, index search included):\n")
-        print("| ads | backend | measured | pairs | greedy p50 / p99 ms | thompson p50 / p99 ms | difference p50 / p99 ms "
-              "| median paired difference ms |\n|---|---|---|---:|---|---|---|---:|")
+        print(
+            "\nPolicy overhead: greedy and thompson alternating for the same users (HTTP: whole requests; "
+            "in-process: the policy's recommend alone, index search included):\n"
+        )
+        print(
+            "| ads | backend | measured | pairs | greedy p50 / p99 ms | thompson p50 / p99 ms | difference p50 / p99 ms "
+            "| median paired difference ms |\n|---|---|---|---:|---|---|---|---:|"
+        )
         for r, where, timings in policy:
             for variant in ("thompson", "thompson_fresh"):
                 if variant not in timings:
                     continue
                 g, t = timings["greedy"] * 1e3, timings[variant] * 1e3
-                g50, g99, t50, t99 = np.percentile(g, 50), np.percentile(g, 99), np.percentile(t, 50), np.percentile(t, 99)
+                g50, g99, t50, t99 = (
+                    np.percentile(g, 50),
+                    np.percentile(g, 99),
+                    np.percentile(t, 50),
+                    np.percentile(t, 99),
+                )
                 label = where if variant == "thompson" else f"{where}, {FRESH_ADS:,} fresh ads"
-                print(f"| {size_label(r.n_ads)} | {r.backend} | {label} | {len(g)} | {g50:.2f} / {g99:.2f} | "
-                      f"{t50:.2f} / {t99:.2f} | {t50 - g50:+.2f} / {t99 - g99:+.2f} | {np.median(t - g):+.2f} |")
+                print(
+                    f"| {size_label(r.n_ads)} | {r.backend} | {label} | {len(g)} | {g50:.2f} / {g99:.2f} | "
+                    f"{t50:.2f} / {t99:.2f} | {t50 - g50:+.2f} / {t99 - g99:+.2f} | {np.median(t - g):+.2f} |"
+                )
 
 
 def _server(phase: Phase) -> str:
@@ -774,7 +832,9 @@ def _server(phase: Phase) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[10_000, 100_000, 1_000_000], help="e.g. 10k 100k 1m")
+    parser.add_argument(
+        "--sizes", nargs="+", type=parse_size, default=[10_000, 100_000, 1_000_000], help="e.g. 10k 100k 1m"
+    )
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--requests", type=int, default=10000, help="requests per load phase (all clients together)")
     parser.add_argument("--seconds", type=float, default=15.0, help="time limit per load phase")
@@ -783,8 +843,12 @@ def main() -> None:
                         help="server processes (serve --workers); /metrics figures are then one worker's")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=200, help="warm-up requests (also bounded by --warmup-seconds)")
     parser.add_argument("--warmup-seconds", type=float, default=3.0)
-    parser.add_argument("--recall-users", type=int, default=200, help="known users whose answers are checked against exact")
-    parser.add_argument("--add-requests", type=int, default=200, help="POST /v1/ads requests per configuration (0: skip)")
+    parser.add_argument(
+        "--recall-users", type=int, default=200, help="known users whose answers are checked against exact"
+    )
+    parser.add_argument(
+        "--add-requests", type=int, default=200, help="POST /v1/ads requests per configuration (0: skip)"
+    )
     parser.add_argument("--policy-requests", type=int, default=1000, help="greedy/thompson pairs at 100k ads (0: skip)")
     parser.add_argument("--users", type=int, default=20_000, help="known users in the fake snapshot")
     parser.add_argument("--hnsw-m", type=int, default=32)
@@ -795,7 +859,9 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="the server's --log-level")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--work", type=Path, default=REPO / "data" / "bench" / "serve")
-    parser.add_argument("--store-dir", type=Path, help="folder of the servers' SQLite online stores (default <work>/online)")
+    parser.add_argument(
+        "--store-dir", type=Path, help="folder of the servers' SQLite online stores (default <work>/online)"
+    )
     parser.add_argument("--store-url", help="serve from this online store instead (e.g. redis://127.0.0.1:6390/0)")
     parser.add_argument("--build-only", action="store_true", help="build (or check) the cached snapshots, then exit")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -814,7 +880,10 @@ def main() -> None:
             built = build_snapshots(args.work, n_ads, args)
             if args.build_only:
                 for b in built.values():
-                    print(f"  {b.source}: build {b.build_seconds:.1f} s, {b.index_bytes / 2**20:.0f} MB, {b.params}", flush=True)
+                    print(
+                        f"  {b.source}: build {b.build_seconds:.1f} s, {b.index_bytes / 2**20:.0f} MB, {b.params}",
+                        flush=True,
+                    )
                 continue
             ref = exact_reference(n_ads, args)
             searches = in_process_searches(args.work, built, ref, args)
@@ -823,7 +892,9 @@ def main() -> None:
                     continue
                 snapshot = built["flat" if backend == "numpy" else backend]
                 numpy_stats = searches.get("numpy_index", (snapshot.build_seconds, snapshot.index_bytes))
-                build_s, index_bytes = numpy_stats if backend == "numpy" else (snapshot.build_seconds, snapshot.index_bytes)
+                build_s, index_bytes = (
+                    numpy_stats if backend == "numpy" else (snapshot.build_seconds, snapshot.index_bytes)
+                )
                 result = Result(n_ads, backend, "numpy" if backend == "numpy" else snapshot.kind, build_s, index_bytes / 2**20,
                                 search_ms=searches.get(backend, (float("nan"), float("nan"))),
                                 policy_in_process=searches.get(f"policy-{backend}", {}))  # fmt: skip
@@ -839,7 +910,9 @@ def main() -> None:
             args.json.write_text(json.dumps([_as_json(r) for r in results], indent=1))
 
 
-def in_process_searches(work: Path, built: dict[str, Built], ref: ExactReference, args: argparse.Namespace) -> dict[str, Any]:
+def in_process_searches(
+    work: Path, built: dict[str, Built], ref: ExactReference, args: argparse.Namespace
+) -> dict[str, Any]:
     """Search latency of each backend in this process, and what building the NumPy index from
     the flat one costs (its "build" at service start) and holds."""
     from adrec_assets.online.index import NumpyIndex

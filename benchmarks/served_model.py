@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     users = np.repeat(np.arange(args.users), degrees)
     ads = rng.integers(0, args.ads, size=len(users))
     graph = ClickGraph.from_codes(
-        np.asarray([f"u{i:08d}" for i in range(args.users)]), users, np.asarray([f"a{i:08d}" for i in range(args.ads)]), ads
+        np.asarray([f"u{i:08d}" for i in range(args.users)]),
+        users,
+        np.asarray([f"a{i:08d}" for i in range(args.ads)]),
+        ads,
     )
     user_vectors, ad_vectors = unit_rows(rng, graph.n_users, args.dim), unit_rows(rng, graph.n_ads, args.dim)
     bias = rng.normal(scale=0.25, size=graph.n_ads).astype(np.float32)

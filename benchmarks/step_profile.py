@@ -80,14 +80,22 @@ def main() -> None:
 
     up = UserTrainingParams()
     pairs = CoClickPairSampler(graph, np.random.default_rng(args.seed + 1))
-    table = torch.nn.Embedding.from_pretrained(torch.randn(graph.n_users, up.dim) / up.dim**0.5, freeze=False, sparse=True)
+    table = torch.nn.Embedding.from_pretrained(
+        torch.randn(graph.n_users, up.dim) / up.dim**0.5, freeze=False, sparse=True
+    )
     user_opt = torch.optim.SparseAdam(list(table.parameters()), lr=up.lr)
 
     def user_loss(anchors: np.ndarray, positives: np.ndarray) -> torch.Tensor:
         a, p = torch.from_numpy(anchors), torch.from_numpy(positives)
         return info_nce(table(a), table(p), up.temperature, a, p, shared_namespace=True)
 
-    phases(f"user_embeddings (batch {up.batch_size}, SparseAdam)", pairs.epoch(up.batch_size), user_loss, user_opt, args.steps)
+    phases(
+        f"user_embeddings (batch {up.batch_size}, SparseAdam)",
+        pairs.epoch(up.batch_size),
+        user_loss,
+        user_opt,
+        args.steps,
+    )
 
     pp = ProjectorParams()
     content = torch.nn.functional.normalize(torch.randn(graph.n_ads, 768), dim=-1)
@@ -103,9 +111,13 @@ def main() -> None:
         a, u = torch.from_numpy(ads), torch.from_numpy(clickers)
         distinct, inverse = torch.unique(a, return_inverse=True)
         projected = model(content[distinct])[inverse]
-        return info_nce(projected, users[u], pp.temperature, a, u) + pp.centroid_weight * centroid_mse(projected, centroids[a])
+        return info_nce(projected, users[u], pp.temperature, a, u) + pp.centroid_weight * centroid_mse(
+            projected, centroids[a]
+        )
 
-    phases(f"projector (batch {pp.batch_size}, AdamW)", ad_pairs.epoch(pp.batch_size), projector_loss, proj_opt, args.steps)
+    phases(
+        f"projector (batch {pp.batch_size}, AdamW)", ad_pairs.epoch(pp.batch_size), projector_loss, proj_opt, args.steps
+    )
 
 
 if __name__ == "__main__":

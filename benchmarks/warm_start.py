@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from cold_start import load_content, overrides  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams  # noqa: E402
 from adrec_assets.ml.pipeline import FittedPipeline, fit_pipeline  # noqa: E402
 from adrec_assets.ml.scoring import score_matrix  # noqa: E402
 from adrec_assets.ml.served_model import fit_served_model  # noqa: E402
-from adrec_assets.ml.types import ClickGraph, align_rows  # noqa: E402
+from adrec_assets.ml.types import ClickGraph  # noqa: E402
 from adrec_assets.ml.warm_evaluation import (  # noqa: E402
     WARM_BASELINES,
     WARM_METHOD_LABELS,
@@ -48,8 +49,6 @@ from adrec_assets.ml.warm_evaluation import (  # noqa: E402
     pipeline_scorers,
 )
 from adrec_assets.sources.files import FileSource  # noqa: E402
-from cold_start import load_content, overrides  # noqa: E402
-
 
 ALTERNATED = "pipeline_alternated"  # the same trained pipeline with one alternation (iterations 1)
 LABELS = {**WARM_METHOD_LABELS, ALTERNATED: "pipeline, one alternation (AdRefitParams.iterations 1)"}
@@ -106,15 +105,19 @@ def main() -> None:
     source = FileSource(args.source, args.source.name)
     catalog = source.read_ads()
     clicks, _ = source.read_clicks(catalog.ad_ids)
-    graph = ClickGraph.from_codes(clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights)
+    graph = ClickGraph.from_codes(
+        clicks.user_vocab, clicks.user_codes, clicks.ad_vocab, clicks.ad_codes, clicks.weights
+    )
     # the whole catalogue, the graph's ads first (the protocol ranks every ad)
     order = np.concatenate([graph.ad_ids, np.setdiff1d(catalog.ad_ids, graph.ad_ids)])
     catalogue = ClickGraph(graph.user_ids, order, np.zeros(graph.n_users + 1, np.int64), np.zeros(0, np.int32),
                            np.zeros(0, np.float32))  # fmt: skip
     content, fields, encoder_id, encode_seconds = load_content(args, catalogue, catalog)
     ad_params = AdRefitParams(**overrides(args.ads, AdRefitParams))
-    print(f"source {args.source}: {graph.n_users} users, {graph.n_ads} clicked of {len(order)} ads, "
-          f"{graph.n_clicks} user-ad pairs; encoder {encoder_id} ({encode_seconds:.1f} s); ad refit {asdict(ad_params)}")
+    print(
+        f"source {args.source}: {graph.n_users} users, {graph.n_ads} clicked of {len(order)} ads, "
+        f"{graph.n_clicks} user-ad pairs; encoder {encoder_id} ({encode_seconds:.1f} s); ad refit {asdict(ad_params)}"
+    )
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
     jobs = [(graph, len(order), content, fields, UserTrainingParams(seed=seed), ProjectorParams(seed=seed), ad_params,
              WarmParams(k=args.k, seed=seed), threads) for seed in args.seeds]  # fmt: skip

@@ -29,8 +29,7 @@ def ad_embeddings_raw(
     )
     result = cached.result
     context.log.info(
-        f"{cached.n_encoded} ads encoded, {cached.n_cache_hits} from the encoding cache "
-        f"({cached.cache_path or 'off'})"
+        f"{cached.n_encoded} ads encoded, {cached.n_cache_hits} from the encoding cache ({cached.cache_path or 'off'})"
     )
     check_unit_rows(result.vectors, f"ad_embeddings_raw[{context.partition_key}]", dim=model.dim)
     for row, path, reason in result.image_failures[:20]:

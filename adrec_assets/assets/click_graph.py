@@ -4,8 +4,8 @@ import dagster as dg
 import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, stopwatch
-from adrec_assets.privacy import key_fingerprint, pseudonymize_many, resolve_key
 from adrec_assets.ml.types import AdCatalog, ClickGraph
+from adrec_assets.privacy import key_fingerprint, pseudonymize_many, resolve_key
 from adrec_assets.resources import ClickSourceResource
 from adrec_assets.sources import RawClicks
 

@@ -30,8 +30,16 @@ from adrec_assets.ml.evaluation import (
 )
 from adrec_assets.ml.models import TrainedProjector
 from adrec_assets.ml.params import AdRefitParams, UserRefitParams, UserTrainingParams
-from adrec_assets.ml.types import AdCatalog, ArtifactError, ClickGraph, ContentEmbeddings, ProjectedAds, UserEmbeddings, align_rows
 from adrec_assets.ml.pipeline import fit_pipeline
+from adrec_assets.ml.types import (
+    AdCatalog,
+    ArtifactError,
+    ClickGraph,
+    ContentEmbeddings,
+    ProjectedAds,
+    UserEmbeddings,
+    align_rows,
+)
 from adrec_assets.ml.warm_evaluation import WARM_PIPELINE, WarmParams, evaluate_warm, pipeline_scorers
 
 _D = EvaluationParams()
@@ -57,7 +65,9 @@ class EvaluationConfig(dg.Config):
         description="Also run the warm protocol: hold out a share of each user's clicks on ads that keep others, "
         "rank the whole catalogue against popularity, EASE and implicit ALS tuned on a validation split.",
     )
-    holdout_share: float = Field(default=_W.holdout_share, description="Warm protocol: share of each user's clicks held out.")
+    holdout_share: float = Field(
+        default=_W.holdout_share, description="Warm protocol: share of each user's clicks held out."
+    )
 
     def to_params(self) -> list[EvaluationParams]:
         common = self.model_dump(exclude={"seeds", "warm", "holdout_share"})

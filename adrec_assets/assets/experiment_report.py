@@ -11,7 +11,7 @@ every later one, so materializing this asset every hour (the schedule does) is s
 """
 
 import base64
-from datetime import timezone
+from datetime import UTC
 
 import dagster as dg
 import pandas as pd
@@ -33,7 +33,9 @@ EXPERIMENTS_GROUP = "experiments"
 LOOK_SECONDS = 3600  # one look per hour of the experiment
 
 
-def _previous_designs(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource) -> dict[str, SequentialDesign]:
+def _previous_designs(
+    context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
+) -> dict[str, SequentialDesign]:
     path = artifacts.report_path(context.partition_key, "experiment_report")
     if not path.exists():
         return {}
@@ -58,13 +60,19 @@ def experiment_report(
     sample-ratio check (failing asset check below p = 0.001)."""
     declared = experiments.load()
     log = read_event_log(click_sources.sources_root() / context.partition_key).to_pandas()
-    exploded = explode_event_log(log) if len(log) else pd.DataFrame(columns=["user", "experiment", "arm", "type", "timestamp"])
+    exploded = (
+        explode_event_log(log) if len(log) else pd.DataFrame(columns=["user", "experiment", "arm", "type", "timestamp"])
+    )
     designs = _previous_designs(context, artifacts)
     sections, figures, metadata = [], [], {}
     for experiment in declared.experiments:
-        start = experiment.start.astimezone(timezone.utc).timestamp()
+        start = experiment.start.astimezone(UTC).timestamp()
         events = exploded[exploded["experiment"] == experiment.name]
-        pre = log[(log["type"] == "click") & (log["timestamp"] < start)].groupby("user_pseudonym").size() if len(log) else None
+        pre = (
+            log[(log["type"] == "click") & (log["timestamp"] < start)].groupby("user_pseudonym").size()
+            if len(log)
+            else None
+        )
         if events.empty:
             sections.append(f"### Experiment `{experiment.name}`\n\nNo served events yet.\n")
             continue
@@ -94,6 +102,10 @@ def experiment_report(
     markdown = "\n".join(sections) if sections else "No experiments are declared (set ADREC_EXPERIMENTS)."
     return dg.Output(
         ExperimentReports(markdown, designs, figures),
-        metadata={"report": dg.MetadataValue.md(markdown), "n_experiments": len(declared.experiments),
-                  "n_events": len(log), **metadata},  # fmt: skip
+        metadata={
+            "report": dg.MetadataValue.md(markdown),
+            "n_experiments": len(declared.experiments),
+            "n_events": len(log),
+            **metadata,
+        },  # fmt: skip
     )

@@ -119,7 +119,9 @@ def projector(
             "user_space": trained.user_space,
             "architecture": str(result.model.architecture()),
             "n_trained_ads": result.n_trained_ads,
-            "ad_fields": ", ".join(f"{f.spec.name} ({f.spec.kind}, {f.width} columns)" for f in result.model.fields.fields)
+            "ad_fields": ", ".join(
+                f"{f.spec.name} ({f.spec.kind}, {f.width} columns)" for f in result.model.fields.fields
+            )
             or "none declared",
             "n_parameters": sum(p.numel() for p in result.model.parameters()),
             **refresh_metadata(decision),

@@ -34,7 +34,9 @@ class ServedModelConfig(dg.Config):
 
 @dg.multi_asset(
     outs={
-        "served_users": dg.AssetOut(kinds={"numpy"}, description="The user vectors the service ranks with (unit rows)."),
+        "served_users": dg.AssetOut(
+            kinds={"numpy"}, description="The user vectors the service ranks with (unit rows)."
+        ),
         "served_ads": dg.AssetOut(
             kinds={"numpy"},
             description="Every catalogue ad as served: ads with clicks pulled from their projection toward their "
@@ -79,7 +81,9 @@ def served_model(
     vectors, bias = ad_projected.vectors.copy(), ad_projected.score_bias.copy()
     vectors[rows], bias[rows] = model.ads.vectors, model.ads.score_bias
     if not (np.isfinite(vectors).all() and np.isfinite(bias).all()):
-        raise ArtifactError(f"served_ads[{key}]: non-finite ad vectors; check the ad refit settings {asdict(ad_params)}")
+        raise ArtifactError(
+            f"served_ads[{key}]: non-finite ad vectors; check the ad refit settings {asdict(ad_params)}"
+        )
     users = UserEmbeddings(
         user_embeddings.ids,
         model.users,
@@ -120,7 +124,9 @@ def served_model(
                 "n_ads_refitted": len(warm),
                 "n_ads_kept_projection": len(ads) - len(warm),
                 "projection_scale": round(model.ads.scale, 5),
-                "mean_cosine_to_projection": round(float((toward / np.maximum(norms, 1e-12)).mean()), 4) if len(warm) else 1.0,
+                "mean_cosine_to_projection": round(float((toward / np.maximum(norms, 1e-12)).mean()), 4)
+                if len(warm)
+                else 1.0,
                 "mean_norm_refitted": round(float(norms.mean()), 4) if len(warm) else 0.0,
                 "fit_seconds": seconds,
                 "user_space": ads.space,

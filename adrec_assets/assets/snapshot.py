@@ -19,7 +19,9 @@ def snapshot(context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
     """The source's published snapshot (its id is the model version the service reports)."""
     store = artifacts.store(context.partition_key)
     published = store.publish(
-        context.run_id, lambda load, assets: check_consistency(load, assets, PIPELINE_ARTIFACTS), artifacts.keep_snapshots
+        context.run_id,
+        lambda load, assets: check_consistency(load, assets, PIPELINE_ARTIFACTS),
+        artifacts.keep_snapshots,
     )
     removed = store.gc(artifacts.gc_grace_seconds, artifacts.keep_snapshots)
     context.log.info(f"published snapshot {published.id} of {context.partition_key!r} (previous {published.parent})")

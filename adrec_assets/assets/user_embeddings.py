@@ -100,4 +100,3 @@ def user_embeddings(
             **training_metadata(result.history),
         },
     )
-

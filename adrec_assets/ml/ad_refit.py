@@ -27,7 +27,6 @@ from adrec_assets.ml.als_step import solve_rows
 from adrec_assets.ml.params import AdRefitParams
 from adrec_assets.ml.types import ClickGraph
 
-
 CHUNK = 1 << 18  # clicks per chunk of the scale's dot products
 
 
@@ -93,12 +92,17 @@ def _projection_scale(
     """argmin_s Σ_{users, warm ads} c (y − s u·p_a)²: Σ c y x / Σ c x² with x = u·p_a, where
     the sum over every (user, ad) pair is pᵀ(UᵀU)p and the clicks add their extra confidence."""
     users = graph.click_users()
-    x = np.concatenate([
-        np.einsum("ij,ij->i", u[users[i : i + CHUNK]], p[graph.indices[i : i + CHUNK]])
-        for i in range(0, graph.n_clicks, CHUNK)
-    ]) if graph.n_clicks else np.zeros(0)  # fmt: skip  (in chunks: clicks x d doubles would not fit at 10M clicks)
+    x = (
+        np.concatenate(
+            [
+                np.einsum("ij,ij->i", u[users[i : i + CHUNK]], p[graph.indices[i : i + CHUNK]])
+                for i in range(0, graph.n_clicks, CHUNK)
+            ]
+        )
+        if graph.n_clicks
+        else np.zeros(0)
+    )  # fmt: skip  (in chunks: clicks x d doubles would not fit at 10M clicks)
     w = graph.weights.astype(np.float64)
     numerator = float(((1.0 + alpha * w) * x).sum())
     denominator = float(np.einsum("ad,de,ae->", p[warm], user_gram, p[warm]) + (alpha * w * x * x).sum())
     return numerator / denominator if denominator > 0 else 0.0
-

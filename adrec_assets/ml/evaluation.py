@@ -34,13 +34,19 @@ from adrec_assets.ml.als import AlsFactors, AlsParams, fit_als
 from adrec_assets.ml.fields import AdFields
 from adrec_assets.ml.linear import ridge_fit, ridge_predict
 from adrec_assets.ml.metrics import auc_per_row, ndcg_at_k, recall_at_k
-from adrec_assets.ml.sampling import clicker_centroids
 from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
 from adrec_assets.ml.pipeline import fit_pipeline
-from adrec_assets.ml.training import normalized_mean
+from adrec_assets.ml.sampling import clicker_centroids
 from adrec_assets.ml.scoring import score_matrix
+from adrec_assets.ml.training import normalized_mean
 from adrec_assets.ml.types import ClickGraph, Fields, artifact_type, pack_strings
-from adrec_assets.ml.warm_evaluation import WARM_BASELINES, WARM_METHOD_LABELS, WARM_METHOD_ORDER, WARM_PIPELINE, WarmReport
+from adrec_assets.ml.warm_evaluation import (
+    WARM_BASELINES,
+    WARM_METHOD_LABELS,
+    WARM_METHOD_ORDER,
+    WARM_PIPELINE,
+    WarmReport,
+)
 
 LogFn = Callable[[str], None]
 
@@ -318,7 +324,7 @@ class EvaluationReport:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "EvaluationReport":
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EvaluationReport:
         f = Fields(arrays, cls.type_tag)
         names = [str(name) for name in f.strings("methods")]
         results = {
@@ -370,7 +376,9 @@ class EvaluationReport:
             if name in self.warm_per_seed:
                 v = self.warm_per_seed[name]
                 cells = [f"{v[:, i].mean():.4f} ± {v[:, i].std():.4f}" for i in range(2)]
-                lines.append(f"| {WARM_METHOD_LABELS[name]} | {' | '.join(cells)} | {', '.join(f'{x:.4f}' for x in v[:, 0])} |")
+                lines.append(
+                    f"| {WARM_METHOD_LABELS[name]} | {' | '.join(cells)} | {', '.join(f'{x:.4f}' for x in v[:, 0])} |"
+                )
         return "\n".join(lines)
 
     def markdown(self) -> str:
@@ -395,7 +403,9 @@ def combine_seeds(reports: list[EvaluationReport]) -> EvaluationReport:
         raise EvaluationError("no seed was evaluated")
     first = reports[0]
     methods = [m for m in first.results if all(m in r.results for r in reports)]
-    per_seed = {m: np.asarray([[r.results[m].recall, r.results[m].ndcg, r.results[m].auc] for r in reports]) for m in methods}
+    per_seed = {
+        m: np.asarray([[r.results[m].recall, r.results[m].ndcg, r.results[m].auc] for r in reports]) for m in methods
+    }
     results = {
         m: MethodResult(*map(float, per_seed[m].mean(axis=0)), first.results[m].n_users, first.results[m].n_cold_ads)
         for m in methods
@@ -462,13 +472,20 @@ def evaluate_cold_start(
         n_train_clicks=split.train.n_clicks,
         n_held_out_clicks=int(split.relevant.sum()),
         settings=json.dumps(
-            {"evaluation": asdict(params), "user": asdict(user_params), "projector": asdict(projector_params),
-             "refit": asdict(refit_params), "ad_refit": asdict(ad_params)},
+            {
+                "evaluation": asdict(params),
+                "user": asdict(user_params),
+                "projector": asdict(projector_params),
+                "refit": asdict(refit_params),
+                "ad_refit": asdict(ad_params),
+            },
             sort_keys=True,
         ),
     )
     say = log or (lambda message: None)
-    say(f"split: {len(split.cold_ads)} cold ads, {len(split.eval_users)} users, {report.n_train_clicks} training clicks")
+    say(
+        f"split: {len(split.cold_ads)} cold ads, {len(split.eval_users)} users, {report.n_train_clicks} training clicks"
+    )
     rng = np.random.default_rng([params.seed, 4])
 
     def record(name: str, scores: np.ndarray, on: ColdSplit = split) -> None:
@@ -492,7 +509,9 @@ def evaluate_cold_start(
         record("ridge_als_fields", ridge_als_scores(split, np.hstack([content, encoded]), als_params, factors))
     record("cosine_only", trained.served_vectors[split.eval_users] @ trained.projected_cold.T)
     record(PIPELINE, trained.scores(split.eval_users))
-    record("infonce_users", score_matrix(trained.user_vectors[split.eval_users], trained.projected_cold, trained.bias_cold))
+    record(
+        "infonce_users", score_matrix(trained.user_vectors[split.eval_users], trained.projected_cold, trained.bias_cold)
+    )
     if params.warm_reference:
         warm = warm_split(graph, split.cold_ads, params.seed)
         warm_trained = train_pipeline_on(
@@ -518,9 +537,11 @@ class RefreshComparison:
     n_new_clicks: int
 
     def markdown(self, k: int) -> str:
-        rows = [("full retrain on all clicks", self.full, self.full_seconds),
-                ("warm-start refresh", self.refreshed, self.refresh_seconds),
-                ("stale model (before the new clicks)", self.stale, float("nan"))]
+        rows = [
+            ("full retrain on all clicks", self.full, self.full_seconds),
+            ("warm-start refresh", self.refreshed, self.refresh_seconds),
+            ("stale model (before the new clicks)", self.stale, float("nan")),
+        ]
         body = "\n".join(f"| {name} | {r.recall:.4f} | {r.ndcg:.4f} | {r.auc:.4f} | {t:.1f} |" for name, r, t in rows)
         return f"| model | Recall@{k} | NDCG@{k} | AUC | training s |\n|---|---:|---:|---:|---:|\n{body}"
 

@@ -116,7 +116,7 @@ class FieldEncoder:
         return json.dumps({"scale": self.scale, "fields": [asdict(f) for f in self.fields]}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "FieldEncoder":
+    def from_json(cls, text: str) -> FieldEncoder:
         if not text:
             return cls()
         data = json.loads(text)
@@ -154,7 +154,9 @@ def fit_field_encoder(
     fitted = []
     for spec in specs:
         if spec.name not in columns:
-            raise FieldError(f"field {spec.name!r} is declared but the ads have no such column; add it or drop the declaration")
+            raise FieldError(
+                f"field {spec.name!r} is declared but the ads have no such column; add it or drop the declaration"
+            )
         cells = [str(c) for c in columns[spec.name]]
         if spec.kind == CATEGORICAL:
             probe = FittedField(spec)
@@ -164,7 +166,9 @@ def fit_field_encoder(
             continue
         numbers = np.array([v for v in map(parse_number, cells) if v is not None], dtype=np.float64)
         if len(numbers) == 0:
-            raise FieldError(f"numeric field {spec.name!r} has no number in any ad; fix the column or declare it categorical")
+            raise FieldError(
+                f"numeric field {spec.name!r} has no number in any ad; fix the column or declare it categorical"
+            )
         edges = np.unique(np.quantile(numbers, np.linspace(0, 1, N_BINS + 1)[1:-1]))
         std = float(numbers.std())
         fitted.append(FittedField(spec, edges=tuple(float(e) for e in edges), mean=float(numbers.mean()),
@@ -188,7 +192,7 @@ class AdFields:
         if len(lengths) > 1:
             raise FieldError(f"field columns differ in length: { {n: len(v) for n, v in self.cells.items()} }")
 
-    def take(self, rows: np.ndarray) -> "AdFields":
+    def take(self, rows: np.ndarray) -> AdFields:
         """The same fields for the ads at ``rows``."""
         return AdFields(self.specs, {name: values[rows] for name, values in self.cells.items()})
 

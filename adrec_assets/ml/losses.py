@@ -6,9 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def duplicate_mask(
-    query_ids: torch.Tensor, key_ids: torch.Tensor, shared_namespace: bool = False
-) -> torch.Tensor:
+def duplicate_mask(query_ids: torch.Tensor, key_ids: torch.Tensor, shared_namespace: bool = False) -> torch.Tensor:
     """(B, B) bool: off-diagonal entries that are *not* true negatives.
 
     Entry (i, j) is masked when key j is a positive of query i in disguise: the same key

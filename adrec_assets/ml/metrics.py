@@ -15,9 +15,7 @@ def rank_with_random_ties(scores: np.ndarray, rng: np.random.Generator) -> np.nd
     return np.lexsort((jitter, -scores), axis=-1)
 
 
-def recall_at_k(
-    scores: np.ndarray, relevant: np.ndarray, k: int, rng: np.random.Generator | None = None
-) -> np.ndarray:
+def recall_at_k(scores: np.ndarray, relevant: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Per-row recall@k: share of a row's relevant items among its top-k scores.
 
     ``scores`` and ``relevant`` are (n_users, n_items); rows with no relevant item get NaN
@@ -33,9 +31,7 @@ def recall_at_k(
         return np.where(n_rel > 0, hits / np.maximum(n_rel, 1), np.nan)
 
 
-def ndcg_at_k(
-    scores: np.ndarray, relevant: np.ndarray, k: int, rng: np.random.Generator | None = None
-) -> np.ndarray:
+def ndcg_at_k(scores: np.ndarray, relevant: np.ndarray, k: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """Per-row binary NDCG@k: DCG of the top k (gain 1/log2(rank + 1), ranks from 1) over the
     DCG of an ideal ranking of ``min(k, n_relevant)`` hits; NaN for rows with no relevant item.
     Ties are broken at random, as in :func:`recall_at_k`."""

@@ -38,7 +38,11 @@ class Projector(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, out_dim: int, params: ProjectorParams = ProjectorParams(), fields: FieldEncoder = FieldEncoder()
+        self,
+        in_dim: int,
+        out_dim: int,
+        params: ProjectorParams = ProjectorParams(),
+        fields: FieldEncoder = FieldEncoder(),
     ) -> None:
         super().__init__()
         self.in_dim, self.out_dim, self.params, self.fields = in_dim, out_dim, params, fields
@@ -126,7 +130,7 @@ class TrainedProjector:
         }
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: dict[str, Any], origin: str = "projector checkpoint") -> "TrainedProjector":
+    def from_checkpoint(cls, checkpoint: dict[str, Any], origin: str = "projector checkpoint") -> TrainedProjector:
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
             found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
             raise ArtifactError(
@@ -145,7 +149,9 @@ class TrainedProjector:
         try:
             fields = FieldEncoder.from_json(str(checkpoint["fields"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactError(f"{origin}: stored field encoding is malformed ({exc}); re-materialize the projector") from None
+            raise ArtifactError(
+                f"{origin}: stored field encoding is malformed ({exc}); re-materialize the projector"
+            ) from None
         model = Projector(int(checkpoint["in_dim"]), int(checkpoint["out_dim"]), params, fields)
         model.load_state_dict(checkpoint["state_dict"])
         model.eval()
@@ -155,7 +161,7 @@ class TrainedProjector:
     def trained(
         cls, model: Projector, encoder_id: str, user_space: str, inputs_fingerprint: str, trained_by: str,
         warm_started_from: str = "",
-    ) -> "TrainedProjector":  # fmt: skip
+    ) -> TrainedProjector:  # fmt: skip
         """A freshly trained projector with its provenance (its params are the model's)."""
         provenance = TrainingProvenance(asdict(model.params), inputs_fingerprint, trained_by, warm_started_from)
         return cls(model, encoder_id, user_space, provenance)

@@ -49,7 +49,8 @@ class ProjectorParams:
         0.25, "Weight of the content-predicted popularity z-score added to the cosine (0 = pure cosine)."
     )
     field_scale: float = setting(
-        6.0, "Scale of the encoded structured ad fields (ad_fields.json) beside the unit content vector (0 = ignore them)."
+        6.0,
+        "Scale of the encoded structured ad fields (ad_fields.json) beside the unit content vector (0 = ignore them).",
     )
     min_steps: int = setting(1500, "Raise the epochs until at least this many optimizer steps run.")
     max_steps: int = setting(4000, "Cap the optimizer steps (0 = no cap): one MLP shared by all ads.")
@@ -77,7 +78,8 @@ class AdRefitParams:
 
     alpha: float = setting(5.0, "Confidence of a click: a clicker counts 1 + alpha x its click weight.")
     regularization: float = setting(
-        30.0, "Pull (lambda) toward the content projection: an ad with few clicks stays near it, many clicks outweigh it."
+        30.0,
+        "Pull (lambda) toward the content projection: an ad with few clicks stays near it, many clicks outweigh it.",
     )
     warm_bias: float = setting(
         0.0, "Share of the content-predicted popularity term an ad with clicks keeps (its clicks carry popularity too)."

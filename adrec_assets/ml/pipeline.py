@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from adrec_assets.ml.fields import AdFields
+from adrec_assets.ml.models import Projector
 from adrec_assets.ml.params import AdRefitParams, ProjectorParams, UserRefitParams, UserTrainingParams
 from adrec_assets.ml.served_model import ServedModel, fit_served_model
 from adrec_assets.ml.training import ProgressFn, project_with_bias, train_projector, train_user_embeddings
-from adrec_assets.ml.models import Projector
 from adrec_assets.ml.types import ClickGraph
 
 

@@ -100,7 +100,9 @@ def known_users(graph: ClickGraph, previous: UserEmbeddings) -> Precondition:
     """Users' warm-start precondition: most of today's users have a previous vector."""
     known = float(np.mean([previous.row_of(u) is not None for u in graph.user_ids.tolist()])) if graph.n_users else 0.0
     if known < MIN_KNOWN_USER_SHARE:
-        return Precondition(False, f"only {known:.0%} of users are in the previous artifact (< {MIN_KNOWN_USER_SHARE:.0%})")
+        return Precondition(
+            False, f"only {known:.0%} of users are in the previous artifact (< {MIN_KNOWN_USER_SHARE:.0%})"
+        )
     return Precondition(True, f"settings unchanged, {known:.1%} of users known: refining the previous vectors")
 
 
@@ -116,9 +118,13 @@ def projector_continues(
         return Precondition(False, f"encoder changed ({previous_encoder} -> {encoder_id})")
     before, now = [f.spec for f in previous_fields.fields], [f.spec for f in fields.fields]
     if before != now:
-        return Precondition(False, f"declared ad fields changed ({[s.name for s in before]} -> {[s.name for s in now]})")
+        return Precondition(
+            False, f"declared ad fields changed ({[s.name for s in before]} -> {[s.name for s in now]})"
+        )
     if users.provenance.warm_started_from != previous_space:
-        return Precondition(False, "the user space was retrained, not refined from the one the previous projector maps into")
+        return Precondition(
+            False, "the user space was retrained, not refined from the one the previous projector maps into"
+        )
     return Precondition(True, "settings and encoder unchanged, user space refined: continuing training")
 
 

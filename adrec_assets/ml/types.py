@@ -90,7 +90,9 @@ def unpack_strings(data: np.ndarray, offsets: np.ndarray, what: str = "strings")
     try:
         column.validate(full=True)
     except pa.ArrowInvalid as exc:
-        raise ArtifactError(f"{what}: stored strings are not valid UTF-8 ({exc}); re-materialize the artifact") from None
+        raise ArtifactError(
+            f"{what}: stored strings are not valid UTF-8 ({exc}); re-materialize the artifact"
+        ) from None
     return str_array(column.to_pylist())
 
 
@@ -163,7 +165,7 @@ class TrainingProvenance:
         }
 
     @classmethod
-    def from_dict(cls, stored: Mapping[str, Any], what: str) -> "TrainingProvenance":
+    def from_dict(cls, stored: Mapping[str, Any], what: str) -> TrainingProvenance:
         missing = [k for k in ("params", "inputs_fingerprint", "trained_by", "warm_started_from") if k not in stored]
         if missing:
             raise ArtifactError(f"{what}: provenance lacks {missing}; re-materialize it")
@@ -174,7 +176,7 @@ class TrainingProvenance:
         return {f"{prefix}": np.asarray(json.dumps(self.to_dict(), sort_keys=True))}
 
     @classmethod
-    def from_fields(cls, fields: Fields, prefix: str) -> "TrainingProvenance":
+    def from_fields(cls, fields: Fields, prefix: str) -> TrainingProvenance:
         return cls.from_dict(fields.json(prefix), f"{fields.what}.{prefix}")
 
 
@@ -261,12 +263,16 @@ class AdCatalog:
         return out
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "AdCatalog":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> AdCatalog:
         f = Fields(arrays, cls.type_tag)
         specs = tuple(FieldSpec(**spec) for spec in f.json("fields"))
         values = {spec.name: f.strings(f"field_{i}") for i, spec in enumerate(specs)}
         return cls(
-            f.strings("ad_ids"), f.strings("texts"), f.strings("image_paths"), f.text("image_root"), AdFields(specs, values)
+            f.strings("ad_ids"),
+            f.strings("texts"),
+            f.strings("image_paths"),
+            f.text("image_root"),
+            AdFields(specs, values),
         )
 
 
@@ -305,9 +311,7 @@ class ClickGraph:
         row_start = np.zeros(len(self.indices), dtype=bool)
         row_start[self.indptr[:-1][np.diff(self.indptr) > 0]] = True
         if (step[~row_start[1:]] <= 0).any():
-            raise ArtifactError(
-                "ClickGraph rows must list each ad once, in increasing order; build it with from_pairs"
-            )
+            raise ArtifactError("ClickGraph rows must list each ad once, in increasing order; build it with from_pairs")
 
     @property
     def n_users(self) -> int:
@@ -336,12 +340,14 @@ class ClickGraph:
     def ad_degrees(self) -> np.ndarray:
         return np.bincount(self.indices, minlength=self.n_ads)
 
-    def keep_clicks(self, keep: np.ndarray) -> "ClickGraph":
+    def keep_clicks(self, keep: np.ndarray) -> ClickGraph:
         """The same graph (every user and ad keeps its row and column) with only the clicks
         where ``keep`` (aligned with ``indices``) is true: the evaluations' training graphs."""
         rows = self.click_users()[keep]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=self.n_users))]).astype(np.int64)
-        return ClickGraph(self.user_ids, self.ad_ids, indptr, self.indices[keep], self.weights[keep], self.key_fingerprint)
+        return ClickGraph(
+            self.user_ids, self.ad_ids, indptr, self.indices[keep], self.weights[keep], self.key_fingerprint
+        )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -354,7 +360,7 @@ class ClickGraph:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ClickGraph":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ClickGraph:
         f = Fields(arrays, cls.type_tag)
         return cls(
             f.strings("user_ids"), f.strings("ad_ids"), f.array("indptr"), f.array("indices"), f.array("weights"),
@@ -367,7 +373,7 @@ class ClickGraph:
         user_ids: np.ndarray,
         ad_ids: np.ndarray,
         weights: np.ndarray | None = None,
-    ) -> "ClickGraph":
+    ) -> ClickGraph:
         """Build from click rows of string ids; see :meth:`from_codes`."""
         uniq_users, u = np.unique(np.asarray(user_ids, dtype=str), return_inverse=True)
         uniq_ads, a = np.unique(np.asarray(ad_ids, dtype=str), return_inverse=True)
@@ -382,7 +388,7 @@ class ClickGraph:
         ad_codes: np.ndarray,
         weights: np.ndarray | None = None,
         key_fingerprint: str = "",
-    ) -> "ClickGraph":
+    ) -> ClickGraph:
         """Build from integer-coded clicks; repeated (user, ad) clicks add up their weights.
 
         Only users and ads that have a click appear, both sorted by id, so the same clicks
@@ -447,7 +453,7 @@ class ContentEmbeddings(_RowVectors):
         }
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ContentEmbeddings":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ContentEmbeddings:
         f = Fields(arrays, cls.type_tag)
         return cls(f.strings("ids"), f.array("vectors"), f.text("encoder_id"), f.array("has_image"))
 
@@ -491,7 +497,7 @@ class UserEmbeddings(_RowVectors):
         }
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "UserEmbeddings":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> UserEmbeddings:
         f = Fields(arrays, cls.type_tag)
         return cls(
             f.strings("ids"), f.array("vectors"), f.text("space"), f.array("isolated"),
@@ -529,7 +535,7 @@ class ProjectedAds(_RowVectors):
         }
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "ProjectedAds":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> ProjectedAds:
         f = Fields(arrays, cls.type_tag)
         return cls(
             f.strings("ids"), f.array("vectors"), f.text("space"), f.text("encoder_id"), f.array("score_bias"),
@@ -556,7 +562,7 @@ class GlobalMean:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "GlobalMean":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> GlobalMean:
         f = Fields(arrays, cls.type_tag)
         return cls(f.array("vector"), int(f.array("n_users")), float(f.array("mean_norm")), f.text("space"))
 

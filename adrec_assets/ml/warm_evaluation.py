@@ -244,7 +244,9 @@ def evaluate_warm(
         report.results[name] = evaluate_scorer(scorer, split, users, n_catalogue, params.k, params.seed)
         say(f"warm {name}: Recall@{params.k} {report.results[name][0]:.4f}")
 
-    record("random", lambda rows: np.random.default_rng([params.seed, 13, int(rows[0])]).random((len(rows), n_catalogue)))
+    record(
+        "random", lambda rows: np.random.default_rng([params.seed, 13, int(rows[0])]).random((len(rows), n_catalogue))
+    )
     record("popularity", popularity_scorer(split.train, n_catalogue))
     if int((split.train.ad_degrees() > 0).sum()) <= params.max_ease_ads:
         l2 = _tune("ease", list(params.ease_l2), lambda g, s: ease_scorer(g, s, n_catalogue), tuning, n_catalogue,
@@ -259,7 +261,6 @@ def evaluate_warm(
         record(name, scorer)
     report.seconds = time.perf_counter() - started
     return report
-
 
 
 def pipeline_scorers(fitted: FittedPipeline) -> dict[str, Scorer]:

@@ -54,10 +54,12 @@ class ServingConfig:
     click_weight_cap: float = 10.0
     load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
     seed: int | None = None  # fixes request ids and draws (tests, simulations)
-    index_backend: str = settings.SERVE_INDEX.default  # the snapshot's FAISS index, or "numpy": exact brute force over its ads
+    index_backend: str = (
+        settings.SERVE_INDEX.default
+    )  # the snapshot's FAISS index, or "numpy": exact brute force over its ads
 
     @classmethod
-    def from_env(cls, source: str, **overrides: Any) -> "ServingConfig":
+    def from_env(cls, source: str, **overrides: Any) -> ServingConfig:
         from adrec_assets.artifacts import resolve_root
 
         values: dict[str, Any] = {
@@ -84,8 +86,14 @@ class ServingConfig:
         if not 0 <= self.epsilon <= 1 or not 0 <= self.randomized_share <= 1:
             raise ValueError("epsilon and randomized_share must be in [0, 1]")
         if not (math.isfinite(self.fresh_prior_sd) and self.fresh_prior_sd >= 0):
-            raise ValueError(f"fresh_prior_sd (ADREC_SERVE_FRESH_PRIOR_SD) must be a finite number >= 0, got {self.fresh_prior_sd}")
+            raise ValueError(
+                f"fresh_prior_sd (ADREC_SERVE_FRESH_PRIOR_SD) must be a finite number >= 0, got {self.fresh_prior_sd}"
+            )
         if self.fresh_scope not in FRESH_SCOPES:
-            raise ValueError(f"fresh_scope (ADREC_SERVE_FRESH_SCOPE) must be one of {FRESH_SCOPES}, got {self.fresh_scope!r}")
+            raise ValueError(
+                f"fresh_scope (ADREC_SERVE_FRESH_SCOPE) must be one of {FRESH_SCOPES}, got {self.fresh_scope!r}"
+            )
         if self.index_backend not in INDEX_BACKENDS:
-            raise ValueError(f"index_backend (ADREC_SERVE_INDEX) must be one of {INDEX_BACKENDS}, got {self.index_backend!r}")
+            raise ValueError(
+                f"index_backend (ADREC_SERVE_INDEX) must be one of {INDEX_BACKENDS}, got {self.index_backend!r}"
+            )

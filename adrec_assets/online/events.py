@@ -134,7 +134,7 @@ class EventFlusher:
         return len(rows)
 
 
-def impressions_with_outcomes(log: pa.Table) -> "pd.DataFrame":
+def impressions_with_outcomes(log: pa.Table) -> pd.DataFrame:
     """One row per served (request, position) with ``clicked``: impressions joined with their
     clicks (a click without a logged impression implies one). What the position-bias,
     posterior and experiment analyses learn from; columns are the event log's plus
@@ -144,12 +144,12 @@ def impressions_with_outcomes(log: pa.Table) -> "pd.DataFrame":
     frame = log.to_pandas()
     if frame.empty:
         return frame.assign(clicked=pd.Series(dtype=int))
-    clicked = (
-        frame.loc[frame["type"] == "click", ["request_id", "position"]].drop_duplicates().assign(clicked=1)
-    )
+    clicked = frame.loc[frame["type"] == "click", ["request_id", "position"]].drop_duplicates().assign(clicked=1)
     shown = frame.sort_values("timestamp", kind="stable").drop_duplicates(["request_id", "position"], keep="first")
     shown = shown.merge(clicked, on=["request_id", "position"], how="left")
     shown["clicked"] = shown["clicked"].fillna(0).astype(int)
-    return shown.drop(columns=["type"]).sort_values(["served_at", "request_id", "position"], kind="stable").reset_index(
-        drop=True
+    return (
+        shown.drop(columns=["type"])
+        .sort_values(["served_at", "request_id", "position"], kind="stable")
+        .reset_index(drop=True)
     )

@@ -52,7 +52,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,9 +73,7 @@ _SEPARATOR = "\x1f"
 _TWO_TO_53 = float(2**53)
 
 _TOP_LEVEL_KEYS = frozenset({"experiment"})
-_EXPERIMENT_KEYS = frozenset(
-    {"name", "salt", "layer", "traffic", "offset", "start", "stop", "description", "arm"}
-)
+_EXPERIMENT_KEYS = frozenset({"name", "salt", "layer", "traffic", "offset", "start", "stop", "description", "arm"})
 _ARM_KEYS = frozenset({"name", "share", "policy", "model_version"})
 
 
@@ -247,9 +245,7 @@ class ExperimentSet:
                 assignments.append(Assignment(experiment.name, arm.name, arm.policy, arm.model_version))
         return assignments
 
-    def assign_many(
-        self, pseudonyms: Sequence[str] | np.ndarray, now: datetime | None = None
-    ) -> dict[str, np.ndarray]:
+    def assign_many(self, pseudonyms: Sequence[str] | np.ndarray, now: datetime | None = None) -> dict[str, np.ndarray]:
         """Experiment name -> arm index per pseudonym (-1: not in it). With ``now``, only
         the experiments active then; without, all declared ones (for simulations)."""
         ids = _validated_pseudonyms(pseudonyms)
@@ -264,7 +260,7 @@ def load_experiments(path: str | Path) -> ExperimentSet:
 
 def hash_uniform(domain: str, key: str, pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
     """``U(domain, key, pseudonym)`` for each pseudonym: float64 uniform on [0, 1)."""
-    prefix = f"{domain}{_SEPARATOR}{key}{_SEPARATOR}".encode("utf-8")
+    prefix = f"{domain}{_SEPARATOR}{key}{_SEPARATOR}".encode()
     digests = b"".join(
         [hashlib.sha256(prefix + p.encode("ascii")).digest()[:8] for p in np.asarray(pseudonyms).tolist()]
     )
@@ -347,7 +343,10 @@ def _parse_document(document: Mapping[str, Any], origin: str) -> tuple[Experimen
         reused = next((e.name for e in experiments if e.salt == experiment.salt), None)
         if reused is not None:
             raise DuplicateNameError(
-                origin, experiment.name, "salt", f"'{experiment.salt}' is also the salt of experiment '{reused}'",
+                origin,
+                experiment.name,
+                "salt",
+                f"'{experiment.salt}' is also the salt of experiment '{reused}'",
                 "Give every experiment its own salt: a shared salt makes their splits identical.",
             )
         if experiment.layer is not None:
@@ -363,16 +362,17 @@ def _parse_experiment(
 ) -> Experiment:
     name = table.get("name")
     if not isinstance(name, str) or not name:
-        raise MissingFieldError(
-            origin, f"#{position}", "name", "is missing or empty", "Name every [[experiment]]."
-        )
+        raise MissingFieldError(origin, f"#{position}", "name", "is missing or empty", "Name every [[experiment]].")
     _check_name(name, origin, name, "name")
     _reject_unknown_keys(table, _EXPERIMENT_KEYS, origin, name, "")
     salt = table.get("salt")
     if not isinstance(salt, str) or not salt.strip():
         raise MissingFieldError(
-            origin, name, "salt", "is missing or empty",
-            "Set a salt unique to this experiment, e.g. salt = \"2026-11-policy\".",
+            origin,
+            name,
+            "salt",
+            "is missing or empty",
+            'Set a salt unique to this experiment, e.g. salt = "2026-11-policy".',
         )
     layer = table.get("layer")
     if layer is not None:
@@ -394,7 +394,9 @@ def _parse_experiment(
         )
     if offset + traffic > 1.0 + SHARE_TOLERANCE:
         raise LayerOverflowError(
-            origin, name, "traffic",
+            origin,
+            name,
+            "traffic",
             f"layer '{layer or name}' is over 1: this slice is [{offset:g}, {offset + traffic:g})",
             "Lower 'traffic' here or in the layer's earlier experiments, or set 'offset' "
             "to reuse the slice of one whose window does not overlap.",
@@ -403,7 +405,10 @@ def _parse_experiment(
     stop = _utc_datetime(table, "stop", origin, name, required=False)
     if stop is not None and start >= stop:
         raise InvalidValueError(
-            origin, name, "stop", f"{stop.isoformat()} is not after start {start.isoformat()}",
+            origin,
+            name,
+            "stop",
+            f"{stop.isoformat()} is not after start {start.isoformat()}",
             "Set stop after start, or drop it for an open-ended experiment.",
         )
     description = table.get("description", "")
@@ -411,8 +416,15 @@ def _parse_experiment(
         raise InvalidValueError(origin, name, "description", "must be a string", "Quote the text.")
     arms = _parse_arms(table.get("arm"), origin, name)
     return Experiment(
-        name=name, salt=salt, arms=arms, start=start, stop=stop, layer=layer,
-        traffic=traffic, offset=offset, description=description,
+        name=name,
+        salt=salt,
+        arms=arms,
+        start=start,
+        stop=stop,
+        layer=layer,
+        traffic=traffic,
+        offset=offset,
+        description=description,
     )
 
 
@@ -443,20 +455,29 @@ def _parse_arms(tables: Any, origin: str, experiment: str) -> tuple[Arm, ...]:
         share = _number(table, "share", None, origin, experiment, field=f"arm '{arm_name}'.share")
         if not share > 0.0:
             raise InvalidValueError(
-                origin, experiment, f"arm '{arm_name}'.share", f"is {share}, not positive",
-                "Give the arm a share > 0 or remove it."
+                origin,
+                experiment,
+                f"arm '{arm_name}'.share",
+                f"is {share}, not positive",
+                "Give the arm a share > 0 or remove it.",
             )
         policy = table.get("policy")
         if policy is not None and policy not in POLICIES:
             raise InvalidValueError(
-                origin, experiment, f"arm '{arm_name}'.policy", f"'{policy}' is not a known policy",
+                origin,
+                experiment,
+                f"arm '{arm_name}'.policy",
+                f"'{policy}' is not a known policy",
                 f"Use one of {', '.join(sorted(POLICIES))}.",
             )
         model_version = table.get("model_version")
         if model_version is not None and (not isinstance(model_version, str) or not model_version):
             raise InvalidValueError(
-                origin, experiment, f"arm '{arm_name}'.model_version", "must be a non-empty string",
-                "Use the snapshot id, e.g. \"s-1234abcd\", or drop the key.",
+                origin,
+                experiment,
+                f"arm '{arm_name}'.model_version",
+                "must be a non-empty string",
+                'Use the snapshot id, e.g. "s-1234abcd", or drop the key.',
             )
         arms.append(Arm(arm_name, share, policy, model_version))
     total = math.fsum(arm.share for arm in arms)
@@ -474,7 +495,9 @@ def _check_layers(experiments: Sequence[Experiment], origin: str) -> None:
                 continue
             if first.offset < second.offset + second.traffic and second.offset < first.offset + first.traffic:
                 raise LayerOverflowError(
-                    origin, second.name, "offset",
+                    origin,
+                    second.name,
+                    "offset",
                     f"its slice [{second.offset:g}, {second.offset + second.traffic:g}) of layer "
                     f"'{second.layer}' overlaps experiment '{first.name}' "
                     f"[{first.offset:g}, {first.offset + first.traffic:g}) while both are active",
@@ -491,7 +514,9 @@ def _check_parameter_conflicts(experiments: Sequence[Experiment], origin: str) -
             shared = sorted(first.parameters_set & second.parameters_set)
             if shared:
                 raise ParameterConflictError(
-                    origin, second.name, shared[0],
+                    origin,
+                    second.name,
+                    shared[0],
                     f"experiment '{first.name}' (layer {first.layer or 'of its own'}) also sets "
                     f"'{shared[0]}' and their windows overlap, so one request could get two values",
                     "Put both in the same layer (disjoint users) or make their windows not overlap.",
@@ -504,7 +529,10 @@ def _reject_unknown_keys(
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise UnknownKeyError(
-            origin, experiment, f"{prefix}{unknown[0]}", "is not a known key",
+            origin,
+            experiment,
+            f"{prefix}{unknown[0]}",
+            "is not a known key",
             f"Allowed here: {', '.join(sorted(allowed))}.",
         )
 
@@ -512,7 +540,10 @@ def _reject_unknown_keys(
 def _check_name(value: str, origin: str, experiment: str, field: str) -> None:
     if not _NAME_PATTERN.fullmatch(value):
         raise InvalidValueError(
-            origin, experiment, field, f"'{value}' has characters outside letters, digits, '_', '.', '-'",
+            origin,
+            experiment,
+            field,
+            f"'{value}' has characters outside letters, digits, '_', '.', '-'",
             "Rename it: names go into 'experiment=arm;...' log labels.",
         )
 
@@ -541,10 +572,13 @@ def _utc_datetime(
     if not isinstance(value, datetime) or value.tzinfo is None:
         kind = "a date without time" if isinstance(value, date) and not isinstance(value, datetime) else repr(value)
         raise InvalidValueError(
-            origin, experiment, key, f"{kind} is not a datetime with a UTC offset",
+            origin,
+            experiment,
+            key,
+            f"{kind} is not a datetime with a UTC offset",
             f"Write an offset datetime such as {key} = 2026-11-01T00:00:00Z.",
         )
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def _require_aware(now: datetime) -> datetime:
@@ -564,9 +598,7 @@ def _validated_pseudonyms(pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
             f"pseudonyms must be strings, got dtype {ids.dtype}: assign the 32-hex HMAC pseudonym, never a raw id"
         )
     as_list = ids.tolist()
-    bad = next(
-        (p for p in as_list if not isinstance(p, str) or len(p) != PSEUDONYM_HEX_CHARS), None
-    )
+    bad = next((p for p in as_list if not isinstance(p, str) or len(p) != PSEUDONYM_HEX_CHARS), None)
     if bad is None and not set("".join(as_list)) <= _HEX_DIGITS:
         bad = next(p for p in as_list if not PSEUDONYM_PATTERN.fullmatch(p))
     if bad is not None:
@@ -577,7 +609,7 @@ def _validated_pseudonyms(pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
     return ids
 
 
-def explode_event_log(events: "pd.DataFrame") -> "pd.DataFrame":
+def explode_event_log(events: pd.DataFrame) -> pd.DataFrame:
     """The served log (one row per event, ``experiments`` = the request's assignment label)
     as one row per (event, experiment): columns user, experiment, arm, type, timestamp —
     what :func:`adrec_assets.abtest.report.per_user_table` reads."""

@@ -276,14 +276,19 @@ class FreshAdEffects:
             values = np.asarray([shared[str(view.ad_ids[row])] for row in rows])
             mean[rows], precision[rows] = values[:, 0], values[:, 1]
             moved = int(np.count_nonzero((mean[rows] != view.mean[rows]) | (precision[rows] != view.precision[rows])))
-            self._view = view._replace(mean=mean, precision=precision, synced_mean=mean.copy(), synced_precision=precision.copy())
+            self._view = view._replace(
+                mean=mean, precision=precision, synced_mean=mean.copy(), synced_precision=precision.copy()
+            )
             return moved
 
     def learnt(self) -> dict[str, tuple[float, float]]:
         """Ad id -> (mean, precision) of every fresh ad that has left its prior."""
         view = self._view
         moved = view.precision != view.prior_precision
-        return {str(ad): (float(m), float(h)) for ad, m, h in zip(view.ad_ids[moved], view.mean[moved], view.precision[moved])}
+        return {
+            str(ad): (float(m), float(h))
+            for ad, m, h in zip(view.ad_ids[moved], view.mean[moved], view.precision[moved])
+        }
 
 
 def effects_to_arrays(learnt: Mapping[str, tuple[float, float]], prior_sd: float) -> dict[str, np.ndarray]:

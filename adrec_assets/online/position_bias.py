@@ -133,9 +133,7 @@ def theta_covering(theta: np.ndarray, n_positions: int) -> np.ndarray:
     return theta if len(theta) >= n_positions else np.concatenate([theta, np.full(n_positions - len(theta), theta[-1])])
 
 
-def click_weight(
-    position: int | np.ndarray, theta: np.ndarray, cap: float = DEFAULT_CLICK_WEIGHT_CAP
-) -> np.ndarray:
+def click_weight(position: int | np.ndarray, theta: np.ndarray, cap: float = DEFAULT_CLICK_WEIGHT_CAP) -> np.ndarray:
     """Inverse-propensity weight ``min(1 / theta_k, cap)`` of a click at ``position``.
 
     For consumers that only see clicks (the user-vector EMA, the click weights of the user-space
@@ -453,7 +451,7 @@ def estimate_regression_em(
     weights[-1] = np.log(click_rate / (1 - click_rate)) if click_rate < 1 else 0.0
     converged = False
     iteration = 0
-    for iteration in range(1, max_iterations + 1):
+    for iteration in range(1, max_iterations + 1):  # noqa: B007 - reported after the loop
         gamma = expit(features @ weights)
         examined = theta[position]
         skip_denominator = 1.0 - examined * gamma
@@ -489,7 +487,11 @@ def estimate_position_bias(
     data = impressions.copy()
     data["clicked"] = data["clicked"].astype(int)
     randomized = data[data["randomized"].astype(bool)]
-    if len(randomized) and randomized["clicked"].sum() >= min_clicks and randomized.loc[randomized.position == 0, "clicked"].any():
+    if (
+        len(randomized)
+        and randomized["clicked"].sum() >= min_clicks
+        and randomized.loc[randomized.position == 0, "clicked"].any()
+    ):
         return estimate_from_randomized(data)
     if data["clicked"].sum() >= min_clicks and data.loc[data.position == 0, "clicked"].any():
         return estimate_regression_em(data, list(feature_columns))

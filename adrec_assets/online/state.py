@@ -110,8 +110,13 @@ def _theta_of(store: SnapshotStore, snapshot: Snapshot) -> np.ndarray:
 
 
 def load_state(
-    snapshots: SnapshotStore, snapshot: Snapshot, online: OnlineStore, index_backend: str = "faiss",
-    prior_depth: int = 1000, fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD, fresh_scope: str = "live",
+    snapshots: SnapshotStore,
+    snapshot: Snapshot,
+    online: OnlineStore,
+    index_backend: str = "faiss",
+    prior_depth: int = 1000,
+    fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD,
+    fresh_scope: str = "live",
 ) -> ModelState:
     """Load ``snapshot`` completely, then apply the store's live ads and retirements;
     ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS.
@@ -121,7 +126,9 @@ def load_state(
     serves every one of them exactly instead of an approximate search each."""
     indexed = snapshots.load("ad_index", snapshot)
     if index_backend == "numpy":
-        indexed = IndexedAds(NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10)
+        indexed = IndexedAds(
+            NumpyIndex.from_index(indexed.index), indexed.space, indexed.encoder_id, indexed.recall_at_10
+        )
     users = snapshots.load("served_users", snapshot)
     posterior, fresh = _posterior_of(snapshots, snapshot, users.dim, fresh_prior_sd, online, users.space)
     state = ModelState(

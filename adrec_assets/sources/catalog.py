@@ -16,7 +16,6 @@ from adrec_assets.ml.types import AdCatalog, str_array
 from adrec_assets.settings import DATA_DIR
 
 
-
 def data_dir() -> Path:
     """``$ADREC_DATA_DIR`` or the repository's ``data/`` folder."""
     return DATA_DIR.get()

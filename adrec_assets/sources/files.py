@@ -296,8 +296,9 @@ def _clicks_spec(path: Path, where: str, limits: SourceLimits) -> TableSpec:
         path,
         where,
         (
-            Column(USER_ID, Kind.ID, required=False, secret=True, max_chars=limits.max_id_chars,
-                   limit_name="max_id_chars"),
+            Column(
+                USER_ID, Kind.ID, required=False, secret=True, max_chars=limits.max_id_chars, limit_name="max_id_chars"
+            ),
             Column(USER_PSEUDONYM, Kind.PSEUDONYM, required=False, secret=True, fix=pseudonym_fix),
             Column(AD_ID, Kind.ID, max_chars=limits.max_id_chars, limit_name="max_id_chars"),
             Column(TIMESTAMP, Kind.INT, required=False),
@@ -456,8 +457,10 @@ def write_source(
 def _image_file_name(ad_id: str, path: str, used: set[str]) -> str:
     """A file name for an ad's copied image that cannot leave the images folder."""
     suffix = Path(path).suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,10}", Path(path).suffix) else ""
-    stem = ad_id if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", ad_id) else (
-        "ad-" + hashlib.sha256(ad_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    stem = (
+        ad_id
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", ad_id)
+        else ("ad-" + hashlib.sha256(ad_id.encode("utf-8", "surrogatepass")).hexdigest()[:16])
     )
     name, n = stem + suffix, 1
     while name.lower() in used:

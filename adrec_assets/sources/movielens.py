@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from adrec_assets.sources import SourceError
 from adrec_assets.ml.fields import CATEGORICAL, NUMERIC, FieldSpec
-from adrec_assets.sources.files import ADS_FILENAMES, AD_ID, CLICKS_DIRNAME, TEXT, TIMESTAMP, USER_ID, write_field_specs
+from adrec_assets.sources import SourceError
+from adrec_assets.sources.files import AD_ID, ADS_FILENAMES, CLICKS_DIRNAME, TEXT, TIMESTAMP, USER_ID, write_field_specs
 from adrec_assets.sources.folders import check_out_dir, write_folder_atomically
 from adrec_assets.sources.tables import Column, Kind, TableSpec, read_table
 
@@ -338,12 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert a MovieLens folder (ml-latest or ml-100k layout) into a file click source. "
         "GroupLens licence: research use, no redistribution; never commit the output.",
     )
-    parser.add_argument(
-        "src_dir", type=Path, help="MovieLens folder (movies.csv + ratings.csv, or u.item + u.data)"
-    )
-    parser.add_argument(
-        "out_dir", type=Path, help="click source folder to create, e.g. data/sources/ml-latest-small"
-    )
+    parser.add_argument("src_dir", type=Path, help="MovieLens folder (movies.csv + ratings.csv, or u.item + u.data)")
+    parser.add_argument("out_dir", type=Path, help="click source folder to create, e.g. data/sources/ml-latest-small")
     parser.add_argument(
         "--min-rating",
         type=_finite_float,
@@ -351,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="R",
         help="keep only ratings >= R as clicks (default: every rating is a click)",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing non-empty output folder"
-    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:

@@ -492,7 +492,7 @@ def _shown(value: object, column: Column) -> str:
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS - 20]}... ({len(text)} characters)"
+    return text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 20]}... ({len(text)} characters)"
 
 
 def _as_str_cells(cells: pd.Series, text_cells: bool) -> bool:
@@ -561,9 +561,8 @@ def _check_strings(column: Column, cells: pd.Series, text_cells: bool) -> _Check
                 f"has {name} of {lengths[i]} characters ({preview}), more than the limit of "
                 f"{column.max_chars}; shorten it{setting}"
             )
-        return (
-            f"has {name}={_shown(value, column)}, which is not {PSEUDONYM_HEX_CHARS} lowercase hex characters"
-            + (f"; {column.fix}" if column.fix else "")
+        return f"has {name}={_shown(value, column)}, which is not {PSEUDONYM_HEX_CHARS} lowercase hex characters" + (
+            f"; {column.fix}" if column.fix else ""
         )
 
     return _Checked(strings, wrong_type | empty | too_long | malformed, reason, truncated)

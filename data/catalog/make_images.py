@@ -6,6 +6,7 @@ this script and draws one image for every row whose ``image`` column is set.
 
     python data/catalog/make_images.py
 """
+
 from __future__ import annotations
 
 import csv

@@ -100,9 +100,7 @@ class ImageAccess:
                 dir_fd = inner
             before = os.stat(parts[-1], dir_fd=dir_fd, follow_symlinks=False)
             if stat.S_ISLNK(before.st_mode):
-                raise ImageRefused(
-                    f"{path} is a symlink now (the catalogue stored it resolved); re-read the source"
-                )
+                raise ImageRefused(f"{path} is a symlink now (the catalogue stored it resolved); re-read the source")
             _require_regular(before, path)
             try:
                 fd = os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=dir_fd)

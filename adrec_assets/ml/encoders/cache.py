@@ -205,8 +205,12 @@ class EncodingCache:
                 vectors = data["vectors"]
                 has_image = data["has_image"]
         except Exception as exc:  # noqa: BLE001 - any unreadable file is just a cold cache
-            log.warning("encoding cache %s unreadable (%s: %s); ignoring it, it will be rewritten",
-                        path, type(exc).__name__, exc)
+            log.warning(
+                "encoding cache %s unreadable (%s: %s); ignoring it, it will be rewritten",
+                path,
+                type(exc).__name__,
+                exc,
+            )
             return None
         problem = None
         if stored_id != encoder_id:

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adrec_assets.settings import JINA_PATH
 from adrec_assets.ml.encoders.base import (
     AD_EMBEDDING_DIM,
     EncodeResult,
@@ -45,6 +44,7 @@ from adrec_assets.ml.encoders.base import (
     l2_normalize,
     load_rgb_center_crop,
 )
+from adrec_assets.settings import JINA_PATH
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,7 @@ def check_jina_available(path: str | None = None) -> JinaAvailability:
     (no torch/transformers import): used by ``auto`` selection and before loading."""
     explicit = path or JINA_PATH.get()
     cache = hf_hub_cache()
-    searched = (
-        f"{explicit} (resource config / ${JINA_PATH.name})" if explicit else f"HF cache {cache} ({MODEL_REPO})"
-    )
+    searched = f"{explicit} (resource config / ${JINA_PATH.name})" if explicit else f"HF cache {cache} ({MODEL_REPO})"
     weights_dir = locate_jina_weights(path)
     return JinaAvailability(
         weights_dir=weights_dir,
@@ -308,7 +306,11 @@ class JinaClipV2Encoder:
             model = load_jina_model(self.weights_dir, device)
             log.info(
                 "Jina CLIP v2 loaded from %s (revision %s) on %s, %s, in %.1f s",
-                self.weights_dir, self.revision or "unknown", model.device, model.dtype, time.perf_counter() - start,
+                self.weights_dir,
+                self.revision or "unknown",
+                model.device,
+                model.dtype,
+                time.perf_counter() - start,
             )
         self.model = model
 

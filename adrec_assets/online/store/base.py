@@ -223,7 +223,9 @@ class OnlineStore(ABC):
     def __enter__(self) -> OnlineStore:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # -- backend hooks (inputs already validated / encoded)
@@ -231,7 +233,9 @@ class OnlineStore(ABC):
     def _get_users(self, space: str, pseudonyms: list[str]) -> list[UserState | None]: ...
 
     @abstractmethod
-    def _update_user(self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray: ...
+    def _update_user(
+        self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]
+    ) -> np.ndarray: ...
 
     @abstractmethod
     def _drop_user_space(self, space: str) -> int: ...

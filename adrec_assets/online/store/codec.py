@@ -125,9 +125,13 @@ def _encode_arrays(name: str, arrays: object) -> bytes:
         if arr.dtype.kind not in _ARRAY_KINDS:
             raise InvalidArraysError(f"arrays {name!r}[{key!r}]: dtype {arr.dtype} cannot be stored without pickle")
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-            raise InvalidArraysError(f"arrays {name!r}[{key!r}]: contains NaN or inf; shared model state must be finite")
+            raise InvalidArraysError(
+                f"arrays {name!r}[{key!r}]: contains NaN or inf; shared model state must be finite"
+            )
         data = np.ascontiguousarray(arr).tobytes()
-        entries.append({"key": key, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": len(data)})
+        entries.append(
+            {"key": key, "dtype": arr.dtype.str, "shape": list(arr.shape), "offset": offset, "nbytes": len(data)}
+        )
         chunks.append(data)
         offset += len(data)
     return _pack({"arrays": entries}, b"".join(chunks))

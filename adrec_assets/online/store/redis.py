@@ -76,7 +76,9 @@ class RedisStore(OnlineStore):
 
         self._redis_mod = redis
         self.url = url
-        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s)
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s
+        )
         self._prefix = f"adrec:{{{self.namespace}}}:"
         self._max_retries = int(max_update_retries)
         self._append = self._client.register_script(_APPEND_LUA)
@@ -105,7 +107,9 @@ class RedisStore(OnlineStore):
             pipe.hgetall(self._key("user", space, p))
         return [self._state(f) for f in pipe.execute()]
 
-    def _read_modify_write(self, key: str, compute: Callable[[Any], tuple[Any, Callable[[Any], object]]], what: str) -> Any:
+    def _read_modify_write(
+        self, key: str, compute: Callable[[Any], tuple[Any, Callable[[Any], object]]], what: str
+    ) -> Any:
         """Optimistic transaction on one key: WATCH it, ``compute(pipe)`` reads (immediate
         mode) and returns (result, write(pipe)); the write is queued in MULTI and executed.
         Another writer in between makes EXEC fail: re-read and re-compute, ``max_update_retries``
@@ -123,7 +127,9 @@ class RedisStore(OnlineStore):
                     continue  # another writer changed the key in between: re-read, re-apply
                 finally:
                     pipe.reset()
-        raise ConcurrentUpdateError(f"{what} lost {self._max_retries} races in a row; raise max_update_retries or write it less often")
+        raise ConcurrentUpdateError(
+            f"{what} lost {self._max_retries} races in a row; raise max_update_retries or write it less often"
+        )
 
     def _update_user(self, space: str, pseudonym: str, apply: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
         key = self._key("user", space, pseudonym)
@@ -132,7 +138,9 @@ class RedisStore(OnlineStore):
             state = self._state(pipe.hgetall(key))
             new = apply(None if state is None else state.vector)
             n = 1 if state is None else state.n_updates + 1
-            return new, lambda p: p.hset(key, mapping={"v": _vector_bytes(new), "n": n, "t": repr(float(self._clock()))})
+            return new, lambda p: p.hset(
+                key, mapping={"v": _vector_bytes(new), "n": n, "t": repr(float(self._clock()))}
+            )
 
         return self._read_modify_write(key, compute, f"update_user({space!r}, {pseudonym!r})")
 
