@@ -35,7 +35,7 @@ def seeded_and_deterministic(seed: int) -> Iterator[None]:
     Without deterministic kernels the scatter-add in the embedding backward pass sums in
     thread order, and two identical runs differ in the 7th decimal. Without flushing,
     tiny gradients late in training become denormal floats and x86 CPUs process them
-    ~3x slower (benchmarks/README.md, "Denormal floats"). The RNG state
+    much more slowly (benchmarks/README.md, "Denormal floats"). The RNG state
     and the deterministic flag are restored afterwards; denormal flushing is switched
     back off (torch has no getter for it).
     """
@@ -176,8 +176,14 @@ def fit_epochs(
 
 def _schedule(params: Any, n_pairs: int, refresh_epochs: int | None, at_least_one_pass: bool) -> tuple[int, int]:
     """(epochs to iterate, steps to run) of a full training or, with ``refresh_epochs``, a refresh."""
-    full = planned_steps(params.epochs, params.min_steps, params.max_steps, n_pairs, params.batch_size, at_least_one_pass)
-    steps = full if refresh_epochs is None else refresh_steps(full, refresh_epochs, params.epochs, n_pairs, params.batch_size)
+    full = planned_steps(
+        params.epochs, params.min_steps, params.max_steps, n_pairs, params.batch_size, at_least_one_pass
+    )
+    steps = (
+        full
+        if refresh_epochs is None
+        else refresh_steps(full, refresh_epochs, params.epochs, n_pairs, params.batch_size)
+    )
     return -(-steps // steps_per_epoch(n_pairs, params.batch_size)), steps
 
 
@@ -302,9 +308,7 @@ def train_projector(
         content = torch.from_numpy(features)
         if init_state is not None:
             model.load_state_dict(init_state)
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True
-        )
+        opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True)
         model.train()
 
         def batch_loss(ads: np.ndarray, clickers: np.ndarray) -> torch.Tensor:
@@ -319,9 +323,7 @@ def train_projector(
         history = fit_epochs(n_epochs, lambda: sampler.epoch(params.batch_size), batch_loss, opt, progress, steps)
     fit_popularity_head(model, graph, features, params.seed)
     model.eval()
-    return ProjectorTrainingResult(
-        model=model, history=history, n_trained_ads=int((graph.ad_degrees() > 0).sum())
-    )
+    return ProjectorTrainingResult(model=model, history=history, n_trained_ads=int((graph.ad_degrees() > 0).sum()))
 
 
 def fit_popularity_head(model: Projector, graph: ClickGraph, ad_content: np.ndarray, seed: int) -> None:
@@ -342,7 +344,9 @@ def fit_popularity_head(model: Projector, graph: ClickGraph, ad_content: np.ndar
         model.popularity.bias.fill_(float(weights[-1, 0]))
 
 
-def _input_chunks(model: Projector, content: np.ndarray, field_cells: Cells | None, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _input_chunks(
+    model: Projector, content: np.ndarray, field_cells: Cells | None, batch_size: int
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(first row, the model's inputs) per chunk of ``batch_size`` ads: content plus encoded
     fields, built once per chunk whatever is computed from them."""
     for begin in range(0, len(content), batch_size):
@@ -367,7 +371,9 @@ def project_with_bias(
 
 
 @torch.inference_mode()
-def score_bias(model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096) -> np.ndarray:
+def score_bias(
+    model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096
+) -> np.ndarray:
     """``popularity_weight * popularity_z`` per ad, (n,) float32: added to the cosine."""
     model.eval()
     bias = np.empty(len(content), dtype=np.float32)
@@ -377,7 +383,9 @@ def score_bias(model: Projector, content: np.ndarray, field_cells: Cells | None 
 
 
 @torch.inference_mode()
-def project(model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096) -> np.ndarray:
+def project(
+    model: Projector, content: np.ndarray, field_cells: Cells | None = None, batch_size: int = 4096
+) -> np.ndarray:
     """Map content vectors (and the ads' structured fields, one cell per row) into user
     space (eval mode: no dropout), (n, out_dim) unit rows."""
     model.eval()

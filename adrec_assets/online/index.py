@@ -11,10 +11,11 @@ Kinds:
 * ``"hnsw"``: ``IndexHNSWFlat(d+1, M, METRIC_INNER_PRODUCT)``. HNSW cannot delete, so a
   retired ad stays in the graph as a *tombstone* and searches pass an ``IDSelectorBitmap``
   of live rows in ``SearchParametersHNSW``: faiss still walks through tombstones (the graph
-  stays connected, recall holds) but never returns them. Measured at 100k ads: recall@10
-  unchanged with 1-50 % random tombstones and no added latency; over-fetching
-  ``k + n_tombstones`` and filtering in Python cost 8x the latency at 1 % tombstones, and
-  over-fetching a fixed factor matched the selector only while tombstones are spread evenly.
+  stays connected, recall holds) but never returns them. Measured: the selector kept
+  recall@10 and added no latency across tombstone shares; over-fetching
+  ``k + n_tombstones`` and filtering in Python multiplied the latency even with few
+  tombstones, and over-fetching a fixed factor matched the selector only while tombstones
+  are spread evenly.
   Slots are HNSW row numbers (rows are append-only), so no ``IndexIDMap2`` is needed and the
   selector works on rows directly. Tombstones crowded where queries score highest (e.g. a
   popular ad replaced many times) can fill the search beam so that HNSW returns fewer than k
@@ -25,9 +26,9 @@ Kinds:
   a snapshot's index at load time (``ADREC_SERVE_INDEX=numpy``): the baseline FAISS is
   measured against and a way to rule the index out when debugging. Never persisted.
 
-Live changes cost ~1 ms per HNSW add at 1M ads (efConstruction 200), except the first add
-after a build or load, which stalls ~0.4 s while faiss grows its arrays (searches wait on the
-lock meanwhile); a remove is ~0.05 ms.
+Live changes are cheap: an HNSW add costs little and a remove less, except the first add
+after a build or load, which stalls while faiss grows its arrays (searches wait on the lock
+meanwhile).
 
 Slots are int64 handles issued sequentially and never reused; a re-added ad gets a new slot.
 ``ad_id(slot)`` keeps resolving retired slots, so a result read just before a concurrent
@@ -43,9 +44,9 @@ OpenMP: faiss' ``omp_set_num_threads`` is *per calling thread* (libgomp ICVs), s
 once in the main thread does not reach the service's worker threads. ``search`` therefore
 takes ``threads`` (default :data:`SEARCH_THREADS` = 1), sets it for the call and restores
 the caller's value. Measured on 2 cores: a single HNSW query runs on one thread anyway (no
-difference), while a flat search over 100k ads took 5.8 ms with 2 threads instead of 2.5 ms
-with 1, and 8 concurrent clients fell from ~560 to ~170 QPS (oversubscription). Batch
-callers (recall checks) pass more threads.
+difference), while a flat search was slower with 2 threads than with 1, and 8 concurrent
+clients lost most of their throughput (oversubscription). Batch callers (recall checks) pass
+more threads.
 
 Persistence never pickles: :meth:`AdIndex.to_arrays` gives plain numeric arrays (the faiss
 index as ``uint8`` from ``faiss.serialize_index``, ids as UTF-8 bytes + offsets, a live mask
@@ -56,8 +57,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -192,7 +193,9 @@ class _TopK:
         self.rows = np.zeros((n_queries, 0), dtype=np.int64)
 
     def push(self, block_scores: np.ndarray, first_row: int) -> None:
-        rows = np.broadcast_to(np.arange(first_row, first_row + block_scores.shape[1], dtype=np.int64), block_scores.shape)
+        rows = np.broadcast_to(
+            np.arange(first_row, first_row + block_scores.shape[1], dtype=np.int64), block_scores.shape
+        )
         scores = np.concatenate([self.scores, block_scores], axis=1)
         rows = np.concatenate([self.rows, rows], axis=1)
         if scores.shape[1] > self.k:
@@ -300,7 +303,10 @@ class _SlotTable(ABC):
             scores, slots = self._exact_top(q, depth)
             keep = slots[0] >= 0
             self._pinned = _PinnedQuery(
-                q[0].copy(), depth, slots[0][keep].astype(np.int64), scores[0][keep].astype(np.float32),
+                q[0].copy(),
+                depth,
+                slots[0][keep].astype(np.int64),
+                scores[0][keep].astype(np.float32),
                 complete=int(keep.sum()) == len(self._slot_of),
             )
 
@@ -336,7 +342,9 @@ class _SlotTable(ABC):
         if pinned is None:
             return
         keep = ~np.isin(pinned.slots, slots)
-        self._pinned = _PinnedQuery(pinned.query, pinned.depth, pinned.slots[keep], pinned.scores[keep], pinned.complete)
+        self._pinned = _PinnedQuery(
+            pinned.query, pinned.depth, pinned.slots[keep], pinned.scores[keep], pinned.complete
+        )
 
     @abstractmethod
     def remove_many(self, ad_ids: Iterable[str]) -> None:
@@ -438,8 +446,12 @@ class AdIndex(_SlotTable):
         OpenMP thread (parallel insertion order varies), ``from_arrays`` always is exact.
         """
         ids, vecs, bias = _checked_ads(ad_ids, vectors, score_bias)
-        limits = (("exact_max_ads", exact_max_ads, 0), ("hnsw_m", hnsw_m, 2), ("ef_construction", ef_construction, 1),
-                  ("ef_search", ef_search, 1))
+        limits = (
+            ("exact_max_ads", exact_max_ads, 0),
+            ("hnsw_m", hnsw_m, 2),
+            ("ef_construction", ef_construction, 1),
+            ("ef_search", ef_search, 1),
+        )
         for name, value, low in limits:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InvalidAdError(f"{name} must be an int >= {low}, got {value!r}")
@@ -633,7 +645,13 @@ class AdIndex(_SlotTable):
             encoded = [s.encode("utf-8") for s in self._slot_ids]
             offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
             np.cumsum([len(b) for b in encoded], out=offsets[1:])
-            meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": self._kind, "dim": self._dim, **self._params}
+            meta = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "kind": self._kind,
+                "dim": self._dim,
+                **self._params,
+            }
             return {
                 "meta_json": np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8).copy(),
                 "faiss_index": faiss.serialize_index(self._index),
@@ -966,5 +984,5 @@ class IndexedAds:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> IndexedAds:
         fields = Fields(arrays, cls.type_tag)
-        index = AdIndex.from_arrays({k[len("index__"):]: v for k, v in arrays.items() if k.startswith("index__")})
+        index = AdIndex.from_arrays({k[len("index__") :]: v for k, v in arrays.items() if k.startswith("index__")})
         return cls(index, fields.text("space"), fields.text("encoder_id"), float(fields.array("recall_at_10")))

@@ -459,7 +459,10 @@ class ThompsonPolicy(_BasePolicy):
         return posterior
 
     def _sampled_scores(
-        self, posterior: LaplaceLogisticPosterior, user: np.ndarray, candidate_vectors: np.ndarray,
+        self,
+        posterior: LaplaceLogisticPosterior,
+        user: np.ndarray,
+        candidate_vectors: np.ndarray,
         rng: np.random.Generator,
     ) -> np.ndarray:
         """(N', M) sampled logits of the candidates under M fresh posterior draws.
@@ -581,7 +584,7 @@ class ThompsonPolicy(_BasePolicy):
 
 def _not_in(slots: np.ndarray, others: np.ndarray) -> np.ndarray:
     """``slots`` without those in ``others``, order kept (a binary search each in the sorted
-    ``others``: ~4 us for 100 in 110 against ~30 us for ``np.isin``, which sorts both)."""
+    ``others``: several times faster than ``np.isin``, which sorts both)."""
     if not len(others) or not len(slots):
         return slots
     ordered = np.sort(others)

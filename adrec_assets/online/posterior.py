@@ -17,7 +17,7 @@ and off-policy evaluation need), and the prior ``s (u.p + b) + c`` is a logit wi
 ``sigmoid(c)``. Cost at d = 128 (p = 130 parameters): per event batch of n impressions, a few
 damped Newton steps on the exact MAP objective with the previous posterior as prior
 (sequential Laplace: the new precision is the Hessian at the new mean), ``O(n p^2 + p^3)``
-each, about 0.1-0.5 s for 20k impressions here. After every update the inverse Cholesky
+each, cheap enough to run on every event batch. After every update the inverse Cholesky
 factor ``L^-1`` of the precision is cached, so a draw is ``mean + L^-T z``: one p x p
 product, never a factorization per request. (Rank-one Sherman-Morrison updates cost
 ``O(p^2)`` per impression but are exact only for the Gaussian model; batches make the Newton
@@ -249,8 +249,13 @@ class LaplaceLogisticPosterior:
         return features, clicks.astype(np.float64), weights
 
     def _laplace_map(
-        self, features: np.ndarray, targets: np.ndarray, weights: np.ndarray, start: np.ndarray,
-        max_newton_steps: int, tolerance: float,
+        self,
+        features: np.ndarray,
+        targets: np.ndarray,
+        weights: np.ndarray,
+        start: np.ndarray,
+        max_newton_steps: int,
+        tolerance: float,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(MAP, Hessian at the MAP) of the weighted logistic likelihood times the current posterior."""
         prior_mean, prior_precision = self._state.mean, self._state.precision
@@ -406,12 +411,14 @@ class PolicyPosterior:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PolicyPosterior:
         f = Fields(arrays, cls.type_tag)
         posterior = LaplaceLogisticPosterior.from_arrays(
-            {k[len("posterior__"):]: v for k, v in arrays.items() if k.startswith("posterior__")}
+            {k[len("posterior__") :]: v for k, v in arrays.items() if k.startswith("posterior__")}
         )
         fresh: dict[str, tuple[float, float]] = {}
         prior_sd = DEFAULT_FRESH_PRIOR_SD
         if "fresh__ad_ids" in arrays:  # artifacts written before fresh-ad effects have none
-            fresh, prior_sd = effects_from_arrays({k[len("fresh__"):]: v for k, v in arrays.items() if k.startswith("fresh__")})
+            fresh, prior_sd = effects_from_arrays(
+                {k[len("fresh__") :]: v for k, v in arrays.items() if k.startswith("fresh__")}
+            )
         return cls(posterior, f.text("space"), int(f.array("n_impressions")), int(f.array("n_clicks")), fresh, prior_sd)
 
 

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Container, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,9 @@ class RecommendationService:
                 try:
                     action()
                 except Exception:  # noqa: BLE001 - a background failure is logged, never fatal
-                    log.exception("background %s failed; retrying in %.1f s", getattr(action, "__name__", action), seconds)
+                    log.exception(
+                        "background %s failed; retrying in %.1f s", getattr(action, "__name__", action), seconds
+                    )
 
         return loop
 
@@ -219,8 +221,13 @@ class RecommendationService:
             if current is None or (self._state is not None and self._state.version == current):
                 return False
             new = load_state(
-                self.snapshots, self.snapshots.snapshot(current), self.online, self.config.index_backend,
-                self.config.max_k, self.config.fresh_prior_sd, self.config.fresh_scope,
+                self.snapshots,
+                self.snapshots.snapshot(current),
+                self.online,
+                self.config.index_backend,
+                self.config.max_k,
+                self.config.fresh_prior_sd,
+                self.config.fresh_scope,
             )
             self._pinned = self._load_pinned(new)
             old, self._state = self._state, new  # the one moment a new version starts serving
@@ -248,8 +255,13 @@ class RecommendationService:
         for version in wanted - {current.version}:
             try:
                 pinned[version] = self._pinned.get(version) or load_state(
-                    self.snapshots, self.snapshots.snapshot(version), self.online, self.config.index_backend,
-                    self.config.max_k, self.config.fresh_prior_sd, self.config.fresh_scope,
+                    self.snapshots,
+                    self.snapshots.snapshot(version),
+                    self.online,
+                    self.config.index_backend,
+                    self.config.max_k,
+                    self.config.fresh_prior_sd,
+                    self.config.fresh_scope,
                 )
             except SnapshotError as exc:
                 log.warning("experiment arm model_version %s cannot be served: %s", version, exc)
@@ -303,7 +315,7 @@ class RecommendationService:
             raise BadRequest(f"policy must be one of {list(POLICIES)}, got {policy!r}", "policy")
         pseudonym = self._pseudonym(user_id)
         now = self._clock()
-        assignments = self.experiments.assign(pseudonym, datetime.fromtimestamp(now, timezone.utc))
+        assignments = self.experiments.assign(pseudonym, datetime.fromtimestamp(now, UTC))
         overrides = merge_assignments(assignments)
         state = self.state  # one snapshot for the whole request
         if overrides.model_version and overrides.model_version != state.version:
@@ -314,7 +326,11 @@ class RecommendationService:
         request_id = self._next_request_id()
         with _one_blas_thread():
             slate = self._policy(state, chosen).recommend(vector, state.index, k, self._rng(request_id))
-        served = [(int(slot), float(score), float(p)) for slot, score, p in zip(slate.slots, slate.scores, slate.propensities) if slot >= 0]
+        served = [
+            (int(slot), float(score), float(p))
+            for slot, score, p in zip(slate.slots, slate.scores, slate.propensities)
+            if slot >= 0
+        ]
         ad_ids = state.index.ad_ids(np.asarray([s for s, _, _ in served], dtype=np.int64)).tolist()
         label = format_assignment_label(assignments)
         record = {
@@ -355,7 +371,9 @@ class RecommendationService:
         for number, event in enumerate(events):
             where = f"events[{number}]"
             request_id = event["request_id"]
-            record = records.get(request_id) or (self.online.get_request(request_id) if _REQUEST_ID.fullmatch(request_id) else None)
+            record = records.get(request_id) or (
+                self.online.get_request(request_id) if _REQUEST_ID.fullmatch(request_id) else None
+            )
             if record is None:
                 raise NotFound(f"{where}.request_id {request_id!r} is unknown or expired: post events of served requests",
                                f"{where}.request_id")  # fmt: skip
@@ -365,7 +383,8 @@ class RecommendationService:
             position = event["position"]
             if not 0 <= position < len(record["ads"]):
                 raise Conflict(
-                    f"{where}.position {position} is outside the {len(record['ads'])} served positions", f"{where}.position"
+                    f"{where}.position {position} is outside the {len(record['ads'])} served positions",
+                    f"{where}.position",
                 )
             if record["ads"][position] != event["ad_id"]:
                 raise Conflict(
@@ -504,7 +523,7 @@ class RecommendationService:
 
     def _catalog_ids(self) -> Container[str]:
         """The served snapshot's catalogue ids, for membership tests (its own mapping: a
-        frozenset copy of a 1M-ad catalogue held the GIL ~76 ms on every flush)."""
+        frozenset copy of a large catalogue held the GIL on every flush)."""
         state = self._state
         return state.catalog_row.keys() if state is not None else frozenset()
 
@@ -528,7 +547,9 @@ class RecommendationService:
             raise Conflict(f"ad {ad_id!r} already exists; retire it first or choose another id", "ad_id")
         if image is not None:
             if len(image) > self.config.max_image_bytes:
-                raise BadRequest(f"image has {len(image)} bytes, more than {self.config.max_image_bytes}", "image_base64")
+                raise BadRequest(
+                    f"image has {len(image)} bytes, more than {self.config.max_image_bytes}", "image_base64"
+                )
             _check_image(image)
         if content is None:
             if self._encoder is None:
@@ -578,7 +599,9 @@ class RecommendationService:
             path.write_bytes(image)
             result = self._encoder.encode([text], [str(path)], ImageAccess(root=str(folder), max_bytes=len(image)))
             if result.n_image_failures:
-                raise BadRequest(f"image of ad {ad_id!r} could not be decoded ({result.image_failures[0][2]})", "image_base64")
+                raise BadRequest(
+                    f"image of ad {ad_id!r} could not be decoded ({result.image_failures[0][2]})", "image_base64"
+                )
             return result.vectors[0]
         finally:
             for child in folder.iterdir():
@@ -629,7 +652,7 @@ class RecommendationService:
 @functools.lru_cache(maxsize=1)
 def _blas_controller() -> ThreadpoolController:
     """The loaded BLAS libraries, found once: ``threadpool_limits`` scans every loaded library
-    on each call (1.3 ms here, more than the rest of a greedy request)."""
+    on each call, which cost more than the rest of a greedy request."""
     return ThreadpoolController()
 
 
@@ -638,7 +661,7 @@ _BLAS_PINNED = False
 
 def pin_blas_to_one_thread() -> None:
     """For serving processes (``python -m adrec_assets.serve``): NumPy's BLAS on one thread for
-    the process's lifetime, so requests skip the per-call limit below (~55 µs each). Not
+    the process's lifetime, so requests skip paying for the per-call limit below. Not
     called by the library itself: it changes a process-wide setting."""
     global _BLAS_PINNED
     _blas_controller().limit(limits=1, user_api="blas")  # applies at once; never restored
@@ -670,4 +693,3 @@ def _check_image(data: bytes) -> None:
             image.verify()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadRequest(f"image_base64 is not a readable image ({type(exc).__name__})", "image_base64") from None
-

