@@ -40,7 +40,7 @@ TYPE_MODULES = {
     "projector": "adrec_assets.ml.models",
     "evaluation_report": "adrec_assets.ml.evaluation",
     "experiment_report": "adrec_assets.abtest.report",
-    "ad_index": "adrec_assets.online.index",
+    "ad_index": "adrec_assets.online.index.artifact",
     "position_bias": "adrec_assets.online.position_bias",
     "policy_posterior": "adrec_assets.online.posterior",
 }

@@ -9,7 +9,6 @@ import faiss
 import numpy as np
 import pytest
 
-from adrec_assets.online import index as index_module
 from adrec_assets.online.index import (
     AdIndex,
     DuplicateAdIdError,
@@ -21,6 +20,7 @@ from adrec_assets.online.index import (
     exact_top_k,
     recall_at_k,
 )
+from adrec_assets.online.index import exact as exact_module
 
 D = 16
 KINDS = ["flat", "hnsw"]
@@ -134,7 +134,7 @@ def test_exact_top_k_matches_a_full_sort_in_blocks_and_pads(monkeypatch):
     ids, vecs, bias = make_ads(300)
     rows = np.concatenate([vecs, bias[:, None]], axis=1)
     queries = user_queries(7)
-    monkeypatch.setattr(index_module, "_EXACT_BLOCK_ELEMENTS", 7 * 13)  # 13-row blocks
+    monkeypatch.setattr(exact_module, "_EXACT_BLOCK_ELEMENTS", 7 * 13)  # 13-row blocks
     scores, got = exact_top_k(rows, queries, 12)
     want_ids, want_scores = brute_force(ids, vecs, bias, queries, 12)
     assert [[ids[j] for j in r] for r in got] == want_ids
