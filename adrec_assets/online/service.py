@@ -75,6 +75,11 @@ _REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what recommend() hands out
 MAX_ID_CHARS = 256
 
 
+def _event_id(request_id: str, position: int, kind: str) -> str:
+    """An event's id: the key it is claimed under in the store and its name in the event log."""
+    return f"{request_id}:{position}:{kind}"
+
+
 # ---------------------------------------------------------------------- errors
 class ServiceError(Exception):
     """A request the service refuses; ``status`` is the HTTP status the API answers with."""
@@ -128,8 +133,9 @@ class RecommendationService:
         self._counter_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._unsettled: list[dict[str, Any]] = []  # impressions waiting for their click
-        self._clicked: set[tuple[str, int]] = set()
+        # Impressions waiting settle_seconds for their click; a click is looked up in the store
+        # when its impression settles (its claim), so nothing here waits for an impression.
+        self._unsettled: list[dict[str, Any]] = []
         self.experiments = load_experiments(config.experiments_path) if config.experiments_path else ExperimentSet(())
         # The lease outlives several flush periods, so a live holder never loses it between flushes.
         self.flusher = EventFlusher(
@@ -344,7 +350,6 @@ class RecommendationService:
             "propensities": [p for _, _, p in served],
             "scores": [s for _, s, _ in served],
             "served_at": now,
-            "seen": [],
         }
         self.online.put_request(request_id, record, self.config.request_ttl_seconds)
         items = []
@@ -366,7 +371,7 @@ class RecommendationService:
         """Validate every event first (nothing changes if one is bad), then apply them."""
         state = self.state
         records: dict[str, dict[str, Any]] = {}
-        accepted, duplicates = [], 0
+        candidates, duplicates = [], 0
         batch_keys: set[str] = set()
         for number, event in enumerate(events):
             where = f"events[{number}]"
@@ -395,35 +400,42 @@ class RecommendationService:
             if not math.isfinite(timestamp) or timestamp <= 0:
                 raise BadRequest(f"{where}.timestamp must be seconds since the epoch, got {event['timestamp']!r}",
                                  f"{where}.timestamp")  # fmt: skip
-            key = f"{position}:{event['type']}"
-            if key in record["seen"] or f"{request_id}:{key}" in batch_keys:
+            key = _event_id(request_id, position, event["type"])
+            if key in batch_keys:  # the same event twice in this batch
                 duplicates += 1
                 continue
-            batch_keys.add(f"{request_id}:{key}")
-            accepted.append((event, record, position, timestamp))
-        clicks = 0
+            batch_keys.add(key)
+            candidates.append((event, record, position, timestamp))
         rows = []
-        for event, record, position, timestamp in accepted:
+        for event, record, position, timestamp in candidates:
             weight = 1.0
             if event["type"] == "click":
                 theta = theta_covering(state.theta, position + 1)
                 weight = float(click_weight(np.asarray([position]), theta, self.config.click_weight_cap)[0])
-                self._apply_click(state, record["user"], event["ad_id"], weight)
-                clicks += 1
             rows.append(self._event_row(event, record, position, timestamp, weight))
-        self.online.append_events(rows)
-        for request_id, record in records.items():
-            keys = {f"{e['position']}:{e['type']}" for e, r, _, _ in accepted if e["request_id"] == request_id}
-            if keys:
-                record["seen"] = sorted(set(record["seen"]) | keys)
-                self.online.put_request(request_id, record, self.config.request_ttl_seconds)
+        # "Already recorded?" is one atomic claim of the event's id in the store, made as it is
+        # queued: of identical events posted at the same moment (threads, workers, replicas
+        # sharing the store) exactly one is queued and applied, the others are duplicates. The
+        # claim outlives the request record (no event of the request is accepted after it) and
+        # the impressions that settle against it.
+        claim_ttl = self.config.request_ttl_seconds + self.config.settle_seconds
+        seqs = self.online.append_events_once([(row["event_id"], row) for row in rows], claim_ttl)
+        accepted, clicks = [], 0
+        for (event, record, position, timestamp), row, seq in zip(candidates, rows, seqs):
+            if seq is None:
+                duplicates += 1
+                continue
+            accepted.append((event, record, position, timestamp))
+            if event["type"] == "click":
+                self._apply_click(state, record["user"], event["ad_id"], row["weight"])
+                clicks += 1
         self._learn_from(state, accepted)
         return {"accepted": len(accepted), "duplicates": duplicates, "clicks": clicks}
 
     def _event_row(self, event: Mapping[str, Any], record: Mapping[str, Any], position: int, timestamp: float,
                    weight: float) -> dict[str, Any]:  # fmt: skip
         return {
-            "event_id": f"{event['request_id']}:{position}:{event['type']}",
+            "event_id": _event_id(event["request_id"], position, event["type"]),
             "request_id": event["request_id"],
             "user_pseudonym": record["user"],
             "ad_id": event["ad_id"],
@@ -457,17 +469,16 @@ class RecommendationService:
         self.online.update_user(state.space, pseudonym, ema)
 
     def _learn_from(self, state: ModelState, accepted: list) -> None:
-        """Clicks teach the posterior at once; impressions wait ``settle_seconds`` for their
-        click (an impression taught as a skip before its click arrives would count twice)."""
+        """Impressions wait ``settle_seconds`` for their click (an impression taught as a skip
+        before its click arrives would count twice), then teach the posterior with their
+        outcome. Clicks wait nowhere here: an impression settles as clicked when its click's
+        claim is in the store, whenever and at whichever replica the click arrived."""
         now = self._clock()
         with self._learn_lock:
             for event, record, position, _ in accepted:
-                key = (event["request_id"], position)
-                if event["type"] == "click":
-                    self._clicked.add(key)
-                else:
-                    self._unsettled.append({"key": key, "user": record["user"], "ad": event["ad_id"],
-                                            "position": position, "at": now})  # fmt: skip
+                if event["type"] != "click":
+                    self._unsettled.append({"key": (event["request_id"], position), "user": record["user"],
+                                            "ad": event["ad_id"], "position": position, "at": now})  # fmt: skip
 
     def settle(self, now: float | None = None) -> int:
         """Teach the posterior every impression older than ``settle_seconds``, then share the
@@ -484,10 +495,14 @@ class RecommendationService:
         with self._learn_lock:
             ready = [i for i in self._unsettled if now - i["at"] >= self.config.settle_seconds]
             self._unsettled = [i for i in self._unsettled if now - i["at"] < self.config.settle_seconds]
-            clicked = [i["key"] in self._clicked for i in ready]
-            self._clicked -= {i["key"] for i in ready}
         if not ready:
             return 0
+        try:
+            clicked = self.online.recorded_events([_event_id(*i["key"], "click") for i in ready])
+        except Exception:
+            with self._learn_lock:  # the store did not answer: these settle at the next try
+                self._unsettled = ready + self._unsettled
+            raise
         state = self.state
         users, ads, kept = [], [], []
         for impression, was_clicked in zip(ready, clicked):

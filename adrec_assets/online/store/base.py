@@ -9,6 +9,13 @@ What is stored (every key prefixed by the store's ``namespace``, the source name
 * retired ads, live ads added through the API, an impression/click event queue (at-least-
   once: events are handed out again until :meth:`OnlineStore.mark_flushed`), and small
   named array blobs (e.g. a bandit posterior).
+* event claims: :meth:`OnlineStore.append_events_once` claims each event's key and queues
+  the event in one atomic step, so of identical events posted at the same moment (threads,
+  processes, replicas) exactly one is queued; a claim lasts its TTL.
+* the store's epoch (:meth:`OnlineStore.epoch`): an id created once with the store's data
+  and kept in it. Sequence numbers are unique only within one epoch: a fresh store (a new
+  SQLite file, a Redis emptied or restarted without persistence) numbers from 1 again under
+  a new epoch, so names built from (epoch, seq) never repeat.
 
 A backend subclasses :class:`OnlineStore` and implements its abstract ``_`` hooks (inputs
 already validated, payloads already encoded by :mod:`.codec`) plus ``ping`` and ``close``.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -141,6 +149,40 @@ class OnlineStore(ABC):
         encoded = _event_json(rows)
         return self._append_events(encoded) if encoded else []
 
+    def append_events_once(
+        self, keyed_rows: Sequence[tuple[str, Mapping[str, Any]]], ttl_seconds: float
+    ) -> list[int | None]:
+        """Queue each ``(key, row)`` whose key is not claimed yet and claim it for
+        ``ttl_seconds``, atomically: of identical events posted at the same moment by threads,
+        processes or replicas, exactly one gets a sequence number, the others None (a
+        duplicate; so does a key repeated in one call). A crash leaves a key claimed with its
+        row queued, or neither. All rows are validated first: a bad one queues and claims
+        nothing. Keys are event ids (printable ASCII, no spaces)."""
+        if isinstance(keyed_rows, (str, bytes, Mapping)) or not isinstance(keyed_rows, Sequence):
+            raise StoreInputError(f"append_events_once takes a list of (key, row) pairs, got {keyed_rows!r}")
+        pairs = []
+        for i, pair in enumerate(keyed_rows):
+            if not (isinstance(pair, tuple) and len(pair) == 2):
+                raise StoreInputError(f"keyed row {i} must be a (key, row) pair, got {pair!r}")
+            pairs.append(pair)
+        keys = [_check_token(key, "event key") for key, _ in pairs]
+        ttl = _check_ttl(ttl_seconds)
+        encoded = _event_json([row for _, row in pairs])
+        return self._append_events_once(list(zip(keys, encoded)), ttl) if encoded else []
+
+    def recorded_events(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key is claimed (its event was queued by :meth:`append_events_once`
+        and its claim has not expired), aligned with ``keys``."""
+        checked = [_check_token(key, "event key") for key in keys]
+        return self._recorded_events(checked) if checked else []
+
+    def epoch(self) -> str:
+        """This store's epoch: created once with its data (on first use) and kept in it; the
+        same for every replica and reopen of that data, new for a fresh store. Event files are
+        named with it, so a fresh store, whose sequence numbers start again at 1, never
+        replaces files an earlier one wrote."""
+        return self._epoch(uuid.uuid4().hex[:16])
+
     def pending_events(self, limit: int = 1000) -> list[tuple[int, dict[str, Any]]]:
         """The oldest ``limit`` events not yet marked flushed, as (seq, row), seq ascending.
         The same events come back on every call (and after a crash) until ``mark_flushed``."""
@@ -162,9 +204,7 @@ class OnlineStore(ABC):
         flushes the shared event queue (two flushing at once could write overlapping batches,
         i.e. duplicate events). A holder that dies loses the lease after ``ttl_seconds``."""
         name, owner = _check_token(name, "lease name"), _check_token(owner, "lease owner")
-        if not (isinstance(ttl_seconds, (int, float)) and not isinstance(ttl_seconds, bool) and ttl_seconds > 0):
-            raise StoreInputError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
-        return self._hold_lease(name, owner, float(ttl_seconds))
+        return self._hold_lease(name, owner, _check_ttl(ttl_seconds))
 
     def release_lease(self, name: str, owner: str) -> bool:
         """Give the lease back if ``owner`` holds it (a replica shutting down cleanly), so
@@ -265,6 +305,16 @@ class OnlineStore(ABC):
     def _append_events(self, rows: list[str]) -> list[int]: ...
 
     @abstractmethod
+    def _append_events_once(self, keyed_rows: list[tuple[str, str]], ttl_seconds: float) -> list[int | None]: ...
+
+    @abstractmethod
+    def _recorded_events(self, keys: list[str]) -> list[bool]: ...
+
+    @abstractmethod
+    def _epoch(self, candidate: str) -> str:
+        """The stored epoch, or ``candidate`` stored atomically as the epoch if none is."""
+
+    @abstractmethod
     def _pending_events(self, limit: int) -> list[tuple[int, str]]: ...
 
     @abstractmethod
@@ -290,3 +340,11 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def _update_blob(self, name: str, apply: Callable[[bytes | None], bytes]) -> bytes: ...
+
+
+def _check_ttl(ttl_seconds: object) -> float:
+    if not (
+        isinstance(ttl_seconds, (int, float)) and not isinstance(ttl_seconds, bool) and 0 < ttl_seconds < float("inf")
+    ):
+        raise StoreInputError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
+    return float(ttl_seconds)

@@ -34,6 +34,9 @@ class MemoryState:
         self.requests: dict[tuple[str, str], tuple[str, float]] = {}
         self.request_expiry: list[tuple[float, tuple[str, str]]] = []  # heap of (expires, key)
         self.leases: dict[tuple[str, str], tuple[str, float]] = {}  # (namespace, name) -> (owner, expires)
+        self.claims: dict[tuple[str, str], float] = {}  # (namespace, event key) -> expires
+        self.claim_expiry: list[tuple[float, tuple[str, str]]] = []  # heap of (expires, key)
+        self.epochs: dict[str, str] = {}  # namespace -> epoch
 
 
 class MemoryStore(OnlineStore):
@@ -135,6 +138,39 @@ class MemoryStore(OnlineStore):
             queue = state.events.setdefault(self.namespace, deque())
             queue.extend(zip(range(first, first + len(rows)), rows))
         return list(range(first, first + len(rows)))
+
+    def _append_events_once(self, keyed_rows: list[tuple[str, str]], ttl_seconds: float) -> list[int | None]:
+        state = self._open()
+        now = float(self._clock())
+        seqs: list[int | None] = []
+        with state.lock:  # claim and queue under one lock: no other caller in between
+            while state.claim_expiry and state.claim_expiry[0][0] < now:  # forget expired claims
+                expires, old = heapq.heappop(state.claim_expiry)
+                if state.claims.get(old) == expires:  # not claimed again since
+                    del state.claims[old]
+            queue = state.events.setdefault(self.namespace, deque())
+            for key, row in keyed_rows:
+                claimed = state.claims.get((self.namespace, key))
+                if claimed is not None and claimed >= now:
+                    seqs.append(None)
+                    continue
+                state.claims[(self.namespace, key)] = now + ttl_seconds
+                heapq.heappush(state.claim_expiry, (now + ttl_seconds, (self.namespace, key)))
+                state.last_seq += 1
+                queue.append((state.last_seq, row))
+                seqs.append(state.last_seq)
+        return seqs
+
+    def _recorded_events(self, keys: list[str]) -> list[bool]:
+        state = self._open()
+        now = float(self._clock())
+        with state.lock:
+            return [state.claims.get((self.namespace, key), -1.0) >= now for key in keys]
+
+    def _epoch(self, candidate: str) -> str:
+        state = self._open()
+        with state.lock:
+            return state.epochs.setdefault(self.namespace, candidate)
 
     def _pending_events(self, limit: int) -> list[tuple[int, str]]:
         state = self._open()

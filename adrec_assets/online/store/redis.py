@@ -32,6 +32,35 @@ end
 return first
 """
 
+# Append once: per row, claim its key (SET NX PX) and only if that succeeds reserve a sequence
+# number and XADD the row, all in one script, so concurrent identical posts (threads, processes,
+# replicas) queue one row, and no claim exists without its row. KEYS: counter, stream, then one
+# claim key per row; ARGV: ttl in ms, then the rows. Returns the seqs, 0 for a duplicate.
+_APPEND_ONCE_LUA = """
+local out = {}
+for i = 3, #KEYS do
+  if redis.call('SET', KEYS[i], '1', 'NX', 'PX', ARGV[1]) then
+    local seq = redis.call('INCR', KEYS[1])
+    redis.call('XADD', KEYS[2], string.format('%d-0', seq), 'r', ARGV[i - 1])
+    out[#out + 1] = seq
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+# Epoch: the stored one, or the candidate stored as the epoch (a Redis emptied or restarted
+# without persistence has none, so it gets a new one).
+_EPOCH_LUA = """
+local epoch = redis.call('GET', KEYS[1])
+if epoch then
+  return epoch
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
 # Lease: take it when free or expired, extend it when the caller already holds it.
 _LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
@@ -55,7 +84,8 @@ class RedisStore(OnlineStore):
 
     User records are hashes updated with WATCH/MULTI (optimistic; retried on conflict, each
     retry means another writer succeeded). Events are a stream with ids ``<seq>-0`` from an
-    INCRBY counter (Lua, atomic), trimmed exactly with ``XTRIM MINID`` (Redis >= 6.2).
+    INCRBY counter (Lua, atomic), trimmed exactly with ``XTRIM MINID`` (Redis >= 6.2); an
+    event appended once claims ``claim:<key>`` (``SET NX PX``) in the same script.
     Durability is the server's: run it with AOF (``appendonly yes``) or events can be lost
     on a Redis crash.
     """
@@ -84,6 +114,8 @@ class RedisStore(OnlineStore):
         self._append = self._client.register_script(_APPEND_LUA)
         self._lease = self._client.register_script(_LEASE_LUA)
         self._release = self._client.register_script(_RELEASE_LUA)
+        self._append_once = self._client.register_script(_APPEND_ONCE_LUA)
+        self._epoch_script = self._client.register_script(_EPOCH_LUA)
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -182,6 +214,18 @@ class RedisStore(OnlineStore):
     def _append_events(self, rows: list[str]) -> list[int]:
         first = int(self._append(keys=[self._key("events_seq"), self._key("events")], args=rows, client=self._r))
         return list(range(first, first + len(rows)))
+
+    def _append_events_once(self, keyed_rows: list[tuple[str, str]], ttl_seconds: float) -> list[int | None]:
+        keys = [self._key("events_seq"), self._key("events"), *(self._key("claim", k) for k, _ in keyed_rows)]
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        seqs = self._append_once(keys=keys, args=[ttl_ms, *(row for _, row in keyed_rows)], client=self._r)
+        return [int(seq) or None for seq in seqs]
+
+    def _recorded_events(self, keys: list[str]) -> list[bool]:
+        return [value is not None for value in self._r.mget([self._key("claim", k) for k in keys])]
+
+    def _epoch(self, candidate: str) -> str:
+        return bytes(self._epoch_script(keys=[self._key("epoch")], args=[candidate], client=self._r)).decode("ascii")
 
     def _pending_events(self, limit: int) -> list[tuple[int, str]]:
         entries = self._r.xrange(self._key("events"), min="-", max="+", count=limit)

@@ -19,7 +19,7 @@ from adrec_assets.online.store.codec import _decode_live_ad, _vector_bytes, _vec
 from adrec_assets.online.store.records import LiveAd, StoreClosedError, StoreFormatError, StoreInputError, UserState
 
 SQLITE_FILENAME = "adrec-online.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2: event claims and the store's epoch (v1 files are upgraded in place)
 
 
 def default_sqlite_path() -> Path:
@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS requests (
     namespace TEXT NOT NULL, id TEXT NOT NULL, payload TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (namespace, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_by_expiry ON requests (expires);
+-- one row per accepted event key: the claim that makes concurrent identical posts apply once
+CREATE TABLE IF NOT EXISTS claims (
+    namespace TEXT NOT NULL, key TEXT NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (namespace, key)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires);
+-- small named values of the store itself, e.g. its epoch
+CREATE TABLE IF NOT EXISTS meta (
+    namespace TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
     namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (namespace, name)) WITHOUT ROWID;
@@ -230,6 +239,45 @@ class SQLiteStore(OnlineStore):
         with self._write() as c:
             insert = "INSERT INTO events (namespace, row) VALUES (?, ?)"
             return [c.execute(insert, (self.namespace, r)).lastrowid for r in rows]
+
+    def _append_events_once(self, keyed_rows: list[tuple[str, str]], ttl_seconds: float) -> list[int | None]:
+        now = float(self._clock())
+        # A key is free when absent or its claim expired; the upsert's WHERE makes it one
+        # statement, and claim + queued row commit together (or neither does).
+        claim = (
+            "INSERT INTO claims VALUES (?, ?, ?) ON CONFLICT (namespace, key) "
+            "DO UPDATE SET expires=excluded.expires WHERE claims.expires < ?"
+        )
+        insert = "INSERT INTO events (namespace, row) VALUES (?, ?)"
+        seqs: list[int | None] = []
+        with self._write() as c:
+            for key, row in keyed_rows:
+                if c.execute(claim, (self.namespace, key, now + ttl_seconds, now)).rowcount == 1:
+                    seqs.append(c.execute(insert, (self.namespace, row)).lastrowid)
+                else:
+                    seqs.append(None)
+            if hash(keyed_rows[0][0]) % 64 == 0:  # now and then, forget expired claims
+                c.execute("DELETE FROM claims WHERE expires < ?", (now,))
+        return seqs
+
+    def _recorded_events(self, keys: list[str]) -> list[bool]:
+        now, found = float(self._clock()), set()
+        conn = self._conn()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT key FROM claims WHERE namespace=? AND expires >= ? AND key IN ({marks})"
+            found.update(k for (k,) in conn.execute(q, (self.namespace, now, *chunk)))
+        return [k in found for k in keys]
+
+    def _epoch(self, candidate: str) -> str:
+        q = "SELECT value FROM meta WHERE namespace=? AND name='epoch'"
+        row = self._conn().execute(q, (self.namespace,)).fetchone()
+        if row is None:
+            with self._write() as c:
+                c.execute("INSERT OR IGNORE INTO meta VALUES (?, 'epoch', ?)", (self.namespace, candidate))
+                row = c.execute(q, (self.namespace,)).fetchone()
+        return str(row[0])
 
     def _pending_events(self, limit: int) -> list[tuple[int, str]]:
         q = "SELECT seq, row FROM events WHERE namespace=? ORDER BY seq LIMIT ?"
