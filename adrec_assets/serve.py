@@ -3,7 +3,7 @@
 Serves the source's published snapshot (see ``adrec_assets.snapshots``) over HTTP with
 uvicorn, reloads it when a newer one is published, and writes served events back into the
 source folder. Configuration comes from the environment (``ADREC_ARTIFACTS_DIR``,
-``ADREC_SOURCES_DIR``, ``ADREC_ONLINE_STORE``, ``ADREC_API_TOKEN``, ``ADREC_ID_KEY``,
+``ADREC_SOURCES_DIR``, ``ADREC_ONLINE_STORE``, ``ADREC_API_TOKEN``, ``ADREC_READ_TOKEN``, ``ADREC_ID_KEY``,
 ``ADREC_EXPERIMENTS``, ``ADREC_SERVE_*``). Plain Python: the orchestrator is not imported.
 """
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not config.api_token:
         logging.getLogger("adrec.serve").warning(
-            "ADREC_API_TOKEN is not set: write endpoints accept any caller on this loopback address"
+            "ADREC_API_TOKEN is not set: write endpoints accept any caller on this loopback address (requests "
+            "addressed to another host name than localhost, 127.0.0.1 or [::1] are refused)"
         )
     import uvicorn
 
@@ -109,7 +110,9 @@ def _app(config: Any, store: Any) -> Any:
     from adrec_assets.online.service import RecommendationService, pin_blas_to_one_thread
 
     pin_blas_to_one_thread()  # this process only serves
-    return create_app(RecommendationService(config, store))
+    # Without a token main() bound a loopback address; the app also answers only requests
+    # addressed to a loopback name, so a web page cannot reach it by DNS rebinding.
+    return create_app(RecommendationService(config, store), loopback_only=config.api_token is None)
 
 
 def app_from_env() -> Any:

@@ -199,7 +199,24 @@ ONLINE_STORE = _declare(
     "online store: a SQLite path, or `redis://…` for replicas",
     SERVICE,
 )
-API_TOKEN = _declare("API_TOKEN", str, None, "unset (loopback only)", "bearer token of the write endpoints", SERVICE)
+API_TOKEN = _declare(
+    "API_TOKEN",
+    str,
+    None,
+    "unset (loopback only)",
+    "bearer token of the write endpoints (it also opens the reads); unset: loopback development mode, where only "
+    "requests addressed to `localhost`, `127.0.0.1` or `[::1]` are answered",
+    SERVICE,
+)
+READ_TOKEN = _declare(
+    "READ_TOKEN",
+    str,
+    None,
+    "unset (reads open)",
+    "bearer token of the read endpoints (`GET /v1/recommendations`, `GET /v1/ads/…`); the write token also reads. "
+    "A response's `user_status` is told only to a caller with either token. Needs `ADREC_API_TOKEN`",
+    SERVICE,
+)
 SERVE_INDEX = _declare(
     "SERVE_INDEX", str, "faiss", "`faiss`", "`numpy`: exact brute force instead of the snapshot's FAISS index", SERVICE
 )
@@ -259,6 +276,15 @@ SERVE_SETTLE_SECONDS = _declare(
     60.0,
     "60",
     "seconds an impression waits for its click before it teaches the policy posterior",
+    SERVICE,
+)
+SERVE_MAX_IMAGE_PIXELS = _declare(
+    "SERVE_MAX_IMAGE_PIXELS",
+    _number(int),
+    4096 * 4096,
+    "16777216 (4096 × 4096)",
+    "`POST /v1/ads`: an image with more pixels (width × height, read from its header before anything decodes it) "
+    "is refused with 413",
     SERVICE,
 )
 SERVE_SOURCE = _declare(

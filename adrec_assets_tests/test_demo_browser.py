@@ -290,7 +290,7 @@ def test_refusals_are_shown_and_ids_are_text_not_markup(server, page, capsys):
     expect = playwright_sync.expect
     expect(page.locator("#slate-info")).to_be_hidden()  # nothing to describe before a user is chosen
     expect(page.locator("#ad-preview")).to_be_hidden()
-    page.fill("#token", "demo-token")  # this service has none and ignores it; the page sends it on writes only
+    page.fill("#token", "demo-token")  # this service has none and ignores it; the page sends it on every call
     page.fill("#ad-id", f"{NEW_AD_ID}-twice")
     page.fill("#ad-text", "First time.")
     with page.expect_request(is_post("/v1/ads")) as sent:
@@ -311,7 +311,7 @@ def test_refusals_are_shown_and_ids_are_text_not_markup(server, page, capsys):
     page.fill("#user-id", hostile)
     with page.expect_request(is_recommendations) as asked:
         page.get_by_role("button", name="Recommend").click()
-    assert "authorization" not in asked.value.headers  # reads carry no token
+    assert asked.value.headers.get("authorization") == "Bearer demo-token"  # reads too (ADREC_READ_TOKEN)
     expect(page.locator("#slate-user")).to_have_text(hostile)
     expect(page.locator("#error")).to_be_hidden()
     assert page.locator("#slate-info img, #message img").count() == 0 and page.title() == "adrec demo"

@@ -23,7 +23,7 @@ SERVE_SETTINGS = {
     "epsilon": settings.SERVE_EPSILON, "randomized_share": settings.SERVE_RANDOMIZED_SHARE,
     "fresh_prior_sd": settings.SERVE_FRESH_PRIOR_SD, "fresh_scope": settings.SERVE_FRESH_SCOPE,
     "reload_seconds": settings.SERVE_RELOAD_SECONDS, "flush_seconds": settings.SERVE_FLUSH_SECONDS,
-    "settle_seconds": settings.SERVE_SETTLE_SECONDS,
+    "settle_seconds": settings.SERVE_SETTLE_SECONDS, "max_image_pixels": settings.SERVE_MAX_IMAGE_PIXELS,
 }  # fmt: skip
 
 
@@ -35,7 +35,8 @@ class ServingConfig:
     artifacts_root: Path
     sources_root: Path
     store_url: str | None = None  # None: SQLite under data/online; redis://... for replicas
-    api_token: str | None = None
+    api_token: str | None = None  # writes (and reads); None: loopback development mode (serve.py)
+    read_token: str | None = None  # None: reads are open, but user_status is told only to a token holder
     alpha: float = settings.SERVE_ALPHA.default  # EMA step of a click at position 1 (before position-bias weighting)
     default_policy: str = settings.SERVE_DEFAULT_POLICY.default
     epsilon: float = settings.SERVE_EPSILON.default
@@ -51,6 +52,7 @@ class ServingConfig:
     max_k: int = 1000
     max_text_chars: int = 10_000
     max_image_bytes: int = 5 * 1024 * 1024
+    max_image_pixels: int = settings.SERVE_MAX_IMAGE_PIXELS.default  # width x height, from the image's header
     click_weight_cap: float = 10.0
     load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
     seed: int | None = None  # fixes request ids and draws (tests, simulations)
@@ -68,6 +70,7 @@ class ServingConfig:
             "sources_root": settings.SOURCES_DIR.get(),
             "store_url": settings.ONLINE_STORE.get(),
             "api_token": settings.API_TOKEN.get(),
+            "read_token": settings.READ_TOKEN.get(),
             "experiments_path": settings.EXPERIMENTS.get(),
         }
         for name, setting in SERVE_SETTINGS.items():
@@ -79,6 +82,22 @@ class ServingConfig:
         return config
 
     def validate(self) -> None:
+        for name, setting in (("api_token", settings.API_TOKEN), ("read_token", settings.READ_TOKEN)):
+            token = getattr(self, name)
+            if token is not None and not (token and all("!" <= char <= "~" for char in token)):
+                raise ValueError(
+                    f"{name} ({setting.name}) must be visible ASCII characters without blanks: an HTTP header "
+                    "carries nothing else unchanged"
+                )
+        if self.read_token is not None and self.api_token is None:
+            raise ValueError(
+                "read_token (ADREC_READ_TOKEN) needs api_token (ADREC_API_TOKEN): the reads would be closed while "
+                "the writes are open"
+            )
+        if self.max_image_pixels < 1:
+            raise ValueError(
+                f"max_image_pixels (ADREC_SERVE_MAX_IMAGE_PIXELS) must be at least 1, got {self.max_image_pixels}"
+            )
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha (ADREC_SERVE_ALPHA) must be in (0, 1], got {self.alpha}")
         if self.default_policy not in POLICIES:

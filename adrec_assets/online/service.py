@@ -103,6 +103,10 @@ class Conflict(ServiceError):
     status = 409
 
 
+class TooLarge(ServiceError):
+    status = 413
+
+
 class Unavailable(ServiceError):
     status = 503
 
@@ -565,7 +569,7 @@ class RecommendationService:
                 raise BadRequest(
                     f"image has {len(image)} bytes, more than {self.config.max_image_bytes}", "image_base64"
                 )
-            _check_image(image)
+            _check_image(image, self.config.max_image_pixels)
         if content is None:
             if self._encoder is None:
                 raise Unavailable(f"new ads cannot be encoded right now: {self._encoder_error}")
@@ -700,11 +704,22 @@ def _blob_name(ad_id: str) -> str:
     return hashlib.sha256(ad_id.encode()).hexdigest()[:32]
 
 
-def _check_image(data: bytes) -> None:
+def _check_image(data: bytes, max_pixels: int) -> None:
+    """Refuse bytes that are no image, or an image of more than ``max_pixels`` pixels, before
+    anything decodes it. ``Image.open`` reads the header only (the size is there) and
+    ``verify`` checks the file's structure without decoding a pixel; decoding costs memory
+    and time by width x height, which a few hundred kB of PNG can make billions."""
     from PIL import Image, UnidentifiedImageError
 
+    limit = f"the limit of {max_pixels} pixels (ADREC_SERVE_MAX_IMAGE_PIXELS)"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise TooLarge(f"image is {width} x {height} = {width * height} pixels, more than {limit}",
+                               "image_base64")  # fmt: skip
             image.verify()
+    except Image.DecompressionBombError:  # past Pillow's own limit, refused while opening
+        raise TooLarge(f"image has more pixels than Pillow opens, more than {limit}", "image_base64") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadRequest(f"image_base64 is not a readable image ({type(exc).__name__})", "image_base64") from None

@@ -2,8 +2,9 @@
 
 Versioned endpoints with pydantic models (the OpenAPI document at ``/openapi.json`` and
 ``/docs`` is generated from them), Prometheus metrics, bearer-token auth on the write
-endpoints, and one error shape for every refusal: ``{"error": ..., "field": ...}`` with a 4xx
-status. The access log never holds a query string (it would carry raw user ids).
+endpoints and (optionally) on the reads, and one error shape for every refusal:
+``{"error": ..., "field": ...}`` with a 4xx status (and a 500 in the same shape). The access
+log never holds a query string (it would carry raw user ids).
 
 Layout: ``app.py`` the factory; ``schemas.py`` the request and response models and the
 limits; ``deps.py`` the dependencies (the service, the metrics, the token check);

@@ -1,12 +1,17 @@
 """How refusals become HTTP answers: every one is an :class:`~.schemas.ErrorBody`
-(``{"error": ..., "field": ...}``) with a 4xx status. The handlers are registered by
-:func:`adrec_assets.online.api.app.create_app`."""
+(``{"error": ..., "field": ...}``) with a 4xx status, and so is a failure of the service
+itself (a 500 that names no detail of it: the traceback goes to the server's log only). The
+handlers are registered by :func:`adrec_assets.online.api.app.create_app`; besides the
+service's and the API's own refusals they cover what Starlette and FastAPI answer by
+themselves (no route: 404, another method: 405, a body the JSON parser gives up on), which
+would otherwise answer ``{"detail": ...}`` or plain text."""
 
 from __future__ import annotations
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from adrec_assets.online.service import ServiceError
 
@@ -42,3 +47,26 @@ async def invalid(_request: Request, exc: RequestValidationError) -> JSONRespons
         for e in exc.errors()[:5]
     )
     return JSONResponse({"error": problems or "invalid request", "field": location or None}, status_code=422)
+
+
+async def http_exception(_request: Request, exc: HTTPException) -> Response:
+    """Starlette's and FastAPI's own refusals: no route (404), another method (405, with its
+    ``Allow`` header), a body the JSON parser cannot take (FastAPI's 400: a 422 here, as for
+    malformed JSON, with field ``body``)."""
+    if exc.status_code in (204, 304):  # no body allowed
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    status, message, field = exc.status_code, str(exc.detail), None
+    if status == 400 and exc.__cause__ is not None:  # FastAPI: "There was an error parsing the body"
+        reason = "it is nested too deeply" if isinstance(exc.__cause__, RecursionError) else "it is not valid JSON"
+        status, message, field = 422, f"the request body cannot be parsed: {reason}", "body"
+    return JSONResponse({"error": message, "field": field}, status_code=status, headers=exc.headers)
+
+
+async def internal(_request: Request, exc: Exception) -> JSONResponse:
+    """Any exception no handler took: 500 in the error shape, naming nothing of the service's
+    internals. Starlette re-raises the exception after this answer, so the server logs it with
+    its traceback."""
+    return JSONResponse(
+        {"error": "internal error: the service could not answer this request (its log has the details)", "field": None},
+        status_code=500,
+    )

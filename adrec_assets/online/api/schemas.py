@@ -34,8 +34,9 @@ class Assignment(BaseModel):
 class Recommendations(BaseModel):
     request_id: str = Field(description="quote it in the events of this slate")
     model_version: str = Field(description="the published snapshot that answered")
-    user_status: Literal["known", "updated_online", "new"] = Field(
-        description="known: trained vector; updated_online: moved by clicks since; new: the global-mean prior"
+    user_status: Literal["known", "updated_online", "new"] | None = Field(
+        description="known: trained vector; updated_online: moved by clicks since; new: the global-mean prior. "
+        "Null unless the caller holds the read or the write token (or the service runs without a token, on loopback)"
     )
     policy: str
     randomized: bool = Field(description="slate order permuted for position-bias estimation")

@@ -1,4 +1,5 @@
-"""``/v1/ads``: add and retire live ads (writes, behind the token), read an ad and its image."""
+"""``/v1/ads``: add and retire live ads (writes, behind the token), read an ad and its image
+(reads, behind the read token when the service has one)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
-from adrec_assets.online.api.deps import Authorized, ServiceDep
+from adrec_assets.online.api.deps import Authorized, ReadAccess, ServiceDep
 from adrec_assets.online.api.errors import ServiceErrorResponse
 from adrec_assets.online.api.schemas import AdAdded, AdInfo, AdRetired, NewAd
 from adrec_assets.online.service import MAX_ID_CHARS
@@ -37,14 +38,14 @@ def retire_ad(_: Authorized, service: ServiceDep, ad_id: AdId) -> dict:
 
 
 @router.get("/v1/ads/{ad_id}", response_model=AdInfo)
-def ad(service: ServiceDep, ad_id: AdId) -> dict:
+def ad(_: ReadAccess, service: ServiceDep, ad_id: AdId) -> dict:
     """An ad's text and whether it has an image."""
     state = service.state
     return {"ad_id": ad_id, **service.ad_info(state, ad_id)}
 
 
 @router.get("/v1/ads/{ad_id}/image", responses={200: {"content": {"image/*": {}}}})
-def ad_image(service: ServiceDep, ad_id: AdId) -> Response:
+def ad_image(_: ReadAccess, service: ServiceDep, ad_id: AdId) -> Response:
     """The ad's image bytes."""
     data = service.ad_image(ad_id)
     return Response(content=data, media_type=image_type(data))

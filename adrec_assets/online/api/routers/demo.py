@@ -31,8 +31,10 @@ the page's real requests equal them.
 * a new ad: ``POST v1/ads`` with ``{"ad_id", "text"}`` and, when an image was chosen, its
   bytes in base64 as ``image_base64``.
 
-The page keeps an API token (for a service with ``ADREC_API_TOKEN``) in memory only and
-sends it as ``Authorization: Bearer …`` on writes. Every failed request is shown with its
+The page keeps a token (for a service with ``ADREC_API_TOKEN``, or ``ADREC_READ_TOKEN`` to
+only look) in memory only and sends it as ``Authorization: Bearer …`` on every call; with a
+token it fetches the ads' images itself and shows them from ``blob:`` URLs (an ``<img src>``
+cannot carry the header). Every failed request is shown with its
 status and the API's ``error`` message. Ad and user ids and ad texts are inserted as text
 nodes, never as markup; the response's Content-Security-Policy allows only this page's own
 script and style (by hash) and same-origin requests, so injected markup could not run

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from adrec_assets.online.api.deps import service_of
+from adrec_assets.online.api.deps import read_access, service_of
 from adrec_assets.online.api.schemas import Recommendations
 from adrec_assets.online.service import MAX_ID_CHARS, POLICIES
 
@@ -18,7 +18,8 @@ router = APIRouter(tags=["recommendations"])
 # the store's calls are local round trips) and the thread hop plus GIL hand-offs cost more
 # than they overlap (moving it onto the loop raised the throughput, benchmarks/README.md).
 # It returns the service's dict as JSON: the service builds exactly the declared model. It
-# reads the service off the request, not through ServiceDep: see deps.py for the cost.
+# reads the service off the request and checks the read token itself, not through
+# dependencies: see deps.py for the cost.
 @router.get("/v1/recommendations", response_model=Recommendations)
 async def recommendations(
     request: Request,
@@ -26,5 +27,12 @@ async def recommendations(
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
     policy: Annotated[Literal[POLICIES] | None, Query(description="override the configured policy")] = None,  # type: ignore[valid-type]
 ) -> dict:
-    """The k best ads for a user, by one inner-product search of the live index."""
-    return JSONResponse(service_of(request).recommend(user_id, k, policy))  # built by the service: no re-validation
+    """The k best ads for a user, by one inner-product search of the live index. With
+    ``ADREC_READ_TOKEN`` set the call needs the read or the write token; ``user_status`` is
+    told only to a caller holding one (else null): whether an id is in the training data, or
+    clicked recently, is not for anyone who can reach the port."""
+    authenticated = read_access(request)
+    answer = service_of(request).recommend(user_id, k, policy)
+    if not authenticated:
+        answer["user_status"] = None
+    return JSONResponse(answer)  # built by the service: no re-validation

@@ -18,7 +18,7 @@ class ApiError extends Error {
 async function api(method, path, body) {
   const headers = {"Accept": "application/json"};
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  if (method !== "GET" && state.token) headers["Authorization"] = "Bearer " + state.token;
+  if (state.token) headers["Authorization"] = "Bearer " + state.token;  // writes, and reads behind a read token
   let response;
   try {
     response = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
@@ -156,6 +156,21 @@ function render(slate, user, previous, note) {
   if (added) added.scrollIntoView({block: "center"});
 }
 
+// An <img src> request cannot carry the Authorization header: with a token the image is
+// fetched with it and shown from a blob: URL (the page's CSP allows blob: images).
+async function showImage(img, path, failed) {
+  if (!state.token) { img.src = path; return; }
+  try {
+    const response = await fetch(path, {headers: {"Authorization": "Bearer " + state.token}});
+    if (!response.ok) { failed(); return; }
+    const url = URL.createObjectURL(await response.blob());
+    img.addEventListener("load", () => URL.revokeObjectURL(url), {once: true});
+    img.src = url;
+  } catch (_) {
+    failed();
+  }
+}
+
 function card(item, before) {
   const li = document.createElement("li");
   li.className = "card" + (item.ad_id === state.lastAdded ? " just-added" : "");
@@ -169,13 +184,14 @@ function card(item, before) {
   if (item.has_image) {
     const img = document.createElement("img");
     img.alt = "image of " + item.ad_id;
-    img.src = "v1/ads/" + encodeURIComponent(item.ad_id) + "/image";
-    img.addEventListener("error", () => {
+    const failed = () => {
       const note = document.createElement("span");
       note.className = "image-note";
       note.textContent = "GET v1/ads/" + item.ad_id + "/image failed";
       img.replaceWith(note);
-    });
+    };
+    img.addEventListener("error", failed);
+    showImage(img, "v1/ads/" + encodeURIComponent(item.ad_id) + "/image", failed);
     media.append(img);
   } else {
     media.style.background = "hsl(" + hue(item.ad_id) + ", 32%, 60%)";
