@@ -88,3 +88,20 @@ def pipeline_artifacts(default_pipeline) -> tuple:
     base, result, _ = default_pipeline
     assert result.success
     return base, load_artifact
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Dagster keeps the current instance's definitions-state storage in a ContextVar that an
+    instance sets on ``__enter__`` and resets on ``__exit__``; when instances of fixtures of
+    different scopes (the session's ``default_pipeline``, a module's, a test's) exit out of
+    order, the variable can be left naming the storage of an instance already collected, and the
+    next ``Definitions`` load fails with "Attempted to resolve undefined DagsterInstance weakref"
+    (seen once in a full run, never in a file alone). A dead storage is useless to anyone, so it
+    is cleared before each test (``None`` is what Dagster has outside any instance)."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    storage = _current_storage.get()
+    ref = getattr(storage, "_instance_weakref", None)
+    if storage is not None and ref is not None and ref() is None:
+        _current_storage.set(None)
