@@ -243,7 +243,17 @@ SERVE_FRESH_PRIOR_SD = _declare(
     _number(float),
     1.0,
     "1.0",
-    "Thompson: prior sd of a fresh ad's own logit offset, in the prior model's units (0: none)",
+    "Thompson: prior sd of a fresh ad's own logit offset, as a multiple of the spread (sd) of the trained "
+    "candidates' scores for the request (0: none)",
+    SERVICE,
+)
+SERVE_FRESH_SHARE = _declare(
+    "SERVE_FRESH_SHARE",
+    _number(float),
+    0.2,
+    "0.2",
+    "Thompson: at most ceil(share × k) slots of a slate go to fresh ads their clicks have not earned a place "
+    "for (one of them rotates over the fresh ads not shown yet); 1: no cap",
     SERVICE,
 )
 SERVE_FRESH_SCOPE = _declare(

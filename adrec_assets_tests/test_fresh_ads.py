@@ -29,6 +29,9 @@ from adrec_assets_tests.test_policy import (
 )
 
 K = 10
+#: The exact-search tests check the uncapped Thompson top-k with the stored effects (the cap and
+#: the effect sized to the query's spread are checked in test_fresh_share.py).
+UNCAPPED = {"fresh_share": 1.0, "fresh_spread_prior": False}
 
 
 pytestmark = pytest.mark.usefixtures("single_blas_thread")  # conftest: one BLAS thread for small matrices
@@ -191,7 +194,7 @@ def test_a_zero_prior_sd_registers_nothing_so_thompson_serves_as_without_effects
     posterior = learned_posterior(index, rng)
     user = unit_rows(rng.normal(size=8))
     plain = make_policy("thompson", posterior=posterior).recommend(user, index, K, np.random.default_rng(4))
-    with_none = make_policy("thompson", posterior=posterior, fresh=effects).recommend(
+    with_none = make_policy("thompson", posterior=posterior, fresh=effects, **UNCAPPED).recommend(
         user, index, K, np.random.default_rng(4)
     )
     np.testing.assert_array_equal(plain.slots, with_none.slots)
@@ -208,7 +211,7 @@ def test_folded_query_plus_the_fresh_scan_is_the_exact_thompson_top_k_with_fresh
     fresh_slots = np.sort(rng.choice(index.live_slots(), size=300, replace=False))
     effects = fresh_effects(index, fresh_slots, prior_sd=1.0, rng=rng, learnt_spread=1.0)
     posterior = learned_posterior(index, rng)
-    policy = make_policy("thompson", posterior=posterior, fresh=effects)
+    policy = make_policy("thompson", posterior=posterior, fresh=effects, **UNCAPPED)
     view = effects.view()
     fresh_served = differs_from_the_shared_draw = 0
     for trial in range(5):
@@ -236,7 +239,7 @@ def test_fresh_ads_crowding_the_index_results_never_hide_a_trained_ad():
     effects = FreshAdEffects(8, 1.0, {f"ad-{s}": (-50.0, 1e6) for s in fresh_slots})
     effects.register([f"ad-{s}" for s in fresh_slots], fresh_slots, index.vectors(fresh_slots))
     posterior = LaplaceLogisticPosterior.prior(8)
-    slate = make_policy("thompson", posterior=posterior, fresh=effects).recommend(
+    slate = make_policy("thompson", posterior=posterior, fresh=effects, **UNCAPPED).recommend(
         user, index, K, np.random.default_rng(6)
     )
     generator = np.random.default_rng(6)
@@ -254,7 +257,9 @@ def test_a_fresh_ad_far_below_every_slate_is_explored_only_through_its_effect():
     posterior = LaplaceLogisticPosterior.prior(8, weight_std=1e-3, bias_std=1e-3, intercept_std=1e-3)
     shown = {}
     for prior_sd in (0.0, 3.0):
-        policy = make_policy("thompson", posterior=posterior, fresh=fresh_effects(index, np.array([worst]), prior_sd))
+        policy = make_policy(
+            "thompson", posterior=posterior, fresh=fresh_effects(index, np.array([worst]), prior_sd), **UNCAPPED
+        )
         generator = np.random.default_rng(8)
         shown[prior_sd] = sum(worst in policy.recommend(user, index, 5, generator).slots for _ in range(300))
     assert shown[0.0] == 0
@@ -266,7 +271,7 @@ def test_thompson_with_zero_exploration_and_no_feedback_equals_greedy_with_fresh
     index = ExactIndex(random_catalogue(2_000, 16, rng))
     effects = fresh_effects(index, np.arange(0, 2_000, 4), prior_sd=2.0)
     posterior = learned_posterior(index, rng)
-    thompson = make_policy("thompson", posterior=posterior, fresh=effects, exploration_scale=0.0)
+    thompson = make_policy("thompson", posterior=posterior, fresh=effects, exploration_scale=0.0, **UNCAPPED)
     greedy = make_policy("greedy", posterior=posterior)
     for trial in range(5):
         user = unit_rows(rng.normal(size=16))
@@ -285,12 +290,12 @@ def test_thompson_propensities_with_fresh_effects_match_brute_force_serving_freq
     posterior = LaplaceLogisticPosterior.prior(4, weight_std=0.5, bias_std=0.5)
     user = unit_rows(rng.normal(size=4))
     k, runs = 3, 3_000
-    policy = make_policy("thompson", posterior=posterior, fresh=effects, propensity_candidates=40)
+    policy = make_policy("thompson", posterior=posterior, fresh=effects, propensity_candidates=40, **UNCAPPED)
     generator = np.random.default_rng(100)
     slates = [policy.recommend(user, index, k, generator) for _ in range(runs)]
     frequencies = served_frequencies(slates, 40, k)
     reference = make_policy("thompson", posterior=posterior, fresh=effects, propensity_candidates=40,
-                            propensity_draws=200_000)  # fmt: skip
+                            propensity_draws=200_000, **UNCAPPED)  # fmt: skip
     distribution = reference.position_distribution(user, index, k, np.random.default_rng(101))
     np.testing.assert_allclose(distribution.probabilities.sum(axis=0), 1.0)
     truth = np.zeros((40, k))
@@ -375,7 +380,7 @@ def test_excluded_fresh_and_trained_ads_are_never_served_and_the_rest_is_the_exa
     theta = posterior.sample(generator)
     kept = view.without(np.asarray(sorted(exclude)))
     draws = kept.mean + kept.sd() * generator.standard_normal(kept.count)
-    slate = make_policy("thompson", posterior=posterior, fresh=effects).recommend(
+    slate = make_policy("thompson", posterior=posterior, fresh=effects, **UNCAPPED).recommend(
         user, index, K, np.random.default_rng(15), exclude
     )
     slots = index.live_slots()

@@ -21,7 +21,8 @@ FRESH_SCOPES = ("live", "untrained")
 SERVE_SETTINGS = {
     "index_backend": settings.SERVE_INDEX, "alpha": settings.SERVE_ALPHA, "default_policy": settings.SERVE_DEFAULT_POLICY,
     "epsilon": settings.SERVE_EPSILON, "randomized_share": settings.SERVE_RANDOMIZED_SHARE,
-    "fresh_prior_sd": settings.SERVE_FRESH_PRIOR_SD, "fresh_scope": settings.SERVE_FRESH_SCOPE,
+    "fresh_prior_sd": settings.SERVE_FRESH_PRIOR_SD, "fresh_share": settings.SERVE_FRESH_SHARE,
+    "fresh_scope": settings.SERVE_FRESH_SCOPE,
     "reload_seconds": settings.SERVE_RELOAD_SECONDS, "flush_seconds": settings.SERVE_FLUSH_SECONDS,
     "settle_seconds": settings.SERVE_SETTLE_SECONDS, "max_image_pixels": settings.SERVE_MAX_IMAGE_PIXELS,
 }  # fmt: skip
@@ -42,6 +43,7 @@ class ServingConfig:
     epsilon: float = settings.SERVE_EPSILON.default
     randomized_share: float = settings.SERVE_RANDOMIZED_SHARE.default  # slates served in random order
     fresh_prior_sd: float = settings.SERVE_FRESH_PRIOR_SD.default  # thompson: fresh ad's logit offset sd (0: none)
+    fresh_share: float = settings.SERVE_FRESH_SHARE.default  # thompson: cap on unearned fresh ads' slots per slate
     fresh_scope: str = settings.SERVE_FRESH_SCOPE.default  # "live" (added since the snapshot) or "untrained"
     experiments_path: Path | None = None
     reload_seconds: float = settings.SERVE_RELOAD_SECONDS.default
@@ -107,6 +109,10 @@ class ServingConfig:
         if not (math.isfinite(self.fresh_prior_sd) and self.fresh_prior_sd >= 0):
             raise ValueError(
                 f"fresh_prior_sd (ADREC_SERVE_FRESH_PRIOR_SD) must be a finite number >= 0, got {self.fresh_prior_sd}"
+            )
+        if not (math.isfinite(self.fresh_share) and 0 <= self.fresh_share <= 1):
+            raise ValueError(
+                f"fresh_share (ADREC_SERVE_FRESH_SHARE) must be a share in [0, 1] (1: no cap), got {self.fresh_share}"
             )
         if self.fresh_scope not in FRESH_SCOPES:
             raise ValueError(

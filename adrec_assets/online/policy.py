@@ -7,7 +7,15 @@ every policy ranks exactly as greedy does.
 
 **Fresh ads** (:mod:`adrec_assets.online.fresh_ads`): the shared model has no per-ad
 uncertainty, so ads the snapshot learnt from no click get a per-ad random effect on top of
-it under Thompson; see :class:`ThompsonPolicy` for how the slate stays exact.
+it under Thompson; see :class:`ThompsonPolicy` for how the slate stays exact. The effect's
+prior is sized to the spread of the trained candidates' scores for the request, and a slate
+gives at most ``ceil(fresh_share * k)`` slots to fresh ads whose evidence has not earned a
+place (one of them rotating over those not shown yet), see :class:`_FreshPlan`: a burst of
+new ads cannot take the slates, and every one of them is still shown soon.
+
+**Exploratory slots**: ``Slate.explored`` marks the ads the posterior mean's top-k would not
+have shown; :class:`SlotCounts` adds them up per policy with the slots given to fresh ads
+(the service's ``/metrics``).
 
 **Folding the draw into the query.** For a draw ``theta~ = [theta~_u, theta~_b, theta~_0]``::
 
@@ -48,6 +56,8 @@ index state, inputs and generator state give the same slate and propensities.
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from math import comb
@@ -58,10 +68,12 @@ import numpy as np
 from adrec_assets.online.fresh_ads import FreshAdEffects, FreshView
 from adrec_assets.online.position_bias import DEFAULT_RANDOMIZED_SHARE
 from adrec_assets.online.posterior import LaplaceLogisticPosterior
+from adrec_assets.settings import SERVE_FRESH_SHARE
 
 DEFAULT_PROPENSITY_DRAWS = 200
 DEFAULT_PROPENSITY_CANDIDATES = 100
 DEFAULT_PROPENSITY_FRESH_CANDIDATES = 20
+DEFAULT_FRESH_SHARE: float = SERVE_FRESH_SHARE.default
 
 
 class InnerProductIndex(Protocol):
@@ -99,6 +111,9 @@ class Slate:
     propensities: np.ndarray  # (k,) float64
     policy: str
     randomized: bool = False  # order uniformly permuted (the position-bias slice): log it
+    #: ``explored[j]``: the ad at ``j`` is one the posterior mean's top-k would not have shown
+    #: (an exploratory slot: a draw's, a replaced epsilon slot, a random one); None: none.
+    explored: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -211,10 +226,17 @@ class _Served(NamedTuple):
     slots: np.ndarray  # (s,) int64
     vectors: np.ndarray  # (s, d+1) float32
     positions: np.ndarray  # (s, s) float64
+    explored: np.ndarray | None = None  # (s,) bool: not in the posterior mean's top-k; None: none
 
 
 def _nothing_served(index: InnerProductIndex) -> _Served:
     return _Served(np.empty(0, np.int64), np.empty((0, index.dim + 1), np.float32), np.empty((0, 0)))
+
+
+def _explored_flags(served: _Served) -> np.ndarray:
+    if served.explored is None:
+        return np.zeros(len(served.slots), dtype=bool)
+    return np.asarray(served.explored, dtype=bool)
 
 
 class Policy(Protocol):
@@ -249,7 +271,10 @@ class _BasePolicy:
         """The slate for ``user`` (d,): at most ``k`` live ads not in ``exclude`` (slots)."""
         user, excluded = _check_request(user, index, k, exclude)
         served = self._serve(user, index, k, rng, excluded)
-        return Slate(served.slots, _todays_scores(served.vectors, user), np.diag(served.positions).copy(), self.name)
+        return Slate(
+            served.slots, _todays_scores(served.vectors, user), np.diag(served.positions).copy(), self.name,
+            explored=_explored_flags(served),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -292,7 +317,8 @@ class RandomPolicy(_BasePolicy):
             return _nothing_served(index)
         slots = eligible[rng.choice(len(eligible), size=min(k, len(eligible)), replace=False)]
         positions = np.full((len(slots), len(slots)), 1.0 / len(eligible))
-        return _Served(slots, np.asarray(index.vectors(slots)), positions)
+        greedy = _top_filtered(index, _mean_query(None, user), [k], excluded)[0]  # a reference policy: one more search
+        return _Served(slots, np.asarray(index.vectors(slots)), positions, ~np.isin(slots, greedy))
 
     def position_distribution(
         self, user: np.ndarray, index: InnerProductIndex, k: int, rng: np.random.Generator, exclude: Iterable[int] = ()
@@ -365,7 +391,9 @@ class EpsilonGreedyPolicy(_BasePolicy):
             slots[replaced] = _distinct_uniform(index, np.union1d(excluded, greedy), pool_size, len(replaced), rng)
         positions = (1.0 - rho) * np.eye(len(slots))
         positions[replaced] = rho / max(pool_size, 1)  # an explored ad: any position equally
-        return _Served(slots, np.asarray(index.vectors(slots)), positions)
+        explored = np.zeros(len(slots), dtype=bool)
+        explored[replaced] = True  # the pool is the ads outside the greedy slate
+        return _Served(slots, np.asarray(index.vectors(slots)), positions, explored)
 
     def position_distribution(
         self, user: np.ndarray, index: InnerProductIndex, k: int, rng: np.random.Generator, exclude: Iterable[int] = ()
@@ -428,6 +456,17 @@ class ThompsonPolicy(_BasePolicy):
     propensity candidates add the fresh ads' top ``propensity_fresh_candidates`` by an
     optimistic score (mean effect plus two standard deviations), each drawing its own effect
     in every Monte Carlo draw.
+
+    ``fresh_spread_prior`` (default on): each effect's prior sd is ``fresh.prior_sd`` times
+    the spread (sd) of the posterior mean's scores over the trained candidates of this
+    request, the evidence of its impressions kept: the exploration a fresh ad gets is sized
+    to the scores it competes with, whatever scale the model has learnt. ``fresh_share``
+    (default 0.2; 1: no cap): at most ``ceil(fresh_share * k)`` slots per slate go to
+    *unearned* fresh ads (no evidence yet, or a posterior mean score below the k-th trained
+    one); fresh ads whose clicks lifted them above it are not held. With probability
+    ``min(1, fresh_share * k)`` one of the capped slots, the last position, shows a fresh ad
+    never shown yet, drawn uniformly (:class:`_FreshPlan`). The Monte Carlo draws apply the
+    same cap and rotation, so logged propensities stay those of the capped policy.
     """
 
     name: ClassVar[str] = "thompson"
@@ -437,6 +476,8 @@ class ThompsonPolicy(_BasePolicy):
     propensity_candidates: int = DEFAULT_PROPENSITY_CANDIDATES
     fresh: FreshAdEffects | None = None
     propensity_fresh_candidates: int = DEFAULT_PROPENSITY_FRESH_CANDIDATES
+    fresh_share: float = DEFAULT_FRESH_SHARE
+    fresh_spread_prior: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.posterior, LaplaceLogisticPosterior):
@@ -446,6 +487,10 @@ class ThompsonPolicy(_BasePolicy):
             )
         if not (np.isfinite(self.exploration_scale) and self.exploration_scale >= 0):
             raise ValueError(f"exploration_scale: must be a finite number >= 0, got {self.exploration_scale}")
+        if not (np.isfinite(self.fresh_share) and 0 <= self.fresh_share <= 1):
+            raise ValueError(
+                f"fresh_share (ADREC_SERVE_FRESH_SHARE): must be a share in [0, 1], got {self.fresh_share}"
+            )
         for name in ("propensity_draws", "propensity_candidates", "propensity_fresh_candidates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -483,21 +528,28 @@ class ThompsonPolicy(_BasePolicy):
         draw = posterior.sample(rng, self.exploration_scale)
         queries = np.vstack([fold_queries(draw, user), fold_queries(posterior.mean(), user)])
         fresh = self._fresh_view(excluded)
+        mean_depth = max(self.propensity_candidates, k)  # the mean's top-k names the exploratory slots
+        plan = None
         if fresh is None:
-            slots, mean_top = _top_filtered(index, queries, [k, self.propensity_candidates], excluded)
+            slots, mean_top = _top_filtered(index, queries, [k, mean_depth], excluded)
+            mean_top_k = mean_top[:k]
         else:
-            slots, mean_top = self._top_with_fresh(index, queries, k, excluded, fresh, rng)
+            slots, mean_top, plan = self._top_with_fresh(index, queries, k, excluded, fresh, rng)
+            mean_top_k = plan.mean_top_k
         if len(slots) == 0:
             return _nothing_served(index)
         candidates = np.concatenate([slots, _not_in(mean_top, slots)])  # the served ads first: rows 0..k-1
-        if fresh is not None:
-            candidates = np.concatenate([candidates, _not_in(self._fresh_candidates(fresh, queries[1]), candidates)])
+        if plan is not None:
+            candidates = np.concatenate([candidates, _not_in(self._fresh_candidates(plan, queries[1]), candidates)])
         vectors = np.asarray(index.vectors(candidates))
-        sampled = self._candidate_scores(posterior, user, candidates, vectors, fresh, rng)
-        positions = _served_position_shares(sampled, len(slots))
+        sampled = self._candidate_scores(posterior, user, candidates, vectors, plan, rng)
+        if plan is None or not plan.capped:
+            positions = _served_position_shares(sampled, len(slots))
+        else:
+            positions = plan.position_shares(candidates, sampled, len(slots))[: len(slots)]
         served = np.arange(len(slots))
         positions[served, served] = np.maximum(positions[served, served], 1.0 / (self.propensity_draws + 1))
-        return _Served(slots, vectors[: len(slots)], positions)
+        return _Served(slots, vectors[: len(slots)], positions, ~np.isin(slots, mean_top_k))
 
     def _fresh_view(self, excluded: np.ndarray) -> FreshView | None:
         """The fresh ads' effects without the excluded ones; None when there are none."""
@@ -511,75 +563,256 @@ class ThompsonPolicy(_BasePolicy):
     def _top_with_fresh(
         self, index: InnerProductIndex, queries: np.ndarray, k: int, excluded: np.ndarray, fresh: FreshView,
         rng: np.random.Generator,
-    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """(exact Thompson top-k, the mean's top-N) when fresh ads carry a random effect.
+    ) -> tuple[np.ndarray, np.ndarray, _FreshPlan]:  # fmt: skip
+        """(Thompson slate, the mean's top-N, the request's fresh plan) when fresh ads carry a
+        random effect.
 
         Trained ads: the folded draw's top-k among them from the index (fetched deeper until
         k of the results are trained ads, so fresh ads in the results never crowd one out).
         Fresh ads: every one scored exactly, ``q~ . [p_a, b_a] + r~_a`` with ``r~_a`` drawn
-        per request. The top-k of the union is the exact Thompson top-k of the catalogue."""
+        per request from the effect sized for this query (:meth:`_fresh_plan`). Uncapped
+        (``fresh_share`` 1), the top-k of the union is the exact Thompson top-k of the
+        catalogue; capped, it is that ranking walked under the cap (:func:`_capped_slate`)."""
         depth = 2 * k
+        mean_depth = max(self.propensity_candidates, k)
         while True:
-            row, mean_top = _top_filtered(index, queries, [depth, self.propensity_candidates], excluded)
+            row, mean_top = _top_filtered(index, queries, [depth, mean_depth], excluded)
             trained = row[fresh.rows_of(row) < 0]
             if len(trained) >= k or len(row) < depth:
                 break
             depth *= 4
         trained = trained[:k]
         draw_query = queries[0]
-        effects = fresh.mean + self.exploration_scale * fresh.sd() * rng.standard_normal(fresh.count)
+        plan = self._fresh_plan(index, queries[1], mean_top, k, fresh)
+        effects = plan.mean + self.exploration_scale * plan.sd * rng.standard_normal(fresh.count)
         scores = np.concatenate([
             np.asarray(index.vectors(trained)) @ draw_query, fresh.vectors @ draw_query + effects.astype(np.float32),
         ])  # fmt: skip
         pooled = np.concatenate([trained, fresh.slots])
-        return pooled[np.argsort(-scores, kind="stable")[:k]], mean_top
+        if not plan.capped:
+            return pooled[np.argsort(-scores, kind="stable")[:k]], mean_top, plan
+        untrained = np.zeros(len(trained), dtype=bool)
+        unearned = np.concatenate([untrained, plan.unearned])
+        rotation = np.concatenate([untrained, plan.rotation]) if rng.random() < plan.rotate else None
+        return pooled[_capped_slate(scores, k, unearned, plan.cap, rotation, rng)], mean_top, plan
 
-    def _fresh_candidates(self, fresh: FreshView, mean_query: np.ndarray) -> np.ndarray:
+    def _fresh_plan(
+        self, index: InnerProductIndex, mean_query: np.ndarray, mean_top: np.ndarray, k: int, fresh: FreshView
+    ) -> _FreshPlan:
+        """The fresh ads' effects sized for this query, which of them are held to the cap, and
+        the posterior mean's top-k (see :class:`_FreshPlan`)."""
+        trained = mean_top[fresh.rows_of(mean_top) < 0]
+        trained_scores = (np.asarray(index.vectors(trained)) @ mean_query).astype(np.float64)
+        evidence = np.maximum(fresh.precision - fresh.prior_precision, 0.0)  # what impressions added
+        spread = float(np.std(trained_scores)) if len(trained_scores) >= 2 else 0.0
+        assert self.fresh is not None
+        if self.fresh_spread_prior and spread > 0:
+            # the stored effect re-based on this query's prior N(0, (prior_sd * spread)^2): the
+            # evidence (precision h - h0, natural mean h m) is kept, the prior replaced
+            precision = 1.0 / (self.fresh.prior_sd * spread) ** 2 + evidence
+            mean = fresh.precision * fresh.mean / precision
+        else:
+            precision, mean = fresh.precision, fresh.mean
+        fresh_scores = (fresh.vectors @ mean_query).astype(np.float64) + mean
+        threshold = trained_scores[min(k, len(trained_scores)) - 1] if len(trained_scores) else -np.inf
+        unearned = ~((evidence > 0) & (fresh_scores >= threshold))  # no evidence yet, or it keeps the ad out
+        capped = self.fresh_share < 1
+        cap = math.ceil(self.fresh_share * k - 1e-9) if capped else k
+        pooled_scores = np.concatenate([trained_scores, fresh_scores])
+        top = _best(pooled_scores, np.arange(len(pooled_scores)), k)
+        return _FreshPlan(
+            view=fresh, mean=mean, sd=1.0 / np.sqrt(precision), unearned=unearned, rotation=unearned & (evidence == 0),
+            cap=cap, rotate=min(1.0, self.fresh_share * k) if capped and cap >= 1 else 0.0, capped=capped,
+            mean_top_k=np.concatenate([trained, fresh.slots])[top],
+        )  # fmt: skip
+
+    def _fresh_candidates(self, plan: _FreshPlan, mean_query: np.ndarray) -> np.ndarray:
         """The fresh ads most likely to reach a slate: the top ``propensity_fresh_candidates``
         by an optimistic mean score (two standard deviations of their effect above its mean)."""
-        optimistic = fresh.vectors @ mean_query + fresh.mean + 2 * self.exploration_scale * fresh.sd()
+        fresh = plan.view
+        optimistic = fresh.vectors @ mean_query + plan.mean + 2 * self.exploration_scale * plan.sd
         count = min(self.propensity_fresh_candidates, fresh.count)
         return fresh.slots[np.argpartition(-optimistic, count - 1)[:count]]
 
     def _candidate_scores(
         self, posterior: LaplaceLogisticPosterior, user: np.ndarray, candidates: np.ndarray, vectors: np.ndarray,
-        fresh: FreshView | None, rng: np.random.Generator,
+        plan: _FreshPlan | None, rng: np.random.Generator,
     ) -> np.ndarray:  # fmt: skip
         """(N', M) sampled logits of the candidates: the shared draws, plus each fresh
         candidate's own random effect drawn independently per draw."""
         sampled = self._sampled_scores(posterior, user, vectors, rng)
-        if fresh is None:
+        if plan is None:
             return sampled
-        found = fresh.rows_of(candidates)
+        found = plan.view.rows_of(candidates)
         rows = np.flatnonzero(found >= 0)
         if len(rows):
             effect = found[rows]
             noise = rng.standard_normal((len(rows), sampled.shape[1]), dtype=np.float32)
-            sd = (self.exploration_scale * fresh.sd()[effect]).astype(np.float32)
-            sampled[rows] += fresh.mean[effect].astype(np.float32)[:, None] + sd[:, None] * noise
+            sd = (self.exploration_scale * plan.sd[effect]).astype(np.float32)
+            sampled[rows] += plan.mean[effect].astype(np.float32)[:, None] + sd[:, None] * noise
         return sampled
 
     def position_distribution(
         self, user: np.ndarray, index: InnerProductIndex, k: int, rng: np.random.Generator, exclude: Iterable[int] = ()
     ) -> PositionDistribution:
         """MC distribution over the mean's top-N candidates (and the fresh ads' top N by an
-        optimistic score); columns sum to 1 when there are at least k candidates."""
+        optimistic score); columns sum to 1 when there are at least k candidates (under the
+        cap, up to the rotation's mass on fresh ads outside the candidates)."""
         user, excluded = _check_request(user, index, k, exclude)
         posterior = self._check_dim(user)
         mean_query = fold_queries(posterior.mean(), user)
-        candidates = _top_filtered(index, mean_query, [self.propensity_candidates], excluded)[0]
+        candidates = _top_filtered(index, mean_query, [max(self.propensity_candidates, k)], excluded)[0]
         fresh = self._fresh_view(excluded)
+        plan = None
         if fresh is not None:
-            candidates = np.concatenate([candidates, _not_in(self._fresh_candidates(fresh, mean_query[0]), candidates)])
+            plan = self._fresh_plan(index, mean_query[0], candidates, k, fresh)
+            candidates = np.concatenate([candidates, _not_in(self._fresh_candidates(plan, mean_query[0]), candidates)])
         width = min(k, len(candidates))
         if width == 0:
             return PositionDistribution(candidates, np.zeros((len(candidates), 0)))
         vectors = np.asarray(index.vectors(candidates))
-        sampled = self._candidate_scores(posterior, user, candidates, vectors, fresh, rng)
+        sampled = self._candidate_scores(posterior, user, candidates, vectors, plan, rng)
+        if plan is not None and plan.capped:
+            return PositionDistribution(candidates, plan.position_shares(candidates, sampled, width))
         order = np.argsort(-sampled, axis=0, kind="stable")[:width]  # (width, M): candidate at position j
         counts = np.zeros((len(candidates), width))
         np.add.at(counts, (order, np.broadcast_to(np.arange(width)[:, None], order.shape)), 1.0)
         return PositionDistribution(candidates, counts / self.propensity_draws)
+
+
+class _FreshPlan(NamedTuple):
+    """One request's fresh ads (rows of ``view``), sized and capped for this query.
+
+    ``mean``/``sd``: each effect under the prior ``N(0, (prior_sd * spread)^2)``, ``spread``
+    the sd of the posterior mean's scores over the trained candidates (the mean's top-N), with
+    the evidence of the ad's impressions kept (or the stored effect, ``fresh_spread_prior``
+    off). ``unearned``: held to the cap: no evidence yet, or a posterior mean score below the
+    k-th trained one. ``rotation``: unearned and never shown; with probability ``rotate`` a
+    slate gives one capped slot, its last position, to one of them drawn uniformly (among
+    those the rest of the slate left out), so every fresh ad is reached however poor its
+    projected score. ``mean_top_k``: the posterior mean's top-k, fresh ads at their mean effect.
+    """
+
+    view: FreshView
+    mean: np.ndarray  # (F,) float64
+    sd: np.ndarray  # (F,) float64, before exploration_scale
+    unearned: np.ndarray  # (F,) bool
+    rotation: np.ndarray  # (F,) bool
+    cap: int  # at most this many unearned fresh ads per slate
+    rotate: float
+    capped: bool
+    mean_top_k: np.ndarray  # (<= k,) int64
+
+    def position_shares(self, candidates: np.ndarray, sampled: np.ndarray, width: int) -> np.ndarray:
+        """(N', width) P(candidate at position j) over the draws (columns of ``sampled``),
+        each draw's slate chosen as :func:`_capped_slate` chooses the served one."""
+        found = self.view.rows_of(candidates)
+        fresh = found >= 0
+        unearned = np.zeros(len(candidates), dtype=bool)
+        rotation = np.zeros(len(candidates), dtype=bool)
+        unearned[fresh], rotation[fresh] = self.unearned[found[fresh]], self.rotation[found[fresh]]
+        rotation_total = int(self.rotation.sum())
+        rotate = self.rotate if rotation_total else 0.0
+        return _capped_position_shares(sampled, width, unearned, self.cap, rotate, rotation, rotation_total)
+
+
+def _best(scores: np.ndarray, rows: np.ndarray, count: int) -> np.ndarray:
+    """The (at most) ``count`` of ``rows`` with the highest ``scores``, in no order."""
+    if count <= 0 or len(rows) == 0:
+        return rows[:0]
+    if count >= len(rows):
+        return rows
+    return rows[np.argpartition(-scores[rows], count - 1)[:count]]
+
+
+def _capped_top(scores: np.ndarray, length: int, unearned: np.ndarray, cap: int) -> np.ndarray:
+    """The first ``length`` indices of ``scores`` ranked best first, taking at most ``cap`` of
+    the ``unearned`` (the rest skipped): the best ``length`` of the best ``length`` others and
+    the best ``cap`` unearned, so two partial selections instead of a sort of every score."""
+    picked = np.concatenate([
+        _best(scores, np.flatnonzero(~unearned), length), _best(scores, np.flatnonzero(unearned), min(cap, length)),
+    ])  # fmt: skip
+    return picked[np.argsort(-scores[picked], kind="stable")][:length]
+
+
+def _capped_slate(
+    scores: np.ndarray, k: int, unearned: np.ndarray, cap: int, rotation: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices of ``scores`` for one slate: best first, at most ``cap`` of the ``unearned``.
+
+    With ``rotation`` (a rotating slate, ``cap`` >= 1): the first ``length - 1`` positions
+    take at most ``cap - 1`` unearned entries, and the last goes to a uniformly drawn
+    ``rotation`` entry the rest left out (or, when none is left, to the walk's next one)."""
+    length = min(k, len(scores))
+    if rotation is None or cap < 1 or not rotation.any():
+        return _capped_top(scores, length, unearned, cap)
+    top = _capped_top(scores, length - 1, unearned, cap - 1)
+    left = np.flatnonzero(rotation)
+    left = left[~np.isin(left, top)]
+    if len(left) == 0:
+        return _capped_top(scores, length, unearned, cap - 1)
+    return np.append(top, left[rng.integers(len(left))])
+
+
+def _ranked_top(scores: np.ndarray, depth: int) -> np.ndarray:
+    """(M, depth) column indices of each row's ``depth`` highest scores, best first.
+
+    A sort of the values (vectorized, several times cheaper than an argsort or a row-wise
+    argpartition) gives each row's depth-th score; the entries at or above it are then ranked
+    among themselves. Rows with ties at that score take a full argsort instead."""
+    depth = min(depth, scores.shape[1])
+    if depth == scores.shape[1]:
+        return np.argsort(-scores, axis=1, kind="stable")
+    threshold = np.sort(scores, axis=1)[:, scores.shape[1] - depth]
+    above = scores >= threshold[:, None]
+    if np.count_nonzero(above) != above.shape[0] * depth:  # ties at some row's threshold
+        return np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+    top = np.nonzero(above)[1].reshape(-1, depth)  # row-major: each row's depth entries, by index
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
+
+
+def _capped_position_shares(
+    sampled: np.ndarray, width: int, unearned: np.ndarray, cap: int, rotate: float, rotation: np.ndarray,
+    rotation_total: int,
+) -> np.ndarray:  # fmt: skip
+    """(N', width): the share of draws (columns of ``sampled``) whose capped slate
+    (:func:`_capped_slate`) puts candidate i at position j.
+
+    Each draw walks its ranking best first, skipping the unearned past the cap; ``width``
+    kept entries lie within the first ``width`` + (number of unearned candidates), so only
+    that many are walked (:func:`_ranked_top`). The
+    rotating slates (probability ``rotate``) are averaged over their uniform pick in closed
+    form: in a draw whose first ``width - 1`` positions hold ``t`` of the ``rotation_total``
+    rotation ads, each other candidate rotation ad gets ``1 / (total - t)`` of the last
+    position (the rest goes to rotation ads outside the candidates)."""
+    count, draws = sampled.shape
+    scores = np.ascontiguousarray(sampled.T)  # (M, N'): one draw per row
+    order = _ranked_top(scores, width + int(np.count_nonzero(unearned)))  # (M, depth): ranked r in draw m
+    held = unearned[order]
+    taken = np.cumsum(held, axis=1)
+    shares = np.zeros(count * width)
+
+    def walk(limit: int) -> np.ndarray:  # (M, depth): each ranked entry's position in the walk, -1 if skipped
+        keep = ~held | (taken <= limit)
+        return np.where(keep, np.cumsum(keep, axis=1) - 1, -1)
+
+    def add(position: np.ndarray, below: int, weight: float | np.ndarray) -> None:
+        chosen = (position >= 0) & (position < below)
+        weights = np.broadcast_to(weight, position.shape)[chosen]
+        shares[:] += np.bincount(order[chosen] * width + position[chosen], weights, count * width)
+
+    if rotate < 1:
+        add(walk(cap), width, (1 - rotate) / draws)
+    if rotate > 0:
+        position = walk(cap - 1)
+        in_top = (position >= 0) & (position < width - 1)
+        add(position, width - 1, rotate / draws)
+        left = rotation_total - (in_top & rotation[order]).sum(axis=1)  # (M,) rotation ads the top left out
+        each = np.where(left > 0, 1.0 / np.maximum(left, 1), 0.0)  # (M,) an eligible one's chance in draw m
+        in_top_mass = np.bincount(order[in_top], np.broadcast_to(each[:, None], in_top.shape)[in_top], count)
+        shares.reshape(count, width)[:, width - 1] += rotate / draws * rotation * (each.sum() - in_top_mass)
+        add(np.where(position == width - 1, position, -1), width, np.where(left == 0, rotate / draws, 0.0)[:, None])
+    return shares.reshape(count, width)
 
 
 def _not_in(slots: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -646,13 +879,13 @@ class RandomizedOrderPolicy:
         length = len(served.slots)
         randomized = bool(rng.random() < self.share)
         if length == 0:
-            return Slate(served.slots, np.empty(0, np.float32), np.empty(0), self.name, randomized)
+            return Slate(served.slots, np.empty(0, np.float32), np.empty(0), self.name, randomized, np.zeros(0, bool))
         order = rng.permutation(length) if randomized else np.arange(length)  # order[j]: shown at j
         inclusion = np.minimum(served.positions.sum(axis=1), 1.0)  # the MC floor may push it over 1
         at_position = served.positions[order, np.arange(length)]
         propensities = (1 - self.share) * at_position + self.share * inclusion[order] / length
         scores = _todays_scores(served.vectors[order], user)
-        return Slate(served.slots[order], scores, propensities, self.name, randomized)
+        return Slate(served.slots[order], scores, propensities, self.name, randomized, _explored_flags(served)[order])
 
     def position_distribution(
         self, user: np.ndarray, index: InnerProductIndex, k: int, rng: np.random.Generator, exclude: Iterable[int] = ()
@@ -662,6 +895,51 @@ class RandomizedOrderPolicy:
         inclusion = base.probabilities.sum(axis=1, keepdims=True)
         mixed = (1 - self.share) * base.probabilities + self.share * inclusion / max(width, 1)
         return PositionDistribution(base.slots, mixed)
+
+
+class SlotTotals(NamedTuple):
+    """What one policy served since start: slates, slots, slots given to fresh ads, and
+    exploratory slots (``Slate.explored``: the posterior mean's top-k would not have shown them)."""
+
+    slates: int
+    slots: int
+    fresh: int
+    explored: int
+
+    @property
+    def fresh_share(self) -> float:
+        return self.fresh / self.slots if self.slots else 0.0
+
+    @property
+    def explored_share(self) -> float:
+        return self.explored / self.slots if self.slots else 0.0
+
+
+class SlotCounts:
+    """Running :class:`SlotTotals` per policy (thread-safe): the service adds every slate it
+    serves; ``/metrics`` exports them. Per slate a binary search of the served slots among
+    the fresh ads and a few additions under a lock."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, SlotTotals] = {}
+        self._lock = threading.Lock()
+
+    def add(self, slate: Slate, fresh: FreshAdEffects | None = None) -> None:
+        """Count ``slate``; ``fresh``: the served state's fresh ads (None: none are fresh)."""
+        served = int(np.count_nonzero(slate.slots >= 0))
+        on_fresh = 0
+        if fresh is not None and served:
+            on_fresh = int(np.count_nonzero(fresh.view().rows_of(slate.slots[slate.slots >= 0]) >= 0))
+        explored = int(np.count_nonzero(slate.explored)) if slate.explored is not None else 0
+        with self._lock:
+            before = self._totals.get(slate.policy, SlotTotals(0, 0, 0, 0))
+            self._totals[slate.policy] = SlotTotals(
+                before.slates + 1, before.slots + served, before.fresh + on_fresh, before.explored + explored
+            )
+
+    def totals(self) -> dict[str, SlotTotals]:
+        with self._lock:
+            return dict(self._totals)
 
 
 #: The policies by name, in the order the service lists them (``?policy=``, the demo page)

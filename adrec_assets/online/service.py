@@ -52,7 +52,7 @@ from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import UnknownAdError
-from adrec_assets.online.policy import POLICIES, make_policy
+from adrec_assets.online.policy import POLICIES, SlotCounts, make_policy
 from adrec_assets.online.position_bias import click_weight, theta_covering
 from adrec_assets.online.posterior import ad_features
 from adrec_assets.online.state import (
@@ -134,6 +134,7 @@ class RecommendationService:
         self._encoder: Any = None
         self._encoder_error: str | None = "the encoder is loading"
         self._rng_counter = 0
+        self.slot_counts = SlotCounts()  # per policy: slots, fresh, exploratory (/metrics)
         self._counter_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -301,6 +302,7 @@ class RecommendationService:
         if name == "thompson":
             options["posterior"] = state.posterior
             options["fresh"] = state.fresh
+            options["fresh_share"] = self.config.fresh_share
         if name == "epsilon_greedy":
             options["epsilon"] = self.config.epsilon
         return make_policy(name, **options)
@@ -336,6 +338,7 @@ class RecommendationService:
         request_id = self._next_request_id()
         with _one_blas_thread():
             slate = self._policy(state, chosen).recommend(vector, state.index, k, self._rng(request_id))
+        self.slot_counts.add(slate, state.fresh)
         served = [
             (int(slot), float(score), float(p))
             for slot, score, p in zip(slate.slots, slate.scores, slate.propensities)

@@ -26,7 +26,7 @@ def create_app(service: RecommendationService, *, start: bool = True, loopback_o
     other, :class:`~.middleware.LoopbackOnly`): what ``python -m adrec_assets.serve`` asks for
     when it serves without a token, so that no web page can reach the open service by DNS
     rebinding. An app served on a socket without a token must set it."""
-    metrics = Metrics(service.serving)
+    metrics = Metrics(service.serving, service.slot_counts.totals)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -19,8 +21,15 @@ class Metrics:
     the workers, gauges keep one series per live worker (``pid`` label). Without it a scrape
     would see only the counts of the worker that happened to take the connection."""
 
-    def __init__(self, serving: Callable[[], tuple[str | None, int, int]] = lambda: (None, 0, 0)) -> None:
-        """``serving``: (model version or None, live ads, reloads) of the process, read for the gauges."""
+    def __init__(
+        self,
+        serving: Callable[[], tuple[str | None, int, int]] = lambda: (None, 0, 0),
+        slots: Callable[[], Mapping[str, NamedTuple]] = dict,
+    ) -> None:
+        """``serving``: (model version or None, live ads, reloads) of the process, read for the gauges.
+        ``slots``: per policy the running (slates, slots, fresh, explored) counts of the process
+        (:meth:`~adrec_assets.online.policy.SlotCounts.totals`), carried into the counters at
+        every :meth:`refresh`, so the hot path itself never touches Prometheus."""
         self.registry = CollectorRegistry()
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self._serving = serving
@@ -38,6 +47,21 @@ class Metrics:
         self.index_ads = Gauge("adrec_index_ads", "Ads in the live index.", **per_worker)
         self.events = Counter("adrec_events", "Accepted events by type.", ["type"], registry=self.registry)
         self.reloads = Gauge("adrec_reloads", "Snapshot swaps since start.", **per_worker)
+        self._slots = slots
+        self._counted: dict[str, tuple[int, ...]] = {}
+        self._counting = threading.Lock()
+        self.policy_counters = tuple(
+            Counter(name, meaning, ["policy"], registry=self.registry)
+            for name, meaning in (
+                ("adrec_slates", "Slates served, by policy."),
+                ("adrec_slots", "Slots served, by policy."),
+                ("adrec_fresh_slots", "Slots given to fresh ads (added since the snapshot), by policy."),
+                (
+                    "adrec_explored_slots",
+                    "Exploratory slots (the posterior mean's top-k would not show them), by policy.",
+                ),
+            )
+        )  # the shares: adrec_fresh_slots_total / adrec_slots_total, adrec_explored_slots_total / adrec_slots_total
 
     def refresh(self) -> None:
         """Set the gauges to what this process serves now: at every scrape, and in
@@ -52,6 +76,14 @@ class Metrics:
             self.index_ads.set(index_ads)
         self._served_version = version
         self.reloads.set(reloads)
+        with self._counting:  # two refreshes at once would add the same slates twice
+            for policy, totals in self._slots().items():
+                counted = self._counted.get(policy, (0,) * len(self.policy_counters))
+                for counter, now, before in zip(self.policy_counters, totals, counted):
+                    series = counter.labels(policy)  # a policy's zeros are shown too
+                    if now > before:
+                        series.inc(now - before)
+                self._counted[policy] = tuple(totals)
 
     def exposition(self) -> bytes:
         """The text format: this app's registry, or every worker's files in multiprocess mode."""
