@@ -7,8 +7,9 @@ Each ad is stored as the (d+1)-vector ``[p_a, b_a]`` (unit projected ad, additiv
 One backend per module, over a small shared base (``common.py``: errors, input checks, the
 readers-writer lock, slot bookkeeping and the pinned query):
 
-* :class:`AdIndex` (``faiss.py``): ``"flat"`` (exact) or ``"hnsw"`` (approximate, with
-  tombstones), persisted as plain arrays; the module docstring has the design.
+* :class:`AdIndex` (``faiss.py``): ``"flat"`` (exact), ``"hnsw"`` (approximate, with
+  tombstones) or ``"ivf"`` (approximate, k-means lists, ``nprobe`` tuned to a measured
+  recall), persisted as plain arrays; the module docstring has the design.
 * :class:`NumpyIndex` (``numpy.py``): ``"numpy"``, exact brute force in NumPy, built from an
   :class:`AdIndex` at load time (``ADREC_SERVE_INDEX=numpy``); never persisted.
 
@@ -30,14 +31,25 @@ from adrec_assets.online.index.common import (
     UnknownAdError,
 )
 from adrec_assets.online.index.exact import exact_top_k, recall_at_k
-from adrec_assets.online.index.faiss import FLAT, FORMAT_NAME, FORMAT_VERSION, HNSW, AdIndex
+from adrec_assets.online.index.faiss import (
+    ANN_KINDS,
+    FLAT,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HNSW,
+    IVF,
+    AdIndex,
+    ivf_nlist_for,
+)
 from adrec_assets.online.index.numpy import NUMPY, NumpyIndex
 
 __all__ = [
+    "ANN_KINDS",
     "FLAT",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "HNSW",
+    "IVF",
     "NUMPY",
     "SEARCH_THREADS",
     "AdIndex",
@@ -50,5 +62,6 @@ __all__ = [
     "NumpyIndex",
     "UnknownAdError",
     "exact_top_k",
+    "ivf_nlist_for",
     "recall_at_k",
 ]

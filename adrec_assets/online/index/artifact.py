@@ -23,6 +23,13 @@ class IndexedAds:
     space: str
     encoder_id: str
     recall_at_10: float
+    #: Content hash of what the index was built from (ad ids, rows, space, encoder, build
+    #: settings): a later build from the same inputs reuses this index instead (the
+    #: ``ad_index`` asset). "" = unknown (never matched).
+    inputs_fingerprint: str = ""
+    #: Content hash of the queries its ``nprobe`` was tuned on and ``recall_at_10`` measured
+    #: on, and the recall target: equal too, the whole artifact is reused as is.
+    recall_fingerprint: str = ""
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
@@ -30,10 +37,18 @@ class IndexedAds:
             "space": np.asarray(self.space),
             "encoder_id": np.asarray(self.encoder_id),
             "recall_at_10": np.asarray(self.recall_at_10),
+            "inputs_fingerprint": np.asarray(self.inputs_fingerprint),
+            "recall_fingerprint": np.asarray(self.recall_fingerprint),
         }
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> IndexedAds:
         fields = Fields(arrays, cls.type_tag)
         index = AdIndex.from_arrays({k[len("index__") :]: v for k, v in arrays.items() if k.startswith("index__")})
-        return cls(index, fields.text("space"), fields.text("encoder_id"), float(fields.array("recall_at_10")))
+        # artifacts written before the fingerprints existed still serve; they are just never reused
+        fingerprints = [
+            fields.text(name) if name in arrays else "" for name in ("inputs_fingerprint", "recall_fingerprint")
+        ]
+        return cls(
+            index, fields.text("space"), fields.text("encoder_id"), float(fields.array("recall_at_10")), *fingerprints
+        )

@@ -7,14 +7,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adrec_assets.online.index.common import InvalidQueryError, _check_k, _check_queries, _no_results
+from adrec_assets.online.index.common import (
+    _EXACT_BLOCK_ELEMENTS,
+    InvalidQueryError,
+    _check_k,
+    _check_queries,
+    _exact_thresholds,
+    _hit_share,
+    _no_results,
+)
 
 if TYPE_CHECKING:
     from adrec_assets.online.index.faiss import AdIndex
     from adrec_assets.online.index.numpy import NumpyIndex
-
-#: Rows per block in exact search: bounds the (queries x block) score matrix in memory.
-_EXACT_BLOCK_ELEMENTS = 1 << 24
 
 
 class _TopK:
@@ -72,23 +77,8 @@ def recall_at_k(index: AdIndex | NumpyIndex, queries: np.ndarray, k: int, *, thr
     """
     q = _check_queries(queries, index.dim + 1)
     k = _check_k(k)
-    live = index.live_slots()
-    if len(live) == 0 or len(q) == 0:
+    if len(index.live_slots()) == 0 or len(q) == 0:
         return 1.0
-    k_eff = min(k, len(live))
-    top = _TopK(len(q), k_eff)
-    q64 = q.astype(np.float64)
-    block = max(1, min(65_536, _EXACT_BLOCK_ELEMENTS // len(q)))
-    for start in range(0, len(live), block):
-        top.push(q64 @ index.vectors(live[start : start + block]).astype(np.float64).T, start)
-    exact_scores, _ = top.result()
-    threshold = exact_scores[:, k_eff - 1].astype(np.float64)
+    thresholds, k_eff = _exact_thresholds(index, q, k)
     _, slots = index.search(q, k, threads=threads)
-    hits = np.zeros(len(q), dtype=np.int64)
-    for i, row in enumerate(slots):
-        found = row[row >= 0]
-        if len(found):
-            true = index.vectors(found).astype(np.float64) @ q64[i]
-            tol = 1e-5 * max(1.0, abs(threshold[i]))
-            hits[i] = min(k_eff, int((true >= threshold[i] - tol).sum()))
-    return float(np.mean(hits / k_eff))
+    return _hit_share(index, q, slots, thresholds, k_eff)

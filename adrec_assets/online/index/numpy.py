@@ -22,6 +22,7 @@ from adrec_assets.online.index.common import (
     _no_results,
     _ReadWriteLock,
     _SlotTable,
+    _top_unordered,
 )
 
 if TYPE_CHECKING:
@@ -35,30 +36,6 @@ _NUMPY_HEADROOM = 1 / 16
 #: go through one matrix product, which BLAS runs efficiently only for larger batches.
 _NUMPY_GEMV_MAX_QUERIES = 8
 _NUMPY_BLOCK_ROWS = 4096
-#: Top-k selection over many rows first drops every score below the k-th best block maximum
-#: (blocks of this many scores): one cheap pass instead of an ``argpartition`` of the whole row.
-_TOPK_BLOCK = 256
-
-
-def _top_unordered(scores: np.ndarray, top: int) -> np.ndarray:
-    """(rows, top) column indices of the ``top`` largest scores of each row, in no order.
-
-    Exact: ``top`` blocks have a maximum >= t (the ``top``-th largest block maximum), so at
-    least ``top`` scores are >= t and the ``top`` best all are; only those are partitioned."""
-    n_rows, n = scores.shape
-    blocks = n // _TOPK_BLOCK
-    if blocks < 4 * top:
-        return np.argpartition(scores, n - top, axis=1)[:, n - top :]
-    maxima = scores[:, : blocks * _TOPK_BLOCK].reshape(n_rows, blocks, _TOPK_BLOCK).max(axis=2)
-    threshold = np.partition(maxima, blocks - top, axis=1)[:, blocks - top]
-    out = np.empty((n_rows, top), dtype=np.int64)
-    for i in range(n_rows):
-        candidates = np.flatnonzero(scores[i] >= threshold[i])
-        picked = np.argpartition(scores[i, candidates], len(candidates) - top)[len(candidates) - top :]
-        out[i] = candidates[picked]
-    return out
-
-
 _blas_controller: ThreadpoolController | None = None
 
 
