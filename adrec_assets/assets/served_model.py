@@ -8,7 +8,7 @@ import numpy as np
 
 from adrec_assets.assets.common import PARTITIONED, params_config, stopwatch
 from adrec_assets.ml.params import AdRefitParams, UserRefitParams
-from adrec_assets.ml.refresh import fingerprint, graph_fingerprint
+from adrec_assets.ml.refresh import REUSED, fingerprint, graph_fingerprint
 from adrec_assets.ml.served_model import fit_served_model
 from adrec_assets.ml.types import (
     FULL_RETRAIN,
@@ -20,6 +20,7 @@ from adrec_assets.ml.types import (
     align_rows,
     check_unit_rows,
 )
+from adrec_assets.resources import ArtifactStoreResource
 
 UserRefitConfig = params_config(UserRefitParams, "UserRefitConfig", base=dg.Config)
 AdRefitConfig = params_config(AdRefitParams, "AdRefitConfig", base=dg.Config)
@@ -30,6 +31,44 @@ class ServedModelConfig(dg.Config):
 
     users: UserRefitConfig = UserRefitConfig()
     ads: AdRefitConfig = AdRefitConfig()
+    reuse: bool = True  # return the previous snapshot's fit when its inputs and settings are unchanged
+
+
+def served_inputs_fingerprint(
+    click_graph: ClickGraph,
+    user_embeddings: UserEmbeddings,
+    ad_projected: ProjectedAds,
+    user_params: UserRefitParams,
+    ad_params: AdRefitParams,
+) -> str:
+    """Content hash of everything the served fit reads: clicks, user vectors (ids, space,
+    isolated flags), every ad's projection and bias (ids, space, encoder) and both settings."""
+    return fingerprint(
+        np.asarray(graph_fingerprint(click_graph)),
+        user_embeddings.ids, user_embeddings.vectors, user_embeddings.isolated, np.asarray(user_embeddings.space),
+        ad_projected.ids, ad_projected.vectors, ad_projected.score_bias, np.asarray(ad_projected.space),
+        np.asarray(ad_projected.encoder_id),
+        np.asarray(json.dumps([asdict(user_params), asdict(ad_params)], sort_keys=True)),
+    )  # fmt: skip
+
+
+def previous_served_model(
+    context: dg.AssetExecutionContext, artifacts: ArtifactStoreResource
+) -> tuple[UserEmbeddings | None, ProjectedAds | None, str]:
+    """(served_users, served_ads, note) of the snapshot this run builds on; (None, None, why)
+    when there is none or either is unreadable (reuse is an optimization: the caller fits)."""
+    store = artifacts.store(context.partition_key)
+    base = store.base_of(context.run_id)
+    if base is None:
+        return None, None, "no previous materialization of this partition"
+    snapshot = store.snapshot(base)
+    if not {"served_users", "served_ads"} <= set(snapshot.artifacts):
+        return None, None, f"the published snapshot {base} has no served model"
+    try:
+        return store.load("served_users", snapshot), store.load("served_ads", snapshot), f"published snapshot {base}"
+    except Exception as exc:  # noqa: BLE001 - unreadable means: fit again, and say why
+        context.log.warning(f"served model of snapshot {base} not reusable: {exc}")
+        return None, None, f"served model of snapshot {base} unreadable ({type(exc).__name__})"
 
 
 @dg.multi_asset(
@@ -48,6 +87,7 @@ class ServedModelConfig(dg.Config):
 def served_model(
     context: dg.AssetExecutionContext,
     config: ServedModelConfig,
+    artifacts: ArtifactStoreResource,
     click_graph: ClickGraph,
     user_embeddings: UserEmbeddings,
     ad_projected: ProjectedAds,
@@ -55,7 +95,11 @@ def served_model(
     """Users refitted to the projections, then ads with clicks and users alternately fitted to
     each other, each ad's prior mean its content projection (``adrec_assets.ml.served_model``).
     Score = ``u . v_a + score_bias_a`` for the index, the service, the ``Recommender``, the
-    policy posterior and the evaluation alike."""
+    policy posterior and the evaluation alike.
+
+    When the content hash of the inputs and settings (:func:`served_inputs_fingerprint`,
+    recorded as ``served_users``' provenance) equals the previous snapshot's, both previous
+    artifacts are returned as they are (``fit_path`` ``reused``) and nothing is fitted."""
     key = context.partition_key
     if len(user_embeddings) != click_graph.n_users or (user_embeddings.ids != click_graph.user_ids).any():
         raise ArtifactError(
@@ -72,6 +116,10 @@ def served_model(
         f"served_model[{key}]: clicked ads missing from ad_projected (re-materialize raw_ads and ad_projected)",
     )  # fmt: skip
     user_params, ad_params = config.users.to_params(), config.ads.to_params()
+    inputs = served_inputs_fingerprint(click_graph, user_embeddings, ad_projected, user_params, ad_params)
+    reused = _reusable(context, config, artifacts, inputs, user_params, ad_params)
+    if reused is not None:
+        return reused
     projected = ad_projected.vectors[rows]
     with stopwatch() as timing:
         model = fit_served_model(
@@ -91,7 +139,7 @@ def served_model(
         user_embeddings.isolated,
         TrainingProvenance(
             asdict(user_params),
-            fingerprint(np.asarray(graph_fingerprint(click_graph)), user_embeddings.vectors, projected),
+            inputs,
             FULL_RETRAIN,
         ),
     )
@@ -111,6 +159,8 @@ def served_model(
                 "n_users": len(users),
                 "n_users_refitted": int((click_graph.indptr[1:] > click_graph.indptr[:-1]).sum()),
                 "fit_seconds": seconds,
+                "fit_path": "fitted",
+                "inputs_fingerprint": inputs,
                 "mean_cosine_to_user_embeddings": round(float(moved.mean()), 4) if len(moved) else 1.0,
                 "user_space": users.space,
                 **{f"refit_{name}": value for name, value in asdict(user_params).items()},
@@ -129,8 +179,46 @@ def served_model(
                 else 1.0,
                 "mean_norm_refitted": round(float(norms.mean()), 4) if len(warm) else 0.0,
                 "fit_seconds": seconds,
+                "fit_path": "fitted",
                 "user_space": ads.space,
                 **{f"refit_{name}": value for name, value in asdict(ad_params).items()},
             },
         ),
+    )
+
+
+def _reusable(
+    context: dg.AssetExecutionContext,
+    config: ServedModelConfig,
+    artifacts: ArtifactStoreResource,
+    inputs: str,
+    user_params: UserRefitParams,
+    ad_params: AdRefitParams,
+) -> tuple[dg.Output[UserEmbeddings], dg.Output[ProjectedAds]] | None:
+    """The previous snapshot's served model as this run's outputs when it was fitted from
+    exactly these inputs and settings; None (fit again) otherwise, with the reason logged."""
+    if not config.reuse:
+        context.log.info("served_model: fitting (reuse=false)")
+        return None
+    users, ads, note = previous_served_model(context, artifacts)
+    if users is None or ads is None:
+        context.log.info(f"served_model: fitting ({note})")
+        return None
+    same = (
+        users.provenance.inputs_fingerprint == inputs
+        and dict(users.provenance.params) == asdict(user_params)
+        and ads.refit_params == json.dumps(asdict(ad_params))
+    )
+    if not same:
+        context.log.info(f"served_model: fitting (inputs or settings differ from {note})")
+        return None
+    context.log.info(f"served_model: {REUSED} ({note}: same inputs and settings)")
+    common = {"fit_path": REUSED, "fit_path_reason": f"same inputs and settings as {note}", "fit_seconds": 0.0}
+    return (
+        dg.Output(
+            users,
+            output_name="served_users",
+            metadata={"n_users": len(users), "user_space": users.space, "inputs_fingerprint": inputs, **common},
+        ),
+        dg.Output(ads, output_name="served_ads", metadata={"n_ads": len(ads), "user_space": ads.space, **common}),
     )
