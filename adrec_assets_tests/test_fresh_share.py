@@ -261,3 +261,60 @@ def test_the_share_must_be_a_share():
     posterior = LaplaceLogisticPosterior.prior(4)
     with pytest.raises(ValueError, match="fresh_share"):
         make_policy("thompson", posterior=posterior, fresh_share=1.5)
+
+
+# --- the experiment report ---------------------------------------------------------------------
+
+
+def test_the_experiment_report_shows_each_arms_fresh_and_exploratory_shares_from_the_served_log(tmp_path):
+    """Served-log rows as the service writes them (the slot flags with each impression; old
+    rows without them) through the event file, the explode and the report."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from adrec_assets.abtest.report import analyze_experiment, per_user_table, report_figures, slot_shares
+    from adrec_assets.online.events import EVENTS_DIRNAME, event_table, read_event_log
+    from adrec_assets.online.experiments import explode_event_log
+
+    rng = np.random.default_rng(20)
+    rows = []
+    flags = {"control": (0.0, 0.0), "treatment": (0.25, 0.5)}  # P(fresh), P(explored) per impression
+    for number in range(400):
+        arm = "control" if number % 2 else "treatment"
+        user = f"{number:032x}"
+        for position in range(5):
+            fresh, explored = (bool(rng.random() < p) for p in flags[arm])
+            row = {
+                "event_id": f"{number}-{position}", "request_id": f"{number:032x}", "user_pseudonym": user,
+                "ad_id": f"ad-{position}", "position": position, "type": "impression", "timestamp": 1e9 + number,
+                "served_at": 1e9 + number, "policy": "greedy" if arm == "control" else "thompson",
+                "propensity": 1.0, "score": 0.0, "randomized": False, "experiments": f"exp={arm}",
+                "model_version": "v1", "weight": 1.0, "fresh": fresh, "explored": explored,
+            }  # fmt: skip
+            if number < 20:  # logged before the flags existed
+                del row["fresh"], row["explored"]
+            rows.append(row)
+            if position == 0 and rng.random() < 0.3:
+                rows.append({**row, "event_id": f"{number}-click", "type": "click"})
+    (tmp_path / EVENTS_DIRNAME).mkdir()
+    pq.write_table(event_table(rows), tmp_path / EVENTS_DIRNAME / "served-000000000001-000000999999.parquet")
+    exploded = explode_event_log(read_event_log(tmp_path).to_pandas())
+    shares = slot_shares(exploded, "exp", ["control", "treatment"])
+    logged = pd.DataFrame([r for r in rows if r["type"] == "impression" and "fresh" in r])
+    by_arm = {a.arm: a for a in shares}
+    for arm, policy in (("control", "greedy"), ("treatment", "thompson")):
+        expected = logged[logged["experiments"] == f"exp={arm}"]
+        assert by_arm[arm].impressions == len(expected) == 5 * 190
+        assert by_arm[arm].fresh_share == pytest.approx(expected["fresh"].mean())
+        assert by_arm[arm].explored_share == pytest.approx(expected["explored"].mean())
+        assert by_arm[arm].policies == (policy,)
+    assert by_arm["control"].fresh_share == 0 and 0.15 < by_arm["treatment"].fresh_share < 0.35
+    report = analyze_experiment(
+        per_user_table(exploded, "exp"), {"control": 0.5, "treatment": 0.5}, experiment="exp", slots=shares
+    )
+    markdown = report.markdown()
+    treatment = by_arm["treatment"]
+    assert f"| treatment | thompson | {treatment.impressions:,} | {treatment.fresh_share:.1%} |" in markdown
+    figures = {row["arm"]: row for row in report_figures(report)}
+    assert figures["treatment"]["explored_share"] == pytest.approx(treatment.explored_share)
+    assert slot_shares(exploded.drop(columns=["fresh"]), "exp", ["control"]) == ()  # a log without the flags

@@ -129,6 +129,40 @@ class ArmComparison:
 
 
 @dataclass(frozen=True)
+class ArmSlots:
+    """Exploration's cost in one arm: of its impressions logged with slot flags, the share on
+    fresh ads and the share on exploratory slots (ads the posterior mean's top-k would not
+    have shown), and the policies that served them."""
+
+    arm: str
+    policies: tuple[str, ...]
+    impressions: int
+    fresh_share: float
+    explored_share: float
+
+
+def slot_shares(events: pd.DataFrame, experiment: str, arms: Sequence[str]) -> tuple[ArmSlots, ...]:
+    """Per arm of ``experiment``: the fresh and exploratory shares of its impressions, from
+    the exploded served log (:func:`adrec_assets.online.experiments.explode_event_log`:
+    columns arm, type, policy, fresh, explored). Impressions logged before the flags were
+    (null) are left out; an arm without flagged impressions is left out; a log without the
+    columns gives none."""
+    if not {"arm", "type", "policy", "fresh", "explored"} <= set(events.columns):
+        return ()
+    rows = events.loc[(events["experiment"] == experiment) & events["type"].eq("impression")]
+    rows = rows.loc[rows["fresh"].notna() & rows["explored"].notna()]
+    out = []
+    for arm in arms:
+        flagged = rows.loc[rows["arm"] == arm]
+        if len(flagged):
+            out.append(ArmSlots(
+                arm, tuple(sorted(flagged["policy"].dropna().unique().tolist())), len(flagged),
+                float(flagged["fresh"].astype(bool).mean()), float(flagged["explored"].astype(bool).mean()),
+            ))  # fmt: skip
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class ExperimentReport:
     experiment: str
     alpha: float
@@ -140,6 +174,7 @@ class ExperimentReport:
     sequential: SequentialDesign
     sequential_design_source: str
     look_users: tuple[int, ...] = field(default=())
+    slots: tuple[ArmSlots, ...] = field(default=())  # exploration's cost per arm (slot_shares)
 
     def markdown(self) -> str:
         level = f"{1 - self.alpha:.0%}"
@@ -183,6 +218,19 @@ class ExperimentReport:
             f"α = {self.sequential.alpha:g}, designed for {self.sequential.horizon_users_per_arm:,} users per arm "
             f"({self.sequential_design_source}); minimum over {max(len(self.look_users), 1)} look(s)."
         )
+        if self.slots:
+            lines += [
+                "",
+                "Exploration's cost (impressions logged with slot flags):",
+                "",
+                "| arm | policies | impressions | on fresh ads | exploratory |",
+                "|---|---|---:|---:|---:|",
+            ]
+            for arm in self.slots:
+                lines.append(
+                    f"| {arm.arm} | {', '.join(arm.policies) or '—'} | {arm.impressions:,} | "
+                    f"{_pct(arm.fresh_share, 1)} | {_pct(arm.explored_share, 1)} |"
+                )
         return "\n".join(lines) + "\n"
 
     def plot_png(self) -> bytes:
@@ -227,6 +275,7 @@ def analyze_experiment(
     sequential: SequentialDesign | None = None,
     looks: Sequence[pd.DataFrame] = (),
     default_prior_relative_lift: float = 0.05,
+    slots: Sequence[ArmSlots] = (),
 ) -> ExperimentReport:
     """Full analysis of one experiment from its per-user table.
 
@@ -237,7 +286,8 @@ def analyze_experiment(
     planned (:func:`plan_users_per_arm`); without it a design is derived from this data
     (horizon = current users per arm, prior sd = ``default_prior_relative_lift`` × control
     CTR) and the report says so: fine for a single final look, not for a mixture that moves
-    with every peek."""
+    with every peek. ``slots``: each arm's fresh and exploratory shares (:func:`slot_shares`),
+    shown beside the analysis."""
     arms = list(shares)
     control = arms[0] if control is None else control
     if control not in shares:
@@ -301,6 +351,7 @@ def analyze_experiment(
         sequential=sequential,
         sequential_design_source=source,
         look_users=look_users,
+        slots=tuple(slots),
     )
 
 
@@ -400,6 +451,7 @@ class ExperimentReports:
 def report_figures(report: ExperimentReport) -> list[dict[str, float | str]]:
     """Flat per-arm numbers of a report (for metadata and the stored artifact)."""
     by_arm = {c.arm: c for c in report.comparisons}
+    slots = {a.arm: a for a in report.slots}
     out = []
     for arm in report.arms:
         row: dict[str, float | str] = {
@@ -412,5 +464,7 @@ def report_figures(report: ExperimentReport) -> list[dict[str, float | str]]:
             row.update(lift=comparison.lift, lift_low=comparison.lift_ci[0], lift_high=comparison.lift_ci[1],
                        cuped_lift=comparison.cuped_lift, p_value=comparison.p_value,
                        always_valid_p_value=comparison.always_valid_p_value)  # fmt: skip
+        if arm.arm in slots:
+            row.update(fresh_share=slots[arm.arm].fresh_share, explored_share=slots[arm.arm].explored_share)
         out.append(row)
     return out

@@ -22,11 +22,12 @@ from adrec_assets.abtest.report import (
     look_tables,
     per_user_table,
     report_figures,
+    slot_shares,
 )
 from adrec_assets.abtest.stats import AnalysisInputError, SequentialDesign
 from adrec_assets.assets.common import PARTITION_KWARGS
 from adrec_assets.online.events import read_event_log
-from adrec_assets.online.experiments import explode_event_log
+from adrec_assets.online.experiments import EXPLODED_COLUMNS, explode_event_log
 from adrec_assets.resources import ArtifactStoreResource, ClickSourceResource, ExperimentsResource
 
 EXPERIMENTS_GROUP = "experiments"
@@ -56,13 +57,12 @@ def experiment_report(
     artifacts: ArtifactStoreResource,
 ) -> dg.Output[ExperimentReports]:
     """Per experiment and arm: users, impressions, clicks, CTR with a delta-method CI, relative
-    lift with its CI, CUPED lift, p-values (fixed-horizon and always-valid), and the
-    sample-ratio check (failing asset check below p = 0.001)."""
+    lift with its CI, CUPED lift, p-values (fixed-horizon and always-valid), the
+    sample-ratio check (failing asset check below p = 0.001), and exploration's cost: the
+    shares of impressions on fresh ads and on exploratory slots."""
     declared = experiments.load()
     log = read_event_log(click_sources.sources_root() / context.partition_key).to_pandas()
-    exploded = (
-        explode_event_log(log) if len(log) else pd.DataFrame(columns=["user", "experiment", "arm", "type", "timestamp"])
-    )
+    exploded = explode_event_log(log) if len(log) else pd.DataFrame(columns=list(EXPLODED_COLUMNS))
     designs = _previous_designs(context, artifacts)
     sections, figures, metadata = [], [], {}
     for experiment in declared.experiments:
@@ -85,6 +85,7 @@ def experiment_report(
                 experiment=experiment.name,
                 sequential=designs.get(experiment.name),
                 looks=look_tables(events, experiment.name, looks, pre) if looks else (),
+                slots=slot_shares(events, experiment.name, list(experiment.shares)),
             )
         except AnalysisInputError as exc:
             sections.append(f"### Experiment `{experiment.name}`\n\nNot analysable yet: {exc}\n")

@@ -78,8 +78,12 @@ EVENT_SCHEMA = pa.schema(
         ("experiments", pa.string()),
         ("model_version", pa.string()),
         ("weight", pa.float64()),
+        ("fresh", pa.bool_()),  # the ad was fresh when served (null: logged before the flag)
+        ("explored", pa.bool_()),  # an exploratory slot: not in the posterior mean's top-k (null: before)
     ]
 )
+#: Columns a row may lack (rows built before they existed): written as null.
+OPTIONAL_EVENT_COLUMNS = frozenset({"fresh", "explored"})
 CLICK_SCHEMA = pa.schema(
     [
         ("user_pseudonym", pa.string()),
@@ -154,7 +158,13 @@ def _fsync_dir(folder: Path) -> None:
 
 def event_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     rows = list(rows)
-    return pa.table({f.name: [row[f.name] for row in rows] for f in EVENT_SCHEMA}, schema=EVENT_SCHEMA)
+    return pa.table(
+        {
+            f.name: [row.get(f.name) if f.name in OPTIONAL_EVENT_COLUMNS else row[f.name] for row in rows]
+            for f in EVENT_SCHEMA
+        },
+        schema=EVENT_SCHEMA,
+    )
 
 
 def read_event_log(source_folder: Path) -> pa.Table:

@@ -612,13 +612,22 @@ def _validated_pseudonyms(pseudonyms: Sequence[str] | np.ndarray) -> np.ndarray:
 def explode_event_log(events: pd.DataFrame) -> pd.DataFrame:
     """The served log (one row per event, ``experiments`` = the request's assignment label)
     as one row per (event, experiment): columns user, experiment, arm, type, timestamp —
-    what :func:`adrec_assets.abtest.report.per_user_table` reads."""
+    what :func:`adrec_assets.abtest.report.per_user_table` reads — and policy, fresh,
+    explored (the slot flags :func:`adrec_assets.abtest.report.slot_shares` reads; None
+    where the log predates them)."""
     import pandas as pd
 
+    missing = [None] * len(events)
     rows = []
-    for user, label, kind, timestamp in zip(
-        events["user_pseudonym"], events["experiments"], events["type"], events["timestamp"]
-    ):
+    for user, label, kind, timestamp, policy, fresh, explored in zip(
+        events["user_pseudonym"], events["experiments"], events["type"], events["timestamp"],
+        events["policy"] if "policy" in events else missing, events["fresh"] if "fresh" in events else missing,
+        events["explored"] if "explored" in events else missing,
+    ):  # fmt: skip
         for experiment, arm in parse_assignment_label(label).items():
-            rows.append((user, experiment, arm, kind, float(timestamp)))
-    return pd.DataFrame(rows, columns=["user", "experiment", "arm", "type", "timestamp"])
+            rows.append((user, experiment, arm, kind, float(timestamp), policy, fresh, explored))
+    return pd.DataFrame(rows, columns=[*EXPLODED_COLUMNS])
+
+
+#: The columns of :func:`explode_event_log`.
+EXPLODED_COLUMNS = ("user", "experiment", "arm", "type", "timestamp", "policy", "fresh", "explored")

@@ -915,6 +915,13 @@ class SlotTotals(NamedTuple):
         return self.explored / self.slots if self.slots else 0.0
 
 
+class SlotFlags(NamedTuple):
+    """Per served slot (the slots >= 0, in position order): on a fresh ad, exploratory."""
+
+    fresh: list[bool]
+    explored: list[bool]
+
+
 class SlotCounts:
     """Running :class:`SlotTotals` per policy (thread-safe): the service adds every slate it
     serves; ``/metrics`` exports them. Per slate a binary search of the served slots among
@@ -924,18 +931,24 @@ class SlotCounts:
         self._totals: dict[str, SlotTotals] = {}
         self._lock = threading.Lock()
 
-    def add(self, slate: Slate, fresh: FreshAdEffects | None = None) -> None:
-        """Count ``slate``; ``fresh``: the served state's fresh ads (None: none are fresh)."""
-        served = int(np.count_nonzero(slate.slots >= 0))
-        on_fresh = 0
+    def add(self, slate: Slate, fresh: FreshAdEffects | None = None) -> SlotFlags:
+        """Count ``slate``; ``fresh``: the served state's fresh ads (None: none are fresh).
+        Returns each served slot's flags (what the service logs with its impressions)."""
+        shown = slate.slots >= 0
+        served = int(np.count_nonzero(shown))
+        on_fresh = np.zeros(served, dtype=bool)
         if fresh is not None and served:
-            on_fresh = int(np.count_nonzero(fresh.view().rows_of(slate.slots[slate.slots >= 0]) >= 0))
-        explored = int(np.count_nonzero(slate.explored)) if slate.explored is not None else 0
+            on_fresh = fresh.view().rows_of(slate.slots[shown]) >= 0
+        explored = slate.explored[shown] if slate.explored is not None else np.zeros(served, dtype=bool)
         with self._lock:
             before = self._totals.get(slate.policy, SlotTotals(0, 0, 0, 0))
             self._totals[slate.policy] = SlotTotals(
-                before.slates + 1, before.slots + served, before.fresh + on_fresh, before.explored + explored
+                before.slates + 1,
+                before.slots + served,
+                before.fresh + int(np.count_nonzero(on_fresh)),
+                before.explored + int(np.count_nonzero(explored)),
             )
+        return SlotFlags(on_fresh.tolist(), np.asarray(explored, dtype=bool).tolist())
 
     def totals(self) -> dict[str, SlotTotals]:
         with self._lock:

@@ -338,7 +338,7 @@ class RecommendationService:
         request_id = self._next_request_id()
         with _one_blas_thread():
             slate = self._policy(state, chosen).recommend(vector, state.index, k, self._rng(request_id))
-        self.slot_counts.add(slate, state.fresh)
+        flags = self.slot_counts.add(slate, state.fresh)  # per served slot: fresh ad, exploratory
         served = [
             (int(slot), float(score), float(p))
             for slot, score, p in zip(slate.slots, slate.scores, slate.propensities)
@@ -356,6 +356,8 @@ class RecommendationService:
             "ads": ad_ids,
             "propensities": [p for _, _, p in served],
             "scores": [s for _, s, _ in served],
+            "fresh": flags.fresh,
+            "explored": flags.explored,
             "served_at": now,
         }
         self.online.put_request(request_id, record, self.config.request_ttl_seconds)
@@ -457,6 +459,8 @@ class RecommendationService:
             "experiments": record["experiments"],
             "model_version": record["model_version"],
             "weight": weight,
+            "fresh": record["fresh"][position] if "fresh" in record else None,  # None: served before the flags
+            "explored": record["explored"][position] if "explored" in record else None,
         }
 
     def _apply_click(self, state: ModelState, pseudonym: str, ad_id: str, weight: float) -> None:
