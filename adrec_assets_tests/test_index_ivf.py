@@ -165,3 +165,17 @@ def test_version_1_arrays_still_load():
 def test_default_list_count_follows_sqrt_n_within_faiss_training_limits():
     assert ivf_nlist_for(1_000_000) == 1000 and ivf_nlist_for(10_000) == 100
     assert ivf_nlist_for(100) == 2 and ivf_nlist_for(10) == 1 and ivf_nlist_for(0) == 1
+
+
+def test_live_changes_leave_the_callers_openmp_setting_as_it_was(catalogue):
+    ids, vecs, bias, *_ = catalogue
+    index = build_ivf(ids[:2000], vecs[:2000], bias[:2000], ivf_nlist=20)
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)
+    try:
+        index.add("x", vecs[0], 0.0)  # runs on one OpenMP thread, then restores the caller's 3
+        assert faiss.omp_get_max_threads() == 3
+        index.remove("x")
+        assert faiss.omp_get_max_threads() == 3 and "x" not in set(index.ad_ids(index.live_slots()).tolist())
+    finally:
+        faiss.omp_set_num_threads(previous)
