@@ -27,6 +27,7 @@ from adrec_assets_tests.test_policy import (
     unit_rows,
     within_binomial_error,
 )
+from adrec_assets_tests.test_service import KNOWN_USER, make_service
 
 pytestmark = pytest.mark.usefixtures("single_blas_thread")  # conftest: one BLAS thread for small matrices
 
@@ -318,3 +319,51 @@ def test_the_experiment_report_shows_each_arms_fresh_and_exploratory_shares_from
     figures = {row["arm"]: row for row in report_figures(report)}
     assert figures["treatment"]["explored_share"] == pytest.approx(treatment.explored_share)
     assert slot_shares(exploded.drop(columns=["fresh"]), "exp", ["control"]) == ()  # a log without the flags
+
+
+# --- through the service -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def published(default_pipeline):
+    base, result, _ = default_pipeline
+    assert result.success
+    return base
+
+
+def test_the_service_exports_slot_counts_per_policy_and_logs_each_slots_flags(published, tmp_path):
+    """Over HTTP on the session's published snapshot: slates of two policies, ``/metrics``
+    counts their slots and exploratory ones, and every served slot's flags reach its
+    impression's row of the served log."""
+    from fastapi.testclient import TestClient
+
+    from adrec_assets.online.api import create_app
+    from adrec_assets.online.events import read_event_log
+    from adrec_assets_tests.pipeline_fixtures import id_key
+
+    service = make_service(published, tmp_path, fresh_share=0.2)
+    with id_key(), TestClient(create_app(service)) as client:
+        served = {}
+        for policy in ("thompson", "greedy"):
+            served[policy] = [
+                client.get("/v1/recommendations", params={"user_id": KNOWN_USER, "k": 10, "policy": policy}).json()
+                for _ in range(5)
+            ]
+        text = client.get("/metrics").text
+        totals = service.slot_counts.totals()
+        for policy, answers in served.items():
+            slots = sum(len(a["items"]) for a in answers)
+            assert totals[policy].slates == 5 and totals[policy].slots == slots
+            assert f'adrec_slots_total{{policy="{policy}"}} {float(slots)}' in text
+            assert f'adrec_explored_slots_total{{policy="{policy}"}} {float(totals[policy].explored)}' in text
+        assert totals["greedy"].explored == 0 and totals["thompson"].explored > 0
+        answer = served["thompson"][0]
+        record = service.online.get_request(answer["request_id"])
+        assert len(record["fresh"]) == len(record["explored"]) == len(answer["items"])
+        events = [{"request_id": answer["request_id"], "user_id": KNOWN_USER, "ad_id": item["ad_id"],
+                   "position": item["position"], "type": "impression", "timestamp": 1.7e9} for item in answer["items"]]  # fmt: skip
+        assert client.post("/v1/events", json={"events": events}).status_code == 200
+        service.flush()
+        log = read_event_log(tmp_path / "sources" / "synthetic").to_pandas()
+        rows = log[log["request_id"] == answer["request_id"]].sort_values("position")
+        assert rows["explored"].tolist() == record["explored"] and rows["fresh"].tolist() == record["fresh"]

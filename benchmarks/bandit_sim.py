@@ -71,6 +71,7 @@ from scipy.special import expit  # noqa: E402
 from adrec_assets.online.config import ServingConfig  # noqa: E402
 from adrec_assets.online.events import impressions_with_outcomes, read_event_log  # noqa: E402
 from adrec_assets.online.fresh_ads import DEFAULT_FRESH_PRIOR_SD  # noqa: E402
+from adrec_assets.online.policy import DEFAULT_FRESH_SHARE  # noqa: E402
 from adrec_assets.online.policy import POLICIES as SERVICE_POLICIES  # noqa: E402 - its order numbers the seed streams
 from adrec_assets.online.position_bias import (  # noqa: E402
     PositionBias,
@@ -215,6 +216,7 @@ class SimSettings:
     settle_seconds: float = 60.0  # service config: impressions wait this long for their click
     fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD  # service config: thompson's fresh-ad effects (0: none)
     fresh_scope: str = "live"  # service config: which ads carry one ("live" or "untrained")
+    fresh_share: float = DEFAULT_FRESH_SHARE  # service config: thompson's cap on unearned fresh ads' slots (1: none)
 
     def __post_init__(self) -> None:
         if self.policy not in ALL_POLICIES:
@@ -279,6 +281,7 @@ def start_service(
         randomized_share=settings.randomized_share,
         fresh_prior_sd=settings.fresh_prior_sd,
         fresh_scope=settings.fresh_scope,
+        fresh_share=settings.fresh_share,
         settle_seconds=settings.settle_seconds,
         flush_batch=1_000_000,
         load_encoder=False,  # new ads arrive with their content vectors (add_ad(content=...))
@@ -1179,6 +1182,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="live",
         help="service: fresh ads are the live-added ones, or also the snapshot's click-less ads",
     )
+    parser.add_argument(
+        "--fresh-share",
+        type=float,
+        default=DEFAULT_FRESH_SHARE,
+        help="service: most slots per slate (share of k) for fresh ads their clicks have not earned (1: no cap)",
+    )
     parser.add_argument("--settle-every", type=int, default=500, help="rounds between settle() calls")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--figure", type=Path, default=Path("benchmarks/figures/bandit_regret.png"))
@@ -1215,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 shutil.rmtree(folder)  # a previous run's event files
             settings = SimSettings(policy, seed, args.rounds, randomized_share=args.randomized_share,
                                    fresh_prior_sd=args.fresh_prior_sd, fresh_scope=args.fresh_scope,
-                                   settle_every=args.settle_every)  # fmt: skip
+                                   fresh_share=args.fresh_share, settle_every=args.settle_every)  # fmt: skip
             jobs.append((worlds[seed], settings, folder))
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
