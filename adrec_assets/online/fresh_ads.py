@@ -12,7 +12,10 @@ one whose projected score is least trustworthy. Each such ad gets a logit offset
 with prior ``N(0, (prior_sd * scale)^2)``, ``scale`` the shared model's sharpness when the
 ad arrives (:func:`~adrec_assets.online.posterior.score_scale`: 1 at the prior, larger once the
 posterior has learnt to spread its logits wider), so the prior means the same uncertainty in
-score units throughout; Thompson draws ``r~_a`` independently per request. Ads
+score units throughout; Thompson draws ``r~_a`` independently per request. That prior is the
+one the updates learn under; serving re-bases each effect on a prior sized to the request
+(``prior_sd`` times the spread of the trained candidates' scores, the evidence kept) and
+holds unearned fresh ads to a share of the slate (:class:`~adrec_assets.online.policy.ThompsonPolicy`). Ads
 with training clicks have no offset (the snapshot's projection and popularity term already
 learnt from their clicks), which keeps the folded index query exact for them: a request
 scans the fresh ads exactly (one small product) beside the index search, see
