@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level, workers=args.workers,
             )  # fmt: skip
         return 0
-    store = open_store(config.store_url, namespace=args.source)
+    store = open_store(config.store_url, namespace=args.source, timeout_s=config.store_timeout_seconds)
     app = _app(config, store)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level, workers=1)
     store.close()
@@ -128,7 +128,7 @@ def app_from_env() -> Any:
         )
     config = ServingConfig.from_env(source, load_encoder=not SERVE_NO_ENCODER.get())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _app(config, open_store(config.store_url, namespace=source))
+    return _app(config, open_store(config.store_url, namespace=source, timeout_s=config.store_timeout_seconds))
 
 
 if __name__ == "__main__":

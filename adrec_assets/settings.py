@@ -297,6 +297,15 @@ SERVE_MAX_IMAGE_PIXELS = _declare(
     "is refused with 413",
     SERVICE,
 )
+SERVE_STORE_TIMEOUT = _declare(
+    "SERVE_STORE_TIMEOUT",
+    _number(float),
+    2.0,
+    "2",
+    "seconds one online-store call may wait (Redis socket timeout, SQLite busy timeout) before the request answers "
+    "503 and `/healthz` turns degraded: a stalled store never holds requests for longer",
+    SERVICE,
+)
 SERVE_SOURCE = _declare(
     "SERVE_SOURCE",
     str,

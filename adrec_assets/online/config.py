@@ -25,6 +25,7 @@ SERVE_SETTINGS = {
     "fresh_scope": settings.SERVE_FRESH_SCOPE,
     "reload_seconds": settings.SERVE_RELOAD_SECONDS, "flush_seconds": settings.SERVE_FLUSH_SECONDS,
     "settle_seconds": settings.SERVE_SETTLE_SECONDS, "max_image_pixels": settings.SERVE_MAX_IMAGE_PIXELS,
+    "store_timeout_seconds": settings.SERVE_STORE_TIMEOUT,
 }  # fmt: skip
 
 
@@ -55,6 +56,7 @@ class ServingConfig:
     max_text_chars: int = 10_000
     max_image_bytes: int = 5 * 1024 * 1024
     max_image_pixels: int = settings.SERVE_MAX_IMAGE_PIXELS.default  # width x height, from the image's header
+    store_timeout_seconds: float = settings.SERVE_STORE_TIMEOUT.default  # one store call's longest wait
     click_weight_cap: float = 10.0
     load_encoder: bool = True  # False: POST /v1/ads answers 503 (a read-only replica, quick tests)
     seed: int | None = None  # fixes request ids and draws (tests, simulations)
@@ -95,6 +97,11 @@ class ServingConfig:
             raise ValueError(
                 "read_token (ADREC_READ_TOKEN) needs api_token (ADREC_API_TOKEN): the reads would be closed while "
                 "the writes are open"
+            )
+        if not self.store_timeout_seconds > 0:
+            raise ValueError(
+                f"store_timeout_seconds (ADREC_SERVE_STORE_TIMEOUT) must be a positive number, got "
+                f"{self.store_timeout_seconds}"
             )
         if self.max_image_pixels < 1:
             raise ValueError(

@@ -48,6 +48,8 @@ class ModelState:
     fresh: FreshAdEffects  # thompson's per-ad effects of the ads without training clicks
     live_meta: dict[str, dict[str, str]] = field(default_factory=dict)  # live ad id -> {"text", "image"}
     catalog_row: dict[str, int] = field(default_factory=dict)
+    live_added: dict[str, float] = field(default_factory=dict)  # live ad id -> added_at of the copy indexed
+    live_version: int = -1  # the store's live_version this state has applied
 
     @property
     def version(self) -> str:
@@ -144,39 +146,46 @@ def load_state(
     )
     state.catalog_row = {ad: row for row, ad in enumerate(state.catalog.ad_ids.tolist())}
     state.index.pin_query(todays_query(state.prior.vector), prior_depth)
-    for live in online.live_ads():
-        if live.ad_id in state.catalog_row:
-            continue  # the source itself now carries this ad: its trained projection wins
-        vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
-        state.index.add(live.ad_id, vector[0], float(bias[0]))
-        state.live_meta[live.ad_id] = dict(live.meta)
-    retired = set(ad for ad in online.retired_ads() if is_live(state.index, ad))
-    if retired:
-        state.index.remove_many(sorted(retired))
-    if fresh.enabled:
-        untrained = _untrained_ads(snapshots, snapshot, state.catalog) if fresh_scope == "untrained" else []
-        register_fresh(state, [ad for ad in [*untrained, *state.live_meta] if ad not in retired])
+    if fresh.enabled and fresh_scope == "untrained":
+        register_fresh(state, _untrained_ads(snapshots, snapshot, state.catalog))
+    apply_live_ads(state, online)
     return state
 
 
 def apply_live_ads(state: ModelState, online: OnlineStore) -> int:
-    """Apply live ads and retirements recorded in ``online`` since ``state`` was loaded (by
-    this replica or another); returns how many changes were applied."""
-    changes = 0
-    for live in online.live_ads():
-        if live.ad_id in state.catalog_row or live.ad_id in state.live_meta or online.is_retired(live.ad_id):
-            continue
-        vector, bias = project_content(state.projector, live.content_vector[None, :], live_fields(live.meta))
-        state.index.add(live.ad_id, vector[0], float(bias[0]))
-        state.live_meta[live.ad_id] = dict(live.meta)
-        register_fresh(state, [live.ad_id])
-        changes += 1
-    retired = [ad for ad in online.retired_ads() if is_live(state.index, ad)]
-    if retired:
-        state.fresh.remove(np.asarray([state.index.slot_of(ad) for ad in retired], dtype=np.int64))
-        state.index.remove_many(retired)
-        changes += len(retired)
-    return changes
+    """Apply live ads and retirements recorded in ``online`` since ``state`` last applied them
+    (by this replica or another); returns how many changes were applied. An idle poll reads
+    one counter (:meth:`OnlineStore.live_version`); only when it moved are the live ads read,
+    and only ads not indexed yet (or re-added since) are projected, in one batch."""
+    version = online.live_version()  # read first: a change made while reading shows at the next poll
+    if version == state.live_version:
+        return 0
+    retired = online.retired_ads()
+    new = [
+        live
+        for live in online.live_ads()
+        if live.ad_id not in state.catalog_row  # the source itself now carries it: its trained projection wins
+        and live.ad_id not in retired
+        and state.live_added.get(live.ad_id) != live.added_at
+    ]
+    if new:
+        names = sorted({name for live in new for name in live_fields(live.meta)})
+        cells = {name: [live_fields(live.meta).get(name, [""])[0] for live in new] for name in names}
+        vectors, biases = project_content(state.projector, np.stack([live.content_vector for live in new]), cells)
+        replaced = [live.ad_id for live in new if is_live(state.index, live.ad_id)]  # re-added since: a new copy
+        if replaced:
+            state.fresh.remove(np.asarray([state.index.slot_of(ad) for ad in replaced], dtype=np.int64))
+        for live, vector, bias in zip(new, vectors, biases):
+            state.index.add(live.ad_id, vector, float(bias))
+            state.live_meta[live.ad_id] = dict(live.meta)
+            state.live_added[live.ad_id] = live.added_at
+        register_fresh(state, [live.ad_id for live in new])
+    gone = [ad for ad in retired if is_live(state.index, ad)]
+    if gone:
+        state.fresh.remove(np.asarray([state.index.slot_of(ad) for ad in gone], dtype=np.int64))
+        state.index.remove_many(gone)
+    state.live_version = version
+    return len(new) + len(gone)
 
 
 def is_live(index: AdIndex, ad_id: str) -> bool:

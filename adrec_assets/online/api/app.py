@@ -16,7 +16,7 @@ from adrec_assets.online.api.routers import ads, demo, events, health, recommend
 from adrec_assets.online.api.schemas import ERRORS
 from adrec_assets.online.index import AdIndexError
 from adrec_assets.online.service import RecommendationService, ServiceError
-from adrec_assets.online.store import StoreInputError
+from adrec_assets.online.store import StoreInputError, StoreUnavailableError
 
 
 def create_app(service: RecommendationService, *, start: bool = True, loopback_only: bool = False) -> FastAPI:
@@ -54,6 +54,7 @@ def create_app(service: RecommendationService, *, start: bool = True, loopback_o
 
     app.add_exception_handler(ServiceError, errors.service_error)
     app.add_exception_handler(StoreInputError, errors.refused_input)
+    app.add_exception_handler(StoreUnavailableError, errors.store_unavailable)
     app.add_exception_handler(AdIndexError, errors.refused_input)
     app.add_exception_handler(errors.ServiceErrorResponse, errors.http_error)
     app.add_exception_handler(RequestValidationError, errors.invalid)

@@ -33,6 +33,16 @@ async def refused_input(_request: Request, exc: ValueError) -> JSONResponse:
     return JSONResponse({"error": str(exc), "field": None}, status_code=422)
 
 
+async def store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """The online store did not answer (down, stalled, locked, out of disk): 503, retry soon;
+    the request changed nothing (a store write is one transaction)."""
+    return JSONResponse(
+        {"error": f"the online store is unavailable, nothing was recorded; retry shortly ({exc})", "field": None},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
 async def http_error(_request: Request, exc: ServiceErrorResponse) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status, headers=headers)

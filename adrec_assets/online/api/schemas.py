@@ -42,6 +42,11 @@ class Recommendations(BaseModel):
     randomized: bool = Field(description="slate order permuted for position-bias estimation")
     experiments: list[Assignment]
     items: list[Item]
+    recorded: bool = Field(
+        True,
+        description="false when the online store could not remember the slate (an outage): it is still served, "
+        "but its events are refused as unknown",
+    )
 
 
 class Event(BaseModel):
@@ -104,13 +109,14 @@ class AdInfo(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
+    reasons: list[str] = Field(default_factory=list, description="why it is degraded (empty when ok)")
     source: str
     model_version: str | None
     n_ads: int
     index_kind: str | None
     store: str
     encoder: str
-    pending_events: int
+    pending_events: int = Field(description="queued events not yet flushed, counted up to 1,000; -1: store unreachable")
 
 
 class ErrorBody(BaseModel):

@@ -31,22 +31,31 @@ from adrec_assets.online.store.records import (
     StoreClosedError,
     StoreFormatError,
     StoreInputError,
+    StoreUnavailableError,
     UserState,
 )
 from adrec_assets.online.store.redis import REDIS_PREFIXES, RedisStore
 from adrec_assets.online.store.sqlite import SCHEMA_VERSION, SQLITE_FILENAME, SQLiteStore, default_sqlite_path
 
 
-def open_store(url_or_path: str | os.PathLike[str] | None, *, namespace: str, **options: Any) -> OnlineStore:
+def open_store(
+    url_or_path: str | os.PathLike[str] | None, *, namespace: str, timeout_s: float | None = None, **options: Any
+) -> OnlineStore:
     """``redis://`` / ``rediss://`` URL -> :class:`RedisStore`; a path (or None: the default
-    file under ``data/online/``) -> :class:`SQLiteStore`. ``options`` go to the constructor."""
+    file under ``data/online/``) -> :class:`SQLiteStore`. ``timeout_s``: the longest one call
+    waits (Redis' socket timeout, SQLite's busy timeout) before it raises
+    :class:`StoreUnavailableError`; other ``options`` go to the constructor."""
     if isinstance(url_or_path, str) and url_or_path.startswith(REDIS_PREFIXES):
+        if timeout_s is not None:
+            options.setdefault("socket_timeout_s", timeout_s)
         return RedisStore(url_or_path, namespace=namespace, **options)
     if isinstance(url_or_path, str) and "://" in url_or_path:
         scheme = url_or_path.split("://", 1)[0]
         raise StoreInputError(
             f"online store URL scheme {scheme!r} is not supported: use redis:// or rediss:// or a file path"
         )
+    if timeout_s is not None:
+        options.setdefault("busy_timeout_s", timeout_s)
     return SQLiteStore(url_or_path if url_or_path not in (None, "") else None, namespace=namespace, **options)
 
 
@@ -71,6 +80,7 @@ __all__ = [
     "StoreClosedError",
     "StoreFormatError",
     "StoreInputError",
+    "StoreUnavailableError",
     "UserState",
     "default_sqlite_path",
     "open_store",

@@ -18,11 +18,15 @@ What is stored (every key prefixed by the store's ``namespace``, the source name
   a new epoch, so names built from (epoch, seq) never repeat.
 
 A backend subclasses :class:`OnlineStore` and implements its abstract ``_`` hooks (inputs
-already validated, payloads already encoded by :mod:`.codec`) plus ``ping`` and ``close``.
+already validated, payloads already encoded by :mod:`.codec`) plus ``ping`` and ``close``, and
+says which of its exceptions mean "the backend did not answer" (``_is_unavailable``): every
+public method raises those as :class:`StoreUnavailableError`, so callers (the service's 503
+and its health) need not know the backend.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -45,7 +49,7 @@ from adrec_assets.online.store.codec import (
     _encode_live_ad,
     _event_json,
 )
-from adrec_assets.online.store.records import LiveAd, StoreInputError, UserState
+from adrec_assets.online.store.records import LiveAd, StoreInputError, StoreUnavailableError, UserState
 
 #: User-space dimension of the trained models (see ``user_embeddings``).
 USER_DIM = 128
@@ -133,6 +137,24 @@ class OnlineStore(ABC):
         ad_id = _check_ad_id(ad_id)
         vector = _check_vector(content_vector, self.content_dim, f"content_vector of live ad {ad_id!r}")
         self._put_live_ad(ad_id, _encode_live_ad(vector, _check_meta(meta or {}, ad_id), float(self._clock())))
+
+    def add_live_ad(
+        self, ad_id: str, content_vector: np.ndarray, meta: Mapping[str, str] | None = None
+    ) -> float | None:
+        """Store a new live ad unless one of that id is live (stored and not retired), in one
+        atomic step: of concurrent adds of one id (threads, workers, replicas) exactly one
+        succeeds. A retired ad is replaced and un-retired in the same step. Returns the stored
+        ``added_at`` (what :meth:`live_ads` will report), or None when refused."""
+        ad_id = _check_ad_id(ad_id)
+        vector = _check_vector(content_vector, self.content_dim, f"content_vector of live ad {ad_id!r}")
+        added_at = float(self._clock())
+        blob = _encode_live_ad(vector, _check_meta(meta or {}, ad_id), added_at)
+        return added_at if self._add_live_ad(ad_id, blob) else None
+
+    def live_version(self) -> int:
+        """A counter of changes to the live and retired ads (0 for none yet): replicas poll it
+        and read the ads themselves only when it moved."""
+        return self._live_version()
 
     def live_ads(self) -> list[LiveAd]:
         """All live ads, sorted by ad id."""
@@ -299,6 +321,16 @@ class OnlineStore(ABC):
     def _live_ads(self) -> list[LiveAd]: ...
 
     @abstractmethod
+    def _add_live_ad(self, ad_id: str, blob: bytes) -> bool: ...
+
+    @abstractmethod
+    def _live_version(self) -> int: ...
+
+    def _is_unavailable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised by the backend) means it did not answer; see the module."""
+        return False
+
+    @abstractmethod
     def _drop_live_ad(self, ad_id: str) -> bool: ...
 
     @abstractmethod
@@ -348,3 +380,25 @@ def _check_ttl(ttl_seconds: object) -> float:
     ):
         raise StoreInputError(f"ttl_seconds must be a positive number, got {ttl_seconds!r}")
     return float(ttl_seconds)
+
+
+def _guard(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def guarded(self: OnlineStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreUnavailableError:
+            raise
+        except Exception as exc:
+            if self._is_unavailable(exc):
+                raise StoreUnavailableError(
+                    f"{type(self).__name__} {method.__name__}: {type(exc).__name__}: {exc}"
+                ) from exc
+            raise
+
+    return guarded
+
+
+for _name, _member in list(vars(OnlineStore).items()):
+    if not _name.startswith("_") and callable(_member) and _name not in ("ping", "close"):
+        setattr(OnlineStore, _name, _guard(_member))

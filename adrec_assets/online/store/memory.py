@@ -37,6 +37,7 @@ class MemoryState:
         self.claims: dict[tuple[str, str], float] = {}  # (namespace, event key) -> expires
         self.claim_expiry: list[tuple[float, tuple[str, str]]] = []  # heap of (expires, key)
         self.epochs: dict[str, str] = {}  # namespace -> epoch
+        self.live_versions: dict[str, int] = {}  # namespace -> changes to its live or retired ads
 
 
 class MemoryStore(OnlineStore):
@@ -94,15 +95,28 @@ class MemoryStore(OnlineStore):
                 del state.users[key]
         return len(doomed)
 
+    def _bump(self, state: MemoryState) -> None:
+        state.live_versions[self.namespace] = state.live_versions.get(self.namespace, 0) + 1
+
+    def _live_version(self) -> int:
+        state = self._open()
+        with state.lock:
+            return state.live_versions.get(self.namespace, 0)
+
     def _retire_ad(self, ad_id: str) -> None:
         state = self._open()
         with state.lock:
-            state.retired.setdefault((self.namespace, ad_id), float(self._clock()))
+            if (self.namespace, ad_id) not in state.retired:
+                state.retired[(self.namespace, ad_id)] = float(self._clock())
+                self._bump(state)
 
     def _unretire_ad(self, ad_id: str) -> bool:
         state = self._open()
         with state.lock:
-            return state.retired.pop((self.namespace, ad_id), None) is not None
+            found = state.retired.pop((self.namespace, ad_id), None) is not None
+            if found:
+                self._bump(state)
+            return found
 
     def _is_retired(self, ad_id: str) -> bool:
         state = self._open()
@@ -118,6 +132,18 @@ class MemoryStore(OnlineStore):
         state = self._open()
         with state.lock:
             state.live_ads[(self.namespace, ad_id)] = blob
+            self._bump(state)
+
+    def _add_live_ad(self, ad_id: str, blob: bytes) -> bool:
+        state = self._open()
+        key = (self.namespace, ad_id)
+        with state.lock:
+            if key in state.live_ads and key not in state.retired:
+                return False
+            state.live_ads[key] = blob
+            state.retired.pop(key, None)
+            self._bump(state)
+            return True
 
     def _live_ads(self) -> list[LiveAd]:
         state = self._open()
@@ -128,7 +154,10 @@ class MemoryStore(OnlineStore):
     def _drop_live_ad(self, ad_id: str) -> bool:
         state = self._open()
         with state.lock:
-            return state.live_ads.pop((self.namespace, ad_id), None) is not None
+            found = state.live_ads.pop((self.namespace, ad_id), None) is not None
+            if found:
+                self._bump(state)
+            return found
 
     def _append_events(self, rows: list[str]) -> list[int]:
         state = self._open()

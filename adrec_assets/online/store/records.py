@@ -39,6 +39,12 @@ class StoreClosedError(RuntimeError):
     """The store was closed; open a new one."""
 
 
+class StoreUnavailableError(RuntimeError):
+    """The backend did not answer: down, timed out, locked past its busy timeout or out of
+    disk. What the call would have written was not written (each write is one transaction or
+    one script); retry later. The service answers 503 and reports itself degraded."""
+
+
 class ConcurrentUpdateError(RuntimeError):
     """An optimistic update kept losing races (Redis WATCH) beyond its retry budget."""
 

@@ -61,6 +61,40 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
+# Live ads and retirements: each change counts in KEYS[3] (``live_version``), in the same
+# script, so replicas poll one integer instead of reading every live ad.
+_RETIRE_LUA = """
+local n = redis.call('SADD', KEYS[1], ARGV[1])
+if n == 1 then redis.call('INCR', KEYS[3]) end
+return n
+"""
+_UNRETIRE_LUA = """
+local n = redis.call('SREM', KEYS[1], ARGV[1])
+if n == 1 then redis.call('INCR', KEYS[3]) end
+return n
+"""
+_PUT_LIVE_LUA = """
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[3])
+return 1
+"""
+_DROP_LIVE_LUA = """
+local n = redis.call('HDEL', KEYS[2], ARGV[1])
+if n == 1 then redis.call('INCR', KEYS[3]) end
+return n
+"""
+# Add a live ad unless one of that id is live (stored and not retired): concurrent adds of one
+# id get exactly one 1. Re-adding a retired ad replaces it and un-retires it in one step.
+_ADD_LIVE_LUA = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('INCR', KEYS[3])
+return 1
+"""
+
 # Lease: take it when free or expired, extend it when the caller already holds it.
 _LEASE_LUA = """
 local holder = redis.call('GET', KEYS[1])
@@ -116,6 +150,9 @@ class RedisStore(OnlineStore):
         self._release = self._client.register_script(_RELEASE_LUA)
         self._append_once = self._client.register_script(_APPEND_ONCE_LUA)
         self._epoch_script = self._client.register_script(_EPOCH_LUA)
+        self._live_scripts = {name: self._client.register_script(lua) for name, lua in (
+            ("retire", _RETIRE_LUA), ("unretire", _UNRETIRE_LUA), ("put", _PUT_LIVE_LUA), ("drop", _DROP_LIVE_LUA),
+            ("add", _ADD_LIVE_LUA))}  # fmt: skip
         self._closed = False
 
     def _key(self, *parts: str) -> str:
@@ -190,11 +227,25 @@ class RedisStore(OnlineStore):
             deleted += self._r.delete(*batch)
         return deleted
 
+    def _is_unavailable(self, exc: BaseException) -> bool:
+        errors = self._redis_mod.exceptions
+        if isinstance(exc, (errors.ConnectionError, errors.TimeoutError, OSError)):
+            return True  # down, restarting (LOADING is a ConnectionError), stalled past the socket timeout
+        # out of memory, or refusing writes because its persistence failed (a full disk)
+        return isinstance(exc, errors.ResponseError) and str(exc).startswith(("MISCONF", "OOM", "READONLY"))
+
+    def _live(self, script: str, *args: Any) -> int:
+        keys = [self._key("retired"), self._key("live_ads"), self._key("live_version")]
+        return int(self._live_scripts[script](keys=keys, args=list(args), client=self._r))
+
+    def _live_version(self) -> int:
+        return int(self._r.get(self._key("live_version")) or 0)
+
     def _retire_ad(self, ad_id: str) -> None:
-        self._r.sadd(self._key("retired"), ad_id)
+        self._live("retire", ad_id)
 
     def _unretire_ad(self, ad_id: str) -> bool:
-        return bool(self._r.srem(self._key("retired"), ad_id))
+        return bool(self._live("unretire", ad_id))
 
     def _is_retired(self, ad_id: str) -> bool:
         return bool(self._r.sismember(self._key("retired"), ad_id))
@@ -203,13 +254,16 @@ class RedisStore(OnlineStore):
         return {m.decode("utf-8") for m in self._r.smembers(self._key("retired"))}
 
     def _put_live_ad(self, ad_id: str, blob: bytes) -> None:
-        self._r.hset(self._key("live_ads"), ad_id, blob)
+        self._live("put", ad_id, blob)
+
+    def _add_live_ad(self, ad_id: str, blob: bytes) -> bool:
+        return bool(self._live("add", ad_id, blob))
 
     def _live_ads(self) -> list[LiveAd]:
         return [_decode_live_ad(a.decode("utf-8"), b) for a, b in self._r.hgetall(self._key("live_ads")).items()]
 
     def _drop_live_ad(self, ad_id: str) -> bool:
-        return bool(self._r.hdel(self._key("live_ads"), ad_id))
+        return bool(self._live("drop", ad_id))
 
     def _append_events(self, rows: list[str]) -> list[int]:
         first = int(self._append(keys=[self._key("events_seq"), self._key("events")], args=rows, client=self._r))

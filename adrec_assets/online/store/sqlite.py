@@ -202,17 +202,43 @@ class SQLiteStore(OnlineStore):
         with self._write() as c:
             return c.execute("DELETE FROM users WHERE namespace=? AND space=?", (self.namespace, space)).rowcount
 
+    def _is_unavailable(self, exc: BaseException) -> bool:
+        # locked past the busy timeout, disk full, I/O error: OperationalError; a schema bug
+        # would be one too, but it shows on every call, not in an outage
+        return isinstance(exc, sqlite3.OperationalError)
+
+    def _bump(self, c: sqlite3.Connection) -> None:
+        """Count a change of the live or retired ads, in the caller's transaction."""
+        c.execute(
+            "INSERT INTO meta VALUES (?, 'live_version', '1') ON CONFLICT (namespace, name) "
+            "DO UPDATE SET value=CAST(CAST(value AS INTEGER) + 1 AS TEXT)",
+            (self.namespace,),
+        )
+
+    def _live_version(self) -> int:
+        row = (
+            self._conn()
+            .execute("SELECT value FROM meta WHERE namespace=? AND name='live_version'", (self.namespace,))
+            .fetchone()
+        )
+        return 0 if row is None else int(row[0])
+
     def _retire_ad(self, ad_id: str) -> None:
         with self._write() as c:
-            c.execute(
+            inserted = c.execute(
                 "INSERT OR IGNORE INTO retired_ads VALUES (?, ?, ?)", (self.namespace, ad_id, float(self._clock()))
-            )
+            ).rowcount
+            if inserted:
+                self._bump(c)
 
     def _unretire_ad(self, ad_id: str) -> bool:
         with self._write() as c:
-            return (
+            found = (
                 c.execute("DELETE FROM retired_ads WHERE namespace=? AND ad_id=?", (self.namespace, ad_id)).rowcount > 0
             )
+            if found:
+                self._bump(c)
+            return found
 
     def _is_retired(self, ad_id: str) -> bool:
         q = "SELECT 1 FROM retired_ads WHERE namespace=? AND ad_id=?"
@@ -226,6 +252,20 @@ class SQLiteStore(OnlineStore):
     def _put_live_ad(self, ad_id: str, blob: bytes) -> None:
         with self._write() as c:
             c.execute("INSERT OR REPLACE INTO live_ads VALUES (?, ?, ?)", (self.namespace, ad_id, blob))
+            self._bump(c)
+
+    def _add_live_ad(self, ad_id: str, blob: bytes) -> bool:
+        with self._write() as c:
+            live = c.execute("SELECT 1 FROM live_ads WHERE namespace=? AND ad_id=?", (self.namespace, ad_id)).fetchone()
+            retired = c.execute(
+                "SELECT 1 FROM retired_ads WHERE namespace=? AND ad_id=?", (self.namespace, ad_id)
+            ).fetchone()
+            if live is not None and retired is None:
+                return False
+            c.execute("INSERT OR REPLACE INTO live_ads VALUES (?, ?, ?)", (self.namespace, ad_id, blob))
+            c.execute("DELETE FROM retired_ads WHERE namespace=? AND ad_id=?", (self.namespace, ad_id))
+            self._bump(c)
+            return True
 
     def _live_ads(self) -> list[LiveAd]:
         rows = self._conn().execute("SELECT ad_id, blob FROM live_ads WHERE namespace=?", (self.namespace,))
@@ -233,7 +273,12 @@ class SQLiteStore(OnlineStore):
 
     def _drop_live_ad(self, ad_id: str) -> bool:
         with self._write() as c:
-            return c.execute("DELETE FROM live_ads WHERE namespace=? AND ad_id=?", (self.namespace, ad_id)).rowcount > 0
+            found = (
+                c.execute("DELETE FROM live_ads WHERE namespace=? AND ad_id=?", (self.namespace, ad_id)).rowcount > 0
+            )
+            if found:
+                self._bump(c)
+            return found
 
     def _append_events(self, rows: list[str]) -> list[int]:
         with self._write() as c:

@@ -14,14 +14,14 @@ from adrec_assets.online.service import MAX_ID_CHARS, POLICIES
 router = APIRouter(tags=["recommendations"])
 
 
-# The hot path runs on the event loop, not in the thread pool: it is short (little CPU work,
-# the store's calls are local round trips) and the thread hop plus GIL hand-offs cost more
-# than they overlap (moving it onto the loop raised the throughput, benchmarks/README.md).
+# The hot path runs in the thread pool, not on the event loop: it calls the online store
+# (a round trip to Redis or SQLite), and a store that stalls must not stall the loop, and with
+# it /healthz and /metrics (issue 28; on the loop it measured faster, benchmarks/README.md).
 # It returns the service's dict as JSON: the service builds exactly the declared model. It
 # reads the service off the request and checks the read token itself, not through
 # dependencies: see deps.py for the cost.
 @router.get("/v1/recommendations", response_model=Recommendations)
-async def recommendations(
+def recommendations(
     request: Request,
     user_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_CHARS, description="your user id (never stored)")],
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
