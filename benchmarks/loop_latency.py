@@ -1,0 +1,335 @@
+"""Refresh loop latency: a click file lands -> the sensor sees it -> the pipeline run -> the
+published snapshot -> the running service answers with the new ``model_version``.
+
+A synthetic power-law file source (``benchmarks/scale.py``'s generator: ``--users``,
+``--clicks-per-user``, ``--ads``) is registered in a throw-away Dagster instance under
+``--work`` and materialized once by the ``adrec_pipeline`` job (the starting state; timed,
+not part of the loop), and a real ``python -m adrec_assets.serve`` is started for it on a
+free 127.0.0.1 port. Then, per ``--rounds``:
+
+1. a new click file (``--new-share`` of the clicks, a tenth by new users) is written beside
+   the source and renamed into its ``clicks/`` folder: the landing, t = 0;
+2. the project's ``click_source_sensor`` is evaluated (``--tick-delay`` after the landing;
+   the daemon ticks every 30 s, so a deployment adds 0-30 s here) until it requests a run;
+3. the run request is executed as the daemon's launcher would, in a new process running
+   ``adrec_pipeline`` for that partition with the request's tags (process start and
+   imports, then every step from the run's event log; the ``snapshot`` step publishes);
+4. ``/healthz`` is polled every 50 ms until it reports the new snapshot id (the service's
+   reload poll, ``ADREC_SERVE_RELOAD_SECONDS``, the complete load and the swap), then one
+   ``/v1/recommendations`` answer must carry it too.
+
+Each stage's wall time is printed (and written with ``--json``). Everything is bounded
+(``--timeout`` per round) and on loopback; only the server this script started is stopped
+(its own process group), also on errors.
+
+    .venv/bin/python benchmarks/loop_latency.py --users 20000 --clicks-per-user 10 --ads 2000
+    .venv/bin/python benchmarks/loop_latency.py --users 1000000 --clicks-per-user 10 --ads 100000 \\
+        --user epochs=2 --projector epochs=1 --projector batch_size=1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+# ----------------------------------------------------------------------------- the run, in its own process
+
+
+def worker_run(partition: str, run_config: dict, tags: dict) -> dict:
+    """Execute ``adrec_pipeline`` for ``partition`` in this (new) process, as a launched run."""
+    began = time.time()
+    import dagster as dg
+
+    from adrec_assets.definitions import defs
+    from adrec_assets.resources import ArtifactStoreResource
+    from adrec_assets.snapshots import SnapshotStore
+
+    imported = time.time()
+    job = defs.get_job_def("adrec_pipeline")
+    with dg.DagsterInstance.get() as instance:
+        result = job.execute_in_process(
+            partition_key=partition, run_config=run_config or None, instance=instance, tags=tags, raise_on_error=False
+        )
+        steps: dict[str, dict[str, float]] = {}
+        for record in instance.all_logs(result.run_id):
+            event = record.dagster_event
+            if event is None or not event.step_key:
+                continue
+            if event.event_type_value == "STEP_START":
+                steps.setdefault(event.step_key, {})["start"] = record.timestamp
+            elif event.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE"):
+                steps.setdefault(event.step_key, {})["end"] = record.timestamp
+    finished = time.time()
+    snapshot = SnapshotStore(ArtifactStoreResource().root(), partition).current()
+    return {
+        "success": result.success,
+        "run_id": result.run_id,
+        "process_start": began,
+        "imported": imported,
+        "finished": finished,
+        "steps": {k: v for k, v in steps.items() if "start" in v and "end" in v},
+        "snapshot": snapshot.id,
+        "published_at": snapshot.published_at,
+    }
+
+
+def launch_run(env: dict, partition: str, run_config: dict, tags: dict, timeout: float) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "_worker", partition, json.dumps(run_config), json.dumps(tags)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"run process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not out["success"]:
+        raise RuntimeError(f"run {out['run_id']} failed:\n{proc.stderr[-4000:]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the sensor
+
+
+class Sensor:
+    """The project's ``click_source_sensor``, evaluated here with a cursor kept between ticks."""
+
+    def __init__(self) -> None:
+        import dagster as dg
+
+        from adrec_assets.definitions import defs
+        from adrec_assets.resources import ClickSourceResource
+
+        self.dg = dg
+        self.sensor = defs.get_sensor_def("click_source_sensor")
+        self.resources = {"click_sources": ClickSourceResource()}
+        self.cursor: str | None = None
+
+    def tick(self, instance) -> list:
+        context = self.dg.build_sensor_context(instance=instance, cursor=self.cursor, resources=self.resources)
+        result = self.sensor(context)
+        self.cursor = result.cursor
+        for request in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return list(result.run_requests or [])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def http_json(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, json.loads(body) if body else {}
+    finally:
+        conn.close()
+
+
+def land_clicks(folder: Path, staging: Path, info: dict, share: float, seed: int) -> tuple[Path, int]:
+    """Write new clicks beside the source, then rename them into its ``clicks/``: they land at once."""
+    import scale
+
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "clicks").mkdir(parents=True)
+    n = scale.append_new_clicks(staging, info, share, seed)
+    (written,) = (staging / "clicks").glob("*.parquet")
+    target = folder / "clicks" / f"loop-{seed:03d}-{written.name}"
+    os.replace(written, target)
+    return target, n
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:8.1f} s"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        print(json.dumps(worker_run(sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--clicks-per-user", type=float, default=10.0)
+    parser.add_argument("--ads", type=int, default=2_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--new-share", type=float, default=0.01, help="new clicks per round, share of the source's")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--tick-delay", type=float, default=0.0, help="seconds from landing to the sensor's tick")
+    parser.add_argument("--reload-seconds", type=float, default=2.0, help="the service's ADREC_SERVE_RELOAD_SECONDS")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="bound of each run (the initial one too)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--user", action="append", default=[], help="user_embeddings config key=value")
+    parser.add_argument("--projector", action="append", default=[], help="projector config key=value")
+    parser.add_argument("--work", type=Path, default=REPO / "data" / "bench" / "loop")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    import scale
+    import serve_latency
+
+    name = f"loop_u{args.users}_c{args.clicks_per_user:g}_a{args.ads}"
+    work = args.work
+    sources, artifacts, home = work / "sources", work / "artifacts", work / "dagster_home"
+    for path in (artifacts / name, home):
+        shutil.rmtree(path, ignore_errors=True)
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").touch()
+    (work / ".gitignore").write_text("*\n")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "ADREC_ARTIFACTS_DIR": str(artifacts),
+        "ADREC_SOURCES_DIR": str(sources),
+        "ADREC_ENCODER_CACHE_DIR": str(work / "encoder_cache"),
+        "ADREC_ENCODER": os.environ.get("ADREC_ENCODER", "offline"),
+        "ADREC_ID_KEY": serve_latency.BENCH_KEY,  # the key the service is started with
+        "ADREC_ONLINE_STORE": str(work / "online" / f"{name}.sqlite3"),
+        "ADREC_SERVE_RELOAD_SECONDS": str(args.reload_seconds),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(args.threads),
+    }
+    env.pop("ADREC_API_TOKEN", None)  # loopback only
+    os.environ.update(env)  # the sensor and the instance in this process read the same settings
+    for path in (work / "online").glob(f"{name}.sqlite3*"):
+        path.unlink()
+    (work / "online").mkdir(parents=True, exist_ok=True)
+
+    print(f"loop_latency: generating {sources / name} ...", flush=True)
+    for leftover in (sources / name / "clicks").glob("loop-*.parquet"):
+        leftover.unlink()  # an earlier run's landed files
+    info = scale.generate_source(sources / name, args.users, args.clicks_per_user, args.ads, args.seed)
+    print(f"  {info['n_clicks']:,} clicks, {args.users:,} users, {args.ads:,} ads", flush=True)
+    run_config = run_config_of(args)
+
+    import dagster as dg
+
+    from adrec_assets.partitions import click_source_partitions
+
+    report: dict = {"name": name, "source": info, "threads": args.threads, "load_before": os.getloadavg()}
+    server = None
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(click_source_partitions.name, [name])
+        sensor = Sensor()
+        first = [r for r in sensor.tick(instance) if r.partition_key == name]  # the cursor now knows these files
+        print(f"initial run for {name} (the starting state, not part of the loop) ...", flush=True)
+        started = time.time()
+        initial = launch_run(env, name, run_config, dict(first[0].tags) if first else {}, args.timeout)
+        report["initial"] = {"wall_s": time.time() - started, "snapshot": initial["snapshot"]}
+        print(f"  published {initial['snapshot']} in {time.time() - started:.1f} s", flush=True)
+        try:
+            server = serve_latency.Server(work, name, "faiss", "warning")
+            ready_s, health = server.wait_ready(args.timeout)
+            if health.get("model_version") != initial["snapshot"]:
+                raise RuntimeError(f"service serves {health.get('model_version')}, expected {initial['snapshot']}")
+            print(f"service on 127.0.0.1:{server.port} ready in {ready_s:.1f} s ({health['index_kind']}, "
+                  f"{health['n_ads']:,} ads, {health['model_version']})", flush=True)  # fmt: skip
+            rounds = []
+            for round_no in range(args.rounds):
+                rounds.append(one_round(args, env, instance, sensor, server, sources / name, work, info, round_no))
+            report["rounds"] = rounds
+        finally:
+            if server is not None:
+                server.stop()
+    report["load_after"] = os.getloadavg()
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+def one_round(args, env, instance, sensor, server, folder: Path, work: Path, info: dict, round_no: int) -> dict:
+    seed = args.seed + 1 + round_no
+    path, n_new = land_clicks(folder, work / "staging", info, args.new_share, seed)
+    landed = time.time()
+    print(f"\nround {round_no + 1}: {n_new:,} new clicks landed as {path.name}", flush=True)
+    time.sleep(args.tick_delay)
+    requests, ticks, tick_s = [], 0, 0.0
+    deadline = landed + args.timeout
+    while not requests:
+        began = time.time()
+        requests = [r for r in sensor.tick(instance) if r.partition_key == folder.name]
+        tick_s += time.time() - began
+        ticks += 1
+        if not requests:
+            if time.time() > deadline:
+                raise RuntimeError("the sensor never requested a run for the landed file")
+            time.sleep(1.0)
+    detected = time.time()
+    run = launch_run(env, folder.name, run_config_of(args), dict(requests[0].tags), args.timeout)
+    run_done = time.time()
+    version, served, answered = run["snapshot"], None, None
+    while time.time() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            status, health = http_json(server.port, "/healthz", 5.0)
+            if status == 200 and health.get("model_version") == version:
+                served = time.time()
+                break
+        time.sleep(0.05)
+    if served is None:
+        raise RuntimeError(f"the service never served {version}:\n{server.log_tail()}")
+    user = urllib.parse.quote("user-0000001")
+    status, answer = http_json(server.port, f"/v1/recommendations?user_id={user}&k=10")
+    answered = time.time()
+    if status != 200 or answer.get("model_version") != version:
+        raise RuntimeError(f"a recommendation after the swap carried {answer.get('model_version')} ({status})")
+    steps = {k: v["end"] - v["start"] for k, v in sorted(run["steps"].items(), key=lambda kv: kv[1]["start"])}
+    stages = {
+        "landing -> sensor requests a run": detected - landed,
+        "run process start + imports": run["imported"] - run["process_start"],
+        "run: pipeline steps": run["finished"] - run["imported"],
+        "run process start -> published": run["published_at"] - run["process_start"],
+        "published -> service answers": answered - run["published_at"],
+        "landing -> service answers (total)": answered - landed,
+    }
+    print(f"  sensor: {ticks} tick(s), {tick_s:.2f} s evaluating; run {run['run_id'][:8]} -> {version}", flush=True)
+    for label, seconds in stages.items():
+        print(f"  {label:<40} {fmt(seconds)}", flush=True)
+    return {"n_new_clicks": n_new, "snapshot": version, "stages": stages, "steps": steps, "sensor_ticks": ticks,
+            "sensor_eval_s": tick_s, "run_to_done_s": run_done - detected}  # fmt: skip
+
+
+def run_config_of(args) -> dict:
+    import scale
+
+    config: dict = {"ops": {}}
+    if args.user:
+        config["ops"]["user_embeddings"] = {"config": scale.parse_overrides(args.user)}
+    if args.projector:
+        config["ops"]["projector"] = {"config": scale.parse_overrides(args.projector)}
+    return config
+
+
+def print_report(report: dict) -> None:
+    load = report["load_before"]
+    print(f"\n## loop_latency {report['name']}: {report['threads']} threads, load average {load[0]:.2f} before / "
+          f"{report['load_after'][0]:.2f} after; initial run {report['initial']['wall_s']:.1f} s")  # fmt: skip
+    for i, r in enumerate(report.get("rounds", [])):
+        print(f"\nround {i + 1} ({r['n_new_clicks']:,} new clicks -> {r['snapshot']})\n")
+        print("| stage | seconds |\n|---|---:|")
+        for label, seconds in r["stages"].items():
+            print(f"| {label} | {seconds:.1f} |")
+        print("\n| run step | seconds |\n|---|---:|")
+        for step, seconds in r["steps"].items():
+            print(f"| {step} | {seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
