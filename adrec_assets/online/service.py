@@ -65,7 +65,7 @@ from adrec_assets.online.state import (
     project_content,
     register_fresh,
 )
-from adrec_assets.online.store import OnlineStore
+from adrec_assets.online.store import OnlineStore, StoreUnavailableError
 from adrec_assets.privacy import key_fingerprint, pseudonymize
 from adrec_assets.snapshots import SnapshotError, SnapshotStore
 
@@ -73,6 +73,13 @@ log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # what recommend() hands out
 MAX_ID_CHARS = 256
+# A new ad's id is one URL path segment (``/v1/ads/{ad_id}``): a "/" could never be retired or
+# read back, and control characters or surrounding blanks would not survive the round trip.
+_AD_ID_REFUSED = re.compile(r"[/\x00-\x1f\x7f]|^\s|\s$")
+#: ``/healthz`` counts queued events up to this many (counting more decodes them all).
+PENDING_SHOWN = 1000
+#: Seconds a failed store call keeps ``/healthz`` degraded after the last failure.
+STORE_TROUBLE_SECONDS = 30.0
 
 
 def _event_id(request_id: str, position: int, kind: str) -> str:
@@ -147,6 +154,8 @@ class RecommendationService:
             online, config.sources_root / config.source, lease_seconds=max(60.0, 3 * config.flush_seconds)
         )
         self.reloads = 0
+        self._store_trouble: tuple[float, str] | None = None  # (when, what) of the last failed store call
+        self._flush_error: tuple[float, str] | None = None  # (since, what) while flushing fails
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, background: bool = True) -> None:
@@ -333,7 +342,11 @@ class RecommendationService:
         if overrides.model_version and overrides.model_version != state.version:
             state = self._pinned.get(overrides.model_version, state)
         chosen = policy or overrides.policy or self.config.default_policy
-        online = self.online.get_user(state.space, pseudonym)
+        try:
+            online = self.online.get_user(state.space, pseudonym)
+        except StoreUnavailableError as exc:  # serve from the snapshot alone: the trained vector
+            self._store_failed(exc)
+            online = None
         vector, status = state.user_vector(pseudonym, online)
         request_id = self._next_request_id()
         with _one_blas_thread():
@@ -360,7 +373,12 @@ class RecommendationService:
             "explored": flags.explored,
             "served_at": now,
         }
-        self.online.put_request(request_id, record, self.config.request_ttl_seconds)
+        try:
+            self.online.put_request(request_id, record, self.config.request_ttl_seconds)
+            recorded = True
+        except StoreUnavailableError as exc:  # a read never fails for want of a write
+            self._store_failed(exc)
+            recorded = False
         items = []
         for position, (ad_id, (_, score, propensity)) in enumerate(zip(ad_ids, served)):
             info = self.ad_info(state, ad_id)
@@ -373,6 +391,7 @@ class RecommendationService:
             "randomized": bool(slate.randomized),
             "experiments": [{"experiment": a.experiment, "arm": a.arm} for a in assignments],
             "items": items,
+            "recorded": recorded,
         }
 
     # ------------------------------------------------------------------ events
@@ -428,7 +447,11 @@ class RecommendationService:
         # claim outlives the request record (no event of the request is accepted after it) and
         # the impressions that settle against it.
         claim_ttl = self.config.request_ttl_seconds + self.config.settle_seconds
-        seqs = self.online.append_events_once([(row["event_id"], row) for row in rows], claim_ttl)
+        try:
+            seqs = self.online.append_events_once([(row["event_id"], row) for row in rows], claim_ttl)
+        except StoreUnavailableError as exc:
+            self._store_failed(exc)
+            raise
         accepted, clicks = [], 0
         for (event, record, position, timestamp), row, seq in zip(candidates, rows, seqs):
             if seq is None:
@@ -543,9 +566,21 @@ class RecommendationService:
         as files into the source folder."""
         try:
             self.settle()
-        except Unavailable:
+        except (Unavailable, StoreUnavailableError):
             pass
-        return self.flusher.flush(self.config.flush_batch, known_ads=self._catalog_ids())
+        try:
+            written = self.flusher.flush(self.config.flush_batch, known_ads=self._catalog_ids())
+        except Exception as exc:
+            since = self._flush_error[0] if self._flush_error else self._clock()
+            self._flush_error = (since, f"{type(exc).__name__}: {exc}")
+            raise
+        self._flush_error = None
+        return written
+
+    def _store_failed(self, exc: StoreUnavailableError) -> None:
+        """Remember a failed store call for ``/healthz`` (the caller decides what to answer)."""
+        self._store_trouble = (self._clock(), str(exc))
+        log.warning("online store call failed: %s", exc)
 
     def _catalog_ids(self) -> Container[str]:
         """The served snapshot's catalogue ids, for membership tests (its own mapping: a
@@ -565,11 +600,22 @@ class RecommendationService:
         cells = self._check_fields(state, fields or {})
         if not isinstance(ad_id, str) or not ad_id.strip() or len(ad_id) > MAX_ID_CHARS:
             raise BadRequest(f"ad_id must be 1 to {MAX_ID_CHARS} characters", "ad_id")
+        if _AD_ID_REFUSED.search(ad_id):
+            raise BadRequest(f"ad_id {ad_id!r} must not contain '/' or control characters, nor start or end with a "
+                             "blank: it is a path segment of /v1/ads/{ad_id}", "ad_id")  # fmt: skip
         if not isinstance(text, str) or not text.strip():
             raise BadRequest("text must be non-empty ad copy", "text")
         if len(text) > self.config.max_text_chars:
             raise BadRequest(f"text has {len(text)} characters, more than {self.config.max_text_chars}", "text")
-        if ad_id in state.catalog_row or is_live(state.index, ad_id) or ad_id in state.live_meta:
+        if ad_id in state.catalog_row:
+            raise Conflict(
+                f"ad {ad_id!r} is retired from the catalogue of snapshot {state.version}: catalogue ads come back "
+                "through the source; add the new one under another id"
+                if not is_live(state.index, ad_id)
+                else f"ad {ad_id!r} is in the catalogue of snapshot {state.version}; retire it first or choose another id",
+                "ad_id",
+            )
+        if is_live(state.index, ad_id):
             raise Conflict(f"ad {ad_id!r} already exists; retire it first or choose another id", "ad_id")
         if image is not None:
             if len(image) > self.config.max_image_bytes:
@@ -583,12 +629,24 @@ class RecommendationService:
             content = self._encode(ad_id, text, image)
         vector, bias = project_content(state.projector, content[None, :], {k: [v] for k, v in cells.items()})
         meta = {"text": text, "image": "1" if image is not None else "0", "fields": json.dumps(cells, sort_keys=True)}
-        if image is not None:
-            self.online.put_arrays(f"image.{_blob_name(ad_id)}", {"bytes": np.frombuffer(image, dtype=np.uint8)})
-        self.online.put_live_ad(ad_id, content, meta)
-        if self.online.is_retired(ad_id):
-            self.online.unretire_ad(ad_id)
+        # One atomic claim of the id in the store (shared by workers and replicas): of
+        # concurrent adds of one id exactly one gets here; the others wrote nothing.
+        added_at = self.online.add_live_ad(ad_id, content, meta)
+        if added_at is None:
+            raise Conflict(f"ad {ad_id!r} already exists (added by another request); retire it first or choose "
+                           "another id", "ad_id")  # fmt: skip
+        if image is not None:  # written only by the claim's winner, so a refused upload leaves no blob
+            try:
+                self.online.put_arrays(f"image.{_blob_name(ad_id)}", {"bytes": np.frombuffer(image, dtype=np.uint8)})
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.online.drop_live_ad(ad_id)  # all or nothing: no live ad without its image
+                raise
+        if is_live(state.index, ad_id) or ad_id in state.live_meta:  # re-added after retirement: a new copy
+            with contextlib.suppress(UnknownAdError):
+                state.fresh.remove(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))
         state.live_meta[ad_id] = meta
+        state.live_added[ad_id] = added_at
         slot = state.index.add(ad_id, vector[0], float(bias[0]))
         register_fresh(state, [ad_id])
         return {"ad_id": ad_id, "model_version": state.version, "score_bias": float(bias[0]), "slot": slot}
@@ -662,16 +720,39 @@ class RecommendationService:
 
     # ------------------------------------------------------------------ health
     def health(self) -> dict[str, Any]:
+        """What is served and whether everything it needs works; ``status`` is "degraded" with
+        the ``reasons`` when the store cannot be read or written, the flush fails or the
+        encoder could not load. Never raises."""
         state = self._state
+        reasons = []
+        if state is None:
+            reasons.append("no published snapshot is loaded")
+        store_ok = self.online.ping()
+        if not store_ok:
+            reasons.append("the online store does not answer")
+        trouble = self._store_trouble
+        if trouble is not None and self._clock() - trouble[0] < STORE_TROUBLE_SECONDS:
+            reasons.append(f"an online store call failed {self._clock() - trouble[0]:.0f} s ago: {trouble[1]}")
+        if self._flush_error is not None:
+            since, what = self._flush_error
+            reasons.append(f"flushing events into the source fails since {self._clock() - since:.0f} s: {what}")
+        loading = self._encoder_error == "the encoder is loading"
+        if self._encoder is None and self.config.load_encoder and not loading and self._encoder_error:
+            reasons.append(f"new ads cannot be encoded: {self._encoder_error}")
+        try:
+            pending = len(self.online.pending_events(PENDING_SHOWN)) if store_ok else -1
+        except StoreUnavailableError:
+            pending = -1
         return {
-            "status": "ok" if state is not None and self.online.ping() else "degraded",
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
             "source": self.config.source,
             "model_version": state.version if state else None,
             "n_ads": len(state.index) if state else 0,
             "index_kind": state.index.kind if state else None,
-            "store": "ok" if self.online.ping() else "unreachable",
+            "store": "ok" if store_ok else "unreachable",
             "encoder": "ready" if self._encoder is not None else self._encoder_error,
-            "pending_events": len(self.online.pending_events(10_000)),
+            "pending_events": pending,
         }
 
 
