@@ -179,3 +179,15 @@ def test_live_changes_leave_the_callers_openmp_setting_as_it_was(catalogue):
         assert faiss.omp_get_max_threads() == 3 and "x" not in set(index.ad_ids(index.live_slots()).tolist())
     finally:
         faiss.omp_set_num_threads(previous)
+
+
+def test_the_artifact_keeps_its_fingerprints_and_older_artifacts_load_without_them():
+    from adrec_assets.online.index import IndexedAds
+
+    ids, vecs, bias, _ = clustered(300, 10)
+    artifact = IndexedAds(build_ivf(ids, vecs, bias), "users:s", "enc", 0.99, "inputs-hash", "recall-hash")
+    arrays = artifact.to_arrays()
+    back = IndexedAds.from_arrays(arrays)
+    assert (back.inputs_fingerprint, back.recall_fingerprint, back.recall_at_10) == ("inputs-hash", "recall-hash", 0.99)
+    older = IndexedAds.from_arrays({k: v for k, v in arrays.items() if not k.endswith("_fingerprint")})
+    assert (older.inputs_fingerprint, older.recall_fingerprint) == ("", "")  # never matches: rebuilt, not reused
