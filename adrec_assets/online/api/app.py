@@ -32,6 +32,8 @@ def create_app(service: RecommendationService, *, start: bool = True, loopback_o
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if start:
             service.start()
+        if metrics.multiprocess:
+            metrics.refresh()  # this worker's gauges from its start, not from its first request
         try:
             yield
         finally:
