@@ -335,3 +335,24 @@ def test_a_full_disk_keeps_reads_up_refuses_writes_with_503_and_loses_nothing(pu
         pending = [row["event_id"] for _, row in service.online.pending_events(100)]
         assert sorted(pending) == sorted({f"{before['request_id']}:0:impression", f"{before['request_id']}:0:click"})
         service.online.close()
+
+
+def test_events_recorded_before_a_failed_vector_update_are_acknowledged_not_503(published, tmp_path, monkeypatch):
+    """The claim queued the events; the click's online-vector update then meets an outage: the
+    answer is 200 with the events accepted (a 503 would make the client's retry a duplicate
+    and lose them), and /healthz reports the failed call."""
+    service = started(make_service(published, tmp_path))
+    client = TestClient(create_app(service, start=False), raise_server_exceptions=False)
+    with id_key():
+        served = client.get("/v1/recommendations", params={"user_id": KNOWN_USER, "k": 3}).json()
+
+    def down(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(SQLiteStore, "_update_user", down)
+    with id_key():
+        answer = client.post("/v1/events", json={"events": [event_of(served), event_of(served, "click")]})
+    assert answer.status_code == 200 and answer.json()["accepted"] == 2, answer.text
+    queued = sorted(row["event_id"] for _, row in service.online.pending_events(100))
+    assert queued == sorted([f"{served['request_id']}:0:click", f"{served['request_id']}:0:impression"])
+    assert service.health()["status"] == "degraded"

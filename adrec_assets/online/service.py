@@ -65,7 +65,7 @@ from adrec_assets.online.state import (
     project_content,
     register_fresh,
 )
-from adrec_assets.online.store import OnlineStore, StoreUnavailableError
+from adrec_assets.online.store import ConcurrentUpdateError, OnlineStore, StoreUnavailableError
 from adrec_assets.privacy import key_fingerprint, pseudonymize
 from adrec_assets.snapshots import SnapshotError, SnapshotStore
 
@@ -459,7 +459,10 @@ class RecommendationService:
                 continue
             accepted.append((event, record, position, timestamp))
             if event["type"] == "click":
-                self._apply_click(state, record["user"], event["ad_id"], row["weight"])
+                try:  # the events are recorded: a failed vector update must not turn them into a 503
+                    self._apply_click(state, record["user"], event["ad_id"], row["weight"])
+                except (StoreUnavailableError, ConcurrentUpdateError) as exc:
+                    self._store_failed(exc)
                 clicks += 1
         self._learn_from(state, accepted)
         return {"accepted": len(accepted), "duplicates": duplicates, "clicks": clicks}
@@ -577,7 +580,7 @@ class RecommendationService:
         self._flush_error = None
         return written
 
-    def _store_failed(self, exc: StoreUnavailableError) -> None:
+    def _store_failed(self, exc: Exception) -> None:
         """Remember a failed store call for ``/healthz`` (the caller decides what to answer)."""
         self._store_trouble = (self._clock(), str(exc))
         log.warning("online store call failed: %s", exc)
@@ -699,8 +702,9 @@ class RecommendationService:
             raise (Conflict(f"ad {ad_id!r} is already retired", "ad_id") if known
                    else NotFound(f"ad {ad_id!r} is not in the catalogue", "ad_id"))  # fmt: skip
         self.online.retire_ad(ad_id)
-        state.fresh.remove(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))
-        state.index.remove(ad_id)
+        with contextlib.suppress(UnknownAdError):  # the reload thread or a concurrent DELETE removed it first
+            state.fresh.remove(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))
+            state.index.remove(ad_id)
         return {"ad_id": ad_id, "retired": True, "model_version": state.version}
 
     def ad_image(self, ad_id: str) -> bytes:
@@ -739,10 +743,12 @@ class RecommendationService:
         loading = self._encoder_error == "the encoder is loading"
         if self._encoder is None and self.config.load_encoder and not loading and self._encoder_error:
             reasons.append(f"new ads cannot be encoded: {self._encoder_error}")
-        try:
-            pending = len(self.online.pending_events(PENDING_SHOWN)) if store_ok else -1
-        except StoreUnavailableError:
-            pending = -1
+        pending = -1
+        if store_ok:
+            try:
+                pending = len(self.online.pending_events(PENDING_SHOWN))
+            except Exception as exc:  # noqa: BLE001 - health never raises; it says why
+                reasons.append(f"the online store's event queue cannot be read: {type(exc).__name__}: {exc}")
         return {
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,

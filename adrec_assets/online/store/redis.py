@@ -231,7 +231,10 @@ class RedisStore(OnlineStore):
         errors = self._redis_mod.exceptions
         if isinstance(exc, (errors.ConnectionError, errors.TimeoutError, OSError)):
             return True  # down, restarting (LOADING is a ConnectionError), stalled past the socket timeout
-        # out of memory, or refusing writes because its persistence failed (a full disk)
+        # out of memory, a read-only replica, or refusing writes because its persistence failed
+        # (a full disk); redis-py strips the OOM and READONLY codes from the message
+        if isinstance(exc, (errors.OutOfMemoryError, errors.ReadOnlyError)):
+            return True
         return isinstance(exc, errors.ResponseError) and str(exc).startswith(("MISCONF", "OOM", "READONLY"))
 
     def _live(self, script: str, *args: Any) -> int:

@@ -4,6 +4,7 @@ host (SQLite file locks; writes are ``BEGIN IMMEDIATE`` transactions)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -142,11 +143,13 @@ class SQLiteStore(OnlineStore):
         p99 latency whatever the catalogue's size; a Python lock wakes the next writer at once.
         Processes still meet at SQLite's file lock."""
 
-        def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
-            self.conn, self.lock = conn, lock
+        def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, timeout_s: float) -> None:
+            self.conn, self.lock, self.timeout_s = conn, lock, timeout_s
 
         def __enter__(self) -> sqlite3.Connection:
-            self.lock.acquire()
+            # bounded like SQLite's own wait: queued threads must not wait the busy timeout in turn
+            if not self.lock.acquire(timeout=self.timeout_s):
+                raise sqlite3.OperationalError("database is locked (writers of this process queued past the timeout)")
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except BaseException:
@@ -158,7 +161,16 @@ class SQLiteStore(OnlineStore):
             self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
         ) -> None:
             try:
-                self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                if exc_type is None:
+                    try:
+                        self.conn.execute("COMMIT")
+                    except BaseException:  # a failed COMMIT (disk full, I/O) can leave the transaction open
+                        if self.conn.in_transaction:
+                            with contextlib.suppress(sqlite3.Error):
+                                self.conn.execute("ROLLBACK")
+                        raise
+                else:
+                    self.conn.execute("ROLLBACK")
             finally:
                 self.lock.release()
 
@@ -167,7 +179,7 @@ class SQLiteStore(OnlineStore):
         if pid != os.getpid():  # after a fork: the parent's lock may have been held by another thread
             self._write_lock = (os.getpid(), threading.Lock())
             lock = self._write_lock[1]
-        return SQLiteStore._Write(self._conn(), lock)
+        return SQLiteStore._Write(self._conn(), lock, self._busy_ms / 1000)
 
     def _get_users(self, space: str, pseudonyms: list[str]) -> list[UserState | None]:
         found: dict[str, UserState] = {}
@@ -390,7 +402,9 @@ class SQLiteStore(OnlineStore):
 
     def ping(self) -> bool:
         try:
-            return self._conn().execute("SELECT 1").fetchone() == (1,)
+            # a real table: "SELECT 1" never touches the file, so an unreadable one would pass
+            self._conn().execute("SELECT count(*) FROM meta WHERE namespace=?", (self.namespace,)).fetchone()
+            return True
         except (sqlite3.Error, StoreClosedError):
             return False
 
