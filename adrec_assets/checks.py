@@ -23,7 +23,15 @@ from adrec_assets.assets.position_bias import position_bias
 from adrec_assets.assets.raw_ads import raw_ads
 from adrec_assets.assets.user_embeddings import user_embeddings
 from adrec_assets.ml.encoders import AD_EMBEDDING_DIM
-from adrec_assets.ml.types import AdCatalog, ClickGraph, ContentEmbeddings, GlobalMean, ProjectedAds, UserEmbeddings
+from adrec_assets.ml.types import (
+    AdCatalog,
+    ClickGraph,
+    ContentEmbeddings,
+    GlobalMean,
+    ProjectedAds,
+    UserEmbeddings,
+    isin_ids,
+)
 from adrec_assets.online.index import IndexedAds
 from adrec_assets.online.position_bias import PositionBias
 from adrec_assets.online.posterior import PolicyPosterior
@@ -116,7 +124,7 @@ def served_ads_keep_cold_ads(
     n_nonfinite = int(
         (~np.isfinite(served_ads.vectors)).any(axis=1).sum() + (~np.isfinite(served_ads.score_bias)).sum()
     )
-    cold = ~np.isin(ad_projected.ids, click_graph.ad_ids[click_graph.ad_degrees() > 0])
+    cold = ~isin_ids(ad_projected.ids, click_graph.ad_ids[click_graph.ad_degrees() > 0])
     n_cold_changed = (
         int(((served_ads.vectors[cold] != ad_projected.vectors[cold]).any(axis=1)
              | (served_ads.score_bias[cold] != ad_projected.score_bias[cold])).sum())

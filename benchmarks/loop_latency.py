@@ -24,7 +24,12 @@ Each stage's wall time is printed (and written with ``--json``). Everything is b
 
     .venv/bin/python benchmarks/loop_latency.py --users 20000 --clicks-per-user 10 --ads 2000
     .venv/bin/python benchmarks/loop_latency.py --users 1000000 --clicks-per-user 10 --ads 100000 \\
-        --user epochs=2 --projector epochs=1 --projector batch_size=1024
+        --random-encodings
+
+Default training settings, as a user runs them: with ``--user epochs=N`` the refresh's passes
+(``refresh_epochs``) may equal the full schedule's, and the loop then measures a retrain.
+``--random-encodings`` seeds the encoding cache instead of encoding the catalogue (hours at 1M
+ads on 2 cores); the loop itself never encodes, its ads do not change.
 """
 
 from __future__ import annotations
@@ -154,6 +159,31 @@ def land_clicks(folder: Path, staging: Path, info: dict, share: float, seed: int
     return target, n
 
 
+def seed_random_encodings(name: str, seed: int) -> int:
+    """Fill the encoding cache with seeded random unit vectors for every ad of source ``name``
+    (keyed exactly as ``ad_embeddings_raw`` looks them up), so the starting materialization
+    skips the encoder: at 1M ads it would take hours on 2 cores, and the loop re-encodes
+    nothing (its ads do not change). The vectors carry no content signal: this measures time."""
+    import numpy as np
+
+    from adrec_assets.ml.encoders.base import ImageAccess
+    from adrec_assets.ml.encoders.cache import content_hashes
+    from adrec_assets.resources import ClickSourceResource, EncoderResource
+
+    catalog, _ = ClickSourceResource().source(name).read_ads_with_report()
+    resource = EncoderResource()
+    encoder, cache = resource.get(), resource.encoding_cache()
+    if cache is None:
+        raise RuntimeError("--random-encodings needs the encoding cache on")
+    paths = [p or None for p in catalog.image_paths]
+    access = ImageAccess(catalog.image_root or None, resource.max_image_bytes)
+    hashes = content_hashes(list(catalog.texts), paths, access)
+    vectors = np.random.default_rng(seed).standard_normal((len(hashes), encoder.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cache.update(encoder.encoder_id, hashes, vectors, np.array([p is not None for p in paths]))
+    return len(hashes)
+
+
 def fmt(seconds: float) -> str:
     return f"{seconds:8.1f} s"
 
@@ -180,6 +210,16 @@ def main() -> None:
     parser.add_argument("--projector", action="append", default=[], help="projector config key=value")
     parser.add_argument("--work", type=Path, default=REPO / "data" / "bench" / "loop")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--reuse-start",
+        action="store_true",
+        help="start from the snapshot an earlier run of the same size left under --work (skips the initial run)",
+    )
+    parser.add_argument(
+        "--random-encodings",
+        action="store_true",
+        help="seed the encoding cache with random unit vectors instead of encoding the ads (timing only)",
+    )
     args = parser.parse_args()
 
     import scale
@@ -188,10 +228,14 @@ def main() -> None:
     name = f"loop_u{args.users}_c{args.clicks_per_user:g}_a{args.ads}"
     work = args.work
     sources, artifacts, home = work / "sources", work / "artifacts", work / "dagster_home"
-    for path in (artifacts / name, home):
-        shutil.rmtree(path, ignore_errors=True)
-    home.mkdir(parents=True)
-    (home / "dagster.yaml").touch()
+    from adrec_assets.snapshots import SnapshotStore
+
+    reuse = args.reuse_start and (home / "dagster.yaml").exists() and SnapshotStore(artifacts, name).current_id()
+    if not reuse:
+        for path in (artifacts / name, home):
+            shutil.rmtree(path, ignore_errors=True)
+        home.mkdir(parents=True)
+        (home / "dagster.yaml").touch()
     (work / ".gitignore").write_text("*\n")
     env = {
         **os.environ,
@@ -214,27 +258,39 @@ def main() -> None:
     (work / "online").mkdir(parents=True, exist_ok=True)
 
     print(f"loop_latency: generating {sources / name} ...", flush=True)
-    for leftover in (sources / name / "clicks").glob("loop-*.parquet"):
-        leftover.unlink()  # an earlier run's landed files
+    landed_before = sorted((sources / name / "clicks").glob("loop-*.parquet"))
+    for leftover in [] if reuse else landed_before:
+        leftover.unlink()  # an earlier run's landed files (kept with --reuse-start: its snapshot learnt them)
+    args.first_round = len(landed_before) if reuse else 0  # new files, never one the snapshot has seen
     info = scale.generate_source(sources / name, args.users, args.clicks_per_user, args.ads, args.seed)
     print(f"  {info['n_clicks']:,} clicks, {args.users:,} users, {args.ads:,} ads", flush=True)
     run_config = run_config_of(args)
+    if args.random_encodings:
+        began = time.time()
+        n = seed_random_encodings(name, args.seed)
+        print(f"  encoding cache seeded with {n:,} random unit vectors in {time.time() - began:.1f} s", flush=True)
 
     import dagster as dg
 
     from adrec_assets.partitions import click_source_partitions
 
-    report: dict = {"name": name, "source": info, "threads": args.threads, "load_before": os.getloadavg()}
+    report: dict = {"name": name, "source": info, "threads": args.threads, "load_before": os.getloadavg(),
+                    "random_encodings": args.random_encodings, "run_config": run_config}  # fmt: skip
     server = None
     with dg.DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(click_source_partitions.name, [name])
         sensor = Sensor()
         first = [r for r in sensor.tick(instance) if r.partition_key == name]  # the cursor now knows these files
-        print(f"initial run for {name} (the starting state, not part of the loop) ...", flush=True)
-        started = time.time()
-        initial = launch_run(env, name, run_config, dict(first[0].tags) if first else {}, args.timeout)
-        report["initial"] = {"wall_s": time.time() - started, "snapshot": initial["snapshot"]}
-        print(f"  published {initial['snapshot']} in {time.time() - started:.1f} s", flush=True)
+        if reuse:
+            report["initial"] = {"wall_s": 0.0, "snapshot": reuse}
+            initial = {"snapshot": reuse}
+            print(f"starting from {reuse}, published by an earlier run (--reuse-start)", flush=True)
+        else:
+            print(f"initial run for {name} (the starting state, not part of the loop) ...", flush=True)
+            started = time.time()
+            initial = launch_run(env, name, run_config, dict(first[0].tags) if first else {}, args.timeout)
+            report["initial"] = {"wall_s": time.time() - started, "snapshot": initial["snapshot"]}
+            print(f"  published {initial['snapshot']} in {time.time() - started:.1f} s", flush=True)
         try:
             server = serve_latency.Server(work, name, "faiss", "warning")
             ready_s, health = server.wait_ready(args.timeout)
@@ -256,7 +312,7 @@ def main() -> None:
 
 
 def one_round(args, env, instance, sensor, server, folder: Path, work: Path, info: dict, round_no: int) -> dict:
-    seed = args.seed + 1 + round_no
+    seed = args.seed + 1 + args.first_round + round_no
     path, n_new = land_clicks(folder, work / "staging", info, args.new_share, seed)
     landed = time.time()
     print(f"\nround {round_no + 1}: {n_new:,} new clicks landed as {path.name}", flush=True)

@@ -67,6 +67,15 @@ def str_array(values: Iterable[Any]) -> np.ndarray:
     return out
 
 
+def isin_ids(values: Iterable[Any], members: Iterable[Any]) -> np.ndarray:
+    """``np.isin(values, members)`` for id columns, in linear time. NumPy's ``isin`` compares
+    every pair when either side is an object array (as :func:`str_array` makes): 100k ads
+    against 100k took 101 s in a blocking check, a hash set takes milliseconds."""
+    items = values.tolist() if isinstance(values, np.ndarray) else list(values)
+    wanted = set(members.tolist() if isinstance(members, np.ndarray) else members)
+    return np.fromiter((item in wanted for item in items), dtype=bool, count=len(items))
+
+
 def pack_strings(name: str, values: Iterable[Any]) -> dict[str, np.ndarray]:
     """``{name}__utf8`` (uint8 bytes) and ``{name}__offsets`` (int64, n + 1): a string column
     stored in the length of its text, readable without pickle."""

@@ -44,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.special import expit
 
+from adrec_assets.ml.types import isin_ids
 from adrec_assets.online.position_bias import impression_weights
 from adrec_assets.online.store import OnlineStore
 from adrec_assets.settings import SERVE_FRESH_PRIOR_SD
@@ -128,7 +129,7 @@ def untrained_rows(ad_ids: np.ndarray, clicked_ad_ids: np.ndarray, ad_degrees: n
     """Rows of ``ad_ids`` without a training click (a click graph's ``ad_ids`` and
     ``ad_degrees()``): the ads a snapshot learnt nothing about."""
     clicked = np.asarray(clicked_ad_ids)[np.asarray(ad_degrees) > 0]
-    return np.flatnonzero(~np.isin(np.asarray(ad_ids), clicked))
+    return np.flatnonzero(~isin_ids(ad_ids, clicked))
 
 
 class FreshAdEffects:
