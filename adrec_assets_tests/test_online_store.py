@@ -30,6 +30,7 @@ from adrec_assets.online.store import (
     StoreClosedError,
     StoreFormatError,
     StoreInputError,
+    StoreUnavailableError,
     open_store,
 )
 from adrec_assets_tests.redis_server import redis_server
@@ -571,6 +572,43 @@ def test_sqlite_store_uses_wal_and_creates_its_folder(tmp_path):
         store.retire_ad("x")
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_store_skips_the_fsync_of_slate_records_only(tmp_path):
+    """A served slate's record commits without fsync (it is no event: lost in a power cut, its
+    events are refused as unknown); every other write keeps synchronous=FULL, also after a
+    slate write that failed."""
+    with SQLiteStore(tmp_path / "store.sqlite3", namespace="s") as store:
+        conn = store._conn()
+        statements: list[str] = []
+        conn.set_trace_callback(statements.append)
+
+        def syncs() -> list[str]:
+            return [s.split("=")[1] for s in statements if s.startswith("PRAGMA synchronous")]
+
+        store.put_request("r1", {"user": "u", "ads": ["a"]}, 60)
+        assert syncs() == ["NORMAL", "FULL"]
+        assert statements.index("PRAGMA synchronous=NORMAL") < statements.index("BEGIN IMMEDIATE")
+        assert statements.index("COMMIT") < statements.index("PRAGMA synchronous=FULL")
+        statements.clear()
+        store.append_events([{"event_id": "e1"}])
+        store.update_user("users:aaaa1111", "0123456789abcdef0123456789abcdef", lambda cur: np.ones(128, np.float32))
+        assert syncs() == [] and "COMMIT" in statements  # events and user vectors: fsynced as the store is
+        conn.set_trace_callback(None)
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        with sqlite3.connect(tmp_path / "store.sqlite3") as other:  # another writer holds the lock
+            other.execute("BEGIN IMMEDIATE")
+            store._busy_ms = 50
+            conn.execute("PRAGMA busy_timeout=50")
+            with pytest.raises(StoreUnavailableError):
+                store.put_request("r2", {"user": "u", "ads": ["a"]}, 60)
+            other.execute("ROLLBACK")
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with SQLiteStore(tmp_path / "normal.sqlite3", namespace="s", synchronous="NORMAL") as store:
+        statements = []
+        store._conn().set_trace_callback(statements.append)
+        store.put_request("r1", {"user": "u", "ads": ["a"]}, 60)
+        assert not [s for s in statements if s.startswith("PRAGMA")]  # nothing to relax
 
 
 def test_sqlite_store_refuses_a_newer_schema(tmp_path):
