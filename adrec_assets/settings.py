@@ -256,6 +256,15 @@ SERVE_FRESH_SHARE = _declare(
     "for (one of them rotates over the fresh ads not shown yet); 1: no cap",
     SERVICE,
 )
+SERVE_SHARED_EXPLORATION = _declare(
+    "SERVE_SHARED_EXPLORATION",
+    _number(float),
+    1.0,
+    "1.0",
+    "Thompson: spread of the draw of the shared click model (a multiple of its posterior sd; 0: its mean, so only "
+    "the fresh ads' own effects explore)",
+    SERVICE,
+)
 SERVE_FRESH_SCOPE = _declare(
     "SERVE_FRESH_SCOPE",
     str,

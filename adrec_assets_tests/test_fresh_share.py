@@ -367,3 +367,59 @@ def test_the_service_exports_slot_counts_per_policy_and_logs_each_slots_flags(pu
         log = read_event_log(tmp_path / "sources" / "synthetic").to_pandas()
         rows = log[log["request_id"] == answer["request_id"]].sort_values("position")
         assert rows["explored"].tolist() == record["explored"] and rows["fresh"].tolist() == record["fresh"]
+
+
+# --- exploration per entity: the shared model's draw can be switched off ------------------------
+
+
+def test_thompson_without_the_shared_draw_explores_only_fresh_ads():
+    """shared_scale 0 (ADREC_SERVE_SHARED_EXPLORATION=0): every trained ad is ranked by the shared
+    posterior's mean, as greedy on that mean ranks it, and only fresh ads' own effects vary."""
+    index, effects, fresh_slots, posterior = burst(seed=3)
+    greedy = make_policy("greedy", posterior=posterior)
+    per_entity = make_policy("thompson", posterior=posterior, fresh=effects, shared_scale=0.0)
+    both = make_policy("thompson", posterior=posterior, fresh=effects)
+    trained_differs = {"per_entity": 0, "both": 0}
+    rng = np.random.default_rng(5)
+    for user in unit_rows(rng.normal(size=(150, 8))):
+        mean_trained = greedy.recommend(user, index, K, rng, exclude=set(fresh_slots.tolist())).slots
+        for name, policy in (("per_entity", per_entity), ("both", both)):
+            slate = policy.recommend(user, index, K, rng)
+            trained = slate.slots[~np.isin(slate.slots, fresh_slots)]
+            expected = mean_trained[: len(trained)]  # the mean's order of the trained ads
+            trained_differs[name] += int(not np.array_equal(trained, expected))
+    assert trained_differs["per_entity"] == 0  # trained ads keep the mean's order
+    assert trained_differs["both"] > 0  # the shared draw reorders them
+    fresh_shown = fresh_per_slate(serve(per_entity, index, 8, 200, seed=6), fresh_slots)
+    assert fresh_shown.sum() > 0  # fresh ads still explored
+    with pytest.raises(ValueError, match="shared_scale"):
+        make_policy("thompson", posterior=posterior, shared_scale=-1.0)
+
+
+def test_thompson_without_the_shared_draw_and_without_fresh_ads_is_greedy_on_the_mean():
+    rng = np.random.default_rng(7)
+    index = ExactIndex(random_catalogue(1_000, 8, rng))
+    posterior = learned_posterior(index, rng)
+    thompson = make_policy("thompson", posterior=posterior, shared_scale=0.0)
+    greedy = make_policy("greedy", posterior=posterior)
+    for user in unit_rows(rng.normal(size=(30, 8))):
+        slate = thompson.recommend(user, index, K, rng)
+        np.testing.assert_array_equal(slate.slots, greedy.recommend(user, index, K, rng).slots)
+        np.testing.assert_array_equal(slate.propensities, np.ones(K))
+        assert not slate.explored.any()
+
+
+def test_the_service_passes_shared_exploration_to_thompson(published, tmp_path):
+    from adrec_assets.online.config import ServingConfig
+
+    from adrec_assets_tests.pipeline_fixtures import id_key
+
+    service = make_service(published, tmp_path, shared_exploration=0.0)
+    with id_key():
+        service.start(background=False)
+    policy = service._policy(service.state, "thompson")
+    inner = getattr(policy, "base", policy)  # the randomized-order wrapper keeps the policy
+    assert inner.shared_scale == 0.0
+    config = ServingConfig("synthetic", published, tmp_path, shared_exploration=-0.5)
+    with pytest.raises(ValueError, match="ADREC_SERVE_SHARED_EXPLORATION"):
+        config.validate()

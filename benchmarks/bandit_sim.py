@@ -217,6 +217,7 @@ class SimSettings:
     fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD  # service config: thompson's fresh-ad effects (0: none)
     fresh_scope: str = "live"  # service config: which ads carry one ("live" or "untrained")
     fresh_share: float = DEFAULT_FRESH_SHARE  # service config: thompson's cap on unearned fresh ads' slots (1: none)
+    shared_exploration: float = 1.0  # service config: thompson's draw spread of the shared model (0: its mean)
 
     def __post_init__(self) -> None:
         if self.policy not in ALL_POLICIES:
@@ -282,6 +283,7 @@ def start_service(
         fresh_prior_sd=settings.fresh_prior_sd,
         fresh_scope=settings.fresh_scope,
         fresh_share=settings.fresh_share,
+        shared_exploration=settings.shared_exploration,
         settle_seconds=settings.settle_seconds,
         flush_batch=1_000_000,
         load_encoder=False,  # new ads arrive with their content vectors (add_ad(content=...))
@@ -1188,6 +1190,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=DEFAULT_FRESH_SHARE,
         help="service: most slots per slate (share of k) for fresh ads their clicks have not earned (1: no cap)",
     )
+    parser.add_argument(
+        "--shared-exploration",
+        type=float,
+        default=1.0,
+        help="service: thompson's draw spread of the shared click model (0: its mean; fresh ads still explore)",
+    )
     parser.add_argument("--settle-every", type=int, default=500, help="rounds between settle() calls")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     parser.add_argument("--figure", type=Path, default=Path("benchmarks/figures/bandit_regret.png"))
@@ -1224,7 +1232,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 shutil.rmtree(folder)  # a previous run's event files
             settings = SimSettings(policy, seed, args.rounds, randomized_share=args.randomized_share,
                                    fresh_prior_sd=args.fresh_prior_sd, fresh_scope=args.fresh_scope,
-                                   fresh_share=args.fresh_share, settle_every=args.settle_every)  # fmt: skip
+                                   fresh_share=args.fresh_share, settle_every=args.settle_every,
+                                   shared_exploration=args.shared_exploration)  # fmt: skip
             jobs.append((worlds[seed], settings, folder))
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -22,7 +22,7 @@ SERVE_SETTINGS = {
     "index_backend": settings.SERVE_INDEX, "alpha": settings.SERVE_ALPHA, "default_policy": settings.SERVE_DEFAULT_POLICY,
     "epsilon": settings.SERVE_EPSILON, "randomized_share": settings.SERVE_RANDOMIZED_SHARE,
     "fresh_prior_sd": settings.SERVE_FRESH_PRIOR_SD, "fresh_share": settings.SERVE_FRESH_SHARE,
-    "fresh_scope": settings.SERVE_FRESH_SCOPE,
+    "fresh_scope": settings.SERVE_FRESH_SCOPE, "shared_exploration": settings.SERVE_SHARED_EXPLORATION,
     "reload_seconds": settings.SERVE_RELOAD_SECONDS, "flush_seconds": settings.SERVE_FLUSH_SECONDS,
     "settle_seconds": settings.SERVE_SETTLE_SECONDS, "max_image_pixels": settings.SERVE_MAX_IMAGE_PIXELS,
     "store_timeout_seconds": settings.SERVE_STORE_TIMEOUT,
@@ -46,6 +46,7 @@ class ServingConfig:
     fresh_prior_sd: float = settings.SERVE_FRESH_PRIOR_SD.default  # thompson: fresh ad's logit offset sd (0: none)
     fresh_share: float = settings.SERVE_FRESH_SHARE.default  # thompson: cap on unearned fresh ads' slots per slate
     fresh_scope: str = settings.SERVE_FRESH_SCOPE.default  # "live" (added since the snapshot) or "untrained"
+    shared_exploration: float = settings.SERVE_SHARED_EXPLORATION.default  # thompson: the shared model's draw spread
     experiments_path: Path | None = None
     reload_seconds: float = settings.SERVE_RELOAD_SECONDS.default
     flush_seconds: float = settings.SERVE_FLUSH_SECONDS.default
@@ -120,6 +121,11 @@ class ServingConfig:
         if not (math.isfinite(self.fresh_share) and 0 <= self.fresh_share <= 1):
             raise ValueError(
                 f"fresh_share (ADREC_SERVE_FRESH_SHARE) must be a share in [0, 1] (1: no cap), got {self.fresh_share}"
+            )
+        if not (math.isfinite(self.shared_exploration) and self.shared_exploration >= 0):
+            raise ValueError(
+                "shared_exploration (ADREC_SERVE_SHARED_EXPLORATION) must be a finite number >= 0, "
+                f"got {self.shared_exploration}"
             )
         if self.fresh_scope not in FRESH_SCOPES:
             raise ValueError(

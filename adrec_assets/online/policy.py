@@ -435,7 +435,7 @@ def _distinct_uniform(
 class ThompsonPolicy(_BasePolicy):
     """Contextual Thompson sampling: one posterior draw per request, folded into the query.
 
-    ``recommend`` draws ``theta~`` first (``posterior.sample(rng, exploration_scale)``), then
+    ``recommend`` draws ``theta~`` first (``posterior.sample(rng, exploration_scale * shared_scale)``), then
     searches ``[fold(theta~), fold(mean)]`` in ONE index call: row 0 is the served slate, row
     1 the ``propensity_candidates`` (N) best ads under the mean. Propensities: M =
     ``propensity_draws`` more draws, scored on the N' = N + served candidates with one
@@ -446,7 +446,9 @@ class ThompsonPolicy(_BasePolicy):
     share goes to the candidates); the MC error is ``sqrt(p (1 - p) / M)``; a served ad no
     draw puts there is floored at ``1 / (M + 1)`` (it *was* shown, so its propensity is
     positive). ``exploration_scale`` multiplies the posterior's spread (0: the mean, i.e.
-    greedy).
+    greedy); ``shared_scale`` multiplies the shared model's spread only (0: every draw uses
+    its mean, and only the fresh ads' own effects explore: uncertainty per entity, not over
+    the few shared parameters greedy learns anyway).
 
     ``fresh`` (:class:`~adrec_assets.online.fresh_ads.FreshAdEffects`): ads without training
     clicks carry their own logit offset ``r_a``, drawn per request. The index then returns
@@ -478,6 +480,7 @@ class ThompsonPolicy(_BasePolicy):
     propensity_fresh_candidates: int = DEFAULT_PROPENSITY_FRESH_CANDIDATES
     fresh_share: float = DEFAULT_FRESH_SHARE
     fresh_spread_prior: bool = True
+    shared_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.posterior, LaplaceLogisticPosterior):
@@ -487,6 +490,10 @@ class ThompsonPolicy(_BasePolicy):
             )
         if not (np.isfinite(self.exploration_scale) and self.exploration_scale >= 0):
             raise ValueError(f"exploration_scale: must be a finite number >= 0, got {self.exploration_scale}")
+        if not (np.isfinite(self.shared_scale) and self.shared_scale >= 0):
+            raise ValueError(
+                f"shared_scale (ADREC_SERVE_SHARED_EXPLORATION): must be a finite number >= 0, got {self.shared_scale}"
+            )
         if not (np.isfinite(self.fresh_share) and 0 <= self.fresh_share <= 1):
             raise ValueError(
                 f"fresh_share (ADREC_SERVE_FRESH_SHARE): must be a share in [0, 1], got {self.fresh_share}"
@@ -495,6 +502,11 @@ class ThompsonPolicy(_BasePolicy):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
+
+    @property
+    def _shared_spread(self) -> float:
+        """The shared model's draw spread: ``exploration_scale`` x ``shared_scale``."""
+        return self.exploration_scale * self.shared_scale
 
     def _check_dim(self, user: np.ndarray) -> LaplaceLogisticPosterior:
         assert self.posterior is not None
@@ -519,13 +531,13 @@ class ThompsonPolicy(_BasePolicy):
         features[:, :dim] = candidate_vectors[:, :dim] * user.astype(np.float32)
         features[:, dim] = candidate_vectors[:, dim]
         features[:, dim + 1] = 1.0
-        return posterior.sample_scores(rng, features, self.propensity_draws, self.exploration_scale)
+        return posterior.sample_scores(rng, features, self.propensity_draws, self._shared_spread)
 
     def _serve(
         self, user: np.ndarray, index: InnerProductIndex, k: int, rng: np.random.Generator, excluded: np.ndarray
     ) -> _Served:
         posterior = self._check_dim(user)
-        draw = posterior.sample(rng, self.exploration_scale)
+        draw = posterior.sample(rng, self._shared_spread)
         queries = np.vstack([fold_queries(draw, user), fold_queries(posterior.mean(), user)])
         fresh = self._fresh_view(excluded)
         mean_depth = max(self.propensity_candidates, k)  # the mean's top-k names the exploratory slots

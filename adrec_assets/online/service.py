@@ -312,6 +312,7 @@ class RecommendationService:
             options["posterior"] = state.posterior
             options["fresh"] = state.fresh
             options["fresh_share"] = self.config.fresh_share
+            options["shared_scale"] = self.config.shared_exploration
         if name == "epsilon_greedy":
             options["epsilon"] = self.config.epsilon
         return make_policy(name, **options)
