@@ -411,7 +411,6 @@ def test_thompson_without_the_shared_draw_and_without_fresh_ads_is_greedy_on_the
 
 def test_the_service_passes_shared_exploration_to_thompson(published, tmp_path):
     from adrec_assets.online.config import ServingConfig
-
     from adrec_assets_tests.pipeline_fixtures import id_key
 
     service = make_service(published, tmp_path, shared_exploration=0.0)

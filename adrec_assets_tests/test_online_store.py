@@ -611,6 +611,50 @@ def test_sqlite_store_skips_the_fsync_of_slate_records_only(tmp_path):
         assert not [s for s in statements if s.startswith("PRAGMA")]  # nothing to relax
 
 
+def test_sqlite_relaxed_write_whose_restore_fails_releases_the_lock_and_discards_the_connection(tmp_path):
+    """Fault injection: when FULL cannot be restored (the connection still in a transaction,
+    an I/O error), the write lock is released anyway, the original error is the one raised,
+    and the connection is thrown away, so no later write can run on it without its fsync."""
+
+    class Faulty:
+        """A real connection whose restore of synchronous=FULL (and, if asked, BEGIN) fails."""
+
+        def __init__(self, conn: sqlite3.Connection, fail_begin: bool) -> None:
+            self.conn, self.fail_begin = conn, fail_begin
+
+        @property
+        def in_transaction(self) -> bool:
+            return self.conn.in_transaction
+
+        def execute(self, sql: str, *args):
+            if sql == "PRAGMA synchronous=FULL" or (self.fail_begin and sql == "BEGIN IMMEDIATE"):
+                raise sqlite3.OperationalError(f"injected: {sql}")
+            return self.conn.execute(sql, *args)
+
+    with SQLiteStore(tmp_path / "store.sqlite3", namespace="s") as store:
+        for fail_begin in (False, True):
+            real = store._conn()
+            discarded: list = []
+
+            def discard(conn, real=real, discarded=discarded) -> None:
+                discarded.append(conn)
+                store._discard(real)
+
+            lock = threading.Lock()
+            write = SQLiteStore._Write(Faulty(real, fail_begin), lock, 1.0, relax=True, discard=discard)
+            if fail_begin:
+                with pytest.raises(sqlite3.OperationalError, match="injected: BEGIN"), write:
+                    pass
+            else:
+                with write as conn:
+                    conn.execute("INSERT INTO retired_ads VALUES (?, ?, ?)", ("s", "ad-x", 0.0))
+            assert not lock.locked()  # the lock is free again
+            assert len(discarded) == 1  # the connection that may be at NORMAL is gone
+            fresh = store._conn()
+            assert fresh is not real and fresh.execute("PRAGMA synchronous").fetchone()[0] == 2
+        assert store.is_retired("ad-x")  # the relaxed write itself committed
+
+
 def test_sqlite_store_refuses_a_newer_schema(tmp_path):
     path = tmp_path / "store.sqlite3"
     SQLiteStore(path, namespace="s").close()

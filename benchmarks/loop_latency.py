@@ -146,13 +146,16 @@ def http_json(port: int, path: str, timeout: float = 10.0) -> tuple[int, dict]:
         conn.close()
 
 
-def land_clicks(folder: Path, staging: Path, info: dict, share: float, seed: int) -> tuple[Path, int]:
-    """Write new clicks beside the source, then rename them into its ``clicks/``: they land at once."""
+def land_clicks(folder: Path, staging: Path, info: dict, share: float, seed: int, landed: int) -> tuple[Path, int]:
+    """Write new clicks beside the source, then rename them into its ``clicks/``: they land at
+    once. ``landed``: files landed before this one; each file's new users are new (numbered
+    apart), also when a run starts from a snapshot that learnt earlier files."""
     import scale
 
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "clicks").mkdir(parents=True)
-    n = scale.append_new_clicks(staging, info, share, seed)
+    offset = info["base"]["users"] + 10_000_000 * landed
+    n = scale.append_new_clicks(staging, info, share, seed, new_user_offset=offset)
     (written,) = (staging / "clicks").glob("*.parquet")
     target = folder / "clicks" / f"loop-{seed:03d}-{written.name}"
     os.replace(written, target)
@@ -230,7 +233,12 @@ def main() -> None:
     sources, artifacts, home = work / "sources", work / "artifacts", work / "dagster_home"
     from adrec_assets.snapshots import SnapshotStore
 
+    stamp_path = work / f"{name}.start.json"
+    started_with = {"seed": args.seed, "run_config": run_config_of(args), "random_encodings": args.random_encodings}
     reuse = args.reuse_start and (home / "dagster.yaml").exists() and SnapshotStore(artifacts, name).current_id()
+    if reuse and (not stamp_path.exists() or json.loads(stamp_path.read_text()) != started_with):
+        print("--reuse-start: the earlier start used other settings (or left no record): starting afresh", flush=True)
+        reuse = None
     if not reuse:
         for path in (artifacts / name, home):
             shutil.rmtree(path, ignore_errors=True)
@@ -242,7 +250,8 @@ def main() -> None:
         "DAGSTER_HOME": str(home),
         "ADREC_ARTIFACTS_DIR": str(artifacts),
         "ADREC_SOURCES_DIR": str(sources),
-        "ADREC_ENCODER_CACHE_DIR": str(work / "encoder_cache"),
+        # random vectors never share a cache with real encodings (a later run would take them as hits)
+        "ADREC_ENCODER_CACHE_DIR": str(work / ("encoder_cache_random" if args.random_encodings else "encoder_cache")),
         "ADREC_ENCODER": os.environ.get("ADREC_ENCODER", "offline"),
         "ADREC_ID_KEY": serve_latency.BENCH_KEY,  # the key the service is started with
         "ADREC_ONLINE_STORE": str(work / "online" / f"{name}.sqlite3"),
@@ -290,6 +299,7 @@ def main() -> None:
             started = time.time()
             initial = launch_run(env, name, run_config, dict(first[0].tags) if first else {}, args.timeout)
             report["initial"] = {"wall_s": time.time() - started, "snapshot": initial["snapshot"]}
+            stamp_path.write_text(json.dumps(started_with))
             print(f"  published {initial['snapshot']} in {time.time() - started:.1f} s", flush=True)
         try:
             server = serve_latency.Server(work, name, "faiss", "warning")
@@ -313,7 +323,7 @@ def main() -> None:
 
 def one_round(args, env, instance, sensor, server, folder: Path, work: Path, info: dict, round_no: int) -> dict:
     seed = args.seed + 1 + args.first_round + round_no
-    path, n_new = land_clicks(folder, work / "staging", info, args.new_share, seed)
+    path, n_new = land_clicks(folder, work / "staging", info, args.new_share, seed, args.first_round + round_no)
     landed = time.time()
     print(f"\nround {round_no + 1}: {n_new:,} new clicks landed as {path.name}", flush=True)
     time.sleep(args.tick_delay)

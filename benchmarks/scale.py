@@ -186,13 +186,15 @@ def generate_source(folder: Path, n_users: int, clicks_per_user: float, n_ads: i
     return info
 
 
-def append_new_clicks(folder: Path, info: dict, share: float, seed: int) -> int:
-    """Append ``share`` x clicks as a new file: 90% by existing users, 10% by new users."""
+def append_new_clicks(folder: Path, info: dict, share: float, seed: int, new_user_offset: int | None = None) -> int:
+    """Append ``share`` x clicks as a new file: 90% by existing users, 10% by new users
+    (numbered from ``new_user_offset``, default right after the source's users)."""
     base = info["base"]
     n_new = int(round(share * info["n_clicks"]))
     rng = np.random.default_rng([seed, 99])
     n_new_users = max(1, int(0.1 * n_new / max(base["clicks_per_user"], 1)))
-    new_u, new_a = draw_clicks(n_new_users, base["clicks_per_user"], base["ads"], rng, user_offset=base["users"])
+    offset = base["users"] if new_user_offset is None else new_user_offset
+    new_u, new_a = draw_clicks(n_new_users, base["clicks_per_user"], base["ads"], rng, user_offset=offset)
     n_old = max(0, n_new - len(new_u))
     old_u = rng.integers(base["users"], size=n_old)
     # existing users click within their own topic mostly: redraw with their topics

@@ -39,6 +39,7 @@ from adrec_assets.ml.types import (
     ProjectedAds,
     UserEmbeddings,
     align_rows,
+    isin_ids,
 )
 from adrec_assets.ml.warm_evaluation import WARM_PIPELINE, WarmParams, evaluate_warm, pipeline_scorers
 
@@ -145,7 +146,8 @@ def evaluation(
     content = ad_embeddings_raw.vectors[align_rows(ad_embeddings_raw.ids, click_graph.ad_ids, where)]
     fields = raw_ads.fields.take(align_rows(raw_ads.ad_ids, click_graph.ad_ids, where))
     # the warm protocol ranks the whole catalogue: the graph's ads first, then those without clicks
-    catalogue = np.concatenate([click_graph.ad_ids, np.setdiff1d(raw_ads.ad_ids, click_graph.ad_ids)])
+    unclicked = np.unique(raw_ads.ad_ids[~isin_ids(raw_ads.ad_ids, click_graph.ad_ids)])  # = np.setdiff1d, linear
+    catalogue = np.concatenate([click_graph.ad_ids, unclicked])
     all_content = ad_embeddings_raw.vectors[align_rows(ad_embeddings_raw.ids, catalogue, "evaluation: catalogue")]
     all_fields = raw_ads.fields.take(align_rows(raw_ads.ad_ids, catalogue, "evaluation: catalogue"))
 

@@ -144,9 +144,15 @@ class SQLiteStore(OnlineStore):
         Processes still meet at SQLite's file lock."""
 
         def __init__(
-            self, conn: sqlite3.Connection, lock: threading.Lock, timeout_s: float, relax: bool = False
+            self,
+            conn: sqlite3.Connection,
+            lock: threading.Lock,
+            timeout_s: float,
+            relax: bool = False,
+            discard: Callable[[sqlite3.Connection], None] | None = None,
         ) -> None:
             self.conn, self.lock, self.timeout_s, self.relax = conn, lock, timeout_s, relax
+            self.discard = discard
 
         def __enter__(self) -> sqlite3.Connection:
             # bounded like SQLite's own wait: queued threads must not wait the busy timeout in turn
@@ -157,14 +163,26 @@ class SQLiteStore(OnlineStore):
                     self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.execute("BEGIN IMMEDIATE")
             except BaseException:
-                self._restore()
-                self.lock.release()
+                try:
+                    self._restore()
+                finally:
+                    self.lock.release()
                 raise
             return self.conn
 
         def _restore(self) -> None:
-            if self.relax:  # the connection's next write (an event, say) is durable again
+            """Make the connection's next write (an event, say) durable again; never raises.
+            Where that fails (still inside a transaction whose COMMIT and ROLLBACK both failed,
+            an I/O error), the connection is discarded, so no write ever runs at NORMAL on it."""
+            if not self.relax:
+                return
+            try:
+                if self.conn.in_transaction:
+                    raise sqlite3.OperationalError("the transaction is still open")
                 self.conn.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error:
+                if self.discard is not None:
+                    self.discard(self.conn)
 
         def __exit__(
             self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -194,7 +212,17 @@ class SQLiteStore(OnlineStore):
             self._write_lock = (os.getpid(), threading.Lock())
             lock = self._write_lock[1]
         relax = not durable and self._synchronous == "FULL"
-        return SQLiteStore._Write(self._conn(), lock, self._busy_ms / 1000, relax)
+        return SQLiteStore._Write(self._conn(), lock, self._busy_ms / 1000, relax, self._discard)
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Close ``conn`` and forget it: this thread's next call opens a new connection."""
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._all_lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
 
     def _get_users(self, space: str, pseudonyms: list[str]) -> list[UserState | None]:
         found: dict[str, UserState] = {}
