@@ -392,8 +392,9 @@ def test_thompson_without_the_shared_draw_explores_only_fresh_ads():
     assert trained_differs["both"] > 0  # the shared draw reorders them
     fresh_shown = fresh_per_slate(serve(per_entity, index, 8, 200, seed=6), fresh_slots)
     assert fresh_shown.sum() > 0  # fresh ads still explored
-    with pytest.raises(ValueError, match="shared_scale"):
-        make_policy("thompson", posterior=posterior, shared_scale=-1.0)
+    for bad in (-1.0, float("inf"), 1e39):
+        with pytest.raises(ValueError, match="shared_scale"):
+            make_policy("thompson", posterior=posterior, shared_scale=bad)
 
 
 def test_thompson_without_the_shared_draw_and_without_fresh_ads_is_greedy_on_the_mean():
@@ -419,6 +420,7 @@ def test_the_service_passes_shared_exploration_to_thompson(published, tmp_path):
     policy = service._policy(service.state, "thompson")
     inner = getattr(policy, "base", policy)  # the randomized-order wrapper keeps the policy
     assert inner.shared_scale == 0.0
-    config = ServingConfig("synthetic", published, tmp_path, shared_exploration=-0.5)
-    with pytest.raises(ValueError, match="ADREC_SERVE_SHARED_EXPLORATION"):
-        config.validate()
+    for bad in (-0.5, 1e39):
+        config = ServingConfig("synthetic", published, tmp_path, shared_exploration=bad)
+        with pytest.raises(ValueError, match="ADREC_SERVE_SHARED_EXPLORATION"):
+            config.validate()

@@ -1254,7 +1254,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.json.write_text(json.dumps([
             {"policy": r.policy, "seed": r.seed, "cumulative_regret": r.cumulative_regret, "clicks": r.clicks,
              "impressions": r.n_impressions, "new_ad_impressions": r.new_ad_impressions,
-             "first_shown": r.first_shown.tolist(), "seconds": r.seconds} for r in results], indent=1))  # fmt: skip
+             "first_shown": r.first_shown.tolist(), "seconds": r.seconds,
+             # the service settings of the run, so runs of other settings are never mistaken for it
+             "fresh_prior_sd": args.fresh_prior_sd, "fresh_scope": args.fresh_scope, "fresh_share": args.fresh_share,
+             "shared_exploration": args.shared_exploration, "randomized_share": args.randomized_share}
+            for r in results], indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adrec_assets import settings
-from adrec_assets.online.policy import POLICIES
+from adrec_assets.online.policy import MAX_EXPLORATION, POLICIES
 
 INDEX_BACKENDS = ("faiss", "numpy")  # numpy: exact brute force, the baseline / debugging backend
 FRESH_SCOPES = ("live", "untrained")
@@ -122,10 +122,10 @@ class ServingConfig:
             raise ValueError(
                 f"fresh_share (ADREC_SERVE_FRESH_SHARE) must be a share in [0, 1] (1: no cap), got {self.fresh_share}"
             )
-        if not (math.isfinite(self.shared_exploration) and self.shared_exploration >= 0):
+        if not (math.isfinite(self.shared_exploration) and 0 <= self.shared_exploration <= MAX_EXPLORATION):
             raise ValueError(
-                "shared_exploration (ADREC_SERVE_SHARED_EXPLORATION) must be a finite number >= 0, "
-                f"got {self.shared_exploration}"
+                f"shared_exploration (ADREC_SERVE_SHARED_EXPLORATION) must be a number in [0, {MAX_EXPLORATION:g}] "
+                f"(a multiple of the posterior's sd), got {self.shared_exploration}"
             )
         if self.fresh_scope not in FRESH_SCOPES:
             raise ValueError(

@@ -74,6 +74,9 @@ DEFAULT_PROPENSITY_DRAWS = 200
 DEFAULT_PROPENSITY_CANDIDATES = 100
 DEFAULT_PROPENSITY_FRESH_CANDIDATES = 20
 DEFAULT_FRESH_SHARE: float = SERVE_FRESH_SHARE.default
+#: Largest draw spread (a multiple of the posterior's sd): beyond it the float32 Monte Carlo
+#: scores overflow, and no useful exploration lives there.
+MAX_EXPLORATION = 1e3
 
 
 class InnerProductIndex(Protocol):
@@ -490,9 +493,10 @@ class ThompsonPolicy(_BasePolicy):
             )
         if not (np.isfinite(self.exploration_scale) and self.exploration_scale >= 0):
             raise ValueError(f"exploration_scale: must be a finite number >= 0, got {self.exploration_scale}")
-        if not (np.isfinite(self.shared_scale) and self.shared_scale >= 0):
+        if not (np.isfinite(self.shared_scale) and 0 <= self.shared_scale <= MAX_EXPLORATION):
             raise ValueError(
-                f"shared_scale (ADREC_SERVE_SHARED_EXPLORATION): must be a finite number >= 0, got {self.shared_scale}"
+                f"shared_scale (ADREC_SERVE_SHARED_EXPLORATION): must be a number in [0, {MAX_EXPLORATION:g}], "
+                f"got {self.shared_scale}"
             )
         if not (np.isfinite(self.fresh_share) and 0 <= self.fresh_share <= 1):
             raise ValueError(
