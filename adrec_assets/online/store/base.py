@@ -43,6 +43,7 @@ from adrec_assets.online.store.codec import (
     _check_namespace,
     _check_pseudonym,
     _check_token,
+    _check_user_record,
     _check_vector,
     _decode_arrays,
     _encode_arrays,
@@ -53,6 +54,9 @@ from adrec_assets.online.store.records import LiveAd, StoreInputError, StoreUnav
 
 #: User-space dimension of the trained models (see ``user_embeddings``).
 USER_DIM = 128
+#: A user's stored record is at most this many float32 numbers (4 KB): the vector, then
+#: optionally its posterior (:mod:`adrec_assets.online.user_posterior`).
+MAX_USER_RECORD = 1024
 #: Content (encoder) dimension of an ad (``AD_EMBEDDING_DIM`` of the encoders).
 CONTENT_DIM = 768
 
@@ -93,7 +97,10 @@ class OnlineStore(ABC):
         return [None if s is None else s.vector for s in self._get_users(space, keys)] if keys else []
 
     def update_user(self, space: str, pseudonym: str, update: Callable[[np.ndarray | None], np.ndarray]) -> np.ndarray:
-        """Atomically replace the user's vector by ``update(current or None)`` and count it.
+        """Atomically replace the user's record by ``update(current or None)`` and count it.
+
+        A record is the user's ``user_dim`` vector, optionally followed by more numbers (their
+        posterior), at most :data:`MAX_USER_RECORD` in all.
 
         Concurrent updates of one user (threads, processes, replicas) are serialized, so none
         is lost. ``update`` must be a pure function of its argument: the Redis backend may call
@@ -107,7 +114,9 @@ class OnlineStore(ABC):
 
         def apply(current: np.ndarray | None) -> np.ndarray:
             new = update(None if current is None else current.copy())
-            return _check_vector(new, self.user_dim, f"update_user({space!r}, {pseudonym!r}) result")
+            return _check_user_record(
+                new, self.user_dim, MAX_USER_RECORD, f"update_user({space!r}, {pseudonym!r}) result"
+            )
 
         return self._update_user(space, pseudonym, apply)
 

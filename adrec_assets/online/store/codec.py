@@ -72,6 +72,17 @@ def _check_vector(vector: object, dim: int, what: str) -> np.ndarray:
     return arr
 
 
+def _check_user_record(vector: object, dim: int, limit: int, what: str) -> np.ndarray:
+    """A user's record: their ``dim``-d vector, optionally followed by more numbers (a
+    posterior, :mod:`adrec_assets.online.user_posterior`), at most ``limit`` in all."""
+    arr = np.asarray(vector)
+    if arr.ndim == 1 and dim <= len(arr) <= limit:
+        return _check_vector(arr, len(arr), what)
+    if arr.ndim == 1 and len(arr) > limit:
+        raise InvalidVectorError(f"{what}: a user record holds at most {limit} numbers, got {len(arr)}")
+    return _check_vector(arr, dim, what)
+
+
 def _vector_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
