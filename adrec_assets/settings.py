@@ -256,6 +256,15 @@ SERVE_FRESH_SHARE = _declare(
     "for (one of them rotates over the fresh ads not shown yet); 1: no cap",
     SERVICE,
 )
+SERVE_FRESH_ROTATION = _declare(
+    "SERVE_FRESH_ROTATION",
+    _number(float),
+    1000.0,
+    "1000",
+    "Thompson: every fresh ad never shown is shown within about this many of the policy's requests (a slate "
+    "rotates one in with probability min(share × k, unshown / this, 1))",
+    SERVICE,
+)
 SERVE_SHARED_EXPLORATION = _declare(
     "SERVE_SHARED_EXPLORATION",
     _number(float),
@@ -263,6 +272,59 @@ SERVE_SHARED_EXPLORATION = _declare(
     "1.0",
     "Thompson: spread of the draw of the shared click model (a multiple of its posterior sd; 0: its mean, so only "
     "the fresh ads' own effects explore)",
+    SERVICE,
+)
+SERVE_SHARED_MODEL = _declare(
+    "SERVE_SHARED_MODEL",
+    str,
+    "prior",
+    "`prior`",
+    "Thompson ranks with the shared click model's `prior` (today's score; the model is still learnt and stored) "
+    "or its `online` posterior (mean and draws, spread `ADREC_SERVE_SHARED_EXPLORATION`)",
+    SERVICE,
+)
+SERVE_USER_UPDATE = _declare(
+    "SERVE_USER_UPDATE",
+    str,
+    "posterior",
+    "`posterior`",
+    "how a user's vector learns online: `posterior` (a per-user posterior taught by impressions and clicks, "
+    "position-weighted) or `ema` (clicks only, step `ADREC_SERVE_ALPHA`)",
+    SERVICE,
+)
+SERVE_USER_RANK = _declare(
+    "SERVE_USER_RANK",
+    _number(int),
+    16,
+    "16",
+    "per-user posterior: principal directions of the population's spread it learns in (record: d + 2 + r(r+1)/2 "
+    "floats, at most 4 KB)",
+    SERVICE,
+)
+SERVE_USER_PRIOR_SPREAD = _declare(
+    "SERVE_USER_PRIOR_SPREAD",
+    _number(float),
+    0.5,
+    "0.5",
+    "per-user posterior: prior sd as a multiple of the population's spread of served user vectors",
+    SERVICE,
+)
+SERVE_KNOWN_USER_SPREAD = _declare(
+    "SERVE_KNOWN_USER_SPREAD",
+    _number(float),
+    1.0,
+    "1.0",
+    "per-user posterior: a known user's prior sd as a multiple of the population's (their trained vector is "
+    "surer than a new user's global mean)",
+    SERVICE,
+)
+SERVE_USER_EXPLORATION = _declare(
+    "SERVE_USER_EXPLORATION",
+    _number(float),
+    0.0,
+    "0",
+    "Thompson: spread of the draw of a user's vector (a multiple of their posterior sd; 0: their mean, "
+    "Thompson then explores fresh ads only; draws cost clicks at a few slates per user, benchmarks/README.md)",
     SERVICE,
 )
 SERVE_FRESH_SCOPE = _declare(

@@ -83,7 +83,8 @@ def test_the_cap_is_ceil_share_times_k_per_slate(share, k):
 def test_every_fresh_ad_is_shown_within_a_bounded_number_of_slates_even_the_worst_projected():
     """40 fresh ads, ten of them pointing away from every user: Thompson alone (the effect
     sized to the spread) would hardly ever rank those into the slate; the rotation slot
-    shows every fresh ad not yet shown, so all 40 appear within a few times 40 slates."""
+    shows every fresh ad not yet shown, so with ``fresh_rotation`` 40 (each shown within about
+    40 requests) all 40 appear within a few times 40 slates."""
     rng = np.random.default_rng(3)
     rows = random_catalogue(200, 8, rng)
     taste = unit_rows(rng.normal(size=8))
@@ -97,7 +98,7 @@ def test_every_fresh_ad_is_shown_within_a_bounded_number_of_slates_even_the_wors
     users = unit_rows(taste + 0.3 * rng.normal(size=(300, 8)))
     first_shown = {}
     for number, user in enumerate(users):
-        policy = make_policy("thompson", posterior=posterior, fresh=effects)
+        policy = make_policy("thompson", posterior=posterior, fresh=effects, fresh_rotation=40)
         for slot in policy.recommend(user, index, K, rng).slots:
             first_shown.setdefault(int(slot), number)
     assert set(fresh_slots.tolist()) <= set(first_shown), sorted(set(fresh_slots.tolist()) - set(first_shown))
@@ -341,7 +342,8 @@ def test_the_service_exports_slot_counts_per_policy_and_logs_each_slots_flags(pu
     from adrec_assets.online.events import read_event_log
     from adrec_assets_tests.pipeline_fixtures import id_key
 
-    service = make_service(published, tmp_path, fresh_share=0.2)
+    # the user's own draw on (by default Thompson explores fresh ads only, and there are none here)
+    service = make_service(published, tmp_path, fresh_share=0.2, user_exploration=1.0)
     with id_key(), TestClient(create_app(service)) as client:
         served = {}
         for policy in ("thompson", "greedy"):
@@ -424,3 +426,25 @@ def test_the_service_passes_shared_exploration_to_thompson(published, tmp_path):
         config = ServingConfig("synthetic", published, tmp_path, shared_exploration=bad)
         with pytest.raises(ValueError, match="ADREC_SERVE_SHARED_EXPLORATION"):
             config.validate()
+
+
+def test_the_rotation_is_sized_to_how_many_fresh_ads_wait_not_to_the_cap():
+    """Two fresh ads pointing away from every user, never shown: the rotation gives them about
+    2 / fresh_rotation of the slates, not the cap's share of every slate; once there are more
+    waiting than ``fresh_rotation`` requests can show, it is the cap's share."""
+    rng = np.random.default_rng(4)
+    rows = random_catalogue(200, 8, rng)
+    taste = unit_rows(rng.normal(size=8))
+    rows[198:, :8], rows[198:, 8] = -taste, -0.3
+    index = ExactIndex(rows)
+    effects = FreshAdEffects(8, 1.0)
+    effects.register(["ad-198", "ad-199"], np.array([198, 199]), index.vectors(np.array([198, 199])))
+    posterior = learned_posterior(index, rng)
+    users = unit_rows(taste + 0.3 * rng.normal(size=(400, 8)))
+
+    def fresh_slots_shown(rotation: float) -> int:
+        policy = make_policy("thompson", posterior=posterior, fresh=effects, fresh_rotation=rotation)
+        return sum(int(np.isin(policy.recommend(user, index, K, rng).slots, [198, 199]).sum()) for user in users)
+
+    assert fresh_slots_shown(1000.0) <= 6  # about 400 x 2 / 1000 = 0.8 expected
+    assert fresh_slots_shown(1.0) >= 300  # 2 waiting / 1 request: one rotated in nearly every slate

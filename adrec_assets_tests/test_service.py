@@ -114,8 +114,17 @@ def test_new_users_are_answered_from_the_exact_list_pinned_at_load_not_by_search
         recommend(client, k=5)  # a known user: a real search
 
 
-def test_a_click_moves_the_users_vector_and_the_next_response_reflects_it(api, published):
-    client, service = api
+@pytest.fixture
+def ema_api(published, tmp_path) -> Iterator[tuple[TestClient, RecommendationService]]:
+    service = make_service(published, tmp_path, user_update="ema")
+    with id_key(), TestClient(create_app(service)) as client:
+        yield client, service
+
+
+def test_a_click_moves_the_users_vector_and_the_next_response_reflects_it(ema_api, published):
+    """ADREC_SERVE_USER_UPDATE=ema: the click-only EMA (the per-user posterior's own tests:
+    test_user_posterior.py)."""
+    client, service = ema_api
     before = recommend(client, k=20)
     target = before["items"][12]
     assert click(client, before, 12) == {"accepted": 1, "duplicates": 0, "clicks": 1}
@@ -583,3 +592,50 @@ def test_an_experiment_arm_sets_the_policy_and_every_event_records_the_arm(publi
         (row,) = [r for _, r in service.online.pending_events(10)]
         assert row["experiments"] == "explore=thompson-arm" and row["policy"] == "thompson"
         assert 0 < row["propensity"] <= 1
+
+
+# ---------------------------------------------------------------- per-user posterior
+def _record(service: RecommendationService, user: str) -> np.ndarray | None:
+    return service.online.get_user(service.state.space, service._pseudonym(user))
+
+
+def test_a_click_teaches_the_users_posterior_and_the_ad_moves_up(api):
+    client, service = api
+    before = recommend(client, k=20)
+    target = before["items"][12]
+    assert click(client, before, 12) == {"accepted": 1, "duplicates": 0, "clicks": 1}
+    after = recommend(client, k=20)
+    assert after["user_status"] == "updated_online"
+    scores = {i["ad_id"]: i["score"] for i in after["items"]}
+    assert target["ad_id"] in scores and scores[target["ad_id"]] > target["score"]
+    record = _record(service, KNOWN_USER)
+    assert record is not None and 4 * len(record) <= 4096  # the issue's budget per user
+
+
+def test_a_skip_moves_the_users_posterior_mean_away_from_the_skipped_ads(published, tmp_path):
+    """Impressions without a click teach the user's own posterior once they settle: the mean
+    moves away from every skipped ad, and the next slate scores them lower without any click."""
+    service = make_service(published, tmp_path, settle_seconds=0.0)
+    with id_key(), TestClient(create_app(service)) as client:
+        served = recommend(client, k=5)
+        assert _record(service, KNOWN_USER) is None
+        events = [{"request_id": served["request_id"], "user_id": KNOWN_USER, "ad_id": item["ad_id"],
+                   "position": item["position"], "type": "impression", "timestamp": time.time()}
+                  for item in served["items"]]  # fmt: skip
+        assert client.post("/v1/events", json={"events": events}).status_code == 200
+        assert _record(service, KNOWN_USER) is None  # skips wait to settle (their click may still come)
+        assert service.settle(now=time.time() + 1) == 5
+        record = _record(service, KNOWN_USER)
+        assert record is not None
+        again = recommend(client, k=5)
+        assert again["user_status"] == "updated_online"
+        before = {i["ad_id"]: i["score"] for i in served["items"]}
+        state = service.state
+        slots = np.asarray([state.index.slot_of(a) for a in before], dtype=np.int64)
+        rows = state.index.vectors(slots)
+        served_vector = state.user_vector(service._pseudonym(KNOWN_USER), None)[0]
+        old = rows[:, :-1] @ served_vector + rows[:, -1]
+        new = rows[:, :-1] @ record[: len(served_vector)] + rows[:, -1]
+        assert np.all(new < old)  # every skipped ad now scores lower for this user
+        served_again = {i["ad_id"]: i["score"] for i in again["items"] if i["ad_id"] in before}
+        assert served_again and all(served_again[a] < before[a] for a in served_again)  # and the service says so

@@ -17,12 +17,18 @@ from adrec_assets.online.policy import MAX_EXPLORATION, POLICIES
 
 INDEX_BACKENDS = ("faiss", "numpy")  # numpy: exact brute force, the baseline / debugging backend
 FRESH_SCOPES = ("live", "untrained")
+SHARED_MODELS = ("prior", "online")
+USER_UPDATES = ("posterior", "ema")
 #: ServingConfig field -> the variable that sets it (``from_env``).
 SERVE_SETTINGS = {
     "index_backend": settings.SERVE_INDEX, "alpha": settings.SERVE_ALPHA, "default_policy": settings.SERVE_DEFAULT_POLICY,
     "epsilon": settings.SERVE_EPSILON, "randomized_share": settings.SERVE_RANDOMIZED_SHARE,
     "fresh_prior_sd": settings.SERVE_FRESH_PRIOR_SD, "fresh_share": settings.SERVE_FRESH_SHARE,
+    "fresh_rotation": settings.SERVE_FRESH_ROTATION,
     "fresh_scope": settings.SERVE_FRESH_SCOPE, "shared_exploration": settings.SERVE_SHARED_EXPLORATION,
+    "shared_model": settings.SERVE_SHARED_MODEL, "user_update": settings.SERVE_USER_UPDATE,
+    "user_rank": settings.SERVE_USER_RANK, "user_prior_spread": settings.SERVE_USER_PRIOR_SPREAD,
+    "user_exploration": settings.SERVE_USER_EXPLORATION, "known_user_spread": settings.SERVE_KNOWN_USER_SPREAD,
     "reload_seconds": settings.SERVE_RELOAD_SECONDS, "flush_seconds": settings.SERVE_FLUSH_SECONDS,
     "settle_seconds": settings.SERVE_SETTLE_SECONDS, "max_image_pixels": settings.SERVE_MAX_IMAGE_PIXELS,
     "store_timeout_seconds": settings.SERVE_STORE_TIMEOUT,
@@ -46,7 +52,14 @@ class ServingConfig:
     fresh_prior_sd: float = settings.SERVE_FRESH_PRIOR_SD.default  # thompson: fresh ad's logit offset sd (0: none)
     fresh_share: float = settings.SERVE_FRESH_SHARE.default  # thompson: cap on unearned fresh ads' slots per slate
     fresh_scope: str = settings.SERVE_FRESH_SCOPE.default  # "live" (added since the snapshot) or "untrained"
+    fresh_rotation: float = settings.SERVE_FRESH_ROTATION.default  # thompson: requests to show each new ad once
     shared_exploration: float = settings.SERVE_SHARED_EXPLORATION.default  # thompson: the shared model's draw spread
+    shared_model: str = settings.SERVE_SHARED_MODEL.default  # thompson ranks with the shared "prior" or "online" model
+    user_update: str = settings.SERVE_USER_UPDATE.default  # "posterior" (impressions and clicks) or "ema" (clicks)
+    user_rank: int = settings.SERVE_USER_RANK.default  # per-user posterior's subspace
+    user_prior_spread: float = settings.SERVE_USER_PRIOR_SPREAD.default  # x the population's spread
+    user_exploration: float = settings.SERVE_USER_EXPLORATION.default  # thompson: the user draw's spread
+    known_user_spread: float = settings.SERVE_KNOWN_USER_SPREAD.default  # known users' prior, x the population's
     experiments_path: Path | None = None
     reload_seconds: float = settings.SERVE_RELOAD_SECONDS.default
     flush_seconds: float = settings.SERVE_FLUSH_SECONDS.default
@@ -126,6 +139,39 @@ class ServingConfig:
             raise ValueError(
                 f"shared_exploration (ADREC_SERVE_SHARED_EXPLORATION) must be a number in [0, {MAX_EXPLORATION:g}] "
                 f"(a multiple of the posterior's sd), got {self.shared_exploration}"
+            )
+        if not (math.isfinite(self.fresh_rotation) and self.fresh_rotation >= 1):
+            raise ValueError(
+                f"fresh_rotation (ADREC_SERVE_FRESH_ROTATION) must be a number of requests >= 1, got "
+                f"{self.fresh_rotation}"
+            )
+        if self.shared_model not in SHARED_MODELS:
+            raise ValueError(
+                f"shared_model (ADREC_SERVE_SHARED_MODEL) must be one of {SHARED_MODELS}, got {self.shared_model!r}"
+            )
+        if self.user_update not in USER_UPDATES:
+            raise ValueError(
+                f"user_update (ADREC_SERVE_USER_UPDATE) must be one of {USER_UPDATES}, got {self.user_update!r}"
+            )
+        if isinstance(self.user_rank, bool) or not isinstance(self.user_rank, int) or not 1 <= self.user_rank <= 32:
+            raise ValueError(
+                f"user_rank (ADREC_SERVE_USER_RANK) must be an integer from 1 to 32 (a 128-d record stays under "
+                f"4 KB), got {self.user_rank!r}"
+            )
+        if not (math.isfinite(self.user_prior_spread) and 0 < self.user_prior_spread <= MAX_EXPLORATION):
+            raise ValueError(
+                f"user_prior_spread (ADREC_SERVE_USER_PRIOR_SPREAD) must be a number in (0, {MAX_EXPLORATION:g}], "
+                f"got {self.user_prior_spread}"
+            )
+        if not (math.isfinite(self.known_user_spread) and 0 < self.known_user_spread <= 1):
+            raise ValueError(
+                f"known_user_spread (ADREC_SERVE_KNOWN_USER_SPREAD) must be a number in (0, 1], got "
+                f"{self.known_user_spread}"
+            )
+        if not (math.isfinite(self.user_exploration) and 0 <= self.user_exploration <= MAX_EXPLORATION):
+            raise ValueError(
+                f"user_exploration (ADREC_SERVE_USER_EXPLORATION) must be a number in [0, {MAX_EXPLORATION:g}], "
+                f"got {self.user_exploration}"
             )
         if self.fresh_scope not in FRESH_SCOPES:
             raise ValueError(

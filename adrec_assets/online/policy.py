@@ -68,12 +68,13 @@ import numpy as np
 from adrec_assets.online.fresh_ads import FreshAdEffects, FreshView
 from adrec_assets.online.position_bias import DEFAULT_RANDOMIZED_SHARE
 from adrec_assets.online.posterior import LaplaceLogisticPosterior
-from adrec_assets.settings import SERVE_FRESH_SHARE
+from adrec_assets.settings import SERVE_FRESH_ROTATION, SERVE_FRESH_SHARE
 
 DEFAULT_PROPENSITY_DRAWS = 200
 DEFAULT_PROPENSITY_CANDIDATES = 100
 DEFAULT_PROPENSITY_FRESH_CANDIDATES = 20
 DEFAULT_FRESH_SHARE: float = SERVE_FRESH_SHARE.default
+DEFAULT_FRESH_ROTATION: float = SERVE_FRESH_ROTATION.default
 #: Largest draw spread (a multiple of the posterior's sd): beyond it the float32 Monte Carlo
 #: scores overflow, and no useful exploration lives there.
 MAX_EXPLORATION = 1e3
@@ -483,9 +484,19 @@ class ThompsonPolicy(_BasePolicy):
     propensity_fresh_candidates: int = DEFAULT_PROPENSITY_FRESH_CANDIDATES
     fresh_share: float = DEFAULT_FRESH_SHARE
     fresh_spread_prior: bool = True
+    #: every fresh ad never shown is shown within about this many requests: a slate rotates one
+    #: in with probability ``min(fresh_share * k, unshown / fresh_rotation, 1)``
+    fresh_rotation: float = DEFAULT_FRESH_ROTATION
     shared_scale: float = 1.0
+    #: ``B L^-T`` (d, r) of the user's own posterior (:mod:`~adrec_assets.online.user_posterior`):
+    #: each draw's user vector is ``user + user_spread @ z``; None: the user vector is fixed.
+    user_spread: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.user_spread is not None:
+            spread = np.asarray(self.user_spread)
+            if spread.ndim != 2 or not np.all(np.isfinite(spread)):
+                raise ValueError(f"user_spread: expected a finite (d, r) matrix, got shape {spread.shape}")
         if not isinstance(self.posterior, LaplaceLogisticPosterior):
             raise ValueError(
                 "posterior: thompson needs a LaplaceLogisticPosterior "
@@ -497,6 +508,11 @@ class ThompsonPolicy(_BasePolicy):
             raise ValueError(
                 f"shared_scale (ADREC_SERVE_SHARED_EXPLORATION): must be a number in [0, {MAX_EXPLORATION:g}], "
                 f"got {self.shared_scale}"
+            )
+        if not (np.isfinite(self.fresh_rotation) and self.fresh_rotation >= 1):
+            raise ValueError(
+                f"fresh_rotation (ADREC_SERVE_FRESH_ROTATION): must be a number of requests >= 1, got "
+                f"{self.fresh_rotation}"
             )
         if not (np.isfinite(self.fresh_share) and 0 <= self.fresh_share <= 1):
             raise ValueError(
@@ -517,7 +533,16 @@ class ThompsonPolicy(_BasePolicy):
         posterior = self.posterior.snapshot()
         if posterior.dim != len(user):
             raise ValueError(f"posterior: {posterior.dim}-d posterior for a {len(user)}-d index")
+        if self.user_spread is not None and self.user_spread.shape[0] != len(user):
+            raise ValueError(f"user_spread: {self.user_spread.shape[0]} rows for a {len(user)}-d user")
         return posterior
+
+    def _user_draws(self, user: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray | None:
+        """(count, d) draws of the user's vector from their own posterior; None without one."""
+        if self.user_spread is None:
+            return None
+        spread = np.asarray(self.user_spread, dtype=np.float64)
+        return user + self.exploration_scale * (rng.standard_normal((count, spread.shape[1])) @ spread.T)
 
     def _sampled_scores(
         self,
@@ -531,6 +556,12 @@ class ThompsonPolicy(_BasePolicy):
         ``phi`` is built in float32 without :func:`ad_features`' checks: the vectors come from
         the index and the user was validated (this is the hot path of every request)."""
         dim = len(user)
+        users = self._user_draws(user, rng, self.propensity_draws)
+        if users is not None:  # each draw has its own user vector: (N', d) @ (d, M) on theta~_u * w~
+            thetas = posterior.sample_many(rng, self.propensity_draws, self._shared_spread).astype(np.float32)
+            vectors = np.asarray(candidate_vectors, dtype=np.float32)
+            loadings = (thetas[:, :dim] * users.astype(np.float32)).T
+            return vectors[:, :dim] @ loadings + vectors[:, dim : dim + 1] * thetas[:, dim] + thetas[:, dim + 1]
         features = np.empty((len(candidate_vectors), dim + 2), dtype=np.float32)
         features[:, :dim] = candidate_vectors[:, :dim] * user.astype(np.float32)
         features[:, dim] = candidate_vectors[:, dim]
@@ -542,7 +573,9 @@ class ThompsonPolicy(_BasePolicy):
     ) -> _Served:
         posterior = self._check_dim(user)
         draw = posterior.sample(rng, self._shared_spread)
-        queries = np.vstack([fold_queries(draw, user), fold_queries(posterior.mean(), user)])
+        user_draw = self._user_draws(user, rng, 1)
+        drawn_user = user if user_draw is None else user_draw[0]
+        queries = np.vstack([fold_queries(draw, drawn_user), fold_queries(posterior.mean(), user)])
         fresh = self._fresh_view(excluded)
         mean_depth = max(self.propensity_candidates, k)  # the mean's top-k names the exploratory slots
         plan = None
@@ -636,11 +669,17 @@ class ThompsonPolicy(_BasePolicy):
         cap = math.ceil(self.fresh_share * k - 1e-9) if capped else k
         pooled_scores = np.concatenate([trained_scores, fresh_scores])
         top = _best(pooled_scores, np.arange(len(pooled_scores)), k)
+        rotation = unearned & (evidence == 0)
         return _FreshPlan(
-            view=fresh, mean=mean, sd=1.0 / np.sqrt(precision), unearned=unearned, rotation=unearned & (evidence == 0),
-            cap=cap, rotate=min(1.0, self.fresh_share * k) if capped and cap >= 1 else 0.0, capped=capped,
+            view=fresh, mean=mean, sd=1.0 / np.sqrt(precision), unearned=unearned, rotation=rotation,
+            cap=cap, rotate=self._rotation_rate(k, rotation) if capped and cap >= 1 else 0.0, capped=capped,
             mean_top_k=np.concatenate([trained, fresh.slots])[top],
         )  # fmt: skip
+
+    def _rotation_rate(self, k: int, rotation: np.ndarray) -> float:
+        """How often a slate rotates in a fresh ad never shown: enough that each is shown within
+        about ``fresh_rotation`` requests, never above ``fresh_share * k`` (or 1)."""
+        return min(1.0, self.fresh_share * k, float(rotation.sum()) / self.fresh_rotation)
 
     def _fresh_candidates(self, plan: _FreshPlan, mean_query: np.ndarray) -> np.ndarray:
         """The fresh ads most likely to reach a slate: the top ``propensity_fresh_candidates``

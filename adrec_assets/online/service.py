@@ -53,8 +53,8 @@ from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import UnknownAdError
 from adrec_assets.online.policy import POLICIES, SlotCounts, make_policy
-from adrec_assets.online.position_bias import click_weight, theta_covering
-from adrec_assets.online.posterior import ad_features
+from adrec_assets.online.position_bias import click_weight, impression_weights, theta_covering
+from adrec_assets.online.posterior import LaplaceLogisticPosterior, ad_features
 from adrec_assets.online.state import (
     ModelState,
     apply_live_ads,
@@ -66,6 +66,7 @@ from adrec_assets.online.state import (
     register_fresh,
 )
 from adrec_assets.online.store import ConcurrentUpdateError, OnlineStore, StoreUnavailableError
+from adrec_assets.online.user_posterior import UserBelief, belief_to_record, draw_spread, update_belief
 from adrec_assets.privacy import key_fingerprint, pseudonymize
 from adrec_assets.snapshots import SnapshotError, SnapshotStore
 
@@ -248,6 +249,9 @@ class RecommendationService:
                 self.config.max_k,
                 self.config.fresh_prior_sd,
                 self.config.fresh_scope,
+                self.config.user_rank if self.config.user_update == "posterior" else None,
+                self.config.user_prior_spread,
+                self.config.known_user_spread,
             )
             self._pinned = self._load_pinned(new)
             old, self._state = self._state, new  # the one moment a new version starts serving
@@ -282,6 +286,9 @@ class RecommendationService:
                     self.config.max_k,
                     self.config.fresh_prior_sd,
                     self.config.fresh_scope,
+                    self.config.user_rank if self.config.user_update == "posterior" else None,
+                    self.config.user_prior_spread,
+                    self.config.known_user_spread,
                 )
             except SnapshotError as exc:
                 log.warning("experiment arm model_version %s cannot be served: %s", version, exc)
@@ -306,13 +313,24 @@ class RecommendationService:
     def _rng(request_id: str) -> np.random.Generator:
         return np.random.default_rng(int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "little"))
 
-    def _policy(self, state: ModelState, name: str) -> Any:
+    def _ranking_posterior(self, state: ModelState) -> LaplaceLogisticPosterior:
+        """The shared click model Thompson ranks with: its online posterior, or its prior (whose
+        mean ranks as today's score does; the online posterior is still learnt and stored)."""
+        if self.config.shared_model == "online":
+            return state.posterior
+        return _shared_prior(state.posterior.dim)
+
+    def _policy(self, state: ModelState, name: str, belief: UserBelief | None = None) -> Any:
         options: dict[str, Any] = {"randomized_share": self.config.randomized_share}
         if name == "thompson":
-            options["posterior"] = state.posterior
+            online = self.config.shared_model == "online"
+            options["posterior"] = self._ranking_posterior(state)
             options["fresh"] = state.fresh
             options["fresh_share"] = self.config.fresh_share
-            options["shared_scale"] = self.config.shared_exploration
+            options["fresh_rotation"] = self.config.fresh_rotation
+            options["shared_scale"] = self.config.shared_exploration if online else 0.0
+            if belief is not None and state.user_prior is not None and self.config.user_exploration > 0:
+                options["user_spread"] = self.config.user_exploration * draw_spread(belief, state.user_prior)
         if name == "epsilon_greedy":
             options["epsilon"] = self.config.epsilon
         return make_policy(name, **options)
@@ -348,10 +366,15 @@ class RecommendationService:
         except StoreUnavailableError as exc:  # serve from the snapshot alone: the trained vector
             self._store_failed(exc)
             online = None
-        vector, status = state.user_vector(pseudonym, online)
+        belief = None
+        if state.user_prior is not None:  # the per-user posterior: greedy serves its mean
+            belief, status = state.user_belief(pseudonym, online)
+            vector = belief.mean.astype(np.float32)
+        else:
+            vector, status = state.user_vector(pseudonym, online)
         request_id = self._next_request_id()
         with _one_blas_thread():
-            slate = self._policy(state, chosen).recommend(vector, state.index, k, self._rng(request_id))
+            slate = self._policy(state, chosen, belief).recommend(vector, state.index, k, self._rng(request_id))
         flags = self.slot_counts.add(slate, state.fresh)  # per served slot: fresh ad, exploratory
         served = [
             (int(slot), float(score), float(p))
@@ -491,15 +514,29 @@ class RecommendationService:
         }
 
     def _apply_click(self, state: ModelState, pseudonym: str, ad_id: str, weight: float) -> None:
+        """Move the user at once: their posterior learns the click (its impression settles later
+        as clicked and is not taught again), or the EMA steps ``weight`` times toward the ad."""
         try:
-            ad = state.index.vectors(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))[0, :-1]
+            row = state.index.vectors(np.asarray([state.index.slot_of(ad_id)], dtype=np.int64))[0]
         except UnknownAdError:
             return  # retired since it was served: the click is logged, the vector is not moved
+        prior = state.user_prior
+        if prior is not None:
+            base_belief = state.user_belief(pseudonym, None)[0]
+
+            def learn(current: np.ndarray | None) -> np.ndarray:
+                belief = base_belief if current is None else state.user_belief(pseudonym, current)[0]
+                return belief_to_record(update_belief(belief, prior, row[None, :], np.ones(1), np.ones(1)), prior)
+
+            with _one_blas_thread():
+                self.online.update_user(state.space, pseudonym, learn)
+            return
+        ad = row[:-1]
         alpha = 1.0 - (1.0 - self.config.alpha) ** weight  # weight clicks = that many EMA steps
         base = state.user_vector(pseudonym, None)[0]
 
         def ema(current: np.ndarray | None) -> np.ndarray:
-            u = base if current is None else current
+            u = base if current is None else current[: len(base)]  # a posterior record starts with the mean
             moved = (1.0 - alpha) * u.astype(np.float64) + alpha * ad.astype(np.float64)
             norm = np.linalg.norm(moved)
             return (moved / norm if norm > 1e-12 else u).astype(np.float32)
@@ -542,7 +579,7 @@ class RecommendationService:
                 self._unsettled = ready + self._unsettled
             raise
         state = self.state
-        users, ads, kept = [], [], []
+        users, ads, kept, pseudonyms = [], [], [], []
         for impression, was_clicked in zip(ready, clicked):
             try:
                 slot = state.index.slot_of(impression["ad"])
@@ -551,6 +588,7 @@ class RecommendationService:
             users.append(state.user_vector(impression["user"], None)[0])
             ads.append(slot)
             kept.append((impression["position"], was_clicked))
+            pseudonyms.append(impression["user"])
         if not kept:
             return 0
         positions = np.asarray([p for p, _ in kept])
@@ -561,9 +599,36 @@ class RecommendationService:
         with _one_blas_thread():
             state.posterior.update_position_aware(user_rows, ad_rows, outcomes, positions, theta)
             if state.fresh.view().count:  # fresh ads with an effect to learn
-                offsets = ad_features(user_rows, ad_rows) @ state.posterior.mean()
+                offsets = ad_features(user_rows, ad_rows) @ self._ranking_posterior(state).mean()
                 state.fresh.update_position_aware(slots, offsets, outcomes, positions, theta)
+            if state.user_prior is not None:
+                self._learn_skips(state, pseudonyms, ad_rows, outcomes, positions, theta)
         return len(kept)
+
+    def _learn_skips(self, state: ModelState, pseudonyms: list[str], ad_rows: np.ndarray, outcomes: np.ndarray,
+                     positions: np.ndarray, theta: np.ndarray) -> None:  # fmt: skip
+        """Each user's posterior learns their settled skips, weighted by ``P(examined | skipped)``
+        (their clicks taught it when they arrived). A store outage loses that user's skips of
+        this batch (the events themselves are logged), never the batch."""
+        prior = state.user_prior
+        assert prior is not None
+        weights = impression_weights(positions, outcomes, theta)
+        rows_of: dict[str, list[int]] = {}
+        for row in np.flatnonzero(outcomes == 0).tolist():
+            rows_of.setdefault(pseudonyms[row], []).append(row)
+        for pseudonym, rows in rows_of.items():
+            base_belief = state.user_belief(pseudonym, None)[0]
+            taught = ad_rows[rows], np.zeros(len(rows)), weights[rows]
+
+            def learn(current: np.ndarray | None, base_belief: UserBelief = base_belief,
+                      taught: tuple = taught, pseudonym: str = pseudonym) -> np.ndarray:  # fmt: skip
+                belief = base_belief if current is None else state.user_belief(pseudonym, current)[0]
+                return belief_to_record(update_belief(belief, prior, *taught), prior)
+
+            try:
+                self.online.update_user(state.space, pseudonym, learn)
+            except (StoreUnavailableError, ConcurrentUpdateError) as exc:
+                self._store_failed(exc)
 
     def flush(self) -> int:
         """Settle impressions (which shares the fresh ads' effects), then write queued events
@@ -761,6 +826,12 @@ class RecommendationService:
             "encoder": "ready" if self._encoder is not None else self._encoder_error,
             "pending_events": pending,
         }
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_prior(dim: int) -> LaplaceLogisticPosterior:
+    """The shared click model before any feedback (never updated: safe to share)."""
+    return LaplaceLogisticPosterior.prior(dim)
 
 
 @functools.lru_cache(maxsize=1)

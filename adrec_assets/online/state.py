@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adrec_assets.ml.models import TrainedProjector
-from adrec_assets.ml.scoring import resolve_user_vector
+from adrec_assets.ml.scoring import USER_KNOWN, resolve_user_vector
 from adrec_assets.ml.types import AdCatalog, GlobalMean, UserEmbeddings
 from adrec_assets.online.fresh_ads import (
     DEFAULT_FRESH_PRIOR_SD,
@@ -29,6 +29,7 @@ from adrec_assets.online.index import AdIndex, IndexedAds, NumpyIndex, UnknownAd
 from adrec_assets.online.policy import todays_query
 from adrec_assets.online.posterior import LaplaceLogisticPosterior, score_scale
 from adrec_assets.online.store import OnlineStore
+from adrec_assets.online.user_posterior import DEFAULT_RANK, UserBelief, UserPrior, belief_from_record
 from adrec_assets.snapshots import Snapshot, SnapshotStore
 
 
@@ -50,6 +51,8 @@ class ModelState:
     catalog_row: dict[str, int] = field(default_factory=dict)
     live_added: dict[str, float] = field(default_factory=dict)  # live ad id -> added_at of the copy indexed
     live_version: int = -1  # the store's live_version this state has applied
+    user_prior: UserPrior | None = None  # the per-user posteriors' prior (None: EMA user updates)
+    known_user_spread: float = 1.0  # a known user's prior spread, a multiple of the population's
 
     @property
     def version(self) -> str:
@@ -65,7 +68,20 @@ class ModelState:
 
     def user_vector(self, pseudonym: str, online: np.ndarray | None) -> tuple[np.ndarray, str]:
         """(vector, user status): see :func:`~adrec_assets.ml.scoring.resolve_user_vector`."""
+        if online is not None:
+            online = online[: self.users.dim]  # a posterior record starts with the user's mean
         return resolve_user_vector(self.users, self.prior, pseudonym, online)
+
+    def user_belief(self, pseudonym: str, online: np.ndarray | None) -> tuple[UserBelief, str]:
+        """(the user's posterior, user status): their stored record, else the prior around
+        their served vector (the global mean for a new user)."""
+        if self.user_prior is None:
+            raise ValueError("user_belief: this state was loaded without a user prior (EMA user updates)")
+        base, status = self.user_vector(pseudonym, None)
+        spread = self.known_user_spread if status == USER_KNOWN else 1.0
+        if online is None:
+            return belief_from_record(None, base, self.user_prior, spread), status
+        return belief_from_record(online, base, self.user_prior, spread), self.user_vector(pseudonym, online)[1]
 
 
 def fresh_effects_blob(space: str) -> str:
@@ -119,13 +135,19 @@ def load_state(
     prior_depth: int = 1000,
     fresh_prior_sd: float = DEFAULT_FRESH_PRIOR_SD,
     fresh_scope: str = "live",
+    user_rank: int | None = DEFAULT_RANK,
+    user_prior_spread: float = 1.0,
+    known_user_spread: float = 1.0,
 ) -> ModelState:
     """Load ``snapshot`` completely, then apply the store's live ads and retirements;
     ``index_backend`` "numpy" serves its ads from a :class:`NumpyIndex` instead of FAISS.
 
     The new users' query ``[global_mean, 1]`` is pinned in the index (exact top
     ``prior_depth``, :meth:`AdIndex.pin_query`): they all share it, so one exact scan
-    serves every one of them exactly instead of an approximate search each."""
+    serves every one of them exactly instead of an approximate search each. ``user_rank``:
+    the per-user posteriors' prior is the served users' spread in that many principal
+    directions (times ``user_prior_spread``, and for a known user also ``known_user_spread``);
+    None: no user prior (EMA user updates)."""
     indexed = snapshots.load("ad_index", snapshot)
     if index_backend == "numpy":
         indexed = IndexedAds(
@@ -144,6 +166,10 @@ def load_state(
         posterior=posterior,
         fresh=fresh,
     )
+    if user_rank is not None:
+        vectors = users.trained_vectors()  # a space narrower than the rank learns in all of it
+        state.user_prior = UserPrior.from_users(vectors, min(user_rank, vectors.shape[1]), user_prior_spread)
+        state.known_user_spread = known_user_spread
     state.catalog_row = {ad: row for row, ad in enumerate(state.catalog.ad_ids.tolist())}
     state.index.pin_query(todays_query(state.prior.vector), prior_depth)
     if fresh.enabled and fresh_scope == "untrained":
