@@ -88,7 +88,12 @@ DEFAULT_THETA = (1.0, 0.6, 0.45, 0.35, 0.3)
 ORACLE = "oracle"  # the truth's best slate, served by the simulator itself (checks the regret bookkeeping)
 #: Static reference policies, served by the simulator from scores fitted once on the training clicks.
 STATIC_POLICIES = ("popularity", "als")
-ALL_POLICIES = (*SERVICE_POLICIES, ORACLE, *STATIC_POLICIES)
+#: The service's greedy with the click-only EMA user update (ADREC_SERVE_USER_UPDATE=ema): the
+#: user update the per-user posterior replaced, kept as a reference.
+GREEDY_EMA = "greedy_ema"
+ALL_POLICIES = (*SERVICE_POLICIES, ORACLE, *STATIC_POLICIES, GREEDY_EMA)
+#: New users' regret is reported over their first this many impressions (slates of k).
+NEW_USER_IMPRESSIONS = 20
 #: The static ALS reference's settings: the most frequent tuned choice of the warm protocol on
 #: ml-latest-small (benchmarks/README.md, warm table).
 STATIC_ALS = {"factors": 32, "regularization": 10.0, "alpha": 10.0}
@@ -218,6 +223,23 @@ class SimSettings:
     fresh_scope: str = "live"  # service config: which ads carry one ("live" or "untrained")
     fresh_share: float = DEFAULT_FRESH_SHARE  # service config: thompson's cap on unearned fresh ads' slots (1: none)
     shared_exploration: float = 1.0  # service config: thompson's draw spread of the shared model (0: its mean)
+    shared_model: str = "prior"  # service config: thompson ranks with the shared model's "prior" or "online" posterior
+    user_update: str = "posterior"  # service config ("ema" for GREEDY_EMA whatever this says)
+    user_prior_spread: float = ServingConfig.user_prior_spread  # service config: the per-user posterior's prior spread
+    user_exploration: float = (
+        ServingConfig.user_exploration
+    )  # service config: thompson's draw spread of the user's vector
+    fresh_rotation: float = (
+        ServingConfig.fresh_rotation
+    )  # service config: requests within which each fresh ad is shown once
+    known_user_spread: float = (
+        ServingConfig.known_user_spread
+    )  # service config: a known user's prior spread (x the population's)
+    activity: str = "uniform"  # who asks: "uniform", or "pareto" (heavy-tailed activity per user)
+    burst_lifetime: int = 0  # > 0: each new ad retires about this many rounds after it arrives
+    drift_at: int = -1  # >= 0: at this round drift_share of the users take another user's tastes
+    drift_share: float = 0.5
+    click_delay: int = 0  # rounds between a slate and its clicks' events (impressions are posted at once)
 
     def __post_init__(self) -> None:
         if self.policy not in ALL_POLICIES:
@@ -253,6 +275,14 @@ class RunResult:
     seconds: float
     service_seconds: float  # inside recommend / record_events / settle / flush / add_ad
     known: np.ndarray | None = None  # (rounds,) bool: the round's user was in the training clicks
+    #: (rounds,) bool: a new user's round within their first NEW_USER_IMPRESSIONS impressions
+    new_early: np.ndarray | None = None
+    #: (rounds,) bool: such a round after the user's first click (an upper bound on what learning
+    #: from clicks can save: the regret of the other early rounds, were these served perfectly)
+    new_early_after_click: np.ndarray | None = None
+    new_users_seen: int = 0  # new users who asked at least once
+    #: (rounds,) int: slots given to ads added during the run (the burst), and all ads served
+    new_ad_slots: np.ndarray | None = None
 
     @property
     def cumulative_regret(self) -> float:
@@ -284,6 +314,12 @@ def start_service(
         fresh_scope=settings.fresh_scope,
         fresh_share=settings.fresh_share,
         shared_exploration=settings.shared_exploration,
+        shared_model=settings.shared_model,
+        user_update="ema" if settings.policy == GREEDY_EMA else settings.user_update,
+        user_prior_spread=settings.user_prior_spread,
+        user_exploration=settings.user_exploration,
+        fresh_rotation=settings.fresh_rotation,
+        known_user_spread=settings.known_user_spread,
         settle_seconds=settings.settle_seconds,
         flush_batch=1_000_000,
         load_encoder=False,  # new ads arrive with their content vectors (add_ad(content=...))
@@ -308,11 +344,12 @@ def _mark_first(first: np.ndarray, numbers: np.ndarray, t: int, arrival: np.ndar
 def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
     """Run ``settings.rounds`` rounds of one policy; see the module docstring.
 
-    Randomness: the sequence of users comes from ``settings.seed`` alone (every policy of a
-    seed meets the same users); the examination and click draws and the service's own draws
-    (its ``seed`` config: request ids, Thompson draws, which slates are randomized) from
-    ``(seed, policy)``, so the logs of a seed's policies are independent samples and can be
-    pooled for the position-bias estimate.
+    Randomness (common random numbers): the sequence of users and the examination and click
+    uniforms at each (round, position) come from ``settings.seed`` alone, so every policy of a
+    seed meets the same users and a slot is examined / clicked under the same draw; only the
+    service's own draws (its ``seed`` config: request ids, Thompson draws, which slates are
+    randomized) come from ``(seed, policy)``. Paired ratios over seeds then measure the
+    policies' difference, not the noise of the clicks.
     """
     started = time.perf_counter()
     service_seconds = 0.0
@@ -321,12 +358,31 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
         raise ValueError(f"theta covers {len(theta)} positions; the slate has {k}")
     theta = theta[:k]
     n_users = len(world.user_ids)
-    users = np.random.default_rng([settings.seed, 1]).integers(n_users, size=settings.rounds)
+    if settings.activity == "pareto":  # heavy-tailed: a few users ask most of the time
+        activity = np.random.default_rng([settings.seed, 14]).pareto(1.2, n_users) + 1.0
+        users = np.random.default_rng([settings.seed, 1]).choice(n_users, settings.rounds, p=activity / activity.sum())
+    else:
+        users = np.random.default_rng([settings.seed, 1]).integers(n_users, size=settings.rounds)
     policy_number = ALL_POLICIES.index(settings.policy)
-    uniforms = np.random.default_rng([settings.seed, 2, policy_number]).random((settings.rounds, 2, k))
+    # common random numbers: every policy of a seed meets the same examination and click draws
+    # at each (round, position)
+    uniforms = np.random.default_rng([settings.seed, 2]).random((settings.rounds, 2, k))
     is_new = world.is_new
     live = ~is_new
-    best = BestSlates(world.probability, live, theta, k)
+    probability_matrix = world.probability
+    best = BestSlates(probability_matrix, live, theta, k)
+    retire_at = {}  # round -> new ads retiring then (batched at multiples of 500 rounds)
+    if settings.burst_lifetime > 0:
+        lifetimes = np.random.default_rng([settings.seed, 15]).uniform(0.5, 1.5, len(world.new_ads))
+        for ad, life in zip(world.new_ads, lifetimes):
+            due = int(np.ceil((ad.arrival + life * settings.burst_lifetime) / 500) * 500)
+            retire_at.setdefault(due, []).append(ad)
+    early = np.zeros(settings.rounds, dtype=bool)
+    early_after_click = np.zeros(settings.rounds, dtype=bool)
+    has_clicked = np.zeros(n_users, dtype=bool)
+    slates_seen = np.zeros(n_users, dtype=np.int64)
+    new_ad_slots = np.zeros(settings.rounds, dtype=np.int64)
+    delayed: dict[int, list[dict[str, Any]]] = {}
     column_of = {ad: column for column, ad in enumerate(world.ad_ids.tolist())}
     new_number = np.full(len(world.ad_ids), -1, dtype=np.int64)
     new_number[[ad.index for ad in world.new_ads]] = np.arange(len(world.new_ads))
@@ -338,11 +394,25 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
     clicks = impressions = new_impressions = unseen_impressions = best_new_slots = 0
     clock = SimClock()
     service = None
-    if settings.policy in SERVICE_POLICIES:
+    if settings.policy in SERVICE_POLICIES or settings.policy == GREEDY_EMA:
         service = start_service(world, settings, folder, clock, service_seed=1000 * settings.seed + policy_number)
+    served_policy = "greedy" if settings.policy == GREEDY_EMA else settings.policy
     pending = list(world.new_ads)
     for t in range(settings.rounds):
         clock.now = SIM_EPOCH + t * settings.round_seconds
+        if t == settings.drift_at:  # tastes drift: a share of users take another user's truth row
+            rng = np.random.default_rng([settings.seed, 13])
+            movers = rng.choice(n_users, int(round(settings.drift_share * n_users)), replace=False)
+            probability_matrix = probability_matrix.copy()
+            probability_matrix[movers] = probability_matrix[rng.permutation(movers)]
+            best = BestSlates(probability_matrix, live, theta, k)
+        for ad in retire_at.pop(t, []):
+            if service is not None:
+                service.retire_ad(ad.ad_id)
+            live[ad.index] = False
+            best = BestSlates(probability_matrix, live, theta, k)
+        if service is not None and t in delayed:
+            service.record_events(delayed.pop(t))
         while pending and pending[0].arrival <= t:
             ad = pending.pop(0)
             if service is not None:
@@ -352,34 +422,47 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
             live[ad.index] = True
             best.add(ad.index)
         user = int(users[t])
+        if not world.known[user]:
+            early[t] = slates_seen[user] * k < NEW_USER_IMPRESSIONS
+            early_after_click[t] = early[t] and has_clicked[user]
+        slates_seen[user] += 1
         if settings.policy in STATIC_POLICIES:
             slate = oracle_slate(world.static_scores[settings.policy][user], live, k)
         elif service is None:
-            slate = oracle_slate(world.probability[user], live, k)
+            slate = oracle_slate(probability_matrix[user], live, k)
         else:
             began = time.perf_counter()
-            served = service.recommend(world.user_ids[user], k, policy=settings.policy)
+            served = service.recommend(world.user_ids[user], k, policy=served_policy)
             service_seconds += time.perf_counter() - began
             slate = np.array([column_of[item["ad_id"]] for item in served["items"]], dtype=np.int64)
         shown = len(slate)
-        probability = world.probability[user, slate].astype(np.float64)
+        probability = probability_matrix[user, slate].astype(np.float64)
         value = slate_value(theta, probability)
         regret[t] = best.value[user] - value
         expected += value
         best_expected += best.value[user]
         clicked = (uniforms[t, 0, :shown] < theta[:shown]) & (uniforms[t, 1, :shown] < probability)
         clicks += int(clicked.sum())
+        has_clicked[user] |= bool(clicked.any())
         impressions += shown
         unseen_impressions += int(world.unseen[slate].sum())
         best_new_slots += _mark_first(first_best, new_number[best.ads[user]], t, arrival)
-        new_impressions += _mark_first(first_shown, new_number[slate], t, arrival)
+        new_ad_slots[t] = _mark_first(first_shown, new_number[slate], t, arrival)
+        new_impressions += int(new_ad_slots[t])
         if service is not None:
             stamp = clock.now + 0.5 * settings.round_seconds  # the user looks and clicks after the slate is served
             base = {"request_id": served["request_id"], "user_id": world.user_ids[user], "timestamp": stamp}
             events = [{**base, "ad_id": item["ad_id"], "position": item["position"], "type": "impression"}
                       for item in served["items"]]  # fmt: skip
-            events += [{**base, "ad_id": served["items"][j]["ad_id"], "position": j, "type": "click"}
-                       for j in np.flatnonzero(clicked).tolist()]  # fmt: skip
+            clicks_of = [{**base, "ad_id": served["items"][j]["ad_id"], "position": j, "type": "click"}
+                         for j in np.flatnonzero(clicked).tolist()]  # fmt: skip
+            if settings.click_delay > 0 and clicks_of:
+                delayed.setdefault(t + settings.click_delay, []).extend(
+                    {**c, "timestamp": c["timestamp"] + settings.click_delay * settings.round_seconds}
+                    for c in clicks_of
+                )
+            else:
+                events += clicks_of
             began = time.perf_counter()
             service.record_events(events)
             if (t + 1) % settings.settle_every == 0:
@@ -409,6 +492,7 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
         new_ad_impressions=new_impressions, unseen_impressions=unseen_impressions, best_new_ad_slots=best_new_slots,
         arrival=arrival, first_shown=first_shown, first_best=first_best, impressions=logged,
         seconds=time.perf_counter() - started, service_seconds=service_seconds, known=world.known[users],
+        new_early=early, new_early_after_click=early_after_click, new_users_seen=int(((slates_seen > 0) & ~world.known).sum()), new_ad_slots=new_ad_slots,
     )  # fmt: skip
 
 
@@ -449,7 +533,8 @@ def estimate_theta(
     limit: int = EM_IMPRESSIONS,
 ) -> list[ThetaEstimate]:  # fmt: skip
     """Both estimators on one seed's logs. The ratio on the randomized slices of every run's
-    log pooled (the runs' draws are independent; at the defaults they hold about ``limit``
+    log pooled (each run randomizes its own slates; their click uniforms are shared, common
+    random numbers, which biases neither estimator; at the defaults they hold about ``limit``
     impressions). Regression-EM on each greedy or exploring policy's log as the
     ``position_bias`` asset reads one (every row, randomized or not): its first ``limit``
     impressions, and the whole log, which separates noise (shrinks) from bias (stays). With
@@ -808,7 +893,7 @@ def _train_snapshot(
 def movielens_world(
     source_dir: Path, work: Path, seed: int, rounds: int, *, n_new: int = 200, unseen_share: float = 0.2,
     arrival_window: int = 5000, theta: Sequence[float] = DEFAULT_THETA, best_ctr: float = 0.05,
-    mean_ctr: float = 0.005, k: int = 5, truth: str = "ease", new_user_share: float = 0.2,
+    mean_ctr: float = 0.005, k: int = 5, truth: str = "ease", new_user_share: float = 0.2, burst_at: int = -1,
 ) -> World:  # fmt: skip
     """The MovieLens world of one seed (see the module docstring); training is cached under
     ``work`` and reused while its inputs and settings are unchanged."""
@@ -833,6 +918,8 @@ def movielens_world(
     known = ~np.isin(np.arange(graph.n_users), new_users)
     latest = max(1, rounds - arrival_window) if rounds > 2 * arrival_window else max(1, rounds // 2)
     arrivals = np.sort(rng.integers(0, latest, size=n_new))
+    if burst_at >= 0:  # every new ad at once (the draw above still runs: the same ads either way)
+        arrivals = np.full(n_new, burst_at)
     # The world's ads are the graph's (clicked) ads: only they have truth factors.
     catalog_row = {ad: row for row, ad in enumerate(catalog.ad_ids.tolist())}
     snapshot_ads = np.setdiff1d(np.arange(graph.n_ads), new_columns)
