@@ -17,8 +17,9 @@ import pytest
 
 from adrec_assets.online.api.metrics import Metrics
 from adrec_assets.online.fresh_ads import FreshAdEffects
-from adrec_assets.online.policy import SlotCounts, make_policy
+from adrec_assets.online.policy import make_policy
 from adrec_assets.online.posterior import LaplaceLogisticPosterior
+from adrec_assets.online.slot_counts import SlotCounts
 from adrec_assets_tests.test_policy import (
     ExactIndex,
     learned_posterior,

@@ -52,9 +52,10 @@ from adrec_assets.online.config import ServingConfig
 from adrec_assets.online.events import EventFlusher
 from adrec_assets.online.experiments import ExperimentSet, format_assignment_label, load_experiments, merge_assignments
 from adrec_assets.online.index import UnknownAdError
-from adrec_assets.online.policy import POLICIES, SlotCounts, make_policy
+from adrec_assets.online.policy import POLICIES, make_policy
 from adrec_assets.online.position_bias import click_weight, impression_weights, theta_covering
 from adrec_assets.online.posterior import LaplaceLogisticPosterior, ad_features
+from adrec_assets.online.slot_counts import SlotCounts
 from adrec_assets.online.state import (
     ModelState,
     apply_live_ads,

@@ -28,7 +28,7 @@ class Metrics:
     ) -> None:
         """``serving``: (model version or None, live ads, reloads) of the process, read for the gauges.
         ``slots``: per policy the running (slates, slots, fresh, explored) counts of the process
-        (:meth:`~adrec_assets.online.policy.SlotCounts.totals`), carried into the counters at
+        (:meth:`~adrec_assets.online.slot_counts.SlotCounts.totals`), carried into the counters at
         every :meth:`refresh`, so the hot path itself never touches Prometheus."""
         self.registry = CollectorRegistry()
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
