@@ -648,21 +648,30 @@ def in_process_search_ms(index: Any, queries: np.ndarray, seconds: float) -> tup
 
 def in_process_policy_ms(index: Any, users: np.ndarray, seconds: float) -> dict[str, np.ndarray]:
     """Seconds per ``policy.recommend(user, index, 10, rng)`` for greedy, thompson (prior
-    posterior) and thompson with ``FRESH_ADS`` fresh ads carrying random effects (their exact
-    scan beside the index search), alternating for the same users on one BLAS thread, as the
-    service calls them."""
+    posterior), thompson with ``FRESH_ADS`` fresh ads carrying random effects (their exact
+    scan beside the index search) and thompson drawing the user's own vector from a rank-16
+    posterior (``ADREC_SERVE_USER_EXPLORATION`` > 0; the draw's spread computed per request,
+    as the service does), alternating for the same users on one BLAS thread."""
     from threadpoolctl import ThreadpoolController
 
     from adrec_assets.online.fresh_ads import FreshAdEffects
     from adrec_assets.online.policy import make_policy
     from adrec_assets.online.posterior import LaplaceLogisticPosterior
+    from adrec_assets.online.user_posterior import UserPrior, draw_spread, prior_belief
 
     posterior = LaplaceLogisticPosterior.prior(DIM)
     fresh = FreshAdEffects(DIM)
     slots = np.sort(np.random.default_rng(0).choice(index.live_slots(), size=FRESH_ADS, replace=False))
     fresh.register([f"fresh-{s}" for s in slots.tolist()], slots, index.vectors(slots))
-    policies = {"greedy": make_policy("greedy"), "thompson": make_policy("thompson", posterior=posterior),
+    policies: dict[str, Any] = {"greedy": make_policy("greedy"), "thompson": make_policy("thompson", posterior=posterior),
                 "thompson_fresh": make_policy("thompson", posterior=posterior, fresh=fresh)}  # fmt: skip
+    prior = UserPrior.from_users(users)
+
+    def user_draw(user: np.ndarray) -> Any:  # what the service builds per request
+        spread = draw_spread(prior_belief(user.astype(np.float64), prior), prior)
+        return make_policy("thompson", posterior=posterior, user_spread=spread)
+
+    policies["thompson_user"] = user_draw
     times: dict[str, list[float]] = {name: [] for name in policies}
     deadline = time.perf_counter() + seconds
     with ThreadpoolController().limit(limits=1, user_api="blas"):
@@ -672,7 +681,7 @@ def in_process_policy_ms(index: Any, users: np.ndarray, seconds: float) -> dict[
             for name, policy in policies.items():
                 rng = np.random.default_rng([i, 7])
                 began = time.perf_counter()
-                policy.recommend(users[i], index, 10, rng)
+                (policy(users[i]) if callable(policy) else policy).recommend(users[i], index, 10, rng)
                 times[name].append(time.perf_counter() - began)
     return {name: np.asarray(values[1:]) for name, values in times.items()}  # the first call warms up
 
@@ -820,7 +829,7 @@ def print_report(results: list[Result], args: argparse.Namespace, wall: float, l
             "| median paired difference ms |\n|---|---|---|---:|---|---|---|---:|"
         )
         for r, where, timings in policy:
-            for variant in ("thompson", "thompson_fresh"):
+            for variant in ("thompson", "thompson_fresh", "thompson_user"):
                 if variant not in timings:
                     continue
                 g, t = timings["greedy"] * 1e3, timings[variant] * 1e3
@@ -830,7 +839,8 @@ def print_report(results: list[Result], args: argparse.Namespace, wall: float, l
                     np.percentile(t, 50),
                     np.percentile(t, 99),
                 )
-                label = where if variant == "thompson" else f"{where}, {FRESH_ADS:,} fresh ads"
+                label = {"thompson": where, "thompson_fresh": f"{where}, {FRESH_ADS:,} fresh ads",
+                         "thompson_user": f"{where}, the user's own draw"}[variant]  # fmt: skip
                 print(
                     f"| {size_label(r.n_ads)} | {r.backend} | {label} | {len(g)} | {g50:.2f} / {g99:.2f} | "
                     f"{t50:.2f} / {t99:.2f} | {t50 - g50:+.2f} / {t99 - g99:+.2f} | {np.median(t - g):+.2f} |"
