@@ -259,10 +259,11 @@ SERVE_FRESH_SHARE = _declare(
 SERVE_FRESH_ROTATION = _declare(
     "SERVE_FRESH_ROTATION",
     _number(float),
-    1000.0,
-    "1000",
-    "Thompson: every fresh ad never shown is shown within about this many of the policy's requests (a slate "
-    "rotates one in with probability min(share × k, unshown / this, 1))",
+    500.0,
+    "500",
+    "Thompson: a fresh ad never shown waits on average this many of the policy's requests for its first "
+    "impression (a slate rotates one in with probability min(share × k, unshown / this, 1); the wait is "
+    "exponential: P(over 10× this) = e^-10)",
     SERVICE,
 )
 SERVE_SHARED_EXPLORATION = _declare(

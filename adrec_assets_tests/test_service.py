@@ -125,13 +125,7 @@ def test_a_click_moves_the_users_vector_and_the_next_response_reflects_it(ema_ap
     """ADREC_SERVE_USER_UPDATE=ema: the click-only EMA (the per-user posterior's own tests:
     test_user_posterior.py)."""
     client, service = ema_api
-    before = recommend(client, k=20)
-    target = before["items"][12]
-    assert click(client, before, 12) == {"accepted": 1, "duplicates": 0, "clicks": 1}
-    after = recommend(client, k=20)
-    assert after["user_status"] == "updated_online"
-    scores = {i["ad_id"]: i["score"] for i in after["items"]}
-    assert target["ad_id"] in scores and scores[target["ad_id"]] > target["score"]  # it moved up
+    target, scores = _a_click_at_13_moves_the_ad_up(client)
     # exactly the EMA: u <- normalize((1 - a) u + a p_ad), a = 0.3 at position 13 with no position bias known
     reference = Recommender.load(published, "synthetic")
     u = reference.user_vector(pseudonymize(KNOWN_USER, TEST_ID_KEY.encode()))[0].astype(np.float64)
@@ -599,15 +593,21 @@ def _record(service: RecommendationService, user: str) -> np.ndarray | None:
     return service.online.get_user(service.state.space, service._pseudonym(user))
 
 
-def test_a_click_teaches_the_users_posterior_and_the_ad_moves_up(api):
-    client, service = api
+def _a_click_at_13_moves_the_ad_up(client: TestClient) -> tuple[dict, dict[str, float]]:
+    """Click the 13th of 20 ads; the next answer scores it higher. Returns it and those scores."""
     before = recommend(client, k=20)
     target = before["items"][12]
     assert click(client, before, 12) == {"accepted": 1, "duplicates": 0, "clicks": 1}
     after = recommend(client, k=20)
     assert after["user_status"] == "updated_online"
     scores = {i["ad_id"]: i["score"] for i in after["items"]}
-    assert target["ad_id"] in scores and scores[target["ad_id"]] > target["score"]
+    assert target["ad_id"] in scores and scores[target["ad_id"]] > target["score"]  # it moved up
+    return target, scores
+
+
+def test_a_click_teaches_the_users_posterior_and_the_ad_moves_up(api):
+    client, service = api
+    _a_click_at_13_moves_the_ad_up(client)
     record = _record(service, KNOWN_USER)
     assert record is not None and 4 * len(record) <= 4096  # the issue's budget per user
 

@@ -124,7 +124,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             early = [regret[policy, s]["new_user_early_regret"] / regret[GREEDY_EMA, s]["new_user_early_regret"]
                      for s in both if (GREEDY_EMA, s) in regret and regret[GREEDY_EMA, s]["new_user_early_regret"] > 0]  # fmt: skip
             burst = ""
-            if "burst_slot_share" in regret[policy, both[0]]:
+            if scenario == "c_burst":  # elsewhere the new ads arrive one by one, until the last round
                 share = np.mean([regret[policy, s]["burst_slot_share"] for s in both])
                 catalogue = regret[policy, both[0]]["catalogue_share"]
                 late = [max(regret[policy, s]["first_shown"]) if min(regret[policy, s]["first_shown"]) >= 0

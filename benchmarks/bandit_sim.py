@@ -406,11 +406,12 @@ def simulate(world: World, settings: SimSettings, folder: Path) -> RunResult:
             probability_matrix = probability_matrix.copy()
             probability_matrix[movers] = probability_matrix[rng.permutation(movers)]
             best = BestSlates(probability_matrix, live, theta, k)
-        for ad in retire_at.pop(t, []):
-            if service is not None:
-                service.retire_ad(ad.ad_id)
-            live[ad.index] = False
-            best = BestSlates(probability_matrix, live, theta, k)
+        if t in retire_at:
+            for ad in retire_at.pop(t):
+                if service is not None:
+                    service.retire_ad(ad.ad_id)
+                live[ad.index] = False
+            best = BestSlates(probability_matrix, live, theta, k)  # once per batch: 0.15 s a rebuild
         if service is not None and t in delayed:
             service.record_events(delayed.pop(t))
         while pending and pending[0].arrival <= t:

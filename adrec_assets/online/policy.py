@@ -483,8 +483,9 @@ class ThompsonPolicy(_BasePolicy):
     propensity_fresh_candidates: int = DEFAULT_PROPENSITY_FRESH_CANDIDATES
     fresh_share: float = DEFAULT_FRESH_SHARE
     fresh_spread_prior: bool = True
-    #: every fresh ad never shown is shown within about this many requests: a slate rotates one
-    #: in with probability ``min(fresh_share * k, unshown / fresh_rotation, 1)``
+    #: a fresh ad never shown waits on average this many requests for its first impression
+    #: (exponentially): a slate rotates one in with probability ``min(fresh_share * k, unshown /
+    #: fresh_rotation, 1)``, a uniform pick among them
     fresh_rotation: float = DEFAULT_FRESH_ROTATION
     shared_scale: float = 1.0
     #: ``B L^-T`` (d, r) of the user's own posterior (:mod:`~adrec_assets.online.user_posterior`):
@@ -676,8 +677,8 @@ class ThompsonPolicy(_BasePolicy):
         )  # fmt: skip
 
     def _rotation_rate(self, k: int, rotation: np.ndarray) -> float:
-        """How often a slate rotates in a fresh ad never shown: enough that each is shown within
-        about ``fresh_rotation`` requests, never above ``fresh_share * k`` (or 1)."""
+        """How often a slate rotates in a fresh ad never shown: enough that each waits about
+        ``fresh_rotation`` requests on average, never above ``fresh_share * k`` (or 1)."""
         return min(1.0, self.fresh_share * k, float(rotation.sum()) / self.fresh_rotation)
 
     def _fresh_candidates(self, plan: _FreshPlan, mean_query: np.ndarray) -> np.ndarray:
