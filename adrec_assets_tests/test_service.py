@@ -639,3 +639,28 @@ def test_a_skip_moves_the_users_posterior_mean_away_from_the_skipped_ads(publish
         assert np.all(new < old)  # every skipped ad now scores lower for this user
         served_again = {i["ad_id"]: i["score"] for i in again["items"] if i["ad_id"] in before}
         assert served_again and all(served_again[a] < before[a] for a in served_again)  # and the service says so
+
+
+def test_a_store_outage_while_skips_settle_costs_one_write_not_one_per_user(published, tmp_path, monkeypatch):
+    """Fault injection: the store stops answering as settled skips are written to users'
+    posteriors. The first unavailable write ends the loop (a stalled store would otherwise
+    cost one timeout per user and hold the flush that long); the batch still settles."""
+    from adrec_assets.online.store import StoreUnavailableError
+
+    service = make_service(published, tmp_path, settle_seconds=0.0)
+    with id_key(), TestClient(create_app(service)) as client:
+        for user in (KNOWN_USER, "someone-new-1", "someone-new-2"):
+            served = client.get("/v1/recommendations", params={"user_id": user, "k": 3}).json()
+            events = [{"request_id": served["request_id"], "user_id": user, "ad_id": item["ad_id"],
+                       "position": item["position"], "type": "impression", "timestamp": time.time()}
+                      for item in served["items"]]  # fmt: skip
+            assert client.post("/v1/events", json={"events": events}).status_code == 200
+        writes = []
+
+        def unavailable(space, pseudonym, update):
+            writes.append(pseudonym)
+            raise StoreUnavailableError("injected: the store stopped answering")
+
+        monkeypatch.setattr(service.online, "update_user", unavailable)
+        assert service.settle(now=time.time() + 1) == 9  # every impression settled (the shared model learnt them)
+        assert len(writes) == 1, writes

@@ -158,3 +158,16 @@ def test_thompson_draws_the_users_vector_and_logs_the_propensities_of_those_draw
         ThompsonPolicy(posterior=shared, user_spread=np.zeros((DIM + 1, RANK))).recommend(
             user, index, 3, np.random.default_rng(0)
         )
+
+
+@pytest.mark.parametrize("users", [1, 0], ids=["one user", "no users"])
+def test_without_a_population_spread_a_click_still_moves_the_user(users):
+    """A snapshot with fewer than two served users has no spread to learn a prior from: the
+    prior falls back to an isotropic one (a zero basis would leave every user where they are)."""
+    vectors = _population(n=max(users, 1))[:users]
+    prior = UserPrior.from_users(vectors, RANK)
+    assert np.any(prior.basis)
+    ad = _ads(n=1)
+    belief = prior_belief(np.zeros(DIM) if users == 0 else vectors[0].astype(np.float64), prior)
+    moved = update_belief(belief, prior, ad, np.ones(1), np.ones(1))
+    assert ad[0, :DIM] @ moved.mean > ad[0, :DIM] @ belief.mean

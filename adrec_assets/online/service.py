@@ -609,8 +609,9 @@ class RecommendationService:
     def _learn_skips(self, state: ModelState, pseudonyms: list[str], ad_rows: np.ndarray, outcomes: np.ndarray,
                      positions: np.ndarray, theta: np.ndarray) -> None:  # fmt: skip
         """Each user's posterior learns their settled skips, weighted by ``P(examined | skipped)``
-        (their clicks taught it when they arrived). A store outage loses that user's skips of
-        this batch (the events themselves are logged), never the batch."""
+        (their clicks taught it when they arrived). A store outage loses the skips of the users
+        not yet written (the events themselves are logged), never the batch: the first
+        unavailable write ends the loop, so a stalled store costs one timeout, not one per user."""
         prior = state.user_prior
         assert prior is not None
         weights = impression_weights(positions, outcomes, theta)
@@ -628,8 +629,11 @@ class RecommendationService:
 
             try:
                 self.online.update_user(state.space, pseudonym, learn)
-            except (StoreUnavailableError, ConcurrentUpdateError) as exc:
+            except ConcurrentUpdateError as exc:
                 self._store_failed(exc)
+            except StoreUnavailableError as exc:
+                self._store_failed(exc)
+                return
 
     def flush(self) -> int:
         """Settle impressions (which shares the fresh ads' effects), then write queued events

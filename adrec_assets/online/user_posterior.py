@@ -69,7 +69,10 @@ class UserPrior(NamedTuple):
     def from_users(cls, vectors: np.ndarray, rank: int = DEFAULT_RANK, spread: float = 1.0) -> UserPrior:
         """The top ``rank`` principal directions of the served user vectors, scaled by their sd
         and by ``spread`` (a multiple of the population's spread)."""
-        vectors = np.asarray(vectors, dtype=np.float64)
+        vectors = np.asarray(vectors)  # sampled before the float64 copy: a large table is copied once
+        if vectors.ndim == 2 and len(vectors) > PRIOR_SAMPLE:
+            vectors = vectors[np.linspace(0, len(vectors) - 1, PRIOR_SAMPLE).astype(np.int64)]
+        vectors = vectors.astype(np.float64)
         if vectors.ndim != 2 or vectors.shape[1] < 1:
             raise ValueError(f"vectors: expected (n, d) user vectors, got shape {vectors.shape}")
         dim = vectors.shape[1]
@@ -82,8 +85,6 @@ class UserPrior(NamedTuple):
             )
         if not (np.isfinite(spread) and spread > 0):
             raise ValueError(f"spread: expected a finite number > 0, got {spread}")
-        if len(vectors) > PRIOR_SAMPLE:
-            vectors = vectors[np.linspace(0, len(vectors) - 1, PRIOR_SAMPLE).astype(np.int64)]
         basis = np.zeros((dim, rank))
         if len(vectors) >= 2:
             centred = vectors - vectors.mean(axis=0)
@@ -92,6 +93,9 @@ class UserPrior(NamedTuple):
             # a deterministic sign per direction (an SVD's signs are arbitrary)
             signs = np.where(directions[:rank, np.argmax(np.abs(directions[:rank]), axis=1)].diagonal() < 0, -1.0, 1.0)
             basis[:, : len(sd)] = (directions[:rank] * signs[:, None]).T * sd
+        if not np.any(basis):  # no population spread to learn from (< 2 distinct users): an isotropic
+            # prior in the first ``rank`` axes at a unit vector's per-axis sd, so clicks still move users
+            basis[:rank, :rank] = np.eye(rank) / np.sqrt(dim)
         basis *= spread
         digest = hashlib.sha256(np.ascontiguousarray(basis, dtype="<f4").tobytes()).digest()
         return cls(basis, float(int.from_bytes(digest[:3], "little")))
