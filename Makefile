@@ -75,9 +75,11 @@ serve: setup
 	$(PY) -m adrec_assets.serve --source $(SOURCE) --host 127.0.0.1 --port $(SERVE_PORT)
 
 # The same service with its demo page (choose a user, click ads, upload an ad) at /demo (after `make run`).
+# The demo moves users by the click-only EMA, so one click visibly reorders the list; the service's default, the
+# per-user posterior, moves by evidence (one click raises the ad's score, not always past the top 8).
 demo: setup
 	@echo "adrec demo: http://127.0.0.1:$(SERVE_PORT)/demo  (the page appears once the service has loaded the snapshot)"
-	$(PY) -m adrec_assets.serve --source $(SOURCE) --host 127.0.0.1 --port $(SERVE_PORT)
+	ADREC_SERVE_USER_UPDATE=ema $(PY) -m adrec_assets.serve --source $(SOURCE) --host 127.0.0.1 --port $(SERVE_PORT)
 
 bench: setup
 	$(PY) benchmarks/materialize_synthetic.py

@@ -33,7 +33,7 @@ def published(default_pipeline) -> Path:
 
 @pytest.fixture
 def api(published, tmp_path) -> Iterator[tuple[TestClient, RecommendationService]]:
-    service = make_service(published, tmp_path)
+    service = make_service(published, tmp_path, user_update="ema")  # as `make demo` serves the page
     with id_key(), TestClient(create_app(service)) as client:
         yield client, service
 

@@ -98,7 +98,7 @@ def server(chromium, default_pipeline, tmp_path_factory) -> Iterator[DemoServer]
     assert result.success
     root = tmp_path_factory.mktemp("demo")
     env = pipeline_env(root / "home", base, root / "sources", ADREC_ID_KEY=TEST_ID_KEY,
-                       ADREC_ONLINE_STORE=str(root / "online.sqlite"))  # fmt: skip
+                       ADREC_ONLINE_STORE=str(root / "online.sqlite"), ADREC_SERVE_USER_UPDATE="ema")  # fmt: skip
     env.pop("ADREC_API_TOKEN", None)
     env.pop("ADREC_EXPERIMENTS", None)
     port, log = free_port(), root / "serve.log"
